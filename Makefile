@@ -1,0 +1,59 @@
+# Sendense — the two commands in README.md are `make demo` and `make test`.
+SHELL := /bin/bash
+export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
+# Cargo's build output lives in the cache, outside the clone, so CI does not rebuild it every run.
+export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
+CLUSTER := e2e/cluster
+
+.PHONY: demo test deps build crds crds-check lint unit e2e cluster-build cluster-up cluster-down cluster-status kubeconfig clean-cache
+
+## demo: bring up the local control plane, install the CRDs, apply the samples
+demo: deps
+	@bash e2e/demo.sh
+
+## test: everything CI runs (lint, unit tests, CRD drift, end-to-end on a real control plane)
+test: deps
+	@bash e2e/run-tests.sh
+
+## deps: install what the project needs on this machine (apt packages, Go-built tools)
+deps:
+	@bash e2e/install-deps.sh
+
+build:
+	cargo build --workspace --all-targets
+
+## crds: regenerate the CRD YAML from the types in crds/
+crds:
+	cargo run -q -p sendense-crds --bin crdgen
+
+## crds-check: fail when the committed CRD YAML differs from the types
+crds-check:
+	cargo run -q -p sendense-crds --bin crdgen -- --check
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit:
+	cargo test --workspace --lib --bins
+
+## e2e: end-to-end tests against the running control plane (make cluster-up first)
+e2e:
+	KUBECTL="$$(source $(CLUSTER)/env.sh && echo $$KUBECTL)" KUBECONFIG="$$(source $(CLUSTER)/env.sh && echo $$KUBECONFIG_PATH)" \
+	  cargo test -p sendense-e2e
+
+cluster-build:
+	@bash $(CLUSTER)/build.sh
+
+cluster-up:
+	@bash $(CLUSTER)/up.sh
+
+cluster-down:
+	@bash $(CLUSTER)/down.sh
+
+cluster-status:
+	@bash $(CLUSTER)/status.sh
+
+## kubeconfig: print the admin kubeconfig path of the local control plane
+kubeconfig:
+	@source $(CLUSTER)/env.sh && echo "$$KUBECONFIG_PATH"

@@ -1,0 +1,213 @@
+//! `Repository`: the volume where backup chains live, and the hub that serves it over NBD.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::DNS_SUBDOMAIN_RULE;
+
+/// Where backups are stored: a persistent volume holding one QCOW2 chain per VM disk, and the
+/// port range its hub pods serve NBD on.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "sendense.io",
+    version = "v1alpha1",
+    kind = "Repository",
+    namespaced,
+    status = "RepositoryStatus",
+    shortname = "repo",
+    category = "sendense",
+    doc = "A volume where Sendense keeps backup chains.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Restore Points",
+        type_ = "integer",
+        json_path = ".status.restorePoints"
+    ),
+    printcolumn(name = "Used", type_ = "string", json_path = ".status.used"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositorySpec {
+    /// The volume backups are written to.
+    pub storage: RepositoryStorage,
+    /// How backup files are laid out on the volume.
+    #[serde(default)]
+    pub layout: Layout,
+    /// The hub: pods that serve the repository's QCOW2 files over NBD to agents.
+    #[serde(default)]
+    pub hub: Hub,
+    /// What is kept when a backup job does not say otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// The repository volume: an existing claim, or a claim the operator creates.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.persistentVolumeClaim) != has(self.claimTemplate)")
+    .message("set exactly one of storage.persistentVolumeClaim (an existing claim) or storage.claimTemplate (a claim Sendense creates)"))]
+pub struct RepositoryStorage {
+    /// An existing PersistentVolumeClaim in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<ClaimRef>,
+    /// A PersistentVolumeClaim the operator creates (named `<repository>-data`) and owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_template: Option<ClaimTemplate>,
+}
+
+/// An existing claim.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRef {
+    /// Name of the PersistentVolumeClaim, in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(DNS_SUBDOMAIN_RULE)
+        .message("must be a lowercase DNS name: letters, digits, '-' and '.', starting and ending with a letter or digit"))]
+    pub claim_name: String,
+}
+
+/// The claim to create.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimTemplate {
+    /// Storage class of the claim; unset uses the cluster default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+    /// Requested size, as a Kubernetes quantity (e.g. 500Gi).
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
+        .message("must be a positive Kubernetes quantity, e.g. 500Gi or 2Ti"))]
+    pub size: String,
+    /// Access modes of the claim. ReadWriteMany lets hubs of several jobs run on different nodes.
+    #[serde(default = "default_access_modes")]
+    #[schemars(length(min = 1, max = 4))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub access_modes: Vec<AccessMode>,
+}
+
+fn default_access_modes() -> Vec<AccessMode> {
+    vec![AccessMode::ReadWriteOnce]
+}
+
+/// PersistentVolumeClaim access modes that can hold a repository (it must be writable).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadWriteOncePod,
+    ReadWriteMany,
+}
+
+/// Layout of files on the repository volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Layout {
+    /// Directory of one disk's chain, relative to the volume root. Placeholders: `{namespace}`,
+    /// `{vm}` (VM name or instance UUID) and `{deviceKey}`; `{vm}` and `{deviceKey}` are required
+    /// so that no two disks share a chain. Each backup adds `<backupjob>.qcow2` in it.
+    #[serde(default = "default_directory")]
+    #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = Rule::new("self.contains('{vm}') && self.contains('{deviceKey}')")
+        .message("must contain both {vm} and {deviceKey}, so that every disk of every VM gets its own chain"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')")
+        .message("must be a relative path inside the volume: no leading '/' and no '..'"))]
+    pub directory: String,
+}
+
+fn default_directory() -> String {
+    "{namespace}/{vm}/{deviceKey}".into()
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            directory: default_directory(),
+        }
+    }
+}
+
+/// Hub settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hub {
+    /// Ports the hub's qemu-nbd servers are given, one per disk being backed up. The operator
+    /// hands them out from live jobs, so a restart never leaks or double-books a port.
+    #[serde(default)]
+    pub port_range: PortRange,
+}
+
+/// An inclusive range of TCP ports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.low < self.high")
+    .message("portRange.low must be below portRange.high")
+    .field_path(".low"))]
+pub struct PortRange {
+    /// First port of the range (inclusive).
+    #[serde(default = "default_low_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub low: i32,
+    /// Last port of the range (inclusive).
+    #[serde(default = "default_high_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub high: i32,
+}
+
+fn default_low_port() -> i32 {
+    10100
+}
+fn default_high_port() -> i32 {
+    10200
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self {
+            low: default_low_port(),
+            high: default_high_port(),
+        }
+    }
+}
+
+/// Retention of restore points.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// Restore points kept per VM; older ones are merged into the chain.
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep_last: i32,
+}
+
+/// What the operator knows of the repository.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryStatus {
+    /// `Ready` is True when the volume is bound and writable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Capacity of the volume in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<i64>,
+    /// Bytes used on the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<i64>,
+    /// Used space, human-readable (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<String>,
+    /// Restore points held (succeeded backups of all VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_points: Option<i32>,
+    /// The spec generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

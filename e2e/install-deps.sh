@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what Sendense's demo and tests need on a fresh Debian bookworm machine of this kind,
+# skipping whatever is already there. Go-built tools (the control plane) are built separately,
+# into the cache, by e2e/cluster/build.sh.
+set -euo pipefail
+need=()
+for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+for tool in go cargo; do
+  command -v "$tool" >/dev/null || { echo "$tool is required (see README.md)" >&2; exit 1; }
+done

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command (`make test`, called by .ci/run): lint, unit tests and the CRD drift check,
+# then end-to-end tests against a real local control plane started for this run alone (its
+# own state directory and ports, so a demo cluster is left alone) and always torn down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SENDENSE_CACHE/target}
+export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test
+export SENDENSE_ETCD_PORT=24790 SENDENSE_ETCD_PEER_PORT=24800 SENDENSE_APISERVER_PORT=26443
+export SENDENSE_CONTROLLER_MANAGER_PORT=26457 SENDENSE_SCHEDULER_PORT=26459
+trap 'bash e2e/cluster/down.sh' EXIT
+
+step() { echo; echo "=== $* ==="; }
+step "format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "unit tests (including the CRD drift test)"
+cargo test --workspace --lib --bins --locked
+
+step "local control plane"
+bash e2e/cluster/up.sh
+source e2e/cluster/env.sh
+export KUBECONFIG=$KUBECONFIG_PATH KUBECTL
+
+step "end-to-end tests against kube-apiserver $K8S_VERSION"
+cargo test -p sendense-e2e --locked

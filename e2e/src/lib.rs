@@ -1,0 +1,155 @@
+//! Helpers for Sendense's end-to-end tests against the real local control plane
+//! (`make cluster-up`): where the kubeconfig and kubectl are, namespaces per test, and bounded
+//! waits. Nothing here talks to a fake; everything goes to the running kube-apiserver.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Root of the repository (for manifests under config/ and e2e/).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Cache directory shared with the shell scripts (e2e/cluster/env.sh).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("SENDENSE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/sendense")
+        })
+}
+
+/// The admin kubeconfig of the local control plane: $KUBECONFIG when set, else where
+/// e2e/cluster/up.sh writes it.
+pub fn kubeconfig() -> PathBuf {
+    if let Some(p) = std::env::var_os("KUBECONFIG") {
+        return PathBuf::from(p);
+    }
+    let state = std::env::var_os("SENDENSE_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("cluster"));
+    state.join("admin.kubeconfig")
+}
+
+/// The kubectl to use: $KUBECTL (the Makefile sets it to one matching the control plane).
+pub fn kubectl_path() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+/// Runs kubectl against the local control plane. The command has a deadline: kubectl's own
+/// `--request-timeout`, so no test can hang on a dead apiserver.
+pub fn kubectl(args: &[&str]) -> Result<Output> {
+    let kubeconfig = kubeconfig();
+    Command::new(kubectl_path())
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--request-timeout=30s")
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} {}", kubectl_path(), args.join(" ")))
+}
+
+/// Runs kubectl and fails with its stderr unless it succeeds; returns stdout.
+pub fn kubectl_ok(args: &[&str]) -> Result<String> {
+    let out = kubectl(args)?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A kube-rs client for the local control plane.
+pub async fn client() -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig())
+        .context("reading the local control plane's kubeconfig: is `make cluster-up` done?")?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Retries `check` until it returns Ok or `timeout` passes; returns the last error then.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("{what}: not reached within {timeout:?}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// Installs the committed CRDs (config/crd) and waits until all are Established. Idempotent,
+/// so every test may call it.
+pub fn install_crds() -> Result<()> {
+    let dir = repo_root().join("config/crd");
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        path_str(&dir)?,
+    ])?;
+    for crd in [
+        "sourcenodes.sendense.io",
+        "repositories.sendense.io",
+        "backupjobs.sendense.io",
+    ] {
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}"),
+        ])?;
+    }
+    Ok(())
+}
+
+/// A namespace created for one test, labelled so leftovers can be found, deleted on drop
+/// (without waiting: the controller-manager finishes it).
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn create(prefix: &str) -> Result<Self> {
+        let suffix: u32 =
+            std::process::id() ^ (Instant::now().elapsed().subsec_nanos()) ^ rand_seed();
+        let name = format!("{prefix}-{:08x}", suffix);
+        kubectl_ok(&["create", "namespace", &name])?;
+        kubectl_ok(&["label", "namespace", &name, "sendense.io/e2e=true"])?;
+        Ok(Self { name })
+    }
+}
+
+fn rand_seed() -> u32 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() as u32
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+pub fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", p.display()))
+}
