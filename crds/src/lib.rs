@@ -5,6 +5,10 @@
 //! Validation lives in the schema (OpenAPI bounds and patterns, CEL rules) so that bad input is
 //! rejected at admission with a message naming the field, never discovered by a reconciler.
 
+// kube's derive takes one `printcolumn(...)` per column, each with its own `type_ = "string"`;
+// clippy reads those as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod backup_job;
 pub mod common;
 pub mod conditions;
@@ -95,7 +99,10 @@ mod tests {
 
     #[test]
     fn reflow_joins_lines_and_keeps_paragraphs() {
-        assert_eq!(reflow("one\ntwo  three\n\nfour\nfive"), "one two three\n\nfour five");
+        assert_eq!(
+            reflow("one\ntwo  three\n\nfour\nfive"),
+            "one two three\n\nfour five"
+        );
     }
 
     #[test]
@@ -107,7 +114,12 @@ mod tests {
             let v = &crd.spec.versions[0];
             assert_eq!(v.name, VERSION);
             assert!(v.served && v.storage);
-            assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+            assert!(
+                v.subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some()
+            );
         }
     }
 }

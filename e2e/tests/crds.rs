@@ -249,7 +249,10 @@ fn kubectl_explain_describes_every_kind() -> Result<()> {
     let repo = explain("repository.spec.hub.portRange")?;
     assert!(repo.contains("low") && repo.contains("high"), "{repo}");
     let url = explain("sourcenode.spec.vcenter.url")?;
-    assert!(url.contains("Only https is accepted: credentials never travel in the clear"), "{url}");
+    assert!(
+        url.contains("Only https is accepted: credentials never travel in the clear"),
+        "{url}"
+    );
     let short = explain("srcnode")?;
     assert!(
         short.contains("A VMware vCenter that Sendense backs up VMs from"),
