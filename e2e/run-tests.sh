@@ -10,6 +10,7 @@ export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test
 export SENDENSE_ETCD_PORT=24790 SENDENSE_ETCD_PEER_PORT=24800 SENDENSE_APISERVER_PORT=26443
 export SENDENSE_CONTROLLER_MANAGER_PORT=26457 SENDENSE_SCHEDULER_PORT=26459
 trap 'bash e2e/cluster/down.sh' EXIT
+trap 'exit 130' INT TERM  # so an interrupted run still tears down via the EXIT trap
 
 step() { echo; echo "=== $* ==="; }
 step "format and lint"
