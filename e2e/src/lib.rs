@@ -149,6 +149,8 @@ impl Drop for TestNamespace {
     }
 }
 
+pub mod node;
+
 pub fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("non-UTF-8 path {}", p.display()))

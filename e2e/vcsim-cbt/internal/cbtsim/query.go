@@ -1,0 +1,167 @@
+package cbtsim
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// cbtVM adds the methods the simulator lacks to a VirtualMachine. It is NOT put into
+// the registry (the simulator's own code type-asserts registry entries to
+// *simulator.VirtualMachine, e.g. in CreateSnapshot and RemoveSnapshot, and panics on a
+// wrapper); instead the registry's Handler hands it the calls it implements. Embedding
+// the VM keeps its Self, so the simulator locks the VM for the call as usual.
+type cbtVM struct {
+	*simulator.VirtualMachine
+	t *tracker
+}
+
+// handler is installed as simulator.Registry.Handler.
+func (t *tracker) handler(next func(*simulator.Context, *simulator.Method) (mo.Reference, types.BaseMethodFault)) func(*simulator.Context, *simulator.Method) (mo.Reference, types.BaseMethodFault) {
+	return func(ctx *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
+		if m.This.Type == "VirtualMachine" && m.Name == "QueryChangedDiskAreas" {
+			if vm, ok := ctx.Map.Get(m.This).(*simulator.VirtualMachine); ok {
+				return &cbtVM{VirtualMachine: vm, t: t}, nil
+			}
+		}
+		if next != nil {
+			return next(ctx, m)
+		}
+		return nil, nil
+	}
+}
+
+// localized messages as vCenter words them
+func invalidArgument(property string) *soap.Fault {
+	return simulator.Fault("A specified parameter was not correct: "+property, &types.InvalidArgument{InvalidProperty: property})
+}
+
+func fileFault(file string) *soap.Fault {
+	return simulator.Fault("Error caused by file "+file, &types.FileFault{File: file})
+}
+
+// QueryChangedDiskAreas implements VirtualMachine.QueryChangedDiskAreas.
+//
+// Faults, in the order they are checked:
+//   - snapshot unset: InvalidArgument(invalidProperty "snapshot")
+//   - snapshot not in the inventory: ManagedObjectNotFound
+//   - snapshot of another VM: InvalidArgument("snapshot")
+//   - CBT off on the VM now: FileFault (file = the disk's descriptor)
+//   - deviceKey not a virtual disk of the snapshot: InvalidArgument("deviceKey")
+//   - the snapshot was taken with CBT off (its disk has no changeId) or freezing it
+//     failed: FileFault
+//   - startOffset < 0 or >= the disk's capacity: InvalidArgument("startOffset")
+//   - changeId malformed, of another CBT epoch (uuid differs: CBT reset, disk resized or
+//     recreated) or ahead of the snapshot: InvalidArgument("changeId")
+func (vm *cbtVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
+	body := &methods.QueryChangedDiskAreasBody{}
+	info, fault := vm.t.query(ctx, vm.VirtualMachine, req)
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	body.Res = &types.QueryChangedDiskAreasResponse{Returnval: *info}
+	return body
+}
+
+func (t *tracker) query(ctx *simulator.Context, vm *simulator.VirtualMachine, req *types.QueryChangedDiskAreas) (*types.DiskChangeInfo, *soap.Fault) {
+	if req.Snapshot == nil || req.Snapshot.Value == "" {
+		return nil, invalidArgument("snapshot")
+	}
+	if ctx.Map.Get(*req.Snapshot) == nil {
+		return nil, simulator.Fault(fmt.Sprintf("The object '%s' has already been deleted or has not been completely created", req.Snapshot.Value),
+			&types.ManagedObjectNotFound{Obj: *req.Snapshot})
+	}
+	st := t.state(vm.Self)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if err := t.sync(ctx, vm, st); err != nil {
+		t.logf("vcsim-cbt: sync %s: %v", vm.Self.Value, err)
+	}
+	snap, ok := st.snaps[*req.Snapshot]
+	if !ok {
+		return nil, invalidArgument("snapshot")
+	}
+	if !st.cbt {
+		file := ""
+		if d := st.disks[req.DeviceKey]; d != nil {
+			file = d.fileName
+		}
+		return nil, fileFault(file)
+	}
+	fd, ok := snap.disks[req.DeviceKey]
+	if !ok {
+		return nil, invalidArgument("deviceKey")
+	}
+	if fd.err != nil || fd.cbtUUID == "" {
+		return nil, fileFault(fd.fileName)
+	}
+	if req.StartOffset < 0 || req.StartOffset >= fd.capacity {
+		return nil, invalidArgument("startOffset")
+	}
+	var changed func(b int64) bool
+	if req.ChangeId == "*" {
+		changed = func(b int64) bool { return fd.written[b] }
+	} else {
+		since, ok := parseChangeID(req.ChangeId, fd.cbtUUID)
+		if !ok || since > fd.seq {
+			return nil, invalidArgument("changeId")
+		}
+		changed = func(b int64) bool { return fd.lastWrite[b] > since }
+	}
+	areas, length := changedAreas(fd.capacity, t.blockSize, req.StartOffset, t.pageSize, changed)
+	return &types.DiskChangeInfo{StartOffset: req.StartOffset, Length: length, ChangedArea: areas}, nil
+}
+
+// parseChangeID returns the sequence of "<uuid>/<seq>" if uuid is the expected one.
+func parseChangeID(id, wantUUID string) (uint64, bool) {
+	i := strings.LastIndexByte(id, '/')
+	if i < 0 || id[:i] != wantUUID {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(id[i+1:], 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	return seq, true
+}
+
+// changedAreas walks the blocks from start and merges runs of changed blocks into areas
+// clipped to [start, capacity). It returns at most max areas; the length covers the
+// disk up to the start of the first area left out (or to the end of the disk), so the
+// next call with startOffset = start + length continues exactly there.
+func changedAreas(capacity, blockSize, start int64, max int, changed func(b int64) bool) ([]types.DiskChangeExtent, int64) {
+	var areas []types.DiskChangeExtent
+	nblocks := (capacity + blockSize - 1) / blockSize
+	for b := start / blockSize; b < nblocks; {
+		if !changed(b) {
+			b++
+			continue
+		}
+		e := b + 1
+		for e < nblocks && changed(e) {
+			e++
+		}
+		aStart := max64(b*blockSize, start)
+		aEnd := min(e*blockSize, capacity)
+		if len(areas) == max {
+			return areas, aStart - start
+		}
+		areas = append(areas, types.DiskChangeExtent{Start: aStart, Length: aEnd - aStart})
+		b = e
+	}
+	return areas, capacity - start
+}
+
+func max64(a, b int64) int64 {
+	if a > b {
+		return a
+	}
+	return b
+}
