@@ -5,7 +5,7 @@ export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
 export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
 CLUSTER := e2e/cluster
 
-.PHONY: demo test deps build crds crds-check lint unit e2e cluster-build cluster-up cluster-down cluster-status kubeconfig clean-cache
+.PHONY: demo test deps build crds crds-check lint unit e2e cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
 
 ## demo: bring up the local control plane, install the CRDs, apply the samples
 demo: deps
@@ -57,3 +57,10 @@ cluster-status:
 ## kubeconfig: print the admin kubeconfig path of the local control plane
 kubeconfig:
 	@source $(CLUSTER)/env.sh && echo "$$KUBECONFIG_PATH"
+
+## node-standin: run the node stand-in (Node "standin-0") against the local control plane, in
+## the foreground; Ctrl-C stops its pods and removes the node
+node-standin:
+	cargo build -q -p sendense-e2e --bin node-standin
+	source $(CLUSTER)/env.sh && "$(CARGO_TARGET_DIR)/debug/node-standin" --kubeconfig "$$KUBECONFIG_PATH" \
+	  --node standin-0 --root "$(SENDENSE_CACHE)/node-standin" --path "$(CARGO_TARGET_DIR)/debug"

@@ -133,10 +133,10 @@ func parseChangeID(id, wantUUID string) (uint64, bool) {
 }
 
 // changedAreas walks the blocks from start and merges runs of changed blocks into areas
-// clipped to [start, capacity). It returns at most max areas; the length covers the
+// clipped to [start, capacity). It returns at most limit areas; the length covers the
 // disk up to the start of the first area left out (or to the end of the disk), so the
 // next call with startOffset = start + length continues exactly there.
-func changedAreas(capacity, blockSize, start int64, max int, changed func(b int64) bool) ([]types.DiskChangeExtent, int64) {
+func changedAreas(capacity, blockSize, start int64, limit int, changed func(b int64) bool) ([]types.DiskChangeExtent, int64) {
 	var areas []types.DiskChangeExtent
 	nblocks := (capacity + blockSize - 1) / blockSize
 	for b := start / blockSize; b < nblocks; {
@@ -148,20 +148,13 @@ func changedAreas(capacity, blockSize, start int64, max int, changed func(b int6
 		for e < nblocks && changed(e) {
 			e++
 		}
-		aStart := max64(b*blockSize, start)
+		aStart := max(b*blockSize, start)
 		aEnd := min(e*blockSize, capacity)
-		if len(areas) == max {
+		if len(areas) == limit {
 			return areas, aStart - start
 		}
 		areas = append(areas, types.DiskChangeExtent{Start: aStart, Length: aEnd - aStart})
 		b = e
 	}
 	return areas, capacity - start
-}
-
-func max64(a, b int64) int64 {
-	if a > b {
-		return a
-	}
-	return b
 }
