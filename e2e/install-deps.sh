@@ -4,14 +4,15 @@
 # into the cache, by e2e/cluster/build.sh.
 set -euo pipefail
 need=()
-for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux; do
+for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux \
+    qemu-img:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit nbdcopy:libnbd-bin nbdinfo:libnbd-bin python3:python3; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
+  apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
 for tool in go cargo; do
   command -v "$tool" >/dev/null || { echo "$tool is required (see README.md)" >&2; exit 1; }
