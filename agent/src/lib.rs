@@ -1,4 +1,5 @@
 //! Sendense's data mover: reads the changed blocks of a VM's disks from a vSphere snapshot and
 //! writes them to the hub's QCOW2 exports over NBD.
 
+pub mod copy;
 pub mod nbd;

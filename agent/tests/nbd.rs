@@ -1,117 +1,14 @@
 //! The NBD client against real servers: qemu-nbd (raw and QCOW2, multi-conn or not) and nbdkit
 //! (with its delay and error filters for faults), over real Unix sockets.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use bytes::Bytes;
+use anyhow::{Context, Result};
 use sendense_agent::nbd::{ConnectOptions, NbdClient, NbdError, NbdUrl, proto};
 
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(name: &str) -> Self {
-        use std::hash::BuildHasher;
-        let tag = std::collections::hash_map::RandomState::new().hash_one(name) as u32;
-        let dir = std::env::temp_dir().join(format!("sendense-nbd-{name}-{tag:08x}"));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A server process, killed on drop.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(mut cmd: Command, socket: &Path) -> Result<Self> {
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting NBD server")?;
-        let server = Server {
-            child,
-            socket: socket.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "NBD server did not listen on {} within 10s",
-                    socket.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
-    }
-    fn url(&self, export: &str) -> NbdUrl {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-            .parse()
-            .expect("valid url")
-    }
-}
-
-fn qemu_nbd(file: &Path, socket: &Path, format: &str, extra: &[&str]) -> Result<Server> {
-    let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-f", format, "-k"])
-        .arg(socket)
-        .args(["-t", "--cache=none", "--aio=threads"])
-        .args(extra)
-        .arg(file);
-    Server::start(cmd, socket)
-}
-
-fn nbdkit(socket: &Path, args: &[&str]) -> Result<Server> {
-    let mut cmd = Command::new("nbdkit");
-    cmd.args(["-f", "-U"]).arg(socket).args(args);
-    Server::start(cmd, socket)
-}
-
-fn raw_file(path: &Path, size: u64) -> Result<()> {
-    let f = std::fs::File::create(path)?;
-    f.set_len(size)?;
-    Ok(())
-}
-
-fn pattern(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
-}
-
-fn opts() -> ConnectOptions {
-    ConnectOptions {
-        connect_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(20),
-        ..Default::default()
-    }
-}
+mod support;
+use support::*;
 
 #[tokio::test]
 async fn negotiates_with_qemu_nbd_and_honours_multi_conn() -> Result<()> {
