@@ -2,4 +2,7 @@
 //! writes them to the hub's QCOW2 exports over NBD.
 
 pub mod copy;
+pub mod hub;
 pub mod nbd;
+pub mod qemu_nbd;
+pub mod verify;

@@ -1,0 +1,98 @@
+//! A short-lived read-only qemu-nbd on a private Unix socket, for reading a QCOW2 chain.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::nbd::NbdUrl;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuNbdError {
+    #[error("starting qemu-nbd for {file}: {source}")]
+    Spawn {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qemu-nbd for {file} exited before serving ({status}); is it a readable QCOW2 chain?")]
+    Exited {
+        file: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("qemu-nbd for {0} did not listen within 10 s")]
+    NotListening(PathBuf),
+}
+
+/// qemu-nbd serving one file read-only; killed (and its socket removed) on drop.
+pub struct ReadOnlyExport {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl ReadOnlyExport {
+    pub async fn start(file: &Path) -> Result<Self, QemuNbdError> {
+        let dir = std::env::temp_dir().join(format!(
+            "sendense-verify-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|source| QemuNbdError::Spawn {
+            file: file.to_owned(),
+            source,
+        })?;
+        let socket = dir.join("nbd.sock");
+        let mut child = Command::new("qemu-nbd")
+            .args([
+                "--read-only",
+                "--persistent",
+                "--shared=8",
+                "--format=qcow2",
+                "--socket",
+            ])
+            .arg(&socket)
+            .arg(file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| QemuNbdError::Spawn {
+                file: file.to_owned(),
+                source,
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(QemuNbdError::Exited {
+                    file: file.to_owned(),
+                    status,
+                });
+            }
+            if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(QemuNbdError::NotListening(file.to_owned()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { child, dir })
+    }
+
+    pub fn url(&self) -> NbdUrl {
+        NbdUrl {
+            address: crate::nbd::Address::Unix(self.dir.join("nbd.sock")),
+            export: String::new(),
+        }
+    }
+}
+
+impl Drop for ReadOnlyExport {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u32 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) as u32
+}
