@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use sendense_agent::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
 use sendense_agent::nbd::{ConnectOptions, NbdClient, NbdUrl};
 use sendense_agent::{hub, qemu_nbd, verify};
 
@@ -38,6 +39,28 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         request_timeout: u64,
     },
+    /// Copy areas of one NBD export to another (a whole disk by default), then flush.
+    Copy {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        target: String,
+        /// `full`: the target is a fresh image, zero areas are skipped. `incremental`: the target
+        /// is an overlay, zero areas are written as zeros.
+        #[arg(long, default_value = "full")]
+        kind: String,
+        /// Areas as start+length pairs in bytes, comma-separated; default the whole source.
+        #[arg(long, value_delimiter = ',')]
+        areas: Vec<String>,
+        #[arg(long, default_value_t = 2 << 20)]
+        request_size: u32,
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 120)]
+        request_timeout: u64,
+    },
     /// Print the SHA-256 of an NBD export's whole contents.
     Checksum {
         /// nbd://host:port/export or nbd+unix:///export?socket=/path
@@ -61,6 +84,23 @@ enum HubCmd {
         #[arg(long)]
         backing: Option<PathBuf>,
     },
+}
+
+/// `start+length` in bytes.
+fn parse_area(s: &str) -> Result<ChangedArea> {
+    let (start, length) = s
+        .split_once('+')
+        .with_context(|| format!("area {s:?}: expected start+length"))?;
+    Ok(ChangedArea {
+        start: start
+            .trim()
+            .parse()
+            .with_context(|| format!("area {s:?}: start"))?,
+        length: length
+            .trim()
+            .parse()
+            .with_context(|| format!("area {s:?}: length"))?,
+    })
 }
 
 fn options(request_timeout: u64) -> ConnectOptions {
@@ -100,6 +140,59 @@ async fn run(cli: Cli) -> Result<bool> {
                 serde_json::json!({"file": file, "size": size, "sha256": actual, "expected": sha256, "match": matches})
             );
             Ok(matches)
+        }
+        Cmd::Copy {
+            source,
+            target,
+            kind,
+            areas,
+            request_size,
+            in_flight,
+            connections,
+            request_timeout,
+        } => {
+            let kind = match kind.as_str() {
+                "full" => CopyKind::Full,
+                "incremental" => CopyKind::Incremental,
+                other => anyhow::bail!("--kind {other}: expected full or incremental"),
+            };
+            let opts = ConnectOptions {
+                connections,
+                ..options(request_timeout)
+            };
+            let source = NbdClient::connect(&source.parse()?, &opts)
+                .await
+                .context("source")?;
+            let target = NbdClient::connect(&target.parse()?, &opts)
+                .await
+                .context("target")?;
+            let areas = if areas.is_empty() {
+                vec![ChangedArea {
+                    start: 0,
+                    length: source.size(),
+                }]
+            } else {
+                areas.iter().map(|a| parse_area(a)).collect::<Result<_>>()?
+            };
+            let progress = Progress::default();
+            let started = std::time::Instant::now();
+            let copy_opts = CopyOptions {
+                request_size,
+                max_in_flight: in_flight,
+                ..Default::default()
+            };
+            let stats = copy_areas(&source, &target, areas, kind, &copy_opts, &progress).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bytes": stats.total, "data": stats.data, "zeroed": stats.zeroed, "skipped": stats.skipped,
+                    "seconds": secs, "connections": [source.connections(), target.connections()],
+                })
+            );
+            source.disconnect().await;
+            target.disconnect().await;
+            Ok(true)
         }
         Cmd::Checksum {
             url,
