@@ -64,3 +64,8 @@ node-standin:
 	cargo build -q -p sendense-e2e --bin node-standin
 	source $(CLUSTER)/env.sh && "$(CARGO_TARGET_DIR)/debug/node-standin" --kubeconfig "$$KUBECONFIG_PATH" \
 	  --node standin-0 --root "$(SENDENSE_CACHE)/node-standin" --path "$(CARGO_TARGET_DIR)/debug"
+
+## vcsim: run the vCenter simulator with CBT (one VM, 2 disks) in the foreground; it prints its
+## URL, credentials, thumbprint and datastore directory as one JSON line
+vcsim:
+	bin=$$(bash e2e/vcsim-cbt/build.sh) && "$$bin" serve -datastore-dir "$(SENDENSE_CACHE)/vcsim"

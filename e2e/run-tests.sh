@@ -20,10 +20,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "unit tests (including the CRD drift test)"
 cargo test --workspace --lib --bins --locked
 
+step "vCenter simulator with CBT (Go, over real SOAP)"
+(cd e2e/vcsim-cbt && GOFLAGS="-mod=readonly -buildvcs=false" GOTOOLCHAIN=local go vet ./... && \
+  GOFLAGS="-mod=readonly -buildvcs=false" GOTOOLCHAIN=local go test -count=1 ./...)
+test -z "$(gofmt -l e2e/vcsim-cbt)" || { echo "gofmt: $(gofmt -l e2e/vcsim-cbt)" >&2; exit 1; }
+
 step "local control plane"
 bash e2e/cluster/up.sh
 source e2e/cluster/env.sh
 export KUBECONFIG=$KUBECONFIG_PATH KUBECTL
 
-step "end-to-end tests against kube-apiserver $K8S_VERSION"
-cargo test -p sendense-e2e --locked
+step "agent, operator and end-to-end tests (kube-apiserver $K8S_VERSION, qemu-nbd, nbdkit, vcsim-cbt)"
+cargo test --workspace --tests --locked

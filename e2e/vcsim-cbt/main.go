@@ -130,11 +130,9 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer s.Close()
-	line, err := json.Marshal(s.Info())
-	if err != nil {
-		return err
-	}
-	if _, err := fmt.Fprintf(stdout, "%s\n", line); err != nil {
+	enc := json.NewEncoder(stdout) // one line
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(s.Info()); err != nil {
 		return err
 	}
 	if f, ok := stdout.(*os.File); ok {
@@ -275,6 +273,7 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		return err
 	}
 	enc := json.NewEncoder(stdout)
+	enc.SetEscapeHTML(false)
 	enc.SetIndent("", "  ")
 	return enc.Encode(out)
 }

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"runtime/debug"
 	"sort"
 
 	"github.com/vmware/govmomi/simulator"
@@ -61,6 +62,14 @@ func (t *tracker) withVM(id string, fn func(ctx *simulator.Context, vm *simulato
 	}
 	ctx := t.newContext()
 	ctx.WithLock(vm, func() {
+		// The simulator's WithLock does not release the lock on a panic: keep one from
+		// escaping, or the VM stays locked forever.
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("internal error: %v", r)
+				t.logf("vcsim-cbt: panic on %s: %v\n%s", vm.Self.Value, r, debug.Stack())
+			}
+		}()
 		st := t.state(vm.Self)
 		st.mu.Lock()
 		defer st.mu.Unlock()
@@ -290,7 +299,7 @@ func (t *tracker) SetCBT(vmID string, req CBTRequest) (info *VMInfo, err error) 
 			return errorf(http.StatusBadRequest, "nothing to do: set enabled and/or reset")
 		}
 		if req.Enabled != nil {
-			ctx.Update(vm, []types.PropertyChange{{Name: "config.changeTrackingEnabled", Val: types.NewBool(*req.Enabled)}})
+			vm.Config.ChangeTrackingEnabled = types.NewBool(*req.Enabled)
 			if err := t.sync(ctx, vm, st); err != nil {
 				return err
 			}

@@ -2,6 +2,7 @@ package cbtsim
 
 import (
 	"fmt"
+	"runtime/debug"
 	"strconv"
 	"strings"
 
@@ -12,22 +13,38 @@ import (
 	"github.com/vmware/govmomi/vim25/types"
 )
 
-// cbtVM adds the methods the simulator lacks to a VirtualMachine. It is NOT put into
-// the registry (the simulator's own code type-asserts registry entries to
-// *simulator.VirtualMachine, e.g. in CreateSnapshot and RemoveSnapshot, and panics on a
-// wrapper); instead the registry's Handler hands it the calls it implements. Embedding
-// the VM keeps its Self, so the simulator locks the VM for the call as usual.
-type cbtVM struct {
-	*simulator.VirtualMachine
+// cbtMethods implements the VirtualMachine methods the simulator lacks.
+//
+// It cannot simply wrap *simulator.VirtualMachine and replace the VM in the registry
+// (the approach of the simulator's example_extend_test.go): the simulator's own code
+// type-asserts registry entries to *simulator.VirtualMachine (CreateSnapshot,
+// RemoveSnapshot, ...) and panics on a wrapper. Nor can the registry's Handler just
+// return a wrapper: for a logged-in session the simulator looks the target up again
+// (Session.Get falls back to the registry) and that lookup wins. So the Handler
+// re-addresses the call: it points the method's target at this one object, registered
+// under a reference of its own; the request body still names the VM (req.This).
+//
+// Registry entries must start with an embedded mo type (the simulator's SearchIndex,
+// for one, inspects every entry), hence mo.ExtensibleManagedObject, which also provides
+// Self and Reference().
+type cbtMethods struct {
+	mo.ExtensibleManagedObject
 	t *tracker
 }
 
-// handler is installed as simulator.Registry.Handler.
-func (t *tracker) handler(next func(*simulator.Context, *simulator.Method) (mo.Reference, types.BaseMethodFault)) func(*simulator.Context, *simulator.Method) (mo.Reference, types.BaseMethodFault) {
-	return func(ctx *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
+var cbtMethodsRef = types.ManagedObjectReference{Type: "SendenseCBTMethods", Value: "cbt-methods"}
+
+// install registers the tracker's hooks and methods in the registry.
+func (t *tracker) install() {
+	t.reg.AddHandler(t)
+	methods := &cbtMethods{ExtensibleManagedObject: mo.ExtensibleManagedObject{Self: cbtMethodsRef}, t: t}
+	t.reg.Put(methods)
+	next := t.reg.Handler
+	t.reg.Handler = func(ctx *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
 		if m.This.Type == "VirtualMachine" && m.Name == "QueryChangedDiskAreas" {
-			if vm, ok := ctx.Map.Get(m.This).(*simulator.VirtualMachine); ok {
-				return &cbtVM{VirtualMachine: vm, t: t}, nil
+			if _, ok := ctx.Map.Get(m.This).(*simulator.VirtualMachine); ok {
+				m.This = cbtMethodsRef
+				return methods, nil
 			}
 		}
 		if next != nil {
@@ -59,9 +76,24 @@ func fileFault(file string) *soap.Fault {
 //   - startOffset < 0 or >= the disk's capacity: InvalidArgument("startOffset")
 //   - changeId malformed, of another CBT epoch (uuid differs: CBT reset, disk resized or
 //     recreated) or ahead of the snapshot: InvalidArgument("changeId")
-func (vm *cbtVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
+func (m *cbtMethods) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
 	body := &methods.QueryChangedDiskAreasBody{}
-	info, fault := vm.t.query(ctx, vm.VirtualMachine, req)
+	vm, ok := ctx.Map.Get(req.This).(*simulator.VirtualMachine)
+	if !ok {
+		body.Fault_ = simulator.Fault("", &types.ManagedObjectNotFound{Obj: req.This})
+		return body
+	}
+	var info *types.DiskChangeInfo
+	var fault *soap.Fault
+	ctx.WithLock(vm, func() {
+		defer func() {
+			if r := recover(); r != nil { // never leave the VM locked
+				fault = simulator.Fault(fmt.Sprintf("internal error: %v", r), &types.RuntimeFault{})
+				m.t.logf("vcsim-cbt: panic in QueryChangedDiskAreas: %v\n%s", r, debug.Stack())
+			}
+		}()
+		info, fault = m.t.query(ctx, vm, req)
+	})
 	if fault != nil {
 		body.Fault_ = fault
 		return body

@@ -174,8 +174,7 @@ func Start(cfg Config) (_ *Server, err error) {
 	}()
 	reg := model.Map()
 	s.tracker = newTracker(reg, cfg.BlockSize, cfg.PageSize, cfg.Logger)
-	reg.AddHandler(s.tracker)
-	reg.Handler = s.tracker.handler(reg.Handler)
+	s.tracker.install()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -352,8 +351,11 @@ func (s *Server) vmSpec(i int) types.VirtualMachineConfigSpec {
 		Files:        &types.VirtualMachineFileInfo{VmPathName: fmt.Sprintf("[%s]", DatastoreName)},
 	}
 	ctrl := &types.ParaVirtualSCSIController{VirtualSCSIController: types.VirtualSCSIController{
-		VirtualController: types.VirtualController{VirtualDevice: types.VirtualDevice{Key: ControllerKey}},
-		SharedBus:         types.VirtualSCSISharingNoSharing,
+		VirtualController: types.VirtualController{VirtualDevice: types.VirtualDevice{
+			Key:        ControllerKey,
+			DeviceInfo: &types.Description{Label: "SCSI controller 0", Summary: "VMware paravirtual SCSI"},
+		}},
+		SharedBus: types.VirtualSCSISharingNoSharing,
 	}}
 	spec.DeviceChange = append(spec.DeviceChange, &types.VirtualDeviceConfigSpec{
 		Operation: types.VirtualDeviceConfigSpecOperationAdd,
@@ -376,6 +378,7 @@ func (s *Server) vmSpec(i int) types.VirtualMachineConfigSpec {
 		disk := &types.VirtualDisk{
 			VirtualDevice: types.VirtualDevice{
 				Key:           FirstDiskKey + int32(j),
+				DeviceInfo:    &types.Description{Label: fmt.Sprintf("Hard disk %d", j+1)}, // as vSphere labels them
 				ControllerKey: ControllerKey,
 				UnitNumber:    &u,
 				Backing: &types.VirtualDiskFlatVer2BackingInfo{

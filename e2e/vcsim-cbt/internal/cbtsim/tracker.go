@@ -91,6 +91,7 @@ func (d *frozenDisk) changeID() string {
 type snapState struct {
 	ref   types.ManagedObjectReference
 	disks map[int32]*frozenDisk
+	vmsn  string // the simulator's snapshot file, which its RemoveSnapshot fails to delete
 }
 
 func newTracker(reg *simulator.Registry, blockSize int64, pageSize int, logger *log.Logger) *tracker {
@@ -153,6 +154,7 @@ func newCBTUUID() string {
 	if _, err := rand.Read(b[:]); err != nil {
 		panic(err)
 	}
+	b[0] = 0x52 // vCenter's change IDs start with "52 "
 	var sb strings.Builder
 	for i, c := range b {
 		switch {
@@ -364,20 +366,50 @@ func (t *tracker) PutObject(ctx *simulator.Context, obj mo.Reference) {
 // UpdateObject sees every property change. A successful ReconfigVM_Task ends with a
 // config.changeVersion update, still under the VM's lock: sync CBT and disks then, so
 // the task completes with the changeIds in place.
+//
+// CreateSnapshot ends with a snapshot.currentSnapshot update, after the simulator wrote
+// its .vmsn file: note that file's name so that removing the snapshot deletes it.
+// (Only these two change names are acted on: the tracker's own updates never carry
+// them, so this hook never runs inside another tracker call.)
 func (t *tracker) UpdateObject(ctx *simulator.Context, obj mo.Reference, changes []types.PropertyChange) {
 	ref := obj.Reference()
 	if ref.Type != "VirtualMachine" {
 		return
 	}
-	if !slices.ContainsFunc(changes, func(c types.PropertyChange) bool { return c.Name == "config.changeVersion" }) {
+	reconfigured := slices.ContainsFunc(changes, func(c types.PropertyChange) bool { return c.Name == "config.changeVersion" })
+	snapshotted := slices.ContainsFunc(changes, func(c types.PropertyChange) bool { return c.Name == "snapshot.currentSnapshot" })
+	if !reconfigured && !snapshotted {
 		return
 	}
 	vm, ok := t.reg.Get(ref).(*simulator.VirtualMachine)
 	if !ok {
 		return // still being created
 	}
-	if err := t.syncVM(ctx, vm); err != nil {
-		t.logf("vcsim-cbt: sync %s after reconfigure: %v", ref.Value, err)
+	if reconfigured {
+		if err := t.syncVM(ctx, vm); err != nil {
+			t.logf("vcsim-cbt: sync %s after reconfigure: %v", ref.Value, err)
+		}
+	}
+	if snapshotted && vm.Snapshot != nil && vm.Snapshot.CurrentSnapshot != nil {
+		st := t.state(vm.Self)
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		s := st.snaps[*vm.Snapshot.CurrentSnapshot]
+		if s == nil || s.vmsn != "" {
+			return
+		}
+		for _, sl := range vm.LayoutEx.Snapshot {
+			if sl.Key != s.ref {
+				continue
+			}
+			for _, f := range vm.LayoutEx.File {
+				if f.Key == sl.DataKey && strings.HasSuffix(f.Name, ".vmsn") {
+					if local, _, err := t.resolve(f.Name); err == nil {
+						s.vmsn = local
+					}
+				}
+			}
+		}
 	}
 }
 
@@ -412,6 +444,7 @@ func (t *tracker) RemoveObject(ctx *simulator.Context, ref types.ManagedObjectRe
 				t.dropSnapshot(st, sref)
 			}
 		}
+		vm.RefreshStorageInfo(ctx, nil) // layoutEx.file: forget the deleted files
 	case "VirtualMachine":
 		t.mu.Lock()
 		delete(t.vms, ref)
@@ -448,14 +481,16 @@ func (t *tracker) dropSnapshot(st *vmState, ref types.ManagedObjectReference) {
 	if !ok {
 		return
 	}
+	paths := []string{s.vmsn}
 	for _, d := range s.disks {
-		for _, p := range []string{d.flatPath, d.descPath} {
-			if p == "" {
-				continue
-			}
-			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-				t.logf("vcsim-cbt: remove %s: %v", p, err)
-			}
+		paths = append(paths, d.flatPath, d.descPath)
+	}
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.logf("vcsim-cbt: remove %s: %v", p, err)
 		}
 	}
 	delete(st.snaps, ref)

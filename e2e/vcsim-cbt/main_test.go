@@ -1,0 +1,207 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"sendense.io/e2e/vcsim-cbt/internal/cbtsim"
+)
+
+// The real entry point: `serve` prints one JSON line, the CLI drives the control API,
+// and the server stops on cancellation (SIGINT/SIGTERM in main) keeping its files.
+func TestServeAndCLI(t *testing.T) {
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pr, pw := io.Pipe()
+	var stderr syncBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"serve", "-datastore-dir", dir, "-disk-size", "32MiB,48MiB", "-block-size", "4KiB", "-page-size", "10"}, nil, pw, &stderr)
+		_ = pw.Close()
+	}()
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		if sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+		_, _ = io.Copy(io.Discard, pr)
+	}()
+	var line string
+	select {
+	case l, ok := <-lines:
+		if !ok {
+			t.Fatalf("serve printed nothing; exit %v; stderr:\n%s", <-done, stderr.String())
+		}
+		line = l
+	case <-time.After(90 * time.Second):
+		t.Fatalf("no startup line within 90s; stderr:\n%s", stderr.String())
+	}
+
+	var info cbtsim.Info
+	dec := json.NewDecoder(strings.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&info); err != nil {
+		t.Fatalf("startup line %q: %v", line, err)
+	}
+	if !strings.HasPrefix(info.URL, "https://127.0.0.1:") || info.Username == "" || info.Password == "" ||
+		len(info.Thumbprint) != 95 || info.DatastoreDir != dir || info.Datastores["LocalDS_0"] != filepath.Join(dir, "LocalDS_0") ||
+		!strings.HasPrefix(info.ControlURL, "http://127.0.0.1:") || info.BlockSize != 4096 || info.PageSize != 10 {
+		t.Fatalf("startup info %+v", info)
+	}
+	vm := info.VMs[0]
+	if len(vm.Disks) != 2 || vm.Disks[0].Key != 2000 || vm.Disks[0].Capacity != 32<<20 || vm.Disks[1].Key != 2001 || vm.Disks[1].Capacity != 48<<20 {
+		t.Fatalf("disks %+v", vm.Disks)
+	}
+
+	cli := func(stdin string, args ...string) (string, int) {
+		t.Helper()
+		var out, errOut bytes.Buffer
+		cctx, ccancel := context.WithTimeout(ctx, 60*time.Second)
+		defer ccancel()
+		code := run(cctx, append(args, "-control", info.ControlURL), strings.NewReader(stdin), &out, &errOut)
+		if code != 0 {
+			return errOut.String(), code
+		}
+		return out.String(), 0
+	}
+	must := func(v any, stdin string, args ...string) {
+		t.Helper()
+		out, code := cli(stdin, args...)
+		if code != 0 {
+			t.Fatalf("vcsim-cbt %v: exit %d: %s", args, code, out)
+		}
+		if v != nil {
+			if err := json.Unmarshal([]byte(out), v); err != nil {
+				t.Fatalf("vcsim-cbt %v: output %q: %v", args, out, err)
+			}
+		}
+	}
+
+	var vmInfo cbtsim.VMInfo
+	must(&vmInfo, "", "cbt", "-vm", vm.Name, "-enable")
+	if !vmInfo.CBT || vmInfo.Disks[0].ChangeID == "" {
+		t.Fatalf("after cbt -enable: %+v", vmInfo)
+	}
+	var wr cbtsim.WriteResult
+	must(&wr, "", "write", "-vm", vm.InstanceUUID, "-offset", "4096", "-hex", "deadbeef")
+	flat := vm.Disks[0].FlatFile
+	if got := readFile(t, flat)[4096:4100]; !bytes.Equal(got, []byte{0xde, 0xad, 0xbe, 0xef}) {
+		t.Fatalf("bytes at 4096: %x", got)
+	}
+	must(&wr, "from stdin", "write", "-vm", vm.Moref, "-disk", "2001", "-offset", "1M", "-file", "-")
+	if got := readFile(t, vm.Disks[1].FlatFile)[1<<20 : 1<<20+10]; string(got) != "from stdin" {
+		t.Fatalf("bytes at 1 MiB of disk 2001: %q", got)
+	}
+	must(&wr, "", "fill", "-pattern", "fragmented", "-count", "10", "-size", "4K", "-offset", "64K")
+	if len(wr.Extents) != 10 || wr.Extents[9].Offset != 64<<10+9*8192 {
+		t.Fatalf("fill: %+v", wr)
+	}
+	must(&wr, "", "zero", "-offset", "4096", "-length", "4")
+	if got := readFile(t, flat)[4096:4100]; !bytes.Equal(got, make([]byte, 4)) {
+		t.Fatalf("bytes at 4096 after zero: %x", got)
+	}
+	var cs cbtsim.ChecksumResult
+	must(&cs, "", "checksum")
+	sum := sha256.Sum256(readFile(t, flat))
+	if cs.SHA256 != hex.EncodeToString(sum[:]) || cs.Capacity != 32<<20 {
+		t.Fatalf("checksum %+v, file sha256 %x", cs, sum)
+	}
+	before := slices.Clone(vmInfo.Disks)
+	must(&vmInfo, "", "cbt", "-reset", "-disk", "2001")
+	if vmInfo.Disks[0].ChangeID == before[0].ChangeID && vmInfo.Disks[1].ChangeID == before[1].ChangeID {
+		t.Fatal("cbt -reset changed nothing")
+	}
+	if uuid(vmInfo.Disks[1].ChangeID) == uuid(before[1].ChangeID) || uuid(vmInfo.Disks[0].ChangeID) != uuid(before[0].ChangeID) {
+		t.Fatalf("cbt -reset -disk 2001: %v -> %v", before, vmInfo.Disks)
+	}
+	must(&vmInfo, "", "resize", "-disk", "2001", "-capacity", "64M")
+	if vmInfo.Disks[1].Capacity != 64<<20 {
+		t.Fatalf("after resize: %+v", vmInfo.Disks[1])
+	}
+	if st, err := os.Stat(vm.Disks[1].FlatFile); err != nil || st.Size() != 64<<20 {
+		t.Fatalf("flat file after resize: %v %v", err, st)
+	}
+	var snaps []cbtsim.SnapshotInfo
+	must(&snaps, "", "snapshots")
+	if len(snaps) != 0 {
+		t.Fatalf("snapshots %+v", snaps)
+	}
+	var vms []cbtsim.VMInfo
+	must(&vms, "", "vms")
+	if len(vms) != 1 || vms[0].Name != vm.Name {
+		t.Fatalf("vms %+v", vms)
+	}
+	if out, code := cli("", "checksum", "-snapshot", "nosuch"); code == 0 || !strings.Contains(out, "404") {
+		t.Fatalf("checksum of a missing snapshot: exit %d %s", code, out)
+	}
+	if _, code := cli("", "frobnicate"); code == 0 {
+		t.Fatal("unknown command succeeded")
+	}
+
+	// A second server refuses the same, non-empty datastore directory.
+	var errOut bytes.Buffer
+	sctx, scancel := context.WithTimeout(ctx, 30*time.Second) // were it to start, it would serve until then
+	code := run(sctx, []string{"serve", "-datastore-dir", dir}, nil, io.Discard, &errOut)
+	scancel()
+	if code == 0 || !strings.Contains(errOut.String(), "not empty") {
+		t.Fatalf("second serve on the same directory: exit %d: %s", code, errOut.String())
+	}
+
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("serve exit %d: %s", code, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop within 30s of cancellation")
+	}
+	if _, err := os.Stat(flat); err != nil {
+		t.Fatalf("disk file gone after shutdown: %v", err)
+	}
+}
+
+func uuid(changeID string) string { return changeID[:strings.LastIndexByte(changeID, '/')] }
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// syncBuffer is a bytes.Buffer safe for the server's logger and the test to share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
