@@ -31,4 +31,4 @@ source e2e/cluster/env.sh
 export KUBECONFIG=$KUBECONFIG_PATH KUBECTL
 
 step "agent, operator and end-to-end tests (kube-apiserver $K8S_VERSION, qemu-nbd, nbdkit, vcsim-cbt)"
-cargo test --workspace --tests --locked
+cargo test --workspace --test '*' --locked
