@@ -195,10 +195,14 @@ mod tests {
             Some(PathBuf::from("/bin/sh"))
         );
         assert_eq!(resolve_program("no-such-command-here", &path), None);
+        let plain =
+            std::env::temp_dir().join(format!("sendense-not-executable-{}", std::process::id()));
+        std::fs::write(&plain, "data").expect("temp file");
+        let found = resolve_program(plain.to_str().expect("utf-8 path"), &[]);
+        let _ = std::fs::remove_file(&plain);
         assert_eq!(
-            resolve_program("/etc/hostname", &[]),
-            None,
-            "not executable"
+            found, None,
+            "a file without execute permission is not a command"
         );
     }
 }
