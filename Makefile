@@ -5,7 +5,7 @@ export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
 export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
 CLUSTER := e2e/cluster
 
-.PHONY: demo test deps build crds crds-check lint unit e2e cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
+.PHONY: bench demo test deps build crds crds-check lint unit e2e cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
 
 ## demo: bring up the local control plane, install the CRDs, apply the samples
 demo: deps
@@ -69,3 +69,7 @@ node-standin:
 ## URL, credentials, thumbprint and datastore directory as one JSON line
 vcsim:
 	bin=$$(bash e2e/vcsim-cbt/build.sh) && "$$bin" serve -datastore-dir "$(SENDENSE_CACHE)/vcsim"
+
+## bench: the copy engine against nbdcopy, incremental cost, added latency and a 100 Mbit/s link
+bench: deps
+	@bash e2e/bench/run.sh

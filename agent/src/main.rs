@@ -61,6 +61,10 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         request_timeout: u64,
     },
+    /// Back up a VM: one snapshot, every target disk's changed areas copied, snapshot removed.
+    /// Credentials: SENDENSE_VCENTER_USERNAME / SENDENSE_VCENTER_PASSWORD, or --credentials-dir
+    /// with files `username` and `password` (a mounted Secret); never command-line arguments.
+    Backup(Box<BackupArgs>),
     /// Print the SHA-256 of an NBD export's whole contents.
     Checksum {
         /// nbd://host:port/export or nbd+unix:///export?socket=/path
@@ -68,6 +72,74 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         request_timeout: u64,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct BackupArgs {
+    /// vCenter SDK URL, e.g. https://vcenter.example.com/sdk
+    #[arg(long)]
+    vcenter: String,
+    #[arg(long)]
+    datacenter: String,
+    /// VM inventory name (or use --vm-uuid).
+    #[arg(long, conflicts_with = "vm_uuid", required_unless_present = "vm_uuid")]
+    vm: Option<String>,
+    /// VM instance UUID.
+    #[arg(long)]
+    vm_uuid: Option<String>,
+    /// Hub export per disk: 2000:nbd://host:port/export,2001:...
+    #[arg(long, value_delimiter = ',', required = true)]
+    targets: Vec<String>,
+    /// Change ID of the previous backup per disk: 2000:<changeId>,... (absent: full copy)
+    #[arg(long, value_delimiter = ',')]
+    base_change_ids: Vec<String>,
+    /// nfs (read flat files from mounted datastores) or vddk
+    #[arg(long, default_value = "nfs")]
+    transport: String,
+    /// Mounted datastore for the nfs transport: NAME=DIR (repeatable)
+    #[arg(long = "datastore")]
+    datastores: Vec<String>,
+    #[arg(long, default_value = "/opt/vmware-vix-disklib-distrib")]
+    vddk_libdir: PathBuf,
+    #[arg(long, default_value = "nbdssl", value_delimiter = ',')]
+    vddk_modes: Vec<String>,
+    /// Pinned certificate fingerprint (SHA-256 or SHA-1, colon-separated hex).
+    #[arg(long)]
+    thumbprint: Option<String>,
+    /// PEM CA bundle that signed the vCenter certificate.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Skip certificate verification (labs only).
+    #[arg(long)]
+    insecure_skip_verify: bool,
+    /// Directory with `username` and `password` files.
+    #[arg(long)]
+    credentials_dir: Option<PathBuf>,
+    /// Name of this backup (BackupJob name): the snapshot is named <prefix><job>.
+    #[arg(long)]
+    job: String,
+    #[arg(long, default_value = "sendense-")]
+    snapshot_prefix: String,
+    #[arg(long)]
+    quiesce: bool,
+    #[arg(long, default_value_t = 2 << 20)]
+    request_size: u32,
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds allowed for each NBD and vSphere request.
+    #[arg(long, default_value_t = 120)]
+    request_timeout: u64,
+    /// Seconds the whole backup may take; then it stops and removes its snapshot.
+    #[arg(long)]
+    deadline_seconds: Option<u64>,
+    /// Also hash each disk as read from the snapshot (a full read), for verify.
+    #[arg(long)]
+    checksum: bool,
+    /// Also write the JSON result here.
+    #[arg(long)]
+    result_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,6 +156,198 @@ enum HubCmd {
         #[arg(long)]
         backing: Option<PathBuf>,
     },
+}
+
+fn key_value(s: &str, sep: char, what: &str) -> Result<(String, String)> {
+    let (k, v) = s
+        .split_once(sep)
+        .with_context(|| format!("{what} {s:?}: expected KEY{sep}VALUE"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+fn credentials(args: &BackupArgs) -> Result<(String, String)> {
+    if let Some(dir) = &args.credentials_dir {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                .with_context(|| format!("reading {}/{f}", dir.display()))
+        };
+        return Ok((read("username")?, read("password")?));
+    }
+    let user = std::env::var("SENDENSE_VCENTER_USERNAME")
+        .context("no vCenter credentials: set SENDENSE_VCENTER_USERNAME and SENDENSE_VCENTER_PASSWORD, or --credentials-dir")?;
+    let pass = std::env::var("SENDENSE_VCENTER_PASSWORD")
+        .context("SENDENSE_VCENTER_PASSWORD is not set")?;
+    Ok((user, pass))
+}
+
+async fn backup_command(args: BackupArgs) -> Result<bool> {
+    use sendense_agent::backup::{self, BackupPlan, LiveProgress};
+    use sendense_agent::source::{Transport, VddkSettings};
+    use sendense_agent::vsphere::{Tls, VCenterConfig, VSphere, VmSelector};
+    use std::collections::BTreeMap;
+
+    let tls = match (&args.thumbprint, &args.ca_file, args.insecure_skip_verify) {
+        (Some(t), None, false) => Tls::Thumbprint(t.clone()),
+        (None, Some(f), false) => Tls::CaPem(
+            std::fs::read(f).with_context(|| format!("reading --ca-file {}", f.display()))?,
+        ),
+        (None, None, true) => Tls::Insecure,
+        _ => anyhow::bail!("give exactly one of --thumbprint, --ca-file or --insecure-skip-verify"),
+    };
+    let mut targets = BTreeMap::new();
+    for t in &args.targets {
+        let (k, v) = key_value(t, ':', "--targets")?;
+        let key: i32 = k
+            .parse()
+            .with_context(|| format!("--targets {t:?}: device key"))?;
+        targets.insert(key, v.parse::<NbdUrl>()?);
+    }
+    let mut base_change_ids = BTreeMap::new();
+    for b in &args.base_change_ids {
+        let (k, v) = key_value(b, ':', "--base-change-ids")?;
+        let key: i32 = k
+            .parse()
+            .with_context(|| format!("--base-change-ids {b:?}: device key"))?;
+        if !targets.contains_key(&key) {
+            anyhow::bail!("--base-change-ids names disk {key}, which has no --targets entry");
+        }
+        base_change_ids.insert(key, v);
+    }
+    let (username, password) = credentials(&args)?;
+    let transport = match args.transport.as_str() {
+        "nfs" => {
+            let mut datastores = BTreeMap::new();
+            for d in &args.datastores {
+                let (k, v) = key_value(d, '=', "--datastore")?;
+                datastores.insert(k, PathBuf::from(v));
+            }
+            Transport::Nfs { datastores }
+        }
+        "vddk" => {
+            let host = url::Url::parse(&args.vcenter)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .context("--vcenter: not a URL")?;
+            let dir = args.credentials_dir.clone().context(
+                "the vddk transport reads the password from a file: give --credentials-dir",
+            )?;
+            Transport::Vddk(VddkSettings {
+                server: host,
+                username: username.clone(),
+                password_file: dir.join("password"),
+                thumbprint: args
+                    .thumbprint
+                    .clone()
+                    .context("the vddk transport needs --thumbprint")?,
+                modes: args.vddk_modes.clone(),
+                libdir: args.vddk_libdir.clone(),
+            })
+        }
+        other => anyhow::bail!("--transport {other}: expected nfs or vddk"),
+    };
+    let timeout = Duration::from_secs(args.request_timeout);
+    let mut cfg = VCenterConfig::new(args.vcenter.clone(), username, password, tls);
+    cfg.call_timeout = timeout;
+    let plan = BackupPlan {
+        datacenter: args.datacenter.clone(),
+        vm: match (&args.vm, &args.vm_uuid) {
+            (Some(n), _) => VmSelector::Name(n.clone()),
+            (None, Some(u)) => VmSelector::InstanceUuid(u.clone()),
+            (None, None) => anyhow::bail!("give --vm or --vm-uuid"),
+        },
+        targets,
+        base_change_ids,
+        transport,
+        snapshot_prefix: args.snapshot_prefix.clone(),
+        job: args.job.clone(),
+        quiesce: args.quiesce,
+        copy: CopyOptions {
+            request_size: args.request_size,
+            max_in_flight: args.in_flight,
+            ..Default::default()
+        },
+        connect: ConnectOptions {
+            connections: args.connections,
+            ..options(args.request_timeout)
+        },
+        checksum: args.checksum,
+    };
+
+    let vs = VSphere::connect(cfg)
+        .await
+        .context("connecting to vCenter")?;
+    let live = LiveProgress::default();
+    let deadline = args.deadline_seconds.map(Duration::from_secs);
+    let stop = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return "no SIGTERM handler".to_string(),
+            };
+        let past_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM".to_string(),
+            _ = tokio::signal::ctrl_c() => "interrupted".to_string(),
+            _ = past_deadline => format!("deadline of {}s passed", deadline.map_or(0, |d| d.as_secs())),
+        }
+    };
+    let reporter = report_progress(&live);
+    let result = tokio::select! {
+        r = backup::run(&vs, &plan, &live, stop) => r,
+        _ = reporter => unreachable_reporter(),
+    };
+    vs.logout().await;
+    let text = serde_json::to_string(&result)?;
+    if let Some(f) = &args.result_file {
+        std::fs::write(f, &text).with_context(|| format!("writing {}", f.display()))?;
+    }
+    println!("{text}");
+    if let Some(e) = &result.error {
+        eprintln!("sendense-agent: backup failed: {e}");
+    }
+    Ok(result.ok)
+}
+
+fn unreachable_reporter() -> sendense_agent::backup::BackupResult {
+    sendense_agent::backup::BackupResult {
+        error: Some("progress reporter ended".into()),
+        ..Default::default()
+    }
+}
+
+/// Progress on stderr every 2 s: a bar on a terminal, a JSON line otherwise. Never ends.
+async fn report_progress(live: &sendense_agent::backup::LiveProgress) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (done, total) = live.totals();
+        if total == 0 {
+            continue;
+        }
+        let pct = done as f64 * 100.0 / total as f64;
+        if tty {
+            let filled = (pct / 5.0) as usize;
+            eprint!(
+                "\r[{}{}] {pct:5.1}% {} / {} MiB",
+                "#".repeat(filled),
+                ".".repeat(20 - filled.min(20)),
+                done >> 20,
+                total >> 20
+            );
+        } else {
+            eprintln!(
+                "{}",
+                serde_json::json!({"progress": {"bytes_done": done, "bytes_total": total, "percent": (pct * 10.0).round() / 10.0}})
+            );
+        }
+    }
 }
 
 /// `start+length` in bytes.
@@ -194,6 +458,7 @@ async fn run(cli: Cli) -> Result<bool> {
             target.disconnect().await;
             Ok(true)
         }
+        Cmd::Backup(args) => backup_command(*args).await,
         Cmd::Checksum {
             url,
             request_timeout,

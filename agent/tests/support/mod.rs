@@ -1,6 +1,8 @@
 //! Real NBD servers for tests: qemu-nbd and nbdkit on Unix sockets in a scratch directory.
 #![allow(dead_code)]
 
+pub mod vcsim;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

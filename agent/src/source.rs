@@ -1,0 +1,317 @@
+//! Where a snapshot disk's bytes come from: an nbdkit export the agent starts for each disk.
+//! `nfs`: nbdkit's file plugin on the snapshot's flat extent, read from the datastore mounted
+//! into the agent pod. `vddk`: nbdkit's vddk plugin (VMware's library; not available here, but
+//! its command line is built and tested).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::nbd::{Address, NbdUrl};
+use crate::vsphere::{Disk, SnapshotRef, VmRef, flat_extent_path, parse_datastore_path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "disk {key}: backing file {file:?} is not a datastore path like \"[datastore] dir/disk.vmdk\""
+    )]
+    BadPath { key: i32, file: String },
+    #[error(
+        "disk {key}: datastore {datastore:?} is not mounted in the agent (mounted: {mounted}); add it to the SourceNode's nfs datastores"
+    )]
+    NotMounted {
+        key: i32,
+        datastore: String,
+        mounted: String,
+    },
+    #[error("disk {key}: {path} is missing or unreadable: {reason}")]
+    Unreadable {
+        key: i32,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("disk {key}: starting nbdkit: {reason}")]
+    Nbdkit { key: i32, reason: String },
+}
+
+/// How disks are read.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Datastore name -> directory where it is mounted.
+    Nfs {
+        datastores: BTreeMap<String, PathBuf>,
+    },
+    Vddk(VddkSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct VddkSettings {
+    /// vCenter host name (as in the SourceNode URL).
+    pub server: String,
+    pub username: String,
+    /// File holding the password (nbdkit reads `password=+FILE`; never on the command line).
+    pub password_file: PathBuf,
+    /// The vCenter certificate's thumbprint.
+    pub thumbprint: String,
+    /// Transport modes, in order (nbdssl, nbd, hotadd, san).
+    pub modes: Vec<String>,
+    /// Where VDDK is installed.
+    pub libdir: PathBuf,
+}
+
+impl Transport {
+    /// The nbdkit command that serves `disk` of `snapshot` read-only on `socket`.
+    pub fn nbdkit_command(
+        &self,
+        vm: &VmRef,
+        snapshot: &SnapshotRef,
+        disk: &Disk,
+        socket: &Path,
+    ) -> Result<Command, SourceError> {
+        let mut cmd = Command::new("nbdkit");
+        // --exit-with-parent: nbdkit never outlives the agent; -r: the source is never written.
+        cmd.args(["--exit-with-parent", "--readonly", "--foreground", "--unix"])
+            .arg(socket);
+        match self {
+            Transport::Nfs { datastores } => {
+                let path = self.flat_file(datastores, disk)?;
+                cmd.arg("file").arg(format!("file={}", path.display()));
+            }
+            Transport::Vddk(v) => {
+                cmd.arg("vddk")
+                    .arg(format!("libdir={}", v.libdir.display()))
+                    .arg(format!("server={}", v.server))
+                    .arg(format!("user={}", v.username))
+                    .arg(format!("password=+{}", v.password_file.display()))
+                    .arg(format!("thumbprint={}", v.thumbprint))
+                    .arg(format!("vm=moref={}", vm.moref))
+                    .arg(format!("snapshot={}", snapshot.moref))
+                    .arg(format!("transports={}", v.modes.join(":")))
+                    .arg(format!("file={}", disk.file_name));
+            }
+        }
+        Ok(cmd)
+    }
+
+    fn flat_file(
+        &self,
+        datastores: &BTreeMap<String, PathBuf>,
+        disk: &Disk,
+    ) -> Result<PathBuf, SourceError> {
+        let (ds, rel) =
+            parse_datastore_path(&disk.file_name).ok_or_else(|| SourceError::BadPath {
+                key: disk.key,
+                file: disk.file_name.clone(),
+            })?;
+        let root = datastores.get(&ds).ok_or_else(|| SourceError::NotMounted {
+            key: disk.key,
+            datastore: ds.clone(),
+            mounted: datastores.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let path = root.join(flat_extent_path(&rel));
+        let meta = std::fs::metadata(&path).map_err(|e| SourceError::Unreadable {
+            key: disk.key,
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if meta.len() < disk.capacity {
+            return Err(SourceError::Unreadable {
+                key: disk.key,
+                path,
+                reason: format!("{} bytes, but the disk holds {}", meta.len(), disk.capacity),
+            });
+        }
+        Ok(path)
+    }
+
+    /// Starts the export for one disk and waits (bounded) until it listens.
+    pub async fn open(
+        &self,
+        vm: &VmRef,
+        snapshot: &SnapshotRef,
+        disk: &Disk,
+    ) -> Result<DiskSource, SourceError> {
+        let fail = |reason: String| SourceError::Nbdkit {
+            key: disk.key,
+            reason,
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "sendense-source-{}-{}-{}",
+            std::process::id(),
+            disk.key,
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+        let socket = dir.join("nbd.sock");
+        let mut cmd = self.nbdkit_command(vm, snapshot, disk, &socket)?;
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("{e} (is nbdkit installed?)")))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(fail(format!("exited with {status} before serving")));
+            }
+            if socket.exists() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(fail("did not listen within 30 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(DiskSource { _child: child, dir })
+    }
+}
+
+/// A running source export; stopped and cleaned up on drop.
+pub struct DiskSource {
+    _child: Child,
+    dir: PathBuf,
+}
+
+impl DiskSource {
+    pub fn url(&self) -> NbdUrl {
+        NbdUrl {
+            address: Address::Unix(self.dir.join("nbd.sock")),
+            export: String::new(),
+        }
+    }
+}
+
+impl Drop for DiskSource {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u32 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> (VmRef, SnapshotRef, Disk) {
+        (
+            VmRef {
+                moref: "vm-62".into(),
+                name: "web-01".into(),
+                instance_uuid: "u".into(),
+            },
+            SnapshotRef {
+                moref: "snapshot-7".into(),
+                name: "sendense-x".into(),
+            },
+            Disk {
+                key: 2000,
+                label: "Hard disk 1".into(),
+                capacity: 1 << 20,
+                file_name: "[ds1] web-01/web-01.vmdk".into(),
+                change_id: None,
+            },
+        )
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn vddk_command_names_vm_snapshot_and_file_and_keeps_the_password_in_a_file() {
+        let (vm, snap, disk) = fixtures();
+        let t = Transport::Vddk(VddkSettings {
+            server: "vcenter.example.com".into(),
+            username: "backup@vsphere.local".into(),
+            password_file: "/run/secrets/vcenter/password".into(),
+            thumbprint: "AA:BB".into(),
+            modes: vec!["nbdssl".into(), "nbd".into()],
+            libdir: "/opt/vmware-vix-disklib-distrib".into(),
+        });
+        let cmd = t
+            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s.sock"))
+            .expect("command");
+        let a = args(&cmd);
+        assert_eq!(
+            &a[..6],
+            [
+                "--exit-with-parent",
+                "--readonly",
+                "--foreground",
+                "--unix",
+                "/tmp/s.sock",
+                "vddk"
+            ]
+        );
+        for want in [
+            "libdir=/opt/vmware-vix-disklib-distrib",
+            "server=vcenter.example.com",
+            "user=backup@vsphere.local",
+            "password=+/run/secrets/vcenter/password",
+            "thumbprint=AA:BB",
+            "vm=moref=vm-62",
+            "snapshot=snapshot-7",
+            "transports=nbdssl:nbd",
+            "file=[ds1] web-01/web-01.vmdk",
+        ] {
+            assert!(a.contains(&want.to_string()), "{want} missing from {a:?}");
+        }
+    }
+
+    #[test]
+    fn nfs_maps_the_datastore_path_to_the_mounted_flat_file() {
+        let (vm, snap, disk) = fixtures();
+        let dir = std::env::temp_dir().join(format!("sendense-src-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("web-01")).expect("dir");
+        let flat = dir.join("web-01/web-01-flat.vmdk");
+        std::fs::File::create(&flat)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("flat file");
+        let t = Transport::Nfs {
+            datastores: BTreeMap::from([("ds1".to_string(), dir.clone())]),
+        };
+        let a = args(
+            &t.nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s.sock"))
+                .expect("command"),
+        );
+        assert_eq!(
+            a.last().map(String::as_str),
+            Some(format!("file={}", flat.display()).as_str())
+        );
+
+        let other = Transport::Nfs {
+            datastores: BTreeMap::from([("ds9".to_string(), dir.clone())]),
+        };
+        let err = other
+            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s.sock"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("\"ds1\" is not mounted") && err.contains("ds9"),
+            "{err}"
+        );
+        let short = Disk {
+            capacity: 2 << 20,
+            ..disk
+        };
+        let err = t
+            .nbdkit_command(&vm, &snap, &short, Path::new("/tmp/s.sock"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("but the disk holds"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
