@@ -62,18 +62,21 @@ pub struct VddkSettings {
 }
 
 impl Transport {
-    /// The nbdkit command that serves `disk` of `snapshot` read-only on `socket`.
+    /// The nbdkit command that serves `disk` of `snapshot` read-only on `<dir>/nbd.sock`; nbdkit
+    /// writes `<dir>/nbdkit.pid` once it accepts connections.
     pub fn nbdkit_command(
         &self,
         vm: &VmRef,
         snapshot: &SnapshotRef,
         disk: &Disk,
-        socket: &Path,
+        dir: &Path,
     ) -> Result<Command, SourceError> {
         let mut cmd = Command::new("nbdkit");
         // --exit-with-parent: nbdkit never outlives the agent; -r: the source is never written.
         cmd.args(["--exit-with-parent", "--readonly", "--foreground", "--unix"])
-            .arg(socket);
+            .arg(dir.join("nbd.sock"))
+            .arg("--pidfile")
+            .arg(dir.join("nbdkit.pid"));
         match self {
             Transport::Nfs { datastores } => {
                 let path = self.flat_file(datastores, disk)?;
@@ -144,8 +147,9 @@ impl Transport {
             unique()
         ));
         std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
-        let socket = dir.join("nbd.sock");
-        let mut cmd = self.nbdkit_command(vm, snapshot, disk, &socket)?;
+        // nbdkit writes its pid file once it accepts connections: the readiness signal.
+        let pidfile = dir.join("nbdkit.pid");
+        let mut cmd = self.nbdkit_command(vm, snapshot, disk, &dir)?;
         let mut child = cmd
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -157,7 +161,7 @@ impl Transport {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(fail(format!("exited with {status} before serving")));
             }
-            if socket.exists() {
+            if pidfile.exists() {
                 break;
             }
             if Instant::now() > deadline {
@@ -240,17 +244,19 @@ mod tests {
             libdir: "/opt/vmware-vix-disklib-distrib".into(),
         });
         let cmd = t
-            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s.sock"))
+            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s"))
             .expect("command");
         let a = args(&cmd);
         assert_eq!(
-            &a[..6],
+            &a[..8],
             [
                 "--exit-with-parent",
                 "--readonly",
                 "--foreground",
                 "--unix",
-                "/tmp/s.sock",
+                "/tmp/s/nbd.sock",
+                "--pidfile",
+                "/tmp/s/nbdkit.pid",
                 "vddk"
             ]
         );
@@ -282,7 +288,7 @@ mod tests {
             datastores: BTreeMap::from([("ds1".to_string(), dir.clone())]),
         };
         let a = args(
-            &t.nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s.sock"))
+            &t.nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s"))
                 .expect("command"),
         );
         assert_eq!(
@@ -294,7 +300,7 @@ mod tests {
             datastores: BTreeMap::from([("ds9".to_string(), dir.clone())]),
         };
         let err = other
-            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s.sock"))
+            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -307,7 +313,7 @@ mod tests {
             ..disk
         };
         let err = t
-            .nbdkit_command(&vm, &snap, &short, Path::new("/tmp/s.sock"))
+            .nbdkit_command(&vm, &snap, &short, Path::new("/tmp/s"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

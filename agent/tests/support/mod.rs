@@ -44,9 +44,12 @@ impl Drop for Server {
 
 impl Server {
     pub fn start(mut cmd: Command, socket: &Path) -> Result<Self> {
+        // Server chatter goes to a log beside the socket: the readiness check below makes the
+        // servers complain about a client that left mid-handshake.
+        let log = std::fs::File::create(socket.with_extension("log"))?;
         let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .context("starting NBD server")?;
         let server = Server {

@@ -1,0 +1,507 @@
+//! `sendense-agent backup` end to end: the vCenter simulator with CBT (real SOAP, TLS, flat
+//! disk files), the agent binary, hub QCOW2 files served by real qemu-nbd. Every restore point
+//! is read back through its QCOW2 chain and compared with the simulator's own checksum of the
+//! disk at the snapshot instant.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use support::vcsim::Sim;
+use support::*;
+
+const MIB: u64 = 1 << 20;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sendense-agent"))
+}
+
+/// The hub side of a test: QCOW2 files in a repository directory, each served by qemu-nbd.
+struct Hub {
+    scratch: Scratch,
+    servers: Vec<Server>,
+}
+
+impl Hub {
+    fn new(name: &str) -> Self {
+        Self {
+            scratch: Scratch::new(name),
+            servers: Vec::new(),
+        }
+    }
+
+    fn file(&self, job: &str, key: i32) -> PathBuf {
+        self.scratch.path(&format!("repo/{key}/{job}.qcow2"))
+    }
+
+    /// `hub prepare` then qemu-nbd on the file (as the hub pod would); returns the NBD URL.
+    fn prepare_and_serve(
+        &mut self,
+        job: &str,
+        key: i32,
+        size: u64,
+        parent: Option<&str>,
+    ) -> Result<String> {
+        let file = self.file(job, key);
+        let mut cmd = agent();
+        cmd.args(["hub", "prepare", "--size", &size.to_string(), "--file"])
+            .arg(&file);
+        if let Some(p) = parent {
+            cmd.arg("--backing").arg(self.file(p, key));
+        }
+        run(&mut cmd)?;
+        let socket = self.scratch.path(&format!("{job}-{key}.sock"));
+        let server = qemu_nbd(&file, &socket, "qcow2", &["--shared=8"])?;
+        let url = format!("nbd+unix:///?socket={}", socket.display());
+        self.servers.push(server);
+        Ok(url)
+    }
+
+    fn stop_serving(&mut self) {
+        self.servers.clear();
+    }
+}
+
+struct Backup {
+    status: std::process::ExitStatus,
+    result: Value,
+    stderr: String,
+    elapsed: Duration,
+}
+
+fn backup_command(
+    sim: &Sim,
+    job: &str,
+    targets: &[(i32, String)],
+    bases: &[(i32, String)],
+) -> Command {
+    let mut cmd = agent();
+    let ds = sim.info["datastores"]["LocalDS_0"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    cmd.args([
+        "backup",
+        "--vcenter",
+        &sim.s("url"),
+        "--datacenter",
+        &sim.s("datacenter"),
+        "--vm",
+        "cbt-vm-0",
+    ])
+    .args([
+        "--thumbprint",
+        &sim.s("thumbprint"),
+        "--job",
+        job,
+        "--checksum",
+        "--request-timeout",
+        "20",
+    ])
+    .arg("--datastore")
+    .arg(format!("LocalDS_0={ds}"))
+    .arg("--targets")
+    .arg(
+        targets
+            .iter()
+            .map(|(k, u)| format!("{k}:{u}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .env("SENDENSE_VCENTER_USERNAME", sim.s("username"))
+    .env("SENDENSE_VCENTER_PASSWORD", sim.s("password"))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if !bases.is_empty() {
+        cmd.arg("--base-change-ids").arg(
+            bases
+                .iter()
+                .map(|(k, c)| format!("{k}:{c}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    cmd
+}
+
+fn finish(child: std::process::Child, started: Instant) -> Result<Backup> {
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
+            format!(
+                "agent printed no JSON result; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(Backup {
+        status: out.status,
+        result,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    })
+}
+
+fn backup(
+    sim: &Sim,
+    job: &str,
+    targets: &[(i32, String)],
+    bases: &[(i32, String)],
+) -> Result<Backup> {
+    let started = Instant::now();
+    let child = backup_command(sim, job, targets, bases).spawn()?;
+    finish(child, started)
+}
+
+fn live_sha(sim: &Sim, key: i32) -> String {
+    sim.cli(&["checksum", "-disk", &key.to_string()])["sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn disk(b: &Backup, key: i32) -> &Value {
+    b.result["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["key"] == key))
+        .unwrap_or(&Value::Null)
+}
+
+fn reached(b: &Backup, key: i32) -> String {
+    disk(b, key)["change_id_reached"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn verify(file: &Path, sha: &str) -> Result<()> {
+    let out = agent()
+        .arg("verify")
+        .arg("--file")
+        .arg(file)
+        .args(["--sha256", sha])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "restore point {} does not match {sha}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn no_snapshots(sim: &Sim) -> bool {
+    sim.cli(&["snapshots"])
+        .as_array()
+        .is_some_and(|a| a.is_empty())
+}
+
+#[test]
+fn full_then_two_incrementals_restore_byte_identical() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "64MiB,48MiB", "-page-size", "100"]);
+    let (c0, c1) = (64 * MIB, 48 * MIB);
+    // Data written before CBT is on must be in the full backup ("*" = allocated areas).
+    sim.cli(&[
+        "fill", "-disk", "2000", "-pattern", "random", "-seed", "1", "-count", "300", "-size",
+        "64K",
+    ]);
+    sim.cli(&[
+        "fill",
+        "-disk",
+        "2001",
+        "-pattern",
+        "sequential",
+        "-seed",
+        "2",
+        "-count",
+        "8",
+        "-size",
+        "1M",
+        "-offset",
+        "5M",
+    ]);
+    let mut hub = Hub::new("backup-chain");
+    let mut points: Vec<(String, i32, String)> = Vec::new();
+
+    // 1. Full.
+    let expect = [(2000, live_sha(&sim, 2000)), (2001, live_sha(&sim, 2001))];
+    let targets = [
+        (2000, hub.prepare_and_serve("full", 2000, c0, None)?),
+        (2001, hub.prepare_and_serve("full", 2001, c1, None)?),
+    ];
+    let b = backup(&sim, "full", &targets, &[])?;
+    assert!(
+        b.status.success(),
+        "full backup failed: {} {}",
+        b.result,
+        b.stderr
+    );
+    assert_eq!(b.result["ok"], true);
+    assert_eq!(b.result["snapshot"]["removed"], true);
+    assert_eq!(b.result["cbt_enabled_now"], true, "the agent turned CBT on");
+    assert!(no_snapshots(&sim), "no snapshot remains");
+    for (key, sha) in &expect {
+        assert_eq!(disk(&b, *key)["copy"], "full");
+        assert_eq!(
+            disk(&b, *key)["sha256"],
+            sha.as_str(),
+            "the agent read the snapshot instant"
+        );
+        points.push(("full".into(), *key, sha.clone()));
+    }
+    hub.stop_serving();
+    let mut bases = vec![(2000, reached(&b, 2000)), (2001, reached(&b, 2001))];
+
+    // 2. Guest writes: many fragmented small writes (more areas than one page), and zeros
+    // over data the full backup holds; then an incremental.
+    sim.cli(&[
+        "fill",
+        "-disk",
+        "2000",
+        "-pattern",
+        "fragmented",
+        "-seed",
+        "3",
+        "-count",
+        "450",
+        "-size",
+        "4K",
+        "-offset",
+        "1M",
+    ]);
+    sim.cli(&["zero", "-disk", "2001", "-offset", "6M", "-length", "1M"]);
+    sim.cli(&[
+        "fill", "-disk", "2001", "-pattern", "random", "-seed", "4", "-count", "20", "-size", "8K",
+    ]);
+    for (n, job) in ["incr-1", "incr-2"].iter().enumerate() {
+        if n == 1 {
+            sim.cli(&[
+                "fill", "-disk", "2000", "-pattern", "random", "-seed", "5", "-count", "50",
+                "-size", "32K",
+            ]);
+            sim.cli(&["zero", "-disk", "2000", "-offset", "0", "-length", "2M"]);
+            sim.cli(&[
+                "write",
+                "-disk",
+                "2001",
+                "-offset",
+                "47M",
+                "-data",
+                "the last megabyte",
+            ]);
+        }
+        let expect = [(2000, live_sha(&sim, 2000)), (2001, live_sha(&sim, 2001))];
+        let parent = if n == 0 { "full" } else { "incr-1" };
+        let targets = [
+            (2000, hub.prepare_and_serve(job, 2000, c0, Some(parent))?),
+            (2001, hub.prepare_and_serve(job, 2001, c1, Some(parent))?),
+        ];
+        let b = backup(&sim, job, &targets, &bases)?;
+        assert!(
+            b.status.success(),
+            "{job} failed: {} {}",
+            b.result,
+            b.stderr
+        );
+        assert!(no_snapshots(&sim), "no snapshot remains after {job}");
+        assert!(
+            b.result["leftover_snapshots_removed"]
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        );
+        for (key, sha) in &expect {
+            let d = disk(&b, *key);
+            assert_eq!(d["copy"], "incremental", "{job} disk {key}: {d}");
+            assert_eq!(
+                d["change_id_used"],
+                bases
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, c)| c.as_str())
+                    .unwrap_or_default()
+            );
+            assert_eq!(d["sha256"], sha.as_str());
+            assert!(
+                d["bytes_to_copy"].as_u64().unwrap_or(u64::MAX)
+                    < d["capacity"].as_u64().unwrap_or(0) / 2,
+                "{job} disk {key} copies the changes, not the disk: {d}"
+            );
+            points.push((job.to_string(), *key, sha.clone()));
+        }
+        if n == 0 {
+            // 450 writes of 4 KiB two blocks apart: 450 areas of one 64 KiB block each, more
+            // than four pages of 100.
+            assert_eq!(disk(&b, 2000)["areas"], 450);
+            assert_eq!(disk(&b, 2000)["bytes_to_copy"], 450 * 65536);
+            assert!(
+                disk(&b, 2001)["bytes_zeroed"].as_u64().unwrap_or(0) >= MIB,
+                "zeroed data written as zeros"
+            );
+        }
+        hub.stop_serving();
+        bases = vec![(2000, reached(&b, 2000)), (2001, reached(&b, 2001))];
+    }
+
+    // Every restore point, read through its chain, equals the disk at its snapshot instant.
+    for (job, key, sha) in &points {
+        verify(&hub.file(job, *key), sha)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_stale_change_id_falls_back_to_a_full_copy_with_the_reason() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "32MiB"]);
+    sim.cli(&[
+        "fill", "-disk", "2000", "-pattern", "random", "-seed", "1", "-count", "100", "-size",
+        "16K",
+    ]);
+    sim.cli(&[
+        "fill", "-disk", "2001", "-pattern", "random", "-seed", "2", "-count", "100", "-size",
+        "16K",
+    ]);
+    let mut hub = Hub::new("backup-stale");
+    let size = 32 * MIB;
+    let targets = [
+        (2000, hub.prepare_and_serve("full", 2000, size, None)?),
+        (2001, hub.prepare_and_serve("full", 2001, size, None)?),
+    ];
+    let b = backup(&sim, "full", &targets, &[])?;
+    assert!(b.status.success(), "{} {}", b.result, b.stderr);
+    hub.stop_serving();
+    let bases = [(2000, reached(&b, 2000)), (2001, reached(&b, 2001))];
+
+    // CBT reset on disk 2001 (as after some vMotions or a CBT repair): its change ID is void.
+    sim.cli(&["cbt", "-reset", "-disk", "2001"]);
+    sim.cli(&[
+        "fill", "-disk", "2000", "-pattern", "random", "-seed", "3", "-count", "10", "-size", "4K",
+    ]);
+    sim.cli(&["zero", "-disk", "2001", "-offset", "0", "-length", "8M"]);
+    let expect = [(2000, live_sha(&sim, 2000)), (2001, live_sha(&sim, 2001))];
+    let targets = [
+        (
+            2000,
+            hub.prepare_and_serve("incr", 2000, size, Some("full"))?,
+        ),
+        (
+            2001,
+            hub.prepare_and_serve("incr", 2001, size, Some("full"))?,
+        ),
+    ];
+    let b = backup(&sim, "incr", &targets, &bases)?;
+    assert!(b.status.success(), "{} {}", b.result, b.stderr);
+    assert_eq!(disk(&b, 2000)["copy"], "incremental");
+    let d = disk(&b, 2001);
+    assert_eq!(d["copy"], "full", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no longer accepts change ID"),
+        "{d}"
+    );
+    hub.stop_serving();
+    for (key, sha) in &expect {
+        verify(&hub.file("incr", *key), sha)?;
+    }
+    assert!(no_snapshots(&sim));
+    Ok(())
+}
+
+/// Serves `url`'s export again through nbdkit with every write delayed, so a copy is slow
+/// enough to be interrupted; returns the proxy and its URL.
+fn slow_proxy(scratch: &Scratch, upstream_socket: &str, name: &str) -> Result<(Server, String)> {
+    let socket = scratch.path(&format!("{name}.sock"));
+    let server = nbdkit(
+        &socket,
+        &[
+            "--filter=delay",
+            "nbd",
+            &format!("socket={upstream_socket}"),
+            "wdelay=5",
+        ],
+    )?;
+    let url = format!("nbd+unix:///?socket={}", socket.display());
+    Ok((server, url))
+}
+
+#[test]
+fn killing_the_target_or_source_mid_copy_fails_clearly_and_removes_the_snapshot() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "128MiB", "-disks", "1"]);
+    sim.cli(&[
+        "fill",
+        "-disk",
+        "2000",
+        "-pattern",
+        "sequential",
+        "-seed",
+        "1",
+        "-count",
+        "96",
+        "-size",
+        "1M",
+    ]);
+    let mut hub = Hub::new("backup-kill");
+    let size = 128 * MIB;
+
+    // The target dies.
+    let direct = hub.prepare_and_serve("a", 2000, size, None)?;
+    let upstream = direct.trim_start_matches("nbd+unix:///?socket=").to_owned();
+    let (mut proxy, url) = slow_proxy(&hub.scratch, &upstream, "slow-a")?;
+    let started = Instant::now();
+    let child = backup_command(&sim, "a", &[(2000, url)], &[]).spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.child.kill()?;
+    let b = finish(child, started)?;
+    assert!(!b.status.success(), "the backup must fail");
+    assert!(
+        b.elapsed < Duration::from_secs(40),
+        "ended within its deadline: {:?}",
+        b.elapsed
+    );
+    assert_eq!(b.result["snapshot"]["removed"], true, "{}", b.result);
+    assert!(
+        b.result["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("disk 2000"),
+        "{}",
+        b.result
+    );
+    assert!(
+        disk(&b, 2000)["change_id_reached"].is_null(),
+        "a failed copy reaches no change ID"
+    );
+    assert!(no_snapshots(&sim), "no snapshot left behind");
+
+    // The source (nbdkit reading the snapshot's flat file) dies.
+    let direct = hub.prepare_and_serve("b", 2000, size, None)?;
+    let upstream = direct.trim_start_matches("nbd+unix:///?socket=").to_owned();
+    let (_proxy, url) = slow_proxy(&hub.scratch, &upstream, "slow-b")?;
+    let started = Instant::now();
+    let child = backup_command(&sim, "b", &[(2000, url)], &[]).spawn()?;
+    let marker = format!("sendense-source-{}-2000", child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Command::new("pkill")
+        .args(["-f", &marker])
+        .status()?
+        .success()
+    {
+        if Instant::now() > deadline {
+            bail!("the agent's source nbdkit ({marker}) never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = finish(child, started)?;
+    assert!(!b.status.success());
+    assert!(b.elapsed < Duration::from_secs(40), "{:?}", b.elapsed);
+    assert_eq!(b.result["snapshot"]["removed"], true, "{}", b.result);
+    assert!(no_snapshots(&sim));
+    Ok(())
+}
