@@ -37,7 +37,10 @@ pub struct ImageInfo {
 }
 
 pub fn info(path: &Path) -> Result<ImageInfo, HubError> {
-    let out = qemu_img(&["info", "--output=json", "-U", &path.to_string_lossy()])?;
+    let out = qemu_img_in(
+        Path::new("."),
+        &["info", "--output=json", "-U", &path.to_string_lossy()],
+    )?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| HubError::QemuImg {
         args: format!("info {}", path.display()),
         message: e.to_string(),
@@ -49,9 +52,11 @@ pub fn info(path: &Path) -> Result<ImageInfo, HubError> {
     })
 }
 
-fn qemu_img(args: &[&str]) -> Result<String, HubError> {
+/// Runs qemu-img in `dir` (relative backing files resolve from the new image's directory).
+fn qemu_img_in(dir: &Path, args: &[&str]) -> Result<String, HubError> {
     let out = Command::new("qemu-img")
         .args(args)
+        .current_dir(dir)
         .output()
         .map_err(|e| HubError::QemuImg {
             args: args.join(" "),
@@ -145,21 +150,7 @@ pub fn prepare(file: &Path, size: u64, backing: Option<&Path>) -> Result<Prepare
         args.extend(["-b", b.as_str(), "-F", "qcow2"]);
     }
     args.extend([file_s.as_str(), size_s.as_str()]);
-    // qemu-img resolves a relative backing file from the new image's directory.
-    let out = Command::new("qemu-img")
-        .args(&args)
-        .current_dir(&dir)
-        .output()
-        .map_err(|e| HubError::QemuImg {
-            args: args.join(" "),
-            message: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(HubError::QemuImg {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    qemu_img_in(&dir, &args)?;
     Ok(Prepared {
         file,
         size,

@@ -60,20 +60,7 @@ async fn materialize_one(
     }
     if let Some(s) = &volume.secret {
         let name = s.secret_name.clone().unwrap_or_default();
-        let secret = Api::<Secret>::namespaced(client.clone(), ns)
-            .get_opt(&name)
-            .await
-            .map_err(PodError::Api)?;
-        let data: BTreeMap<String, Vec<u8>> = match secret {
-            Some(s) => s
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect(),
-            None if s.optional == Some(true) => BTreeMap::new(),
-            None => return Err(PodError::Config(format!("secret \"{name}\" not found"))),
-        };
+        let data = secret_data(client, ns, &name, s.optional == Some(true)).await?;
         write_fresh(dir).map_err(io)?;
         write_items(
             dir,
@@ -130,22 +117,7 @@ async fn materialize_one(
                 let data = config_map_data(client, ns, &c.name, c.optional == Some(true)).await?;
                 write_items(dir, &data, c.items.as_deref(), mode)?;
             } else if let Some(s) = &source.secret {
-                let secret = Api::<Secret>::namespaced(client.clone(), ns)
-                    .get_opt(&s.name)
-                    .await
-                    .map_err(PodError::Api)?;
-                let data: BTreeMap<String, Vec<u8>> = match secret {
-                    Some(x) => x
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.0))
-                        .collect(),
-                    None if s.optional == Some(true) => BTreeMap::new(),
-                    None => {
-                        return Err(PodError::Config(format!("secret \"{}\" not found", s.name)));
-                    }
-                };
+                let data = secret_data(client, ns, &s.name, s.optional == Some(true)).await?;
                 write_items(dir, &data, s.items.as_deref(), mode)?;
             } else if let Some(d) = &source.downward_api {
                 for item in d.items.iter().flatten() {
@@ -244,6 +216,28 @@ async fn claim_path(client: &Client, ns: &str, claim: &str) -> Result<PathBuf, P
         })?;
     std::fs::create_dir_all(&path).map_err(|e| PodError::Io(format!("{path}: {e}")))?;
     Ok(PathBuf::from(path))
+}
+
+async fn secret_data(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<BTreeMap<String, Vec<u8>>, PodError> {
+    match Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(PodError::Api)?
+    {
+        Some(s) => Ok(s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()),
+        None if optional => Ok(BTreeMap::new()),
+        None => Err(PodError::Config(format!("secret \"{name}\" not found"))),
+    }
 }
 
 async fn config_map_data(
