@@ -15,10 +15,11 @@ pub enum QemuNbdError {
         #[source]
         source: std::io::Error,
     },
-    #[error("qemu-nbd for {file} exited before serving ({status}); is it a readable QCOW2 chain?")]
+    #[error("qemu-nbd for {file} exited before serving ({status}): {message}")]
     Exited {
         file: PathBuf,
         status: std::process::ExitStatus,
+        message: String,
     },
     #[error("qemu-nbd for {0} did not listen within 10 s")]
     NotListening(PathBuf),
@@ -51,7 +52,18 @@ impl ReadOnlyExport {
                 "--socket",
             ])
             .arg(&socket)
+            // Written once the socket listens: the readiness signal, without a probe connection.
+            .arg("--pid-file")
+            .arg(dir.join("qemu-nbd.pid"))
             .arg(file)
+            .stderr(
+                std::fs::File::create(dir.join("qemu-nbd.log")).map_err(|source| {
+                    QemuNbdError::Spawn {
+                        file: file.to_owned(),
+                        source,
+                    }
+                })?,
+            )
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| QemuNbdError::Spawn {
@@ -61,12 +73,15 @@ impl ReadOnlyExport {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("qemu-nbd.log")).unwrap_or_default();
+                let _ = std::fs::remove_dir_all(&dir);
                 return Err(QemuNbdError::Exited {
                     file: file.to_owned(),
                     status,
+                    message: log.trim().to_owned(),
                 });
             }
-            if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            if dir.join("qemu-nbd.pid").exists() {
                 break;
             }
             if Instant::now() > deadline {

@@ -14,6 +14,17 @@ fi
 "$here/down.sh" >/dev/null
 "$here/build.sh"
 
+# A port already taken (another control plane, another checkout) would only show up as a
+# timeout later: say so now.
+for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$CONTROLLER_MANAGER_PORT" "$SCHEDULER_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port on 127.0.0.1 is already in use (another control plane?): stop it, or choose" \
+      "other ports with SENDENSE_ETCD_PORT, SENDENSE_ETCD_PEER_PORT, SENDENSE_APISERVER_PORT," \
+      "SENDENSE_CONTROLLER_MANAGER_PORT, SENDENSE_SCHEDULER_PORT" >&2
+    exit 1
+  fi
+done
+
 rm -rf "$STATE_DIR"
 mkdir -p "$STATE_DIR"/{pki,etcd,logs,run}
 pki=$STATE_DIR/pki
