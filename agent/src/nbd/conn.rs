@@ -139,6 +139,36 @@ pub struct Conn {
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// Asks the kernel to acknowledge at once before every read. Servers answer negotiation
+/// options in several small writes; with Nagle on their side and delayed ACKs on ours, each
+/// such reply stalls ~40 ms (measured: 88 ms per TCP connection setup to qemu-nbd). The
+/// setting is not sticky in Linux, hence once per read; it costs one syscall per read.
+struct QuickAck<R> {
+    inner: R,
+    fd: std::os::fd::RawFd,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for QuickAck<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on the socket this reader owns, with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
 impl Conn {
     /// Connects and negotiates, all within `opts.connect_timeout`.
     pub async fn open(url: &NbdUrl, opts: &ConnectOptions) -> Result<Conn, NbdError> {
@@ -153,8 +183,9 @@ impl Conn {
                             source,
                         })?;
                     s.set_nodelay(true)?;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                     let (r, w) = s.into_split();
-                    (Box::new(r), Box::new(w))
+                    (Box::new(QuickAck { inner: r, fd }), Box::new(w))
                 }
                 Address::Unix(path) => {
                     let s =
