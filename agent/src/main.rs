@@ -65,6 +65,15 @@ enum Cmd {
     /// Credentials: SENDENSE_VCENTER_USERNAME / SENDENSE_VCENTER_PASSWORD, or --credentials-dir
     /// with files `username` and `password` (a mounted Secret); never command-line arguments.
     Backup(Box<BackupArgs>),
+    /// Complete an NBD handshake with an export and disconnect (a readiness probe for hub
+    /// containers: a listening socket alone does not prove qemu-nbd serves the export).
+    NbdPing {
+        /// nbd://host:port/export or nbd+unix:///export?socket=/path
+        url: String,
+        /// Seconds allowed for connecting and negotiating.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Print the SHA-256 of an NBD export's whole contents.
     Checksum {
         /// nbd://host:port/export or nbd+unix:///export?socket=/path
@@ -459,6 +468,21 @@ async fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::Backup(args) => backup_command(*args).await,
+        Cmd::NbdPing { url, timeout } => {
+            let url: NbdUrl = url.parse()?;
+            let opts = ConnectOptions {
+                connect_timeout: Duration::from_secs(timeout),
+                connections: 1,
+                ..options(timeout)
+            };
+            let client = NbdClient::connect(&url, &opts).await?;
+            println!(
+                "{}",
+                serde_json::json!({"size": client.size(), "multi_conn": client.can_multi_conn()})
+            );
+            client.disconnect().await;
+            Ok(true)
+        }
         Cmd::Checksum {
             url,
             request_timeout,

@@ -114,3 +114,30 @@ fn verify_checks_a_chain_against_the_source_checksum() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn nbd_ping_completes_a_handshake_or_fails_fast() -> Result<()> {
+    let s = Scratch::new("ping");
+    let file = s.path("d.raw");
+    raw_file(&file, 1 << 20)?;
+    let server = qemu_nbd(&file, &s.path("p.sock"), "raw", &["--shared=8"])?;
+    let url = format!("nbd+unix:///?socket={}", server.socket.display());
+    let out = run(agent().args(["nbd-ping", &url]))?;
+    assert!(out.contains("\"size\":1048576"), "{out}");
+    // A listener that never speaks NBD is not ready, and the probe says so within its deadline.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let started = std::time::Instant::now();
+    let out = agent()
+        .args([
+            "nbd-ping",
+            &format!("nbd://127.0.0.1:{port}/"),
+            "--timeout",
+            "1",
+        ])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    drop(listener);
+    Ok(())
+}
