@@ -1,98 +1,33 @@
-//! The vCenter simulator with CBT (e2e/vcsim-cbt) for tests: built once per run, one instance
-//! per test in its own directory, killed on drop.
+//! The vCenter simulator (sendense_e2e::vcsim) with the agent's vSphere client attached.
 
-use std::io::BufRead;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sendense_agent::vsphere::{
     Tls, VCenterConfig, VSphere, flat_extent_path, parse_datastore_path,
 };
-use serde_json::Value;
+pub use sendense_e2e::vcsim::Simulator;
 
-/// The simulator binary, built once per test run.
-pub fn simulator_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/vcsim-cbt/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running e2e/vcsim-cbt/build.sh");
-        assert!(out.status.success(), "build.sh failed: {:?}", out.status);
-        let path = String::from_utf8(out.stdout).expect("utf-8 path");
-        let path = PathBuf::from(
-            path.lines()
-                .last()
-                .expect("build.sh prints the path")
-                .trim(),
-        );
-        assert!(path.is_file(), "{} is not a file", path.display());
-        path
-    })
+/// A running simulator; everything of `Simulator` plus vSphere client helpers.
+pub struct Sim(pub Simulator);
+
+impl Deref for Sim {
+    type Target = Simulator;
+    fn deref(&self) -> &Simulator {
+        &self.0
+    }
 }
 
-/// A running simulator in its own directory; killed and cleaned up on drop.
-pub struct Sim {
-    pub child: Child,
-    pub dir: PathBuf,
-    pub info: Value,
+impl DerefMut for Sim {
+    fn deref_mut(&mut self) -> &mut Simulator {
+        &mut self.0
+    }
 }
 
 impl Sim {
     pub fn start(extra: &[&str]) -> Sim {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "sendense-vsphere-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let log = std::fs::File::create(dir.join("vcsim.log")).expect("log file");
-        let mut child = Command::new(simulator_binary())
-            .arg("serve")
-            .arg("-datastore-dir")
-            .arg(dir.join("ds"))
-            .args(["-listen", "127.0.0.1:0", "-control-listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("starting vcsim-cbt");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut sim = Sim {
-            child,
-            dir,
-            info: Value::Null,
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no startup line within 60s; log: {}", sim.log()));
-        sim.info = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("startup line {line:?}: {e}; log: {}", sim.log()));
-        sim
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("vcsim.log")).unwrap_or_default()
-    }
-
-    pub fn s(&self, key: &str) -> String {
-        self.info[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("{key} in {}", self.info))
-            .to_string()
+        Sim(Simulator::start(extra))
     }
 
     pub fn config(&self, tls: Tls) -> VCenterConfig {
@@ -114,43 +49,11 @@ impl Sim {
         VSphere::connect(self.pinned()).await.expect("connect")
     }
 
-    /// Runs a guest stand-in / control command of the simulator; its JSON answer.
-    pub fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(simulator_binary())
-            .args(args)
-            .env("VCSIM_CBT_CONTROL", self.s("control_url"))
-            .output()
-            .expect("running vcsim-cbt client");
-        assert!(
-            out.status.success(),
-            "vcsim-cbt {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON answer")
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
     pub fn datastore_file(&self, file_name: &str) -> PathBuf {
         let (ds, rel) = parse_datastore_path(file_name).expect("datastore path");
         let root = self.info["datastores"][&ds]
             .as_str()
             .expect("datastore dir");
         Path::new(root).join(flat_extent_path(&rel))
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,126 @@
+//! The vCenter simulator with CBT (e2e/vcsim-cbt) for tests: built once per test run, one
+//! instance per test in its own directory, killed on drop.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The simulator binary, built once per test run.
+pub fn simulator_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vcsim-cbt/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running e2e/vcsim-cbt/build.sh");
+        assert!(out.status.success(), "build.sh failed: {:?}", out.status);
+        let path = String::from_utf8(out.stdout).expect("utf-8 path");
+        let path = PathBuf::from(
+            path.lines()
+                .last()
+                .expect("build.sh prints the path")
+                .trim(),
+        );
+        assert!(path.is_file(), "{} is not a file", path.display());
+        path
+    })
+}
+
+/// A running simulator in its own directory; killed and cleaned up on drop.
+pub struct Simulator {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub info: Value,
+}
+
+impl Simulator {
+    pub fn start(extra: &[&str]) -> Simulator {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sendense-vsphere-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let log = std::fs::File::create(dir.join("vcsim.log")).expect("log file");
+        let mut child = Command::new(simulator_binary())
+            .arg("serve")
+            .arg("-datastore-dir")
+            .arg(dir.join("ds"))
+            .args(["-listen", "127.0.0.1:0", "-control-listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting vcsim-cbt");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut sim = Simulator {
+            child,
+            dir,
+            info: Value::Null,
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no startup line within 60s; log: {}", sim.log()));
+        sim.info = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("startup line {line:?}: {e}; log: {}", sim.log()));
+        sim
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vcsim.log")).unwrap_or_default()
+    }
+
+    pub fn s(&self, key: &str) -> String {
+        self.info[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} in {}", self.info))
+            .to_string()
+    }
+
+    /// Runs a guest stand-in / control command of the simulator; its JSON answer.
+    pub fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(simulator_binary())
+            .args(args)
+            .env("VCSIM_CBT_CONTROL", self.s("control_url"))
+            .output()
+            .expect("running vcsim-cbt client");
+        assert!(
+            out.status.success(),
+            "vcsim-cbt {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON answer")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
