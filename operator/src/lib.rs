@@ -7,3 +7,4 @@ pub mod agent;
 pub mod chain;
 pub mod hub;
 pub mod ports;
+pub mod source_node;

@@ -1,0 +1,151 @@
+//! The SourceNode controller against the real control plane and the vCenter simulator: the
+//! operator binary probes each SourceNode and says in its Ready condition what it found.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use sendense_crds::SourceNode;
+use sendense_e2e::vcsim::Simulator;
+use sendense_e2e::{TestNamespace, client, install_crds, kubeconfig, kubectl_ok};
+
+struct Operator(Child);
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn source_node(name: &str, url: &str, secret: &str, thumbprint: &str) -> Result<SourceNode> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "sendense.io/v1alpha1", "kind": "SourceNode",
+        "metadata": {"name": name},
+        "spec": {
+            "vcenter": {"url": url, "credentialsSecretRef": {"name": secret}, "tls": {"thumbprint": thumbprint}},
+            "datacenter": "DC0",
+            "transport": {"type": "nfs", "nfs": {"datastores": [{"name": "LocalDS_0", "hostPath": {"path": "/tmp"}}]}}
+        }
+    }))?)
+}
+
+fn secret(name: &str, user: &str, password: &str) -> Result<Secret> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name}, "stringData": {"username": user, "password": password}
+    }))?)
+}
+
+/// Waits for the Ready condition's (status, reason); returns its message.
+async fn ready(api: &Api<SourceNode>, name: &str, status: &str, reason: &str) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let sn = api.get(name).await?;
+        let cond = sn
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+        if let Some(c) = &cond
+            && c.status == status
+            && c.reason == reason
+        {
+            return Ok(c.message.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("SourceNode {name}: Ready never became {status}/{reason}; last: {cond:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
+    install_crds()?;
+    let sim = Simulator::start(&[]);
+    let ns = TestNamespace::create("sourcenode")?;
+    let _operator = Operator(
+        Command::new(env!("CARGO_BIN_EXE_sendense-operator"))
+            .env("KUBECONFIG", kubeconfig())
+            .env("SENDENSE_WATCH_NAMESPACE", &ns.name)
+            .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
+            .spawn()?,
+    );
+    let client = client().await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let nodes: Api<SourceNode> = Api::namespaced(client, &ns.name);
+    let pp = PostParams::default();
+    let (url, tp) = (sim.s("url"), sim.s("thumbprint"));
+    secrets
+        .create(
+            &pp,
+            &secret("good", &sim.s("username"), &sim.s("password"))?,
+        )
+        .await?;
+    secrets
+        .create(&pp, &secret("no-domain", "administrator", "wrong")?)
+        .await?;
+    nodes
+        .create(&pp, &source_node("good", &url, "good", &tp)?)
+        .await?;
+    nodes
+        .create(&pp, &source_node("bad-login", &url, "no-domain", &tp)?)
+        .await?;
+    nodes
+        .create(&pp, &source_node("no-secret", &url, "missing", &tp)?)
+        .await?;
+    let wrong_tp = "00:".repeat(31) + "00";
+    nodes
+        .create(&pp, &source_node("bad-cert", &url, "good", &wrong_tp)?)
+        .await?;
+
+    let msg = ready(&nodes, "good", "True", "Connected").await?;
+    assert!(msg.contains("VMware vCenter Server"), "{msg}");
+    let good = nodes.get("good").await?;
+    assert!(
+        good.status
+            .as_ref()
+            .and_then(|s| s.vcenter_version.clone())
+            .is_some_and(|v| v.contains("vCenter"))
+    );
+    let msg = ready(&nodes, "bad-login", "False", "LoginFailed").await?;
+    assert!(msg.contains("no SSO domain"), "{msg}");
+    assert!(
+        !msg.contains("wrong"),
+        "the password never reaches the status: {msg}"
+    );
+    let msg = ready(&nodes, "no-secret", "False", "SecretNotFound").await?;
+    assert!(msg.contains("missing"), "{msg}");
+    let msg = ready(&nodes, "bad-cert", "False", "CertificateNotTrusted").await?;
+    assert!(
+        msg.contains(&tp)
+            || msg
+                .to_lowercase()
+                .contains(&tp.to_lowercase().replace(':', "")),
+        "names the presented certificate: {msg}"
+    );
+
+    // The fix is picked up: create the missing Secret and the next probe connects.
+    secrets
+        .create(
+            &pp,
+            &secret("missing", &sim.s("username"), &sim.s("password"))?,
+        )
+        .await?;
+    ready(&nodes, "no-secret", "True", "Connected").await?;
+
+    // Events say the same.
+    let events = kubectl_ok(&["get", "events", "-n", &ns.name, "-o", "json"])?;
+    for reason in [
+        "Connected",
+        "LoginFailed",
+        "SecretNotFound",
+        "CertificateNotTrusted",
+    ] {
+        assert!(
+            events.contains(&format!("\"reason\": \"{reason}\"")),
+            "no {reason} event"
+        );
+    }
+    Ok(())
+}
