@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
         "repositories.sendense.io",
         "backupjobs.sendense.io",
     ] {
-        if crds.get_opt(&name).await?.is_none() {
+        if crds.get_opt(name).await?.is_none() {
             eprintln!(
                 "sendense-operator: the CRD {name} is not installed; install the CRDs first: \
                  kubectl apply --server-side -k config/crd (or install the Helm chart)"
