@@ -278,6 +278,45 @@ async fn failing_container_fails_the_pod_with_its_exit_code() -> Result<()> {
     assert_eq!(phase(&done), "Failed");
     assert_eq!(exit_code(&done, "main"), Some(3));
 
+    // A failing init container fails a Never pod before any container starts.
+    let marker = format!("{}.{}", 3603, std::process::id());
+    let mut spec = serde_json::json!({
+        "restartPolicy": "Never",
+        "initContainers": [{"name": "init", "image": "x", "command": ["sh", "-c", "exit 4"]}],
+        "containers": [{"name": "main", "image": "x", "command": ["sleep", marker]}]
+    });
+    standin.pin(&mut spec);
+    let pod: Pod = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "init-fails"}, "spec": spec}),
+    )?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let done = wait_for(
+        "init failure ends the pod",
+        Duration::from_secs(30),
+        || async {
+            let p = pods.get("init-fails").await?;
+            Ok(matches!(phase(&p).as_str(), "Succeeded" | "Failed").then_some(p))
+        },
+    )
+    .await?;
+    assert_eq!(phase(&done), "Failed");
+    let init_exit = done
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|c| {
+            c[0].state
+                .as_ref()?
+                .terminated
+                .as_ref()
+                .map(|t| t.exit_code)
+        });
+    assert_eq!(init_exit, Some(4));
+    assert!(
+        !process_running(&format!("sleep {marker}")),
+        "the main container never started"
+    );
+
     // A command that does not exist is a clear error, never a silent success.
     let mut spec = serde_json::json!({
         "restartPolicy": "Never",

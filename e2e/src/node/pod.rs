@@ -303,7 +303,6 @@ pub async fn run(
             grace,
             &pod_ip,
             &stop_rx,
-            &wait_or_stop,
             stopped,
         )
         .await;
@@ -315,7 +314,7 @@ pub async fn run(
 /// Init containers in order, then all containers; returns when the pod has ended or was told
 /// to stop.
 #[allow(clippy::too_many_arguments)]
-async fn run_containers<W, F>(
+async fn run_containers(
     ctx: &Arc<NodeContext>,
     shared: &Arc<Shared>,
     spec: &k8s_openapi::api::core::v1::PodSpec,
@@ -324,55 +323,33 @@ async fn run_containers<W, F>(
     grace: Duration,
     pod_ip: &str,
     stop_rx: &watch::Receiver<Option<Duration>>,
-    wait_or_stop: &W,
     stopped: impl Fn(&watch::Receiver<Option<Duration>>) -> bool,
-) where
-    W: Fn(Duration) -> F,
-    F: std::future::Future<Output = bool>,
-{
+) {
+    // Init containers, one after another; each must exit 0. They restart on failure unless
+    // the pod's policy is Never (then the pod fails).
+    let init_policy = if restart_policy == "Never" {
+        "Never"
+    } else {
+        "OnFailure"
+    };
     for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-        let mut restarts = 0;
-        loop {
-            let sup = Supervisor {
-                shared: shared.clone(),
-                ctx: ctx.clone(),
-                container: c.clone(),
-                spec: prepared.init[i].clone(),
-                init: true,
-                index: i,
-                pod_ip: pod_ip.to_owned(),
-                grace,
-            };
-            let outcome = sup.run_once(restarts, stop_rx.clone()).await;
-            if stopped(stop_rx) {
-                return;
-            }
-            if outcome.exit_code == 0 {
-                break;
-            }
-            if restart_policy == "Never" {
-                shared.update(|st| st.phase = "Failed").await;
-                return;
-            }
-            restarts += 1;
-            let delay = backoff(ctx.restart_backoff, restarts);
-            shared
-                .update(|st| {
-                    let cs = &mut st.init[i];
-                    cs.restart_count = restarts;
-                    cs.last_state = cs.state.take();
-                    cs.state = status::waiting(
-                        &cs.name,
-                        &cs.image,
-                        "CrashLoopBackOff",
-                        Some(format!("back-off {delay:?} restarting failed container")),
-                    )
-                    .state;
-                })
-                .await;
-            if wait_or_stop(delay).await {
-                return;
-            }
+        let sup = Supervisor {
+            shared: shared.clone(),
+            ctx: ctx.clone(),
+            container: c.clone(),
+            spec: prepared.init[i].clone(),
+            init: true,
+            index: i,
+            pod_ip: pod_ip.to_owned(),
+            grace,
+        };
+        let exit_code = sup.run_with_restarts(init_policy, stop_rx.clone()).await;
+        if stopped(stop_rx) {
+            return;
+        }
+        if exit_code != 0 {
+            shared.update(|st| st.phase = "Failed").await;
+            return;
         }
     }
 
