@@ -6,5 +6,6 @@
 pub mod agent;
 pub mod chain;
 pub mod hub;
+pub mod metrics;
 pub mod ports;
 pub mod source_node;

@@ -3,6 +3,7 @@
 //! SourceNode controller (vCenter probes); BackupJob and Repository controllers follow.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,6 +12,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use sendense_crds::SourceNode;
+use sendense_operator::metrics::Metrics;
 use sendense_operator::source_node::{self, Context, MANAGER};
 
 #[tokio::main]
@@ -40,6 +42,18 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(300));
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let addr = std::env::var("SENDENSE_METRICS_ADDR").unwrap_or_else(|_| "0.0.0.0:8080".into());
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the metrics and health endpoints to {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(sendense_operator::metrics::serve(
+        listener,
+        metrics.clone(),
+        ready.clone(),
+    ));
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -51,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         probe_timeout: Duration::from_secs(15),
         probe_interval,
+        metrics,
     });
     tracing::info!("sendense-operator started");
     // SENDENSE_WATCH_NAMESPACE limits the operator to one namespace (a namespaced install).
@@ -58,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(ns) if !ns.is_empty() => Api::namespaced(client, &ns),
         _ => Api::all(client),
     };
+    ready.store(true, Ordering::Relaxed);
     Controller::new(nodes, watcher::Config::default())
         .shutdown_on_signal()
         .run(source_node::reconcile, source_node::error_policy, ctx)

@@ -27,12 +27,22 @@ pub struct Context {
     pub probe_timeout: Duration,
     /// Time between probes of a healthy vCenter.
     pub probe_interval: Duration,
+    pub metrics: crate::metrics::Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("writing SourceNode status: {0}")]
     Status(#[source] kube::Error),
+}
+
+impl Error {
+    /// The `error` label of the failure metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Status(_) => "status_write",
+        }
+    }
 }
 
 /// Why a probe failed, as the Ready condition says it.
@@ -177,6 +187,7 @@ pub async fn probe(sn: &SourceNode, ctx: &Context) -> Result<String, Problem> {
 pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = sn.namespace().unwrap_or_default();
     let name = sn.name_any();
+    let _timer = ctx.metrics.reconcile("sourcenode");
     let outcome = probe(&sn, &ctx).await;
     let now = Time(Timestamp::now());
     let mut conds = sn
@@ -205,6 +216,7 @@ pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action,
             },
         ),
     };
+    ctx.metrics.probes.with_label_values(&[reason]).inc();
     let was = conditions::find(&conds, READY).map(|c| (c.status.clone(), c.reason.clone()));
     conditions::set_condition(
         &mut conds,
@@ -254,8 +266,12 @@ pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(requeue))
 }
 
-pub fn error_policy(sn: Arc<SourceNode>, err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(sn: Arc<SourceNode>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(sourcenode = %sn.name_any(), "reconcile failed: {err}");
+    ctx.metrics
+        .reconcile_failures
+        .with_label_values(&["sourcenode", err.metric_label()])
+        .inc();
     Action::requeue(Duration::from_secs(15))
 }
 

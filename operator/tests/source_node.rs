@@ -64,11 +64,15 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
     install_crds()?;
     let sim = Simulator::start(&[]);
     let ns = TestNamespace::create("sourcenode")?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let _operator = Operator(
         Command::new(env!("CARGO_BIN_EXE_sendense-operator"))
             .env("KUBECONFIG", kubeconfig())
             .env("SENDENSE_WATCH_NAMESPACE", &ns.name)
             .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
+            .env("SENDENSE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .spawn()?,
     );
     let client = client().await?;
@@ -134,6 +138,19 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
         .await?;
     ready(&nodes, "no-secret", "True", "Connected").await?;
 
+    // Health and metrics endpoints.
+    assert!(http_get(metrics_port, "/healthz")?.starts_with("HTTP/1.1 200"));
+    assert!(http_get(metrics_port, "/readyz")?.starts_with("HTTP/1.1 200"));
+    let m = http_get(metrics_port, "/metrics")?;
+    for want in [
+        "sendense_reconcile_runs_total{controller=\"sourcenode\"}",
+        "sendense_vcenter_probes_total{reason=\"Connected\"}",
+        "sendense_vcenter_probes_total{reason=\"LoginFailed\"}",
+        "sendense_reconcile_duration_seconds_bucket",
+    ] {
+        assert!(m.contains(want), "{want} missing from /metrics:\n{m}");
+    }
+
     // Events say the same.
     let events = kubectl_ok(&["get", "events", "-n", &ns.name, "-o", "json"])?;
     for reason in [
@@ -148,4 +165,17 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }

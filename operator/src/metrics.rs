@@ -1,0 +1,158 @@
+//! The operator's Prometheus metrics and its `/metrics`, `/healthz`, `/readyz` endpoints (a
+//! deliberately small HTTP/1.1 responder: three GET routes need no web framework).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Reconciles started, by controller.
+    pub reconcile_runs: IntCounterVec,
+    /// Reconciles that returned an error, by controller and error label.
+    pub reconcile_failures: IntCounterVec,
+    /// Reconcile durations, by controller.
+    pub reconcile_duration: HistogramVec,
+    /// vCenter probes by outcome reason (Connected, LoginFailed, ...).
+    pub probes: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let reconcile_runs = IntCounterVec::new(
+            Opts::new("sendense_reconcile_runs_total", "Reconciles started"),
+            &["controller"],
+        )?;
+        let reconcile_failures = IntCounterVec::new(
+            Opts::new(
+                "sendense_reconcile_failures_total",
+                "Reconciles that failed",
+            ),
+            &["controller", "error"],
+        )?;
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sendense_reconcile_duration_seconds",
+                "Time spent in one reconcile",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0]),
+            &["controller"],
+        )?;
+        let probes = IntCounterVec::new(
+            Opts::new("sendense_vcenter_probes_total", "vCenter probes by outcome"),
+            &["reason"],
+        )?;
+        registry.register(Box::new(reconcile_runs.clone()))?;
+        registry.register(Box::new(reconcile_failures.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(probes.clone()))?;
+        Ok(Self {
+            registry,
+            reconcile_runs,
+            reconcile_failures,
+            reconcile_duration,
+            probes,
+        })
+    }
+
+    /// Counts a reconcile and records its duration when the guard drops.
+    pub fn reconcile(&self, controller: &str) -> ReconcileTimer {
+        self.reconcile_runs.with_label_values(&[controller]).inc();
+        ReconcileTimer {
+            histogram: self.reconcile_duration.clone(),
+            controller: controller.to_owned(),
+            started: Instant::now(),
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding our own registry into a Vec cannot fail short of a bug; report it as text.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            return format!("# encoding metrics failed: {e}\n");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+pub struct ReconcileTimer {
+    histogram: HistogramVec,
+    controller: String,
+    started: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram
+            .with_label_values(&[self.controller.as_str()])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Serves the endpoints until the process ends. `ready` turns /readyz green once the
+/// controllers run. Every connection has a 5 s deadline.
+pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBool>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 2048];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", metrics.render()),
+                    "/healthz" => ("200 OK", "ok\n".to_owned()),
+                    "/readyz" if ready.load(Ordering::Relaxed) => ("200 OK", "ok\n".to_owned()),
+                    "/readyz" => ("503 Service Unavailable", "controllers not running yet\n".to_owned()),
+                    _ => ("404 Not Found", "not found\n".to_owned()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_are_counted_and_timed() {
+        let m = Metrics::new().expect("metrics");
+        drop(m.reconcile("sourcenode"));
+        m.probes.with_label_values(&["LoginFailed"]).inc();
+        let text = m.render();
+        assert!(
+            text.contains("sendense_reconcile_runs_total{controller=\"sourcenode\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sendense_reconcile_duration_seconds_count{controller=\"sourcenode\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sendense_vcenter_probes_total{reason=\"LoginFailed\"} 1"),
+            "{text}"
+        );
+    }
+}
