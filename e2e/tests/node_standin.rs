@@ -138,6 +138,20 @@ fn exit_code(p: &Pod, container: &str) -> Option<i32> {
         .map(|t| t.exit_code)
 }
 
+/// Exit code of the pod's first init container, once terminated.
+fn init_exit_code(p: &Pod) -> Option<i32> {
+    p.status
+        .as_ref()?
+        .init_container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+        .map(|t| t.exit_code)
+}
+
 fn process_running(marker: &str) -> bool {
     Command::new("pgrep")
         .args(["-f", marker])
@@ -235,17 +249,7 @@ sys.exit(0 if ok else 3)
         None,
         "init status is in initContainerStatuses"
     );
-    let init_exit = done
-        .status
-        .as_ref()
-        .and_then(|s| s.init_container_statuses.as_ref())
-        .and_then(|c| {
-            c[0].state
-                .as_ref()?
-                .terminated
-                .as_ref()
-                .map(|t| t.exit_code)
-        });
+    let init_exit = init_exit_code(&done);
     assert_eq!(init_exit, Some(0));
     assert!(!ready(&done), "a completed pod is not Ready");
     let ip = done
@@ -300,17 +304,7 @@ async fn failing_container_fails_the_pod_with_its_exit_code() -> Result<()> {
     )
     .await?;
     assert_eq!(phase(&done), "Failed");
-    let init_exit = done
-        .status
-        .as_ref()
-        .and_then(|s| s.init_container_statuses.as_ref())
-        .and_then(|c| {
-            c[0].state
-                .as_ref()?
-                .terminated
-                .as_ref()
-                .map(|t| t.exit_code)
-        });
+    let init_exit = init_exit_code(&done);
     assert_eq!(init_exit, Some(4));
     assert!(
         !process_running(&format!("sleep {marker}")),

@@ -61,26 +61,12 @@ async fn materialize_one(
     if let Some(s) = &volume.secret {
         let name = s.secret_name.clone().unwrap_or_default();
         let data = secret_data(client, ns, &name, s.optional == Some(true)).await?;
-        write_fresh(dir).map_err(io)?;
-        write_items(
-            dir,
-            &data,
-            s.items.as_deref(),
-            s.default_mode.unwrap_or(0o644),
-        )?;
-        return Ok(dir.to_path_buf());
+        return key_files(dir, &data, s.items.as_deref(), s.default_mode);
     }
     if let Some(c) = &volume.config_map {
         let name = c.name.clone();
         let data = config_map_data(client, ns, &name, c.optional == Some(true)).await?;
-        write_fresh(dir).map_err(io)?;
-        write_items(
-            dir,
-            &data,
-            c.items.as_deref(),
-            c.default_mode.unwrap_or(0o644),
-        )?;
-        return Ok(dir.to_path_buf());
+        return key_files(dir, &data, c.items.as_deref(), c.default_mode);
     }
     if let Some(d) = &volume.downward_api {
         write_fresh(dir).map_err(io)?;
@@ -306,6 +292,18 @@ async fn service_account_token(
         .status
         .map(|s| s.token)
         .ok_or_else(|| PodError::Config(format!("no token issued for serviceaccount {sa}")))
+}
+
+/// A Secret or ConfigMap volume: its keys (or the chosen items) as files in a fresh directory.
+fn key_files(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&[KeyToPath]>,
+    default_mode: Option<i32>,
+) -> Result<PathBuf, PodError> {
+    write_fresh(dir).map_err(|e| PodError::Io(format!("{}: {e}", dir.display())))?;
+    write_items(dir, data, items, default_mode.unwrap_or(0o644))?;
+    Ok(dir.to_path_buf())
 }
 
 fn write_fresh(dir: &Path) -> std::io::Result<()> {
