@@ -1,5 +1,6 @@
 //! Hub-side preparation of one disk's QCOW2 file: a fresh image for a full backup, or an
-//! overlay whose backing file is the previous backup of the same disk.
+//! overlay whose backing file is the previous backup of the same disk; and removal of the files
+//! a failed backup left.
 
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
@@ -18,6 +19,10 @@ pub enum HubError {
     },
     #[error("{0} is not a QCOW2 image")]
     NotQcow2(PathBuf),
+    #[error("refusing {0}: the path has a `..` component")]
+    ParentComponent(PathBuf),
+    #[error("{0} is a directory, not a backup file")]
+    IsADirectory(PathBuf),
     #[error("running qemu-img {args}: {message}")]
     QemuImg { args: String, message: String },
     #[error("{path}: {source}")]
@@ -157,6 +162,57 @@ pub fn prepare(file: &Path, size: u64, backing: Option<&Path>) -> Result<Prepare
         backing_file: backing_rel,
         replaced,
     })
+}
+
+/// What `remove` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Removed {
+    /// Files removed.
+    pub removed: Vec<PathBuf>,
+    /// Files that did not exist (already removed: nothing to do).
+    pub missing: Vec<PathBuf>,
+    /// Parent directories removed because they became empty.
+    pub removed_dirs: Vec<PathBuf>,
+}
+
+/// Removes the files a failed backup left (idempotent: a missing file is fine), then each
+/// removed file's directory if that left it empty. Paths with a `..` component are refused,
+/// before anything is removed.
+pub fn remove(files: &[PathBuf]) -> Result<Removed, HubError> {
+    for f in files {
+        if f.components().any(|c| c == Component::ParentDir) {
+            return Err(HubError::ParentComponent(f.clone()));
+        }
+    }
+    let mut done = Removed::default();
+    for f in files {
+        match std::fs::symlink_metadata(f) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                done.missing.push(f.clone());
+                continue;
+            }
+            Ok(m) if m.is_dir() => return Err(HubError::IsADirectory(f.clone())),
+            _ => {}
+        }
+        match std::fs::remove_file(f) {
+            Ok(()) => done.removed.push(f.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.missing.push(f.clone()),
+            Err(source) => {
+                return Err(HubError::Io {
+                    path: f.clone(),
+                    source,
+                });
+            }
+        }
+        // Fails unless the directory is empty, which is the point; errors are ignored.
+        if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty())
+            && !done.removed_dirs.iter().any(|d| d == dir)
+            && std::fs::remove_dir(dir).is_ok()
+        {
+            done.removed_dirs.push(dir.to_owned());
+        }
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ pub mod copy;
 pub mod hub;
 pub mod nbd;
 pub mod qemu_nbd;
+pub mod repo;
 pub mod source;
+pub mod status;
 pub mod verify;
 pub mod vsphere;

@@ -1,17 +1,23 @@
 //! sendense-agent: the data mover. Subcommands:
+//! - `backup`: back up a VM (one snapshot, every disk's changed areas to its hub export);
 //! - `hub prepare`: create one disk's QCOW2 (layered on its parent for an incremental);
+//! - `hub remove`: remove the files a failed backup left;
+//! - `repo probe`: prove a repository directory writable and measure it;
 //! - `verify`: check a restore point (a QCOW2 chain, read through qemu-nbd) against a checksum;
 //! - `checksum`: print the SHA-256 of an NBD export.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use sendense_agent::backup::{BackupPlan, BackupResult, LiveProgress, Stage};
 use sendense_agent::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
 use sendense_agent::nbd::{ConnectOptions, NbdClient, NbdUrl};
-use sendense_agent::{hub, qemu_nbd, verify};
+use sendense_agent::vsphere::{VCenterConfig, VSphere};
+use sendense_agent::{backup, hub, qemu_nbd, repo, status, verify};
 
 #[derive(Parser, Debug)]
 #[command(name = "sendense-agent", about = "Sendense's data mover", version)]
@@ -26,6 +32,11 @@ enum Cmd {
     Hub {
         #[command(subcommand)]
         command: HubCmd,
+    },
+    /// Work on a repository volume.
+    Repo {
+        #[command(subcommand)]
+        command: RepoCmd,
     },
     /// Check a QCOW2 chain (read through qemu-nbd) against an expected SHA-256.
     Verify {
@@ -146,9 +157,13 @@ struct BackupArgs {
     /// Also hash each disk as read from the snapshot (a full read), for verify.
     #[arg(long)]
     checksum: bool,
-    /// Also write the JSON result here.
+    /// Also write the JSON result here, on every outcome (early failures included), shrunk to
+    /// at most 4096 bytes (a Kubernetes termination message); stdout gets the whole result.
     #[arg(long)]
     result_file: Option<PathBuf>,
+    /// Serve `GET /progress` (JSON) on HOST:PORT (or :PORT) while the backup runs.
+    #[arg(long, value_name = "HOST:PORT")]
+    status_addr: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,6 +179,27 @@ enum HubCmd {
         /// The previous backup of this disk (makes this an incremental overlay).
         #[arg(long)]
         backing: Option<PathBuf>,
+    },
+    /// Remove the files a failed backup left (a missing file is fine), and each file's
+    /// directory if that left it empty. Paths with `..` are refused.
+    Remove {
+        /// A file to remove (repeatable).
+        #[arg(long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RepoCmd {
+    /// Prove DIR writable (write, fsync, read back, delete a 4 KiB file) and measure it:
+    /// capacity, used and available bytes, number and allocated bytes of its *.qcow2 files.
+    /// Exits 1 when the probe fails.
+    Probe {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Also write the JSON result here (on failure too).
+        #[arg(long)]
+        result_file: Option<PathBuf>,
     },
 }
 
@@ -190,45 +226,75 @@ fn credentials(args: &BackupArgs) -> Result<(String, String)> {
     Ok((user, pass))
 }
 
-async fn backup_command(args: BackupArgs) -> Result<bool> {
-    use sendense_agent::backup::{self, BackupPlan, LiveProgress};
+/// Why a backup could not start: a condition reason and the error.
+type EarlyFailure = (&'static str, anyhow::Error);
+
+fn early_result(reason: &str, err: &anyhow::Error) -> BackupResult {
+    BackupResult {
+        reason: Some(reason.to_string()),
+        error: Some(format!("{err:#}")),
+        ..Default::default()
+    }
+}
+
+/// The plan and vCenter settings from the arguments and credentials.
+fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFailure> {
     use sendense_agent::source::{Transport, VddkSettings};
-    use sendense_agent::vsphere::{Tls, VCenterConfig, VSphere, VmSelector};
+    use sendense_agent::vsphere::{Tls, VmSelector};
     use std::collections::BTreeMap;
 
+    let invalid = |e: anyhow::Error| ("InvalidArguments", e);
     let tls = match (&args.thumbprint, &args.ca_file, args.insecure_skip_verify) {
         (Some(t), None, false) => Tls::Thumbprint(t.clone()),
         (None, Some(f), false) => Tls::CaPem(
-            std::fs::read(f).with_context(|| format!("reading --ca-file {}", f.display()))?,
+            std::fs::read(f)
+                .with_context(|| format!("reading --ca-file {}", f.display()))
+                .map_err(invalid)?,
         ),
         (None, None, true) => Tls::Insecure,
-        _ => anyhow::bail!("give exactly one of --thumbprint, --ca-file or --insecure-skip-verify"),
-    };
-    let mut targets = BTreeMap::new();
-    for t in &args.targets {
-        let (k, v) = key_value(t, ':', "--targets")?;
-        let key: i32 = k
-            .parse()
-            .with_context(|| format!("--targets {t:?}: device key"))?;
-        targets.insert(key, v.parse::<NbdUrl>()?);
-    }
-    let mut base_change_ids = BTreeMap::new();
-    for b in &args.base_change_ids {
-        let (k, v) = key_value(b, ':', "--base-change-ids")?;
-        let key: i32 = k
-            .parse()
-            .with_context(|| format!("--base-change-ids {b:?}: device key"))?;
-        if !targets.contains_key(&key) {
-            anyhow::bail!("--base-change-ids names disk {key}, which has no --targets entry");
+        _ => {
+            return Err(invalid(anyhow::anyhow!(
+                "give exactly one of --thumbprint, --ca-file or --insecure-skip-verify"
+            )));
         }
-        base_change_ids.insert(key, v);
-    }
-    let (username, password) = credentials(&args)?;
+    };
+    let parse = || -> Result<_> {
+        let mut targets = BTreeMap::new();
+        for t in &args.targets {
+            let (k, v) = key_value(t, ':', "--targets")?;
+            let key: i32 = k
+                .parse()
+                .with_context(|| format!("--targets {t:?}: device key"))?;
+            targets.insert(
+                key,
+                v.parse::<NbdUrl>()
+                    .with_context(|| format!("--targets {t:?}"))?,
+            );
+        }
+        let mut base_change_ids = BTreeMap::new();
+        for b in &args.base_change_ids {
+            let (k, v) = key_value(b, ':', "--base-change-ids")?;
+            let key: i32 = k
+                .parse()
+                .with_context(|| format!("--base-change-ids {b:?}: device key"))?;
+            if !targets.contains_key(&key) {
+                anyhow::bail!("--base-change-ids names disk {key}, which has no --targets entry");
+            }
+            base_change_ids.insert(key, v);
+        }
+        let vm = match (&args.vm, &args.vm_uuid) {
+            (Some(n), _) => VmSelector::Name(n.clone()),
+            (None, Some(u)) => VmSelector::InstanceUuid(u.clone()),
+            (None, None) => anyhow::bail!("give --vm or --vm-uuid"),
+        };
+        Ok((targets, base_change_ids, vm))
+    };
+    let (targets, base_change_ids, vm) = parse().map_err(invalid)?;
     let transport = match args.transport.as_str() {
         "nfs" => {
             let mut datastores = BTreeMap::new();
             for d in &args.datastores {
-                let (k, v) = key_value(d, '=', "--datastore")?;
+                let (k, v) = key_value(d, '=', "--datastore").map_err(invalid)?;
                 datastores.insert(k, PathBuf::from(v));
             }
             Transport::Nfs { datastores }
@@ -237,34 +303,37 @@ async fn backup_command(args: BackupArgs) -> Result<bool> {
             let host = url::Url::parse(&args.vcenter)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
-                .context("--vcenter: not a URL")?;
-            let dir = args.credentials_dir.clone().context(
-                "the vddk transport reads the password from a file: give --credentials-dir",
-            )?;
+                .context("--vcenter: not a URL")
+                .map_err(invalid)?;
+            let dir = args
+                .credentials_dir
+                .clone()
+                .context(
+                    "the vddk transport reads the password from a file: give --credentials-dir",
+                )
+                .map_err(invalid)?;
             Transport::Vddk(VddkSettings {
                 server: host,
-                username: username.clone(),
+                username: String::new(),
                 password_file: dir.join("password"),
                 thumbprint: args
                     .thumbprint
                     .clone()
-                    .context("the vddk transport needs --thumbprint")?,
+                    .context("the vddk transport needs --thumbprint")
+                    .map_err(invalid)?,
                 modes: args.vddk_modes.clone(),
                 libdir: args.vddk_libdir.clone(),
             })
         }
-        other => anyhow::bail!("--transport {other}: expected nfs or vddk"),
+        other => {
+            return Err(invalid(anyhow::anyhow!(
+                "--transport {other}: expected nfs or vddk"
+            )));
+        }
     };
-    let timeout = Duration::from_secs(args.request_timeout);
-    let mut cfg = VCenterConfig::new(args.vcenter.clone(), username, password, tls);
-    cfg.call_timeout = timeout;
-    let plan = BackupPlan {
+    let mut plan = BackupPlan {
         datacenter: args.datacenter.clone(),
-        vm: match (&args.vm, &args.vm_uuid) {
-            (Some(n), _) => VmSelector::Name(n.clone()),
-            (None, Some(u)) => VmSelector::InstanceUuid(u.clone()),
-            (None, None) => anyhow::bail!("give --vm or --vm-uuid"),
-        },
+        vm,
         targets,
         base_change_ids,
         transport,
@@ -282,52 +351,117 @@ async fn backup_command(args: BackupArgs) -> Result<bool> {
         },
         checksum: args.checksum,
     };
-
-    let vs = VSphere::connect(cfg)
-        .await
-        .context("connecting to vCenter")?;
-    let live = LiveProgress::default();
-    let deadline = args.deadline_seconds.map(Duration::from_secs);
-    let stop = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return "no SIGTERM handler".to_string(),
-            };
-        let past_deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => "SIGTERM".to_string(),
-            _ = tokio::signal::ctrl_c() => "interrupted".to_string(),
-            _ = past_deadline => format!("deadline of {}s passed", deadline.map_or(0, |d| d.as_secs())),
-        }
-    };
-    let reporter = report_progress(&live);
-    let result = tokio::select! {
-        r = backup::run(&vs, &plan, &live, stop) => r,
-        _ = reporter => unreachable_reporter(),
-    };
-    vs.logout().await;
-    let text = serde_json::to_string(&result)?;
-    if let Some(f) = &args.result_file {
-        std::fs::write(f, &text).with_context(|| format!("writing {}", f.display()))?;
+    let (username, password) = credentials(args).map_err(|e| ("CredentialsUnavailable", e))?;
+    if let Transport::Vddk(v) = &mut plan.transport {
+        v.username = username.clone();
     }
-    println!("{text}");
-    if let Some(e) = &result.error {
-        eprintln!("sendense-agent: backup failed: {e}");
-    }
-    Ok(result.ok)
+    let mut cfg = VCenterConfig::new(args.vcenter.clone(), username, password, tls);
+    cfg.call_timeout = Duration::from_secs(args.request_timeout);
+    Ok((plan, cfg))
 }
 
-fn unreachable_reporter() -> sendense_agent::backup::BackupResult {
-    sendense_agent::backup::BackupResult {
-        error: Some("progress reporter ended".into()),
-        ..Default::default()
+/// Resolves when the backup must stop: SIGTERM, Ctrl-C, or `deadline` after its first poll.
+async fn stop_signal(deadline: Option<Duration>) -> String {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return "no SIGTERM handler".to_string(),
+    };
+    let past_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM".to_string(),
+        _ = tokio::signal::ctrl_c() => "interrupted".to_string(),
+        _ = past_deadline => format!("deadline of {}s passed", deadline.map_or(0, |d| d.as_secs())),
     }
+}
+
+/// Every outcome of a backup as a result, early failures (arguments, credentials, the status
+/// listener, connecting to vCenter) included; the flag says whether the backup proper ran.
+async fn backup_outcome(args: &BackupArgs, live: &Arc<LiveProgress>) -> (BackupResult, bool) {
+    let fail = |(reason, e): EarlyFailure| (early_result(reason, &e), false);
+    let (plan, cfg) = match backup_plan(args) {
+        Ok(p) => p,
+        Err(f) => return fail(f),
+    };
+    // Bound before vCenter is contacted, so a bad address fails at once.
+    let listener = match &args.status_addr {
+        None => None,
+        Some(addr) => match status::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail((
+                    "StatusListenFailed",
+                    anyhow::anyhow!("--status-addr {addr}: cannot listen: {e}"),
+                ));
+            }
+        },
+    };
+    let serve = async {
+        match listener {
+            Some(l) => status::serve(l, live.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let work = async {
+        let stop = stop_signal(args.deadline_seconds.map(Duration::from_secs));
+        tokio::pin!(stop);
+        let connected = tokio::select! {
+            r = VSphere::connect(cfg) => r,
+            why = &mut stop => {
+                return fail(("Stopped", anyhow::anyhow!("stopped while connecting to vCenter: {why}")));
+            }
+        };
+        let vs = match connected {
+            Ok(vs) => vs,
+            Err(e) => {
+                let reason = backup::vsphere_reason(&e, "Unreachable");
+                return fail((
+                    reason,
+                    anyhow::Error::new(e).context("connecting to vCenter"),
+                ));
+            }
+        };
+        let result = backup::run(&vs, &plan, live, stop).await;
+        vs.logout().await;
+        (result, true)
+    };
+    let outcome = tokio::select! {
+        r = work => r,
+        _ = serve => fail(("StatusListenFailed", anyhow::anyhow!("the status endpoint ended"))),
+        _ = report_progress(live) => fail(("Internal", anyhow::anyhow!("the progress reporter ended"))),
+    };
+    live.set_stage(Stage::Done);
+    outcome
+}
+
+/// Writes a result file in full (a termination message file may be a bind mount: no rename).
+fn write_result_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing --result-file {}", path.display()))
+}
+
+/// Exit: 0 done, 1 the backup failed, 2 it could not start (the result says why in both).
+async fn backup_command(args: BackupArgs) -> Result<bool> {
+    let live = Arc::new(LiveProgress::default());
+    let (result, started) = backup_outcome(&args, &live).await;
+    let written = match &args.result_file {
+        Some(f) => write_result_file(
+            f,
+            &backup::compact_json(&result, backup::TERMINATION_MESSAGE_LIMIT),
+        ),
+        None => Ok(()),
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    written?;
+    match (&result.error, started) {
+        (Some(e), true) => eprintln!("sendense-agent: backup failed: {e}"),
+        (Some(e), false) => anyhow::bail!("{e}"),
+        (None, _) => {}
+    }
+    Ok(result.ok)
 }
 
 /// Progress on stderr every 2 s: a bar on a terminal, a JSON line otherwise. Never ends.
@@ -396,6 +530,27 @@ async fn run(cli: Cli) -> Result<bool> {
             let prepared = hub::prepare(&file, size, backing.as_deref())?;
             println!("{}", serde_json::to_string(&prepared)?);
             Ok(true)
+        }
+        Cmd::Hub {
+            command: HubCmd::Remove { files },
+        } => {
+            let removed = hub::remove(&files)?;
+            println!("{}", serde_json::to_string(&removed)?);
+            Ok(true)
+        }
+        Cmd::Repo {
+            command: RepoCmd::Probe { dir, result_file },
+        } => {
+            let probed = repo::probe(&dir);
+            let text = serde_json::to_string(&probed)?;
+            if let Some(f) = &result_file {
+                write_result_file(f, &text)?;
+            }
+            println!("{text}");
+            if let Some(e) = &probed.error {
+                eprintln!("sendense-agent: repository probe failed: {e}");
+            }
+            Ok(probed.ok)
         }
         Cmd::Verify {
             file,
@@ -502,6 +657,56 @@ async fn run(cli: Cli) -> Result<bool> {
     }
 }
 
+/// A command line clap rejects still gets its --result-file (the operator reads the reason
+/// there): `InvalidArguments` for `backup`, a failed probe for `repo probe`.
+fn report_usage_error(e: &clap::Error) {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(file) =
+        args.iter()
+            .enumerate()
+            .find_map(|(i, a)| match a.strip_prefix("--result-file") {
+                Some("") => args.get(i + 1).cloned(),
+                Some(v) => v.strip_prefix('=').map(str::to_owned),
+                None => None,
+            })
+    else {
+        return;
+    };
+    // The error without its usage and help lines, on one line.
+    let rendered = e.render().to_string();
+    let message = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = message.trim_start_matches("error: ").to_string();
+    let text = match args.first().map(String::as_str) {
+        Some("backup") => backup::compact_json(
+            &early_result("InvalidArguments", &anyhow::anyhow!(message)),
+            backup::TERMINATION_MESSAGE_LIMIT,
+        ),
+        Some("repo") => {
+            serde_json::json!({"ok": false, "reason": "InvalidArguments", "error": message})
+                .to_string()
+        }
+        _ => return,
+    };
+    if let Err(e) = write_result_file(Path::new(&file), &text) {
+        eprintln!("sendense-agent: {e:#}");
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -510,7 +715,14 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match run(Cli::parse()).await {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            report_usage_error(&e);
+            e.exit()
+        }
+    };
+    match run(cli).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

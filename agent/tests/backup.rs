@@ -417,6 +417,16 @@ fn a_stale_change_id_falls_back_to_a_full_copy_with_the_reason() -> Result<()> {
 /// Serves `url`'s export again through nbdkit with every write delayed, so a copy is slow
 /// enough to be interrupted; returns the proxy and its URL.
 fn slow_proxy(scratch: &Scratch, upstream_socket: &str, name: &str) -> Result<(Server, String)> {
+    slow_proxy_by(scratch, upstream_socket, name, "wdelay=5")
+}
+
+/// `slow_proxy` with another delay (`wdelay=300ms`, ...).
+fn slow_proxy_by(
+    scratch: &Scratch,
+    upstream_socket: &str,
+    name: &str,
+    delay: &str,
+) -> Result<(Server, String)> {
     let socket = scratch.path(&format!("{name}.sock"));
     let server = nbdkit(
         &socket,
@@ -424,7 +434,7 @@ fn slow_proxy(scratch: &Scratch, upstream_socket: &str, name: &str) -> Result<(S
             "--filter=delay",
             "nbd",
             &format!("socket={upstream_socket}"),
-            "wdelay=5",
+            delay,
         ],
     )?;
     let url = format!("nbd+unix:///?socket={}", socket.display());
@@ -502,6 +512,260 @@ fn killing_the_target_or_source_mid_copy_fails_clearly_and_removes_the_snapshot(
     assert!(!b.status.success());
     assert!(b.elapsed < Duration::from_secs(40), "{:?}", b.elapsed);
     assert_eq!(b.result["snapshot"]["removed"], true, "{}", b.result);
+    assert!(no_snapshots(&sim));
+    Ok(())
+}
+
+#[test]
+fn the_result_file_says_why_a_backup_was_turned_down() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "8MiB", "-disks", "1"]);
+    let s = Scratch::new("backup-reasons");
+    let result_file = s.path("result.json");
+    let attempt = |vm: &str, key: i32, thumbprint: &str, password: &str| -> Result<(i32, Value)> {
+        let _ = std::fs::remove_file(&result_file);
+        let out = agent()
+            .args([
+                "backup",
+                "--vcenter",
+                &sim.s("url"),
+                "--datacenter",
+                &sim.s("datacenter"),
+                "--vm",
+                vm,
+                "--thumbprint",
+                thumbprint,
+                "--job",
+                "turned-down",
+                "--request-timeout",
+                "20",
+                "--targets",
+                &format!("{key}:nbd://127.0.0.1:1/"),
+            ])
+            .arg("--result-file")
+            .arg(&result_file)
+            .env("SENDENSE_VCENTER_USERNAME", sim.s("username"))
+            .env("SENDENSE_VCENTER_PASSWORD", password)
+            .output()?;
+        let written: Value = serde_json::from_str(&std::fs::read_to_string(&result_file)?)?;
+        let printed: Value = serde_json::from_str(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default(),
+        )?;
+        assert_eq!(printed, written, "a small result is written whole");
+        assert_eq!(written["ok"], false, "{written}");
+        Ok((out.status.code().unwrap_or(-1), written))
+    };
+    let thumbprint = sim.s("thumbprint");
+    let password = sim.s("password");
+
+    let (code, v) = attempt("cbt-vm-0", 2000, &thumbprint, "Wrong-Secret-1")?;
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (2, Some("LoginFailed")),
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("connecting to vCenter")
+    );
+
+    let (code, v) = attempt("no-such-vm", 2000, &thumbprint, &password)?;
+    assert_eq!((code, v["reason"].as_str()), (1, Some("VMNotFound")), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-vm"),
+        "{v}"
+    );
+
+    let (code, v) = attempt("cbt-vm-0", 2999, &thumbprint, &password)?;
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (1, Some("DiskNotFound")),
+        "{v}"
+    );
+    assert_eq!(v["vm"], "cbt-vm-0");
+
+    let wrong = format!("{}00", &thumbprint[..thumbprint.len() - 2]);
+    let wrong = if wrong == thumbprint {
+        format!("{}11", &thumbprint[..thumbprint.len() - 2])
+    } else {
+        wrong
+    };
+    let (code, v) = attempt("cbt-vm-0", 2000, &wrong, &password)?;
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (2, Some("TLSVerificationFailed")),
+        "{v}"
+    );
+    assert!(no_snapshots(&sim), "no snapshot was taken");
+    Ok(())
+}
+
+/// One answer of the status endpoint: (status line, Content-Type, body).
+fn get(addr: &str, request: &str) -> Option<(String, String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?.to_string();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or_default()
+        .to_string();
+    Some((status, content_type, body.to_string()))
+}
+
+#[test]
+fn the_status_endpoint_serves_progress_while_a_backup_runs() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "64MiB", "-disks", "1"]);
+    sim.cli(&[
+        "fill",
+        "-disk",
+        "2000",
+        "-pattern",
+        "sequential",
+        "-seed",
+        "1",
+        "-count",
+        "8",
+        "-size",
+        "1M",
+    ]);
+    let mut hub = Hub::new("backup-status");
+    // Writes slowed down so the copy lasts a few seconds.
+    let direct = hub.prepare_and_serve("s", 2000, 64 * MIB, None)?;
+    let upstream = direct.trim_start_matches("nbd+unix:///?socket=").to_owned();
+    let (_proxy, url) = slow_proxy_by(&hub.scratch, &upstream, "slow-s", "wdelay=300ms")?;
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.to_string()
+    };
+    let result_file = hub.scratch.path("result.json");
+    let started = Instant::now();
+    let mut child = backup_command(&sim, "s", &[(2000, url)], &[])
+        .args(["--status-addr", &addr, "--request-size", "1048576"])
+        .args(["--in-flight", "1", "--connections", "1"])
+        .arg("--result-file")
+        .arg(&result_file)
+        .spawn()?;
+
+    let mut reports: Vec<Value> = Vec::new();
+    let mut others_checked = false;
+    while child.try_wait()?.is_none() && started.elapsed() < Duration::from_secs(120) {
+        if let Some((status, content_type, body)) =
+            get(&addr, "GET /progress HTTP/1.1\r\nHost: agent\r\n\r\n")
+        {
+            assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+            assert_eq!(content_type, "application/json");
+            reports.push(serde_json::from_str(&body).with_context(|| body.clone())?);
+            if !others_checked {
+                let (status, ..) =
+                    get(&addr, "GET /metrics HTTP/1.1\r\n\r\n").context("answer to /metrics")?;
+                assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+                let (status, ..) =
+                    get(&addr, "POST /progress HTTP/1.1\r\n\r\n").context("answer to POST")?;
+                assert!(status.starts_with("HTTP/1.1 405"), "{status}");
+                others_checked = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = finish(child, started)?;
+    assert!(b.status.success(), "{} {}", b.result, b.stderr);
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&result_file)?)?;
+    assert_eq!(written["ok"], true);
+    assert_eq!(written["reason"], Value::Null);
+    assert!(
+        get(&addr, "GET /progress HTTP/1.1\r\n\r\n").is_none(),
+        "the endpoint is gone with the backup"
+    );
+
+    assert!(!reports.is_empty(), "no answer from the status endpoint");
+    let mut stages: Vec<&str> = reports.iter().filter_map(|r| r["stage"].as_str()).collect();
+    stages.dedup();
+    eprintln!("{} answers, stages {stages:?}", reports.len());
+    for r in &reports {
+        let stage = r["stage"].as_str().unwrap_or_default();
+        assert!(
+            [
+                "connecting",
+                "snapshot",
+                "copying",
+                "removing-snapshot",
+                "done"
+            ]
+            .contains(&stage),
+            "{r}"
+        );
+        let (to_copy, copied) = (r["bytesToCopy"].as_u64(), r["bytesCopied"].as_u64());
+        assert!(copied <= to_copy && to_copy.is_some(), "{r}");
+        for d in r["disks"].as_array().context("disks")? {
+            assert_eq!(d["key"], 2000, "{r}");
+            assert!(
+                d["bytesCopied"].as_u64() <= d["bytesToCopy"].as_u64(),
+                "{r}"
+            );
+        }
+    }
+    // 8 writes of 1 MiB, one at a time, 300 ms each: the copy is seen.
+    assert!(
+        reports
+            .iter()
+            .any(|r| r["stage"] == "copying" && r["bytesToCopy"].as_u64() >= Some(8 * MIB)),
+        "{reports:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_backup_past_its_deadline_stops_with_reason_stopped() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "32MiB", "-disks", "1"]);
+    sim.cli(&[
+        "fill",
+        "-disk",
+        "2000",
+        "-pattern",
+        "sequential",
+        "-seed",
+        "1",
+        "-count",
+        "16",
+        "-size",
+        "1M",
+    ]);
+    let mut hub = Hub::new("backup-deadline");
+    let direct = hub.prepare_and_serve("d", 2000, 32 * MIB, None)?;
+    let upstream = direct.trim_start_matches("nbd+unix:///?socket=").to_owned();
+    let (_proxy, url) = slow_proxy(&hub.scratch, &upstream, "slow-d")?;
+    let result_file = hub.scratch.path("result.json");
+    let started = Instant::now();
+    let child = backup_command(&sim, "d", &[(2000, url)], &[])
+        .args(["--deadline-seconds", "3"])
+        .arg("--result-file")
+        .arg(&result_file)
+        .spawn()?;
+    let b = finish(child, started)?;
+    assert_eq!(b.status.code(), Some(1), "{} {}", b.result, b.stderr);
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&result_file)?)?;
+    assert_eq!(written["reason"], "Stopped", "{written}");
+    assert!(
+        written["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deadline of 3s"),
+        "{written}"
+    );
+    assert_eq!(written["snapshot"]["removed"], true, "{written}");
     assert!(no_snapshots(&sim));
     Ok(())
 }

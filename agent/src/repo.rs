@@ -1,0 +1,218 @@
+//! `repo probe`: proves a repository volume is writable (a file written, synced, read back and
+//! removed) and measures it (file system capacity, the QCOW2 files it holds).
+
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// What `repo probe` reports. On failure only `ok`, `reason` and `error` are set.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct ProbeResult {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qcow2_files: Option<u64>,
+    /// Space allocated to the QCOW2 files (not their apparent size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qcow2_bytes: Option<u64>,
+    /// A stable label of the failure: NotFound, NotADirectory, ReadOnly, PermissionDenied,
+    /// NoSpace, Corrupted (read back differs) or IOError.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ProbeResult {
+    fn failed(reason: &str, error: String) -> Self {
+        Self {
+            ok: false,
+            reason: Some(reason.into()),
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+}
+
+/// A failure of one probe step: its reason and message.
+type Failure = (&'static str, String);
+
+fn io_reason(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EROFS) => "ReadOnly",
+        Some(libc::EACCES) | Some(libc::EPERM) => "PermissionDenied",
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "NoSpace",
+        Some(libc::ENOENT) => "NotFound",
+        Some(libc::ENOTDIR) => "NotADirectory",
+        _ => "IOError",
+    }
+}
+
+fn io_failure(what: String, e: std::io::Error) -> Failure {
+    (io_reason(&e), format!("{what}: {e}"))
+}
+
+/// Probes `dir`; never panics, every failure names the directory and the OS error.
+pub fn probe(dir: &Path) -> ProbeResult {
+    match probe_inner(dir) {
+        Ok(r) => r,
+        Err((reason, error)) => ProbeResult::failed(reason, error),
+    }
+}
+
+fn probe_inner(dir: &Path) -> Result<ProbeResult, Failure> {
+    let shown = dir.display();
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| io_failure(format!("repository directory {shown}"), e))?;
+    if !meta.is_dir() {
+        return Err((
+            "NotADirectory",
+            format!("repository directory {shown}: not a directory"),
+        ));
+    }
+    write_read_back(dir)?;
+    let (capacity, free, available) =
+        statvfs(dir).map_err(|e| io_failure(format!("statvfs of {shown}"), e))?;
+    let (files, bytes) = qcow2_usage(dir)?;
+    Ok(ProbeResult {
+        ok: true,
+        capacity_bytes: Some(capacity),
+        used_bytes: Some(capacity.saturating_sub(free)),
+        available_bytes: Some(available),
+        qcow2_files: Some(files),
+        qcow2_bytes: Some(bytes),
+        ..Default::default()
+    })
+}
+
+/// Writes 4 KiB to a new, uniquely named file in `dir`, syncs it, reads it back, removes it.
+fn write_read_back(dir: &Path) -> Result<(), Failure> {
+    use std::hash::BuildHasher;
+    let nonce =
+        std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+    let path = dir.join(format!(
+        ".sendense-probe-{}-{nonce:016x}",
+        std::process::id()
+    ));
+    let shown = dir.display();
+    let mut data = vec![0u8; 4096];
+    let mut x = nonce | 1;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| io_failure(format!("repository directory {shown} is not writable"), e))?;
+    let result = (|| {
+        file.write_all(&data)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_failure(format!("writing {}", path.display()), e))?;
+        drop(file);
+        let mut back = Vec::with_capacity(data.len());
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut back))
+            .map_err(|e| io_failure(format!("reading back {}", path.display()), e))?;
+        if back != data {
+            return Err((
+                "Corrupted",
+                format!(
+                    "repository directory {shown}: the {} bytes read back from {} differ from the 4096 written",
+                    back.len(),
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
+    })();
+    let removed = std::fs::remove_file(&path)
+        .map_err(|e| io_failure(format!("removing {}", path.display()), e));
+    result.and(removed)
+}
+
+/// (capacity, free, available to unprivileged users) in bytes.
+fn statvfs(dir: &Path) -> std::io::Result<(u64, u64, u64)> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let unit = if st.f_frsize > 0 {
+        st.f_frsize as u64
+    } else {
+        st.f_bsize as u64
+    };
+    Ok((
+        st.f_blocks as u64 * unit,
+        st.f_bfree as u64 * unit,
+        st.f_bavail as u64 * unit,
+    ))
+}
+
+/// Number and allocated bytes of `*.qcow2` files under `dir` (symbolic links not followed).
+/// Entries that vanish while walking (a job cleaning up) are skipped.
+fn qcow2_usage(dir: &Path) -> Result<(u64, u64), Failure> {
+    let mut files = 0u64;
+    let mut bytes = 0u64;
+    let mut pending: Vec<PathBuf> = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
+            Err(e) => return Err(io_failure(format!("listing {}", d.display()), e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_failure(format!("listing {}", d.display()), e))?;
+            let meta = match entry.path().symlink_metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io_failure(format!("{}", entry.path().display()), e));
+                }
+            };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file()
+                && Path::new(&entry.file_name())
+                    .extension()
+                    .is_some_and(|e| e == "qcow2")
+            {
+                files += 1;
+                bytes += meta.blocks() * 512;
+            }
+        }
+    }
+    Ok((files, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_serialize_without_measurements() {
+        let r = ProbeResult::failed("ReadOnly", "x: Read-only file system (os error 30)".into());
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"ok": false, "reason": "ReadOnly", "error": "x: Read-only file system (os error 30)"})
+        );
+        assert_eq!(
+            io_reason(&std::io::Error::from_raw_os_error(libc::EROFS)),
+            "ReadOnly"
+        );
+    }
+}
