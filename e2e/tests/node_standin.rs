@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStatus, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use sendense_e2e::{TestNamespace, client, kubeconfig};
 
@@ -150,6 +150,27 @@ fn init_exit_code(p: &Pod) -> Option<i32> {
         .terminated
         .as_ref()
         .map(|t| t.exit_code)
+}
+
+/// The status of the pod's container or init container `name`.
+fn container_status<'a>(p: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
+    let s = p.status.as_ref()?;
+    s.container_statuses
+        .iter()
+        .flatten()
+        .chain(s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+}
+
+/// `state.terminated.message` of the pod's container or init container `name`.
+fn terminated_message(p: &Pod, name: &str) -> Option<String> {
+    container_status(p, name)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()
 }
 
 fn process_running(marker: &str) -> bool {
@@ -489,5 +510,174 @@ async fn on_failure_restarts_until_success_and_counts_restarts() -> Result<()> {
         .and_then(|s| s.terminated.as_ref())
         .map(|t| t.exit_code);
     assert_eq!(last_exit, Some(1), "lastState keeps the previous failure");
+    Ok(())
+}
+
+#[tokio::test]
+async fn termination_messages_come_from_each_containers_own_file_or_its_log() -> Result<()> {
+    let standin = StandIn::start().await?;
+    let ns = TestNamespace::create("standin-message")?;
+    let pods: Api<Pod> = Api::namespaced(client().await?, &ns.name);
+    // Both pods' main containers write their own words to the same path, /dev/termination-log,
+    // while the other pod's runs, and check after a while that the file still holds their own:
+    // each container binds its own file there in its own mount namespace.
+    let own = |words: &str| {
+        format!(
+            "printf '{words}' > /dev/termination-log; sleep 3; \
+             [ \"$(cat /dev/termination-log)\" = '{words}' ]"
+        )
+    };
+    let mut a = serde_json::json!({
+        "restartPolicy": "Never",
+        "volumes": [{"name": "out", "emptyDir": {}}],
+        "initContainers": [{
+            "name": "init", "image": "x",
+            "command": ["sh", "-c", "echo init-a > /dev/termination-log"]
+        }],
+        "containers": [
+            {"name": "main", "image": "x", "command": ["sh", "-c", own("pod-a-main")]},
+            {
+                // A custom path inside a volume: the message is still what it wrote.
+                "name": "custom", "image": "x",
+                "command": ["sh", "-c", "printf pod-a-custom > /sendense-e2e/out/message; sleep 3"],
+                "terminationMessagePath": "/sendense-e2e/out/message",
+                "volumeMounts": [{"name": "out", "mountPath": "/sendense-e2e/out"}]
+            }
+        ]
+    });
+    let mut b = serde_json::json!({
+        "restartPolicy": "Never",
+        "containers": [
+            {"name": "main", "image": "x", "command": ["sh", "-c", own("pod-b-main")]},
+            {
+                // Fails without writing a message: the last 80 lines of its output are the message.
+                "name": "fallback", "image": "x",
+                "command": ["sh", "-c", "sleep 1; for i in $(seq 1 100); do echo line-$i; done; exit 2"],
+                "terminationMessagePolicy": "FallbackToLogsOnError"
+            },
+            {
+                // Fails having written a message: the file wins over the output.
+                "name": "written", "image": "x",
+                "command": ["sh", "-c", "echo noise; printf own-words > /dev/termination-log; exit 3"],
+                "terminationMessagePolicy": "FallbackToLogsOnError"
+            },
+            {
+                // Succeeds without a message: no fallback on exit 0, so no message.
+                "name": "quiet", "image": "x",
+                "command": ["sh", "-c", "echo chatter"],
+                "terminationMessagePolicy": "FallbackToLogsOnError"
+            }
+        ]
+    });
+    // Appends, so a file carried over from the failed first run would show in the second's.
+    let flaky = "n=$(cat /sendense-e2e/state/count 2>/dev/null || echo 0); n=$((n+1)); \
+                 echo $n > /sendense-e2e/state/count; printf attempt-$n >> /dev/termination-log; \
+                 [ $n -ge 2 ]";
+    let mut restarts = serde_json::json!({
+        "restartPolicy": "OnFailure",
+        "volumes": [{"name": "state", "emptyDir": {}}],
+        "containers": [{
+            "name": "flaky", "image": "x", "command": ["sh", "-c", flaky],
+            "volumeMounts": [{"name": "state", "mountPath": "/sendense-e2e/state"}]
+        }]
+    });
+    for (name, spec) in [
+        ("msg-a", &mut a),
+        ("msg-b", &mut b),
+        ("msg-restart", &mut restarts),
+    ] {
+        standin.pin(spec);
+        let pod: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec}))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+
+    let running = |p: &Pod| {
+        container_status(p, "main")
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.running.is_some())
+    };
+    let mut together = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (a, b, restarted) = loop {
+        let (a, b, r) = (
+            pods.get("msg-a").await?,
+            pods.get("msg-b").await?,
+            pods.get("msg-restart").await?,
+        );
+        together |= running(&a) && running(&b);
+        if [&a, &b, &r]
+            .iter()
+            .all(|p| matches!(phase(p).as_str(), "Succeeded" | "Failed"))
+        {
+            break (a, b, r);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "pods did not end within 60s: {:?} {:?} {:?}",
+                a.status,
+                b.status,
+                r.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        together,
+        "the two pods' main containers ran at the same time"
+    );
+
+    assert_eq!(phase(&a), "Succeeded", "status: {:?}", a.status);
+    assert_eq!(terminated_message(&a, "init").as_deref(), Some("init-a\n"));
+    assert_eq!(
+        terminated_message(&a, "main").as_deref(),
+        Some("pod-a-main")
+    );
+    assert_eq!(
+        terminated_message(&a, "custom").as_deref(),
+        Some("pod-a-custom")
+    );
+
+    assert_eq!(phase(&b), "Failed", "status: {:?}", b.status);
+    assert_eq!(exit_code(&b, "main"), Some(0), "status: {:?}", b.status);
+    assert_eq!(
+        terminated_message(&b, "main").as_deref(),
+        Some("pod-b-main")
+    );
+    let tail: String = (21..=100).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(terminated_message(&b, "fallback"), Some(tail));
+    assert_eq!(exit_code(&b, "fallback"), Some(2));
+    assert_eq!(
+        terminated_message(&b, "written").as_deref(),
+        Some("own-words")
+    );
+    assert_eq!(terminated_message(&b, "quiet"), None);
+
+    assert_eq!(phase(&restarted), "Succeeded");
+    let flaky = container_status(&restarted, "flaky").context("flaky status")?;
+    assert_eq!(flaky.restart_count, 1);
+    assert_eq!(
+        terminated_message(&restarted, "flaky").as_deref(),
+        Some("attempt-2"),
+        "every run starts from an empty file"
+    );
+    let last = flaky
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.message.clone());
+    assert_eq!(
+        last.as_deref(),
+        Some("attempt-1"),
+        "lastState keeps the failed run's message"
+    );
+
+    // The writes went to the containers' own files, never to the host's mount point.
+    let host = std::fs::read("/dev/termination-log").unwrap_or_default();
+    assert!(
+        host.is_empty(),
+        "the host's /dev/termination-log is untouched: {:?}",
+        String::from_utf8_lossy(&host)
+    );
     Ok(())
 }

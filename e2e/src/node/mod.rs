@@ -7,6 +7,7 @@ pub mod pod;
 pub mod probe;
 pub mod process;
 pub mod status;
+pub mod termination;
 pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap};

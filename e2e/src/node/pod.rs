@@ -18,6 +18,7 @@ use super::env::{Sources, container_env, expand};
 use super::probe::{self, Timing};
 use super::process::{self, Mount, ProcessSpec};
 use super::status::{self, now};
+use super::termination::TerminationLog;
 use super::volumes::{self, VolumePaths};
 
 /// What every pod on the node shares.
@@ -337,7 +338,8 @@ async fn run_containers(
             shared: shared.clone(),
             ctx: ctx.clone(),
             container: c.clone(),
-            spec: prepared.init[i].clone(),
+            spec: prepared.init[i].process.clone(),
+            termination: prepared.init[i].termination.clone(),
             init: true,
             index: i,
             pod_ip: pod_ip.to_owned(),
@@ -367,7 +369,8 @@ async fn run_containers(
             shared: shared.clone(),
             ctx: ctx.clone(),
             container: c.clone(),
-            spec: prepared.containers[i].clone(),
+            spec: prepared.containers[i].process.clone(),
+            termination: prepared.containers[i].termination.clone(),
             init: false,
             index: i,
             pod_ip: pod_ip.to_owned(),
@@ -526,8 +529,14 @@ fn unsupported(pod: &Pod) -> Option<String> {
 }
 
 struct Prepared {
-    init: Vec<ProcessSpec>,
-    containers: Vec<ProcessSpec>,
+    init: Vec<Planned>,
+    containers: Vec<Planned>,
+}
+
+/// One container ready to start: its process and its termination-message file.
+struct Planned {
+    process: ProcessSpec,
+    termination: TerminationLog,
 }
 
 async fn prepare(
@@ -567,7 +576,7 @@ async fn container_spec(
     logs: &std::path::Path,
     base: &[(String, String)],
     sources: &Sources,
-) -> Result<ProcessSpec, PodError> {
+) -> Result<Planned, PodError> {
     let env = container_env(pod, c, base, sources).await?;
     let lookup = env.iter().cloned().collect();
     let mut argv: Vec<String> = c
@@ -614,6 +623,9 @@ async fn container_spec(
             read_only: m.read_only.unwrap_or(false),
         });
     }
+    // After the volumes, as the kubelet adds it, so a path inside a volume is honoured.
+    let termination = TerminationLog::of(c, logs).map_err(PodError::Unsupported)?;
+    mounts.push(termination.mount());
     let sc = c.security_context.as_ref();
     let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let uid = sc
@@ -624,7 +636,7 @@ async fn container_spec(
         .and_then(|s| s.run_as_group)
         .or(psc.and_then(|s| s.run_as_group))
         .map(|g| g as u32);
-    Ok(ProcessSpec {
+    let process = ProcessSpec {
         program,
         args: argv,
         env,
@@ -633,6 +645,10 @@ async fn container_spec(
         uid,
         gid,
         log: Some(logs.join(format!("{}.log", c.name))),
+    };
+    Ok(Planned {
+        process,
+        termination,
     })
 }
 
@@ -642,6 +658,8 @@ struct Supervisor {
     ctx: Arc<NodeContext>,
     container: Container,
     spec: ProcessSpec,
+    /// Emptied before every run, read when the process ends.
+    termination: TerminationLog,
     init: bool,
     index: usize,
     pod_ip: String,
@@ -721,10 +739,29 @@ impl Supervisor {
         restarts: i32,
         mut stop: watch::Receiver<Option<Duration>>,
     ) -> Outcome {
-        let mut child = match process::spawn(&self.spec) {
+        // This run's output starts where the (appended) log ends now.
+        let log_start = self
+            .spec
+            .log
+            .as_deref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        let spawned = self
+            .termination
+            .reset()
+            .map_err(|e| {
+                format!(
+                    "preparing the termination-message file {}: {e}",
+                    self.termination.host.display()
+                )
+            })
+            .and_then(|()| {
+                process::spawn(&self.spec)
+                    .map_err(|e| format!("starting {}: {e}", self.spec.program.display()))
+            });
+        let mut child = match spawned {
             Ok(c) => c,
-            Err(e) => {
-                let msg = format!("starting {}: {e}", self.spec.program.display());
+            Err(msg) => {
                 self.set(|cs| {
                     cs.restart_count = restarts;
                     cs.state = Some(status::terminated_state(
@@ -775,6 +812,11 @@ impl Supervisor {
             }
             Err(e) => (255, None, Some(format!("waiting for the process: {e}"))),
         };
+        // What the container left at its terminationMessagePath (or its output, per policy);
+        // a restart moves this state, message included, to lastState.
+        let message = self
+            .termination
+            .message(message, code, self.spec.log.as_deref(), log_start);
         let term_reason = if code == 0 { "Completed" } else { "Error" };
         self.set(|cs| {
             cs.ready = false;

@@ -41,22 +41,45 @@ fn cstring(p: &Path) -> io::Result<CString> {
     })
 }
 
-/// Creates the mount points on the host file system (bind mounts need an existing target of the
-/// same kind: a directory for a directory, a file for a file).
+/// Creates the mount points (bind mounts need an existing target of the same kind: a directory
+/// for a directory, a file for a file). A missing file is created empty and an existing one is
+/// left as it is, so containers starting at the same time may share a mount point such as
+/// /dev/termination-log: each binds its own file there in its own mount namespace.
 fn prepare_targets(mounts: &[Mount]) -> io::Result<()> {
-    for m in mounts {
+    for (i, m) in mounts.iter().enumerate() {
+        let point = mount_point_on_host(mounts, i);
         if m.host.is_dir() {
-            std::fs::create_dir_all(&m.target)?;
+            std::fs::create_dir_all(&point)?;
         } else {
-            if let Some(parent) = m.target.parent() {
+            if let Some(parent) = point.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            if !m.target.exists() {
-                std::fs::File::create(&m.target)?;
-            }
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&point)?;
         }
     }
     Ok(())
+}
+
+/// Where the mount point of `mounts[i]` is on the host: inside the last earlier mount whose
+/// target contains it (that mount is what the container sees there when this one is made),
+/// else at its own target on the host file system.
+fn mount_point_on_host(mounts: &[Mount], i: usize) -> PathBuf {
+    let target = &mounts[i].target;
+    mounts[..i]
+        .iter()
+        .rev()
+        .find_map(|m| {
+            let rest = target.strip_prefix(&m.target).ok()?;
+            Some(if rest.as_os_str().is_empty() {
+                m.host.clone()
+            } else {
+                m.host.join(rest)
+            })
+        })
+        .unwrap_or_else(|| target.clone())
 }
 
 /// Starts the process described by `spec`.
@@ -180,6 +203,39 @@ fn is_executable(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_inside_earlier_mounts_are_made_in_their_host_paths() {
+        let mount = |host: &str, target: &str| Mount {
+            host: PathBuf::from(host),
+            target: PathBuf::from(target),
+            read_only: false,
+        };
+        let mounts = vec![
+            mount("/pods/p/volumes/out", "/sendense-e2e/out"),
+            mount("/pods/p/volumes/cfg", "/etc/cfg"),
+            mount("/pods/p/logs/c.termination-log", "/sendense-e2e/out/msg"),
+            mount("/pods/p/logs/d.termination-log", "/dev/termination-log"),
+            mount("/pods/p/volumes/other", "/sendense-e2e/outside"),
+            mount("/pods/p/volumes/again", "/etc/cfg"),
+        ];
+        let points: Vec<PathBuf> = (0..mounts.len())
+            .map(|i| mount_point_on_host(&mounts, i))
+            .collect();
+        assert_eq!(
+            points,
+            [
+                "/sendense-e2e/out",
+                "/etc/cfg",
+                "/pods/p/volumes/out/msg",
+                "/dev/termination-log",
+                "/sendense-e2e/outside",
+                "/pods/p/volumes/cfg",
+            ]
+            .map(PathBuf::from),
+            "components, not string prefixes, decide what contains what"
+        );
+    }
 
     #[test]
     fn resolves_on_the_search_path_only_executables() {
