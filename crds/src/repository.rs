@@ -207,6 +207,9 @@ pub struct RepositoryStatus {
     /// Restore points held (succeeded backups of all VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_points: Option<i32>,
+    /// When the operator last proved the volume writable and measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// The spec generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

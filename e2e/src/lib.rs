@@ -150,6 +150,7 @@ impl Drop for TestNamespace {
 }
 
 pub mod node;
+pub mod standin;
 pub mod vcsim;
 
 pub fn path_str(p: &Path) -> Result<&str> {

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, KeyToPath, Pod, PodSpec, SecretVolumeSource, Volume,
-    VolumeMount,
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
 };
 use sendense_crds::source_node::{TransportType, VddkMode};
 use sendense_crds::{BackupJob, SourceNode};
@@ -55,6 +55,9 @@ pub fn agent_pod(
         joined(targets),
         "--result-file".into(),
         "/dev/termination-log".into(),
+        // Progress for the operator, on the pod's own IP.
+        "--status-addr".into(),
+        format!("$(POD_IP):{}", crate::backup_job::PROGRESS_PORT),
     ];
     match (&job.spec.vm.name, &job.spec.vm.instance_uuid) {
         (Some(name), _) => args.extend(["--vm".into(), name.clone()]),
@@ -192,6 +195,23 @@ pub fn agent_pod(
                 command: Some(vec!["sendense-agent".into()]),
                 args: Some(args),
                 volume_mounts: Some(mounts),
+                env: Some(vec![EnvVar {
+                    name: "POD_IP".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "status.podIP".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ports: Some(vec![ContainerPort {
+                    name: Some("progress".into()),
+                    container_port: crate::backup_job::PROGRESS_PORT as i32,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
                 termination_message_policy: Some("FallbackToLogsOnError".into()),
                 ..Default::default()
             }],
@@ -323,9 +343,10 @@ mod tests {
                 .as_deref(),
             Some("/srv/ds0")
         );
+        let env = spec.containers[0].env.clone().unwrap_or_default();
         assert!(
-            spec.containers[0].env.is_none(),
-            "no credentials in the environment or arguments"
+            env.iter().all(|e| e.name == "POD_IP" && e.value.is_none()),
+            "no credentials in the environment: {env:?}"
         );
         assert_eq!(
             spec.node_selector

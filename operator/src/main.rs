@@ -1,19 +1,26 @@
 //! sendense-operator: reconciles Sendense's resources. Runs in-cluster or from a kubeconfig
 //! ($KUBECONFIG); all namespaces, or only $SENDENSE_WATCH_NAMESPACE. So far it runs the
-//! SourceNode controller (vCenter probes); BackupJob and Repository controllers follow.
+//! SourceNode (vCenter probes), Repository (volume probes) and BackupJob (backups) controllers.
+//! Environment: SENDENSE_AGENT_IMAGE (image of hub, agent and probe pods),
+//! SENDENSE_PROBE_INTERVAL_SECONDS, SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS,
+//! SENDENSE_METRICS_ADDR.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
-use sendense_crds::SourceNode;
+use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_operator::hub::Images;
 use sendense_operator::metrics::Metrics;
 use sendense_operator::source_node::{self, Context, MANAGER};
+use sendense_operator::{backup_job, repository};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -54,35 +61,194 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         ready.clone(),
     ));
-    let ctx = Arc::new(Context {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    );
+    let images = Images {
+        agent: std::env::var("SENDENSE_AGENT_IMAGE").unwrap_or_else(|_| {
+            format!(
+                "ghcr.io/sendense/sendense-agent:{}",
+                env!("CARGO_PKG_VERSION")
+            )
+        }),
+    };
+    let sn_ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: std::env::var("HOSTNAME").ok(),
-            },
-        ),
+        recorder: recorder.clone(),
         probe_timeout: Duration::from_secs(15),
         probe_interval,
-        metrics,
+        metrics: metrics.clone(),
+    });
+    let repo_ctx = Arc::new(repository::Context {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+        images: images.clone(),
+        probe_interval: seconds("SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS", 300),
+    });
+    let job_ctx = Arc::new(backup_job::Context {
+        client: client.clone(),
+        recorder,
+        metrics: metrics.clone(),
+        images,
+        vcenter_timeout: Duration::from_secs(30),
+        allocation: tokio::sync::Mutex::new(()),
     });
     tracing::info!("sendense-operator started");
     // SENDENSE_WATCH_NAMESPACE limits the operator to one namespace (a namespaced install).
-    let nodes: Api<SourceNode> = match std::env::var("SENDENSE_WATCH_NAMESPACE") {
-        Ok(ns) if !ns.is_empty() => Api::namespaced(client, &ns),
-        _ => Api::all(client),
-    };
-    ready.store(true, Ordering::Relaxed);
-    Controller::new(nodes, watcher::Config::default())
+    let namespace = std::env::var("SENDENSE_WATCH_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.is_empty());
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sendense-operator");
+
+    let sources = Controller::new(
+        scoped::<SourceNode>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(source_node::reconcile, source_node::error_policy, sn_ctx)
+    .for_each(|_| async {});
+
+    let repos = Controller::new(
+        scoped::<Repository>(&client, &namespace),
+        watcher::Config::default(),
+    );
+    let repo_store = repos.store();
+    let repos = repos
+        .owns(scoped::<Pod>(&client, &namespace), owned.clone())
+        .watches(
+            scoped::<BackupJob>(&client, &namespace),
+            watcher::Config::default(),
+            |job| {
+                let ns = job.metadata.namespace.clone().unwrap_or_default();
+                Some(ObjectRef::<Repository>::new(&job.spec.repository_ref.name).within(&ns))
+            },
+        )
         .shutdown_on_signal()
-        .run(source_node::reconcile, source_node::error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!("reconcile: {e}");
-            }
-        })
-        .await;
+        .run(repository::reconcile, repository::error_policy, repo_ctx)
+        .for_each(|_| async {});
+
+    let jobs = Controller::new(
+        scoped::<BackupJob>(&client, &namespace),
+        watcher::Config::default(),
+    );
+    let job_store = jobs.store();
+    let by_source = job_store.clone();
+    let by_repo = job_store.clone();
+    let jobs = jobs
+        .owns(scoped::<Pod>(&client, &namespace), owned.clone())
+        .owns(scoped::<Service>(&client, &namespace), owned)
+        .watches(
+            scoped::<SourceNode>(&client, &namespace),
+            watcher::Config::default(),
+            move |sn| {
+                backup_job::jobs_referring(
+                    &by_source.state(),
+                    sn.metadata.namespace.as_deref(),
+                    sn.metadata.name.as_deref(),
+                    None,
+                )
+            },
+        )
+        .watches(
+            scoped::<Repository>(&client, &namespace),
+            watcher::Config::default(),
+            move |repo| {
+                backup_job::jobs_referring(
+                    &by_repo.state(),
+                    repo.metadata.namespace.as_deref(),
+                    None,
+                    repo.metadata.name.as_deref(),
+                )
+            },
+        )
+        .shutdown_on_signal()
+        .run(backup_job::reconcile, backup_job::error_policy, job_ctx)
+        .for_each(|_| async {});
+
+    let gauges = tokio::spawn(refresh_gauges(metrics, job_store, repo_store));
+    ready.store(true, Ordering::Relaxed);
+    tokio::join!(sources, repos, jobs);
+    gauges.abort();
     tracing::info!("sendense-operator stopped");
     Ok(())
+}
+
+fn seconds(var: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Jobs by phase and ports in use, from the controllers' caches, every 10 s.
+async fn refresh_gauges(
+    metrics: Metrics,
+    jobs: kube::runtime::reflector::Store<BackupJob>,
+    repos: kube::runtime::reflector::Store<Repository>,
+) {
+    use sendense_crds::backup_job::Phase;
+    use std::collections::BTreeMap;
+    loop {
+        let mut by_phase: BTreeMap<(String, &str), i64> = BTreeMap::new();
+        let mut ports: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for j in jobs.state() {
+            let ns = j.metadata.namespace.clone().unwrap_or_default();
+            let phase = match j.status.as_ref().and_then(|s| s.phase) {
+                Some(Phase::Running) => "Running",
+                Some(Phase::Succeeded) => "Succeeded",
+                Some(Phase::Failed) => "Failed",
+                Some(Phase::Pending) | None => "Pending",
+            };
+            *by_phase.entry((ns.clone(), phase)).or_default() += 1;
+            if phase == "Running" {
+                let held = j
+                    .status
+                    .as_ref()
+                    .map(|s| s.disks.iter().filter(|d| d.port.is_some()).count())
+                    .unwrap_or_default();
+                *ports
+                    .entry((ns, j.spec.repository_ref.name.clone()))
+                    .or_default() += held as i64;
+            }
+        }
+        metrics.jobs.reset();
+        for ((ns, phase), n) in by_phase {
+            metrics.jobs.with_label_values(&[&ns, phase]).set(n);
+        }
+        metrics.ports_in_use.reset();
+        metrics.ports_range.reset();
+        for r in repos.state() {
+            let ns = r.metadata.namespace.clone().unwrap_or_default();
+            let name = r.metadata.name.clone().unwrap_or_default();
+            let range = &r.spec.hub.port_range;
+            metrics
+                .ports_range
+                .with_label_values(&[&ns, &name])
+                .set((range.high - range.low + 1) as i64);
+            let used = ports.get(&(ns.clone(), name.clone())).copied().unwrap_or(0);
+            metrics
+                .ports_in_use
+                .with_label_values(&[&ns, &name])
+                .set(used);
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -22,6 +23,25 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     /// vCenter probes by outcome reason (Connected, LoginFailed, ...).
     pub probes: IntCounterVec,
+    /// Backups that got their plan (ports, chain) and started.
+    pub backups_started: IntCounter,
+    /// Backups that ended, by result (succeeded, failed).
+    pub backups: IntCounterVec,
+    /// Time from start to success of a backup.
+    pub backup_duration: Histogram,
+    /// Bytes read from snapshots and written to the repository, by namespace, VM and disk.
+    pub bytes_copied: IntCounterVec,
+    /// Failed jobs whose snapshot could not be confirmed removed.
+    pub snapshot_cleanup_failures: IntCounter,
+    /// BackupJobs by namespace and phase, refreshed from the controller's cache.
+    pub jobs: IntGaugeVec,
+    /// Hub ports held by active jobs, by namespace and repository.
+    pub ports_in_use: IntGaugeVec,
+    /// Size of each repository's hub port range.
+    pub ports_range: IntGaugeVec,
+    /// Repository capacity and usage in bytes, by namespace and repository.
+    pub repository_capacity: IntGaugeVec,
+    pub repository_used: IntGaugeVec,
 }
 
 impl Metrics {
@@ -50,6 +70,76 @@ impl Metrics {
             Opts::new("sendense_vcenter_probes_total", "vCenter probes by outcome"),
             &["reason"],
         )?;
+        let backups_started = IntCounter::new(
+            "sendense_backups_started_total",
+            "Backups that were planned and started",
+        )?;
+        let backups = IntCounterVec::new(
+            Opts::new("sendense_backups_total", "Backups that ended, by result"),
+            &["result"],
+        )?;
+        let backup_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sendense_backup_duration_seconds",
+                "Duration of successful backups",
+            )
+            .buckets(vec![
+                10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
+            ]),
+        )?;
+        let bytes_copied = IntCounterVec::new(
+            Opts::new(
+                "sendense_backup_bytes_copied_total",
+                "Bytes copied by successful backups",
+            ),
+            &["namespace", "vm", "disk"],
+        )?;
+        let snapshot_cleanup_failures = IntCounter::new(
+            "sendense_snapshot_cleanup_failures_total",
+            "Failed backups whose vSphere snapshot could not be confirmed removed",
+        )?;
+        let jobs = IntGaugeVec::new(
+            Opts::new("sendense_backupjobs", "BackupJobs by phase"),
+            &["namespace", "phase"],
+        )?;
+        let ports_in_use = IntGaugeVec::new(
+            Opts::new(
+                "sendense_hub_ports_in_use",
+                "Hub NBD ports held by active BackupJobs",
+            ),
+            &["namespace", "repository"],
+        )?;
+        let ports_range = IntGaugeVec::new(
+            Opts::new(
+                "sendense_hub_ports_available",
+                "Ports in the repository's hub port range",
+            ),
+            &["namespace", "repository"],
+        )?;
+        let repository_capacity = IntGaugeVec::new(
+            Opts::new(
+                "sendense_repository_capacity_bytes",
+                "Capacity of the repository volume",
+            ),
+            &["namespace", "repository"],
+        )?;
+        let repository_used = IntGaugeVec::new(
+            Opts::new(
+                "sendense_repository_used_bytes",
+                "Used space of the repository volume",
+            ),
+            &["namespace", "repository"],
+        )?;
+        registry.register(Box::new(backups_started.clone()))?;
+        registry.register(Box::new(backups.clone()))?;
+        registry.register(Box::new(backup_duration.clone()))?;
+        registry.register(Box::new(bytes_copied.clone()))?;
+        registry.register(Box::new(snapshot_cleanup_failures.clone()))?;
+        registry.register(Box::new(jobs.clone()))?;
+        registry.register(Box::new(ports_in_use.clone()))?;
+        registry.register(Box::new(ports_range.clone()))?;
+        registry.register(Box::new(repository_capacity.clone()))?;
+        registry.register(Box::new(repository_used.clone()))?;
         registry.register(Box::new(reconcile_runs.clone()))?;
         registry.register(Box::new(reconcile_failures.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -60,6 +150,16 @@ impl Metrics {
             reconcile_failures,
             reconcile_duration,
             probes,
+            backups_started,
+            backups,
+            backup_duration,
+            bytes_copied,
+            snapshot_cleanup_failures,
+            jobs,
+            ports_in_use,
+            ports_range,
+            repository_capacity,
+            repository_used,
         })
     }
 

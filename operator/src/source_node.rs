@@ -170,15 +170,26 @@ async fn tls(sn: &SourceNode, client: &Client) -> Result<Tls, Problem> {
     Ok(Tls::Insecure)
 }
 
-/// Logs in and reads the vCenter's version.
-pub async fn probe(sn: &SourceNode, ctx: &Context) -> Result<String, Problem> {
-    let (username, password) = credentials(sn, &ctx.client).await?;
-    let tls = tls(sn, &ctx.client).await?;
+/// Logs in to the SourceNode's vCenter with its Secret and TLS trust; returns the session and
+/// the user name (for error hints).
+pub async fn connect(
+    sn: &SourceNode,
+    client: &Client,
+    timeout: Duration,
+) -> Result<(VSphere, String), Problem> {
+    let (username, password) = credentials(sn, client).await?;
+    let tls = tls(sn, client).await?;
     let mut cfg = VCenterConfig::new(sn.spec.vcenter.url.clone(), username.clone(), password, tls);
-    cfg.call_timeout = ctx.probe_timeout;
+    cfg.call_timeout = timeout;
     let vs = VSphere::connect(cfg)
         .await
         .map_err(|e| problem(&e, &username))?;
+    Ok((vs, username))
+}
+
+/// Logs in and reads the vCenter's version.
+pub async fn probe(sn: &SourceNode, ctx: &Context) -> Result<String, Problem> {
+    let (vs, username) = connect(sn, &ctx.client, ctx.probe_timeout).await?;
     let about = vs.about().await.map_err(|e| problem(&e, &username));
     vs.logout().await;
     about

@@ -1,0 +1,115 @@
+//! A node stand-in process for a test: registers its own Node (a unique name), runs the pods
+//! bound to it, and is stopped (SIGTERM, then SIGKILL) when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+
+use crate::{client, kubeconfig};
+
+pub struct StandIn {
+    child: Child,
+    pub node: String,
+    pub root: PathBuf,
+}
+
+/// A name with a random suffix.
+pub fn unique(prefix: &str) -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::BuildHasher;
+    format!(
+        "{prefix}-{:08x}",
+        RandomState::new().hash_one(std::time::Instant::now()) as u32
+    )
+}
+
+impl StandIn {
+    /// Starts `binary` (the node-standin executable); `path`: directories searched for
+    /// container commands before the host's PATH.
+    pub async fn start(binary: &Path, path: &[PathBuf], extra: &[&str]) -> Result<Self> {
+        let node = unique("standin");
+        let root = std::env::temp_dir().join(&node);
+        let mut cmd = Command::new(binary);
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig())
+            .args(["--node", &node, "--restart-backoff-ms", "500", "--root"])
+            .arg(&root)
+            .args(extra);
+        if !path.is_empty() {
+            cmd.arg("--path").arg(std::env::join_paths(path)?);
+        }
+        let child = cmd.spawn().context("starting node-standin")?;
+        let standin = Self { child, node, root };
+        let nodes: Api<Node> = Api::all(client().await?);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = nodes
+                .get_opt(&standin.node)
+                .await?
+                .and_then(|n| n.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready {
+                return Ok(standin);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {} did not become Ready within 30s", standin.node);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// All container logs of pods still on this node, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(pods) = std::fs::read_dir(self.root.join("pods")) else {
+            return out;
+        };
+        for pod in pods.flatten() {
+            let Ok(logs) = std::fs::read_dir(pod.path().join("logs")) else {
+                continue;
+            };
+            for log in logs.flatten() {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                let tail: String = text
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                out.push_str(&format!(
+                    "--- {}/{}\n{tail}\n",
+                    pod.file_name().to_string_lossy(),
+                    log.file_name().to_string_lossy()
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_dir_all(&self.root);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
