@@ -798,3 +798,99 @@ spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: vc}}, repositoryRef: {{na
     bed.verify(&disk_file(&j, 2000), &bed.checksum("cbt-vm-0", 2000))?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_job_failing_every_attempt_ends_failed_and_leaves_nothing_behind() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10550, 10570)).await?;
+    let empty = bed.work.join("empty-datastore");
+    std::fs::create_dir_all(&empty)?;
+    // A datastore mount without the VM's disk files: every attempt's copy fails after the
+    // snapshot exists, the worst place to fail.
+    bed.apply(
+        "failing",
+        &format!(
+            r#"apiVersion: sendense.io/v1alpha1
+kind: SourceNode
+metadata: {{name: wrong-datastore}}
+spec:
+  vcenter: {{url: "{url}", credentialsSecretRef: {{name: vcenter-credentials}}, tls: {{thumbprint: "{tp}"}}}}
+  datacenter: DC0
+  transport: {{type: nfs, nfs: {{datastores: [{{name: LocalDS_0, hostPath: {{path: "{empty}"}}}}]}}}}
+---
+apiVersion: sendense.io/v1alpha1
+kind: BackupJob
+metadata: {{name: doomed}}
+spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: wrong-datastore}}, repositoryRef: {{name: primary}}, retryLimit: 1}}
+"#,
+            url = bed.sim.s("url"),
+            tp = bed.sim.s("thumbprint"),
+            empty = empty.display(),
+        ),
+    )?;
+    let j = bed
+        .finished("doomed", Phase::Failed, Duration::from_secs(180))
+        .await?;
+    let st = j.status.clone().expect("status");
+    assert_eq!(st.attempts, Some(2), "retryLimit 1: two attempts");
+    let cond = |t: &str| {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t} condition: {:?}", st.conditions))
+    };
+    let failed = cond("Failed");
+    assert_eq!(
+        (failed.status.as_str(), failed.reason.as_str()),
+        ("True", "CopyFailed")
+    );
+    assert!(
+        failed.message.contains("after 2 attempt"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(cond("SnapshotRemoved").status, "True");
+    assert_eq!(bed.snapshots("cbt-vm-0"), 0, "no snapshot left");
+    // The operator removes the partial QCOW2 files with a short cleanup pod.
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let st = jobs.get("doomed").await?.status.unwrap_or_default();
+        let removed = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "PartialFilesRemoved")
+            .cloned();
+        if removed.as_ref().is_some_and(|c| c.status == "True") {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "partial files never removed: {removed:?}{}",
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for d in &st.disks {
+        let f = bed.repo_dir.join(d.file.as_deref().unwrap_or_default());
+        assert!(!f.exists(), "{} still exists", f.display());
+    }
+    bed.no_pods_remain().await?;
+    let m = bed.metrics().await?;
+    assert!(
+        m.contains("sendense_backups_total{result=\"failed\"} 1"),
+        "{m}"
+    );
+    let ev = events_of(&bed.ns.name, "doomed").await?;
+    assert!(
+        ev.contains(&("Warning".into(), "Retrying".into())),
+        "{ev:?}"
+    );
+    assert!(
+        ev.contains(&("Warning".into(), "CopyFailed".into())),
+        "{ev:?}"
+    );
+    Ok(())
+}
