@@ -43,24 +43,46 @@ impl StandIn {
             cmd.arg("--path").arg(std::env::join_paths(path)?);
         }
         let child = cmd.spawn().context("starting node-standin")?;
-        let standin = Self { child, node, root };
+        let mut standin = Self { child, node, root };
         let nodes: Api<Node> = Api::all(client().await?);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut last_err = None;
         loop {
-            let ready = nodes
-                .get_opt(&standin.node)
-                .await?
-                .and_then(|n| n.status)
-                .and_then(|s| s.conditions)
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            if ready {
-                return Ok(standin);
+            // Transient API errors are retried until the deadline; the last one is reported.
+            match nodes.get_opt(&standin.node).await {
+                Ok(n) => {
+                    let ready = n
+                        .and_then(|n| n.status)
+                        .and_then(|s| s.conditions)
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    if ready {
+                        return Ok(standin);
+                    }
+                }
+                Err(e) => last_err = Some(e),
+            }
+            if let Some(status) = standin.child.try_wait()? {
+                bail!(
+                    "node-standin for node {} exited before the node became Ready: {status}",
+                    standin.node
+                );
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("node {} did not become Ready within 30s", standin.node);
+                bail!(
+                    "node {} did not become Ready within 30s (last error: {last_err:?})",
+                    standin.node
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Pins a pod spec (JSON) to this stand-in's node with a nodeSelector on its hostname
+    /// label, replacing any nodeSelector it had.
+    pub fn pin(&self, pod_spec: &mut serde_json::Value) {
+        pod_spec["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": self.node});
     }
 
     /// All container logs of pods still on this node, for a failing test's message.

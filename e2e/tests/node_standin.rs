@@ -2,91 +2,21 @@
 //! local processes, with init containers, Secret env, probes, exit codes, deletion, and
 //! Deployments driven by the real controller-manager.
 
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
-use sendense_e2e::{TestNamespace, client, kubeconfig};
+use sendense_e2e::standin::StandIn;
+use sendense_e2e::{TestNamespace, client};
 
-/// A node stand-in process serving one uniquely named node, stopped (SIGTERM) on drop.
-struct StandIn {
-    child: Child,
-    node: String,
-    _root: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::BuildHasher;
-    format!(
-        "{prefix}-{:08x}",
-        RandomState::new().hash_one(std::time::Instant::now()) as u32
-    )
-}
-
-impl StandIn {
-    async fn start() -> Result<Self> {
-        let node = unique("standin");
-        let root = TempDir(std::env::temp_dir().join(&node));
-        let child = Command::new(env!("CARGO_BIN_EXE_node-standin"))
-            .arg("--kubeconfig")
-            .arg(kubeconfig())
-            .args(["--node", &node, "--restart-backoff-ms", "500", "--root"])
-            .arg(&root.0)
-            .spawn()
-            .context("starting node-standin")?;
-        let standin = Self {
-            child,
-            node,
-            _root: root,
-        };
-        let nodes: Api<Node> = Api::all(client().await?);
-        wait_for(
-            &format!("node {} Ready", standin.node),
-            Duration::from_secs(30),
-            || async {
-                let n = nodes.get_opt(&standin.node).await?;
-                let ready = n
-                    .and_then(|n| n.status)
-                    .and_then(|s| s.conditions)
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                Ok(ready.then_some(()))
-            },
-        )
-        .await?;
-        Ok(standin)
-    }
-
-    fn pin(&self, pod_spec: &mut serde_json::Value) {
-        pod_spec["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": self.node});
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A stand-in running this package's node-standin binary, with commands found on the host's
+/// PATH.
+async fn start_standin() -> Result<StandIn> {
+    StandIn::start(Path::new(env!("CARGO_BIN_EXE_node-standin")), &[], &[]).await
 }
 
 /// Polls `check` until it yields Some, failing after `timeout`.
@@ -182,7 +112,7 @@ fn process_running(marker: &str) -> bool {
 
 #[tokio::test]
 async fn pod_with_init_secret_env_and_tcp_readiness_runs_to_success() -> Result<()> {
-    let standin = StandIn::start().await?;
+    let standin = start_standin().await?;
     let ns = TestNamespace::create("standin-pod")?;
     let client = client().await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
@@ -284,7 +214,7 @@ sys.exit(0 if ok else 3)
 
 #[tokio::test]
 async fn failing_container_fails_the_pod_with_its_exit_code() -> Result<()> {
-    let standin = StandIn::start().await?;
+    let standin = start_standin().await?;
     let ns = TestNamespace::create("standin-fail")?;
     let mut spec = serde_json::json!({
         "restartPolicy": "Never",
@@ -369,7 +299,7 @@ async fn failing_container_fails_the_pod_with_its_exit_code() -> Result<()> {
 
 #[tokio::test]
 async fn deleting_a_pod_kills_its_processes_and_removes_it() -> Result<()> {
-    let standin = StandIn::start().await?;
+    let standin = start_standin().await?;
     let ns = TestNamespace::create("standin-delete")?;
     let pods: Api<Pod> = Api::namespaced(client().await?, &ns.name);
     // One process that exits on SIGTERM, one that ignores it and must be SIGKILLed after the
@@ -412,7 +342,7 @@ async fn deleting_a_pod_kills_its_processes_and_removes_it() -> Result<()> {
 
 #[tokio::test]
 async fn deployment_pods_run_and_become_available() -> Result<()> {
-    let standin = StandIn::start().await?;
+    let standin = start_standin().await?;
     let ns = TestNamespace::create("standin-deploy")?;
     let marker = format!("{}.{}", 3602, std::process::id());
     let mut pod_spec = serde_json::json!({
@@ -474,7 +404,7 @@ async fn deployment_pods_run_and_become_available() -> Result<()> {
 
 #[tokio::test]
 async fn on_failure_restarts_until_success_and_counts_restarts() -> Result<()> {
-    let standin = StandIn::start().await?;
+    let standin = start_standin().await?;
     let ns = TestNamespace::create("standin-restart")?;
     // Fails on its first two runs (a counter in an emptyDir survives restarts), then succeeds.
     let script = "n=$(cat /sendense-e2e/state/count 2>/dev/null || echo 0); n=$((n+1)); \
@@ -515,7 +445,7 @@ async fn on_failure_restarts_until_success_and_counts_restarts() -> Result<()> {
 
 #[tokio::test]
 async fn termination_messages_come_from_each_containers_own_file_or_its_log() -> Result<()> {
-    let standin = StandIn::start().await?;
+    let standin = start_standin().await?;
     let ns = TestNamespace::create("standin-message")?;
     let pods: Api<Pod> = Api::namespaced(client().await?, &ns.name);
     // Both pods' main containers write their own words to the same path, /dev/termination-log,
