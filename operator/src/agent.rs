@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 use sendense_crds::source_node::{TransportType, VddkMode};
 use sendense_crds::{BackupJob, SourceNode};
 
-use crate::hub::{Images, labels};
+use crate::hub::{PodSettings, labels};
 
 pub const CREDENTIALS_DIR: &str = "/etc/sendense/credentials";
 pub const CA_DIR: &str = "/etc/sendense/vcenter-ca";
@@ -38,7 +38,7 @@ pub fn agent_pod(
     source: &SourceNode,
     targets: &BTreeMap<i32, String>,
     base_change_ids: &BTreeMap<i32, String>,
-    images: &Images,
+    images: &PodSettings,
 ) -> Pod {
     let vc = &source.spec.vcenter;
     let mut args = vec![
@@ -217,6 +217,8 @@ pub fn agent_pod(
             }],
             volumes: Some(volumes),
             restart_policy: Some("Never".into()),
+            service_account_name: images.agent_service_account.clone(),
+            automount_service_account_token: Some(false),
             active_deadline_seconds: job
                 .spec
                 .active_deadline_seconds
@@ -287,8 +289,9 @@ mod tests {
             &src,
             &targets,
             &bases,
-            &Images {
+            &PodSettings {
                 agent: "img".into(),
+                ..Default::default()
             },
         );
         let a = args(&pod);
@@ -374,8 +377,9 @@ mod tests {
             &src,
             &BTreeMap::from([(2000, "nbd://h:1/".to_string())]),
             &BTreeMap::new(),
-            &Images {
+            &PodSettings {
                 agent: "img".into(),
+                ..Default::default()
             },
         );
         let a = args(&pod);

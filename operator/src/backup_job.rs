@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::agent::{agent_name, agent_pod};
 use crate::chain::{self, DiskPlan};
-use crate::hub::{HubDisk, Images, REPOSITORY_MOUNT, hub_name, hub_pod, hub_service, labels};
+use crate::hub::{HubDisk, PodSettings, REPOSITORY_MOUNT, hub_name, hub_pod, hub_service, labels};
 use crate::metrics::Metrics;
 use crate::ports;
 use crate::source_node::{self, MANAGER};
@@ -50,7 +50,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    pub images: Images,
+    pub images: PodSettings,
     /// Deadline of each vCenter call the operator makes (VM lookup, snapshot confirmation).
     pub vcenter_timeout: Duration,
     /// Serializes port allocation in this process. Across processes and restarts the truth is
@@ -1087,6 +1087,15 @@ async fn succeeded(job: &BackupJob, ctx: &Context, r: &AgentResult) -> Result<Ac
     u.write(ctx).await?;
     ctx.metrics.backups.with_label_values(&["succeeded"]).inc();
     ctx.metrics.backup_duration.observe(seconds.max(0.0));
+    ctx.metrics
+        .last_success
+        .with_label_values(&[&ns, &vm])
+        .set(Timestamp::now().as_second());
+    let copied: u64 = r.disks.iter().map(|d| d.bytes_to_copy).sum();
+    ctx.metrics
+        .last_throughput
+        .with_label_values(&[&ns, &vm])
+        .set(copied as f64 / seconds.max(0.001));
     delete_job_pods(job, ctx).await?;
     Ok(Action::requeue(Duration::from_secs(2)))
 }
@@ -1260,7 +1269,7 @@ fn cleanup_name(job: &BackupJob) -> String {
 }
 
 /// The pod removing a failed job's partial files from the repository.
-pub fn cleanup_pod(job: &BackupJob, claim: &str, files: &[String], images: &Images) -> Pod {
+pub fn cleanup_pod(job: &BackupJob, claim: &str, files: &[String], images: &PodSettings) -> Pod {
     let mut command = vec!["sendense-agent".to_string(), "hub".into(), "remove".into()];
     for f in files {
         command.extend([
@@ -1517,8 +1526,9 @@ mod tests {
     #[test]
     fn the_cleanup_pod_removes_only_this_jobs_files() {
         let j = job(serde_json::json!({}));
-        let images = Images {
+        let images = PodSettings {
             agent: "agent:1".into(),
+            ..Default::default()
         };
         let pod = cleanup_pod(&j, "data", &["ns/vm/2000/web-01-b2.qcow2".into()], &images);
         let spec = pod.spec.expect("spec");
@@ -1561,8 +1571,9 @@ mod tests {
                     },
                 ),
                 metrics: Metrics::new().expect("metrics"),
-                images: Images {
+                images: PodSettings {
                     agent: "agent:1".into(),
+                    ..Default::default()
                 },
                 vcenter_timeout: Duration::from_secs(5),
                 allocation: tokio::sync::Mutex::new(()),

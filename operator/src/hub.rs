@@ -28,10 +28,14 @@ pub struct HubDisk {
     pub backing: Option<String>,
 }
 
-/// The container image holding sendense-agent and qemu-utils.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Images {
+/// What every pod the operator creates shares: the image (sendense-agent and qemu-utils) and
+/// the ServiceAccounts hub-side pods (hub, repository probe, cleanup) and agent pods run as.
+/// None of them talks to the Kubernetes API, so their tokens are not mounted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodSettings {
     pub agent: String,
+    pub hub_service_account: Option<String>,
+    pub agent_service_account: Option<String>,
 }
 
 /// Labels every object of a job carries; the hub's selector uses them.
@@ -70,7 +74,7 @@ fn repo_path(rel: &str) -> String {
 }
 
 /// The hub pod: `claim` is the repository's PersistentVolumeClaim.
-pub fn hub_pod(job: &BackupJob, claim: &str, disks: &[HubDisk], images: &Images) -> Pod {
+pub fn hub_pod(job: &BackupJob, claim: &str, disks: &[HubDisk], images: &PodSettings) -> Pod {
     let mount = VolumeMount {
         name: "repository".into(),
         mount_path: REPOSITORY_MOUNT.into(),
@@ -149,6 +153,8 @@ pub fn hub_pod(job: &BackupJob, claim: &str, disks: &[HubDisk], images: &Images)
             containers: serve,
             // A hub container that dies fails the attempt; the operator starts a new hub.
             restart_policy: Some("Never".into()),
+            service_account_name: images.hub_service_account.clone(),
+            automount_service_account_token: Some(false),
             termination_grace_period_seconds: Some(10),
             volumes: Some(vec![Volume {
                 name: "repository".into(),
@@ -225,8 +231,9 @@ mod tests {
             &job(),
             "backups-data",
             &disks(),
-            &Images {
+            &PodSettings {
                 agent: "sendense/agent:0.1".into(),
+                ..Default::default()
             },
         );
         assert_eq!(pod.metadata.name.as_deref(), Some("web-01-nightly-hub"));

@@ -3,7 +3,8 @@
 //! SourceNode (vCenter probes), Repository (volume probes) and BackupJob (backups) controllers.
 //! Environment: SENDENSE_AGENT_IMAGE (image of hub, agent and probe pods),
 //! SENDENSE_PROBE_INTERVAL_SECONDS, SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS,
-//! SENDENSE_METRICS_ADDR.
+//! SENDENSE_METRICS_ADDR, SENDENSE_HUB_SERVICE_ACCOUNT and SENDENSE_AGENT_SERVICE_ACCOUNT (the
+//! ServiceAccounts of hub-side and agent pods; default: the namespace's default account).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use sendense_crds::{BackupJob, Repository, SourceNode};
-use sendense_operator::hub::Images;
+use sendense_operator::hub::PodSettings;
 use sendense_operator::metrics::Metrics;
 use sendense_operator::source_node::{self, Context, MANAGER};
 use sendense_operator::{backup_job, repository};
@@ -68,13 +69,16 @@ async fn main() -> anyhow::Result<()> {
             instance: std::env::var("HOSTNAME").ok(),
         },
     );
-    let images = Images {
+    let account = |var: &str| std::env::var(var).ok().filter(|s| !s.is_empty());
+    let images = PodSettings {
         agent: std::env::var("SENDENSE_AGENT_IMAGE").unwrap_or_else(|_| {
             format!(
                 "ghcr.io/sendense/sendense-agent:{}",
                 env!("CARGO_PKG_VERSION")
             )
         }),
+        hub_service_account: account("SENDENSE_HUB_SERVICE_ACCOUNT"),
+        agent_service_account: account("SENDENSE_AGENT_SERVICE_ACCOUNT"),
     };
     let sn_ctx = Arc::new(Context {
         client: client.clone(),
@@ -218,6 +222,14 @@ async fn refresh_gauges(
                 Some(Phase::Pending) | None => "Pending",
             };
             *by_phase.entry((ns.clone(), phase)).or_default() += 1;
+            // Derived from the jobs, so it survives operator restarts.
+            if phase == "Succeeded"
+                && let Some(st) = j.status.as_ref()
+                && let (Some(vm), Some(done)) = (&st.vm_name, &st.completion_time)
+            {
+                let g = metrics.last_success.with_label_values(&[&ns, vm]);
+                g.set(g.get().max(done.0.as_second()));
+            }
             if phase == "Running" {
                 let held = j
                     .status

@@ -42,6 +42,12 @@ pub struct Metrics {
     /// Repository capacity and usage in bytes, by namespace and repository.
     pub repository_capacity: IntGaugeVec,
     pub repository_used: IntGaugeVec,
+    /// Unix time of each VM's last successful backup (alerts on a missed backup window).
+    pub last_success: IntGaugeVec,
+    /// Average transfer rate of each VM's last successful backup.
+    pub last_throughput: prometheus::GaugeVec,
+    /// 1 when the SourceNode's last vCenter probe succeeded, else 0.
+    pub vcenter_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -130,6 +136,30 @@ impl Metrics {
             ),
             &["namespace", "repository"],
         )?;
+        let last_success = IntGaugeVec::new(
+            Opts::new(
+                "sendense_backup_last_success_timestamp_seconds",
+                "Unix time of the VM's last successful backup",
+            ),
+            &["namespace", "vm"],
+        )?;
+        let last_throughput = prometheus::GaugeVec::new(
+            Opts::new(
+                "sendense_backup_last_throughput_bytes_per_second",
+                "Bytes copied per second by the VM's last successful backup",
+            ),
+            &["namespace", "vm"],
+        )?;
+        let vcenter_up = IntGaugeVec::new(
+            Opts::new(
+                "sendense_vcenter_up",
+                "1 when the SourceNode's last vCenter probe logged in, else 0",
+            ),
+            &["namespace", "sourcenode"],
+        )?;
+        registry.register(Box::new(last_success.clone()))?;
+        registry.register(Box::new(last_throughput.clone()))?;
+        registry.register(Box::new(vcenter_up.clone()))?;
         registry.register(Box::new(backups_started.clone()))?;
         registry.register(Box::new(backups.clone()))?;
         registry.register(Box::new(backup_duration.clone()))?;
@@ -160,6 +190,9 @@ impl Metrics {
             ports_range,
             repository_capacity,
             repository_used,
+            last_success,
+            last_throughput,
+            vcenter_up,
         })
     }
 

@@ -28,7 +28,7 @@ use sendense_crds::{BackupJob, Repository, RepositoryStatus};
 use serde::Deserialize;
 
 use crate::backup_job::claim_name;
-use crate::hub::{Images, REPOSITORY_MOUNT};
+use crate::hub::{PodSettings, REPOSITORY_MOUNT};
 use crate::metrics::Metrics;
 use crate::source_node::MANAGER;
 
@@ -38,7 +38,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    pub images: Images,
+    pub images: PodSettings,
     /// Time between probes of a Ready repository.
     pub probe_interval: Duration,
 }
@@ -82,7 +82,7 @@ fn labels(repo: &Repository) -> std::collections::BTreeMap<String, String> {
 }
 
 /// The probe pod: writes, reads back and removes a file on the volume, and measures it.
-pub fn probe_pod(repo: &Repository, images: &Images) -> Pod {
+pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(probe_name(repo)),
@@ -113,6 +113,8 @@ pub fn probe_pod(repo: &Repository, images: &Images) -> Pod {
                 ..Default::default()
             }],
             restart_policy: Some("Never".into()),
+            service_account_name: images.hub_service_account.clone(),
+            automount_service_account_token: Some(false),
             active_deadline_seconds: Some(300),
             termination_grace_period_seconds: Some(5),
             volumes: Some(vec![Volume {
@@ -430,8 +432,9 @@ mod tests {
         let r = repo(serde_json::json!({"persistentVolumeClaim": {"claimName": "backups-data"}}));
         let pod = probe_pod(
             &r,
-            &Images {
+            &PodSettings {
                 agent: "agent:1".into(),
+                ..Default::default()
             },
         );
         let spec = pod.spec.expect("spec");

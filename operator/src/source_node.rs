@@ -228,6 +228,10 @@ pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action,
         ),
     };
     ctx.metrics.probes.with_label_values(&[reason]).inc();
+    ctx.metrics
+        .vcenter_up
+        .with_label_values(&[&ns, &name])
+        .set(i64::from(ready == TRUE));
     let was = conditions::find(&conds, READY).map(|c| (c.status.clone(), c.reason.clone()));
     conditions::set_condition(
         &mut conds,
