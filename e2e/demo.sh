@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # The demo (`make demo`): brings up the local control plane, installs Sendense's CRDs and applies
-# the samples; then backs up a 2-disk VM of the simulated vCenter fully and incrementally with
-# the agent, restores both points through their QCOW2 chains and verifies them byte for byte.
-# The operator (not yet built) will drive that backup from a BackupJob. Leaves the cluster
-# running; `make cluster-down` stops it.
+# the samples; then runs the operator against a simulated vCenter (vcsim-cbt, a 2-disk VM with
+# changed-block tracking) and a node stand-in that runs its hub and agent pods as processes.
+# Everything from there on is `kubectl apply`: a SourceNode, a Repository on a hostPath volume,
+# a full BackupJob, guest writes, an incremental BackupJob. Each restore point is then read back
+# through its QCOW2 chain and compared with the simulator's checksum of the disk at the backup.
+# The operator, stand-in and simulator stop when the demo ends; the control plane stays up
+# (`make cluster-down` stops it). Re-runnable: the demo namespace is recreated on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash e2e/cluster/up.sh
 source e2e/cluster/env.sh
+export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SENDENSE_CACHE/target}
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" --request-timeout=30s "$@"; }
+# kubectl wait bounds itself with --timeout; a request timeout would cut its watch short.
+kw() { "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" wait "$@"; }
+header() { echo; echo "=== $* ==="; }
 
 echo; echo "=== installing the CRDs ==="
 k apply --server-side -k config/crd
@@ -25,11 +33,329 @@ if k create -n sendense-demo -f e2e/invalid/01-backupjob-vm-name-and-uuid.yaml 2
   echo "the malformed BackupJob was accepted: the CRDs are not validating" >&2; exit 1
 fi
 
-echo; echo "=== backing up a 2-disk VM from the simulated vCenter: full, then incremental, restored and verified"
-bash e2e/demo-backup.sh
+# ---------------------------------------------------------------------------------------------
+# The backup demo: operator, node stand-in and simulator run as local processes.
+NS=sendense-backup-demo
+NODE=sendense-demo-node
+PV=$NS-repo
+VM=cbt-vm-0
+HUB_PORTS=(10600 10620)   # hub pods share the host network in the stand-in
+# One work directory per control plane, so demos on different control planes never collide.
+W=$SENDENSE_CACHE/demo/$(basename "$STATE_DIR")
+REPO=$W/repository
+PIDS=()
+
+stop() { # pid: SIGTERM, SIGKILL after 15 s
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 75); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  # The operator first (it would react to pods vanishing), then the node, then the vCenter.
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop "${PIDS[i]}"; done
+  if [ -d "$W" ]; then
+    echo
+    echo "Operator, node stand-in and simulator stopped. Logs in $W:"
+    echo "  operator.log, node-standin.log (pod logs under node/), vcsim.log"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+header "building the operator, the agent, the node stand-in and the vCenter simulator"
+cargo build -q -p sendense-operator -p sendense-agent --bins
+cargo build -q -p sendense-e2e --bin node-standin
+BIN=$CARGO_TARGET_DIR/debug
+AGENT=$BIN/sendense-agent
+SIM=$(bash e2e/vcsim-cbt/build.sh | tail -n 1)
+echo "binaries in $BIN; simulator $SIM"
+
+header "a fresh namespace $NS (a previous run's is deleted first)"
+if k get namespace "$NS" >/dev/null 2>&1; then
+  k delete namespace "$NS" --wait=false
+  # Pods of an earlier run whose node is gone would keep the namespace terminating.
+  k delete pods -n "$NS" --all --force --grace-period=0 >/dev/null 2>&1 || true
+  kw --for=delete namespace/"$NS" --timeout=120s
+fi
+k delete pv "$PV" --ignore-not-found --timeout=60s
+k create namespace "$NS"
+rm -rf "$W"
+mkdir -p "$W/manifests" "$REPO"
+
+header "starting the vCenter simulator (VM $VM: disk 2000 of 256 MiB, disk 2001 of 128 MiB)"
+"$SIM" serve -datastore-dir "$W/ds" -disk-size 256MiB,128MiB > "$W/vcsim.json" 2> "$W/vcsim.log" &
+PIDS+=($!)
+field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {'d': d}))" "$@"; }
+deadline=$((SECONDS + 60))
+until field "$W/vcsim.json" "d['url']" >/dev/null 2>&1; do
+  if [ $SECONDS -ge $deadline ] || ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
+    echo "the simulator did not start; see $W/vcsim.log" >&2; tail -n 20 "$W/vcsim.log" >&2; exit 1
+  fi
+  sleep 0.1
+done
+export VCSIM_CBT_CONTROL VCSIM_CBT_VM=$VM
+VCSIM_CBT_CONTROL=$(field "$W/vcsim.json" "d['control_url']")
+URL=$(field "$W/vcsim.json" "d['url']")
+TP=$(field "$W/vcsim.json" "d['thumbprint']")
+USERNAME=$(field "$W/vcsim.json" "d['username']")
+PASSWORD=$(field "$W/vcsim.json" "d['password']")
+DS=$(field "$W/vcsim.json" "d['datastores']['LocalDS_0']")
+echo "vCenter at $URL (thumbprint ${TP:0:23}...), datastore LocalDS_0 in $DS"
+
+header "starting the node stand-in (node $NODE; runs the pods bound to it as processes)"
+"$BIN/node-standin" --kubeconfig "$KUBECONFIG_PATH" --node "$NODE" --root "$W/node" --path "$BIN" \
+  > "$W/node-standin.log" 2>&1 &
+PIDS+=($!)
+deadline=$((SECONDS + 60))
+until [ "$(k get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; do
+  if [ $SECONDS -ge $deadline ] || ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
+    echo "node $NODE did not become Ready; see $W/node-standin.log" >&2; tail -n 20 "$W/node-standin.log" >&2; exit 1
+  fi
+  sleep 0.5
+done
+k get node "$NODE"
+
+header "starting the operator (watching namespace $NS)"
+METRICS_PORT=$(python3 -c '
+import socket
+for p in [18080] + [0]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(s.getsockname()[1]); break
+    except OSError:
+        pass
+    finally:
+        s.close()')
+KUBECONFIG=$KUBECONFIG_PATH SENDENSE_WATCH_NAMESPACE=$NS SENDENSE_PROBE_INTERVAL_SECONDS=10 \
+  SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS=3600 SENDENSE_METRICS_ADDR=127.0.0.1:$METRICS_PORT \
+  SENDENSE_AGENT_IMAGE=sendense-agent:dev RUST_LOG=${RUST_LOG:-info} \
+  "$BIN/sendense-operator" > "$W/operator.log" 2>&1 &
+OPERATOR=$!
+PIDS+=("$OPERATOR")
+deadline=$((SECONDS + 60))
+until curl -sf --max-time 2 "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null; do
+  if [ $SECONDS -ge $deadline ] || ! kill -0 "$OPERATOR" 2>/dev/null; then
+    echo "the operator did not become ready; see $W/operator.log" >&2; tail -n 30 "$W/operator.log" >&2; exit 1
+  fi
+  sleep 0.5
+done
+echo "operator pid $OPERATOR, metrics on http://127.0.0.1:$METRICS_PORT/metrics, log $W/operator.log"
+
+header "kubectl apply: credentials, SourceNode, repository volume and Repository"
+cat > "$W/manifests/setup.yaml" <<EOF
+apiVersion: v1
+kind: Secret
+metadata: {name: vcenter-credentials, namespace: $NS}
+stringData: {username: "$USERNAME", password: "$PASSWORD"}
+---
+apiVersion: sendense.io/v1alpha1
+kind: SourceNode
+metadata: {name: vc, namespace: $NS}
+spec:
+  vcenter:
+    url: "$URL"
+    credentialsSecretRef: {name: vcenter-credentials}
+    tls: {thumbprint: "$TP"}
+  datacenter: DC0
+  transport:
+    type: nfs
+    nfs:
+      datastores: [{name: LocalDS_0, hostPath: {path: "$DS"}}]
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $PV}
+spec:
+  capacity: {storage: 2Gi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  hostPath: {path: "$REPO"}
+  claimRef: {namespace: $NS, name: backups}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: backups, namespace: $NS}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: ""
+  volumeName: $PV
+  resources: {requests: {storage: 2Gi}}
+---
+apiVersion: sendense.io/v1alpha1
+kind: Repository
+metadata: {name: primary, namespace: $NS}
+spec:
+  storage: {persistentVolumeClaim: {claimName: backups}}
+  hub: {portRange: {low: ${HUB_PORTS[0]}, high: ${HUB_PORTS[1]}}}
+EOF
+k apply -f "$W/manifests/setup.yaml"
+echo "(manifests in $W/manifests/setup.yaml)"
+echo "waiting for the operator to log in to the vCenter and to probe the repository volume..."
+if ! kw -n "$NS" --for=condition=Ready --timeout=120s sourcenode/vc repository/primary; then
+  k describe -n "$NS" sourcenode/vc repository/primary >&2 || true
+  echo "--- operator log (last 40 lines)" >&2; tail -n 40 "$W/operator.log" >&2; exit 1
+fi
+k get -n "$NS" sourcenode/vc repository/primary
+
+guest() { "$SIM" "$@" > /dev/null; }
+sums() { # the simulator's SHA-256 of both disks, "<2000> <2001>"
+  local key
+  for key in 2000 2001; do
+    "$SIM" checksum -disk "$key" | python3 -c "import json,sys; print(json.load(sys.stdin)['sha256'])"
+  done | paste -sd ' '
+}
+job_failed() { # name why
+  echo >&2
+  echo "BackupJob $1 $2" >&2
+  echo "--- kubectl describe backupjob $1" >&2
+  k describe -n "$NS" backupjob "$1" >&2 || true
+  echo "--- operator log (last 40 lines of $W/operator.log)" >&2
+  tail -n 40 "$W/operator.log" >&2 || true
+  local log
+  while IFS= read -r log; do
+    echo "--- ${log#"$W"/} (last 15 lines)" >&2; tail -n 15 "$log" >&2
+  done < <(find "$W/node" -name '*.log' -path "*${NS}_$1-*" 2>/dev/null | sort)
+  exit 1
+}
+run_job() { # name mode: applies a BackupJob and waits (bounded) for it to succeed
+  local name=$1 mode=$2 deadline=$((SECONDS + 300)) line last="" phase
+  cat > "$W/manifests/$name.yaml" <<EOF
+apiVersion: sendense.io/v1alpha1
+kind: BackupJob
+metadata: {name: $name, namespace: $NS}
+spec:
+  vm: {name: $VM}
+  sourceNodeRef: {name: vc}
+  repositoryRef: {name: primary}
+  mode: $mode
+EOF
+  sed 's/^/  | /' "$W/manifests/$name.yaml"
+  k apply -f "$W/manifests/$name.yaml"
+  while :; do
+    line=$(k get -n "$NS" backupjob "$name" -o jsonpath='{.status.phase} {.status.progress} {.status.size}' 2>/dev/null || true)
+    phase=${line%% *}
+    line=${line%"${line##*[! ]}"}   # no trailing blanks while progress and size are unset
+    if [ -n "$line" ] && [ "$line" != "$last" ]; then echo "  $name: $line"; last=$line; fi
+    case $phase in
+      Succeeded) return 0 ;;
+      Failed) job_failed "$name" "ended Failed" ;;
+    esac
+    kill -0 "$OPERATOR" 2>/dev/null || job_failed "$name" "was left unfinished: the operator exited"
+    [ $SECONDS -lt "$deadline" ] || job_failed "$name" "did not succeed within 300s (phase: ${phase:-none})"
+    sleep 1
+  done
+}
+
+header "the guest writes its first data: 100 MiB at random places on disk 2000, 40 MiB on disk 2001"
+guest fill -disk 2000 -pattern random -seed 1 -count 400 -size 256K
+guest fill -disk 2001 -pattern sequential -seed 2 -count 40 -size 1M -offset 16M
+
+header "BackupJob backup-1, mode full"
+run_job backup-1 full
+s=$(sums); read -r F0 F1 <<< "$s"   # the VM is idle: the disks are as at the job's snapshot
+
+header "the guest changes 1,000 scattered 4 KiB blocks on disk 2000 and zeroes 8 MiB of disk 2001"
+guest fill -disk 2000 -pattern fragmented -seed 3 -count 1000 -size 4K -offset 8M
+guest zero -disk 2001 -offset 20M -length 8M
+
+header "BackupJob backup-2, mode auto (incremental on top of backup-1)"
+run_job backup-2 auto
+s=$(sums); read -r I0 I1 <<< "$s"
+
+header "kubectl get backupjobs -o wide"
+k get -n "$NS" backupjobs -o wide
+
+header "per disk: how each was copied, into which file, from which changeId to which"
+k get -n "$NS" backupjobs -o json > "$W/backupjobs.json"
+python3 - "$W/backupjobs.json" <<'PY'
+import json, sys
+
+def cid(c):  # "52 8f ... cc/7" -> "52 8f 3a 0c.../7"; "*" stays
+    if not c or "/" not in c:
+        return c or "-"
+    u, n = c.rsplit("/", 1)
+    return f"{u[:11]}.../{n}"
+
+rows = [("JOB", "DISK", "COPY", "REASON", "FILE", "CHANGEID USED -> REACHED", "COPIED")]
+for j in json.load(open(sys.argv[1]))["items"]:
+    st = j.get("status", {})
+    for d in st.get("disks", []):
+        rows.append((j["metadata"]["name"], str(d["deviceKey"]), d.get("copy", "-"),
+                     d.get("copyReason", "-"), d.get("file", "-"),
+                     f'{cid(d.get("changeIdUsed"))} -> {cid(d.get("changeIdReached"))}',
+                     f'{d.get("bytesCopied", 0) / 2**20:.1f} MiB'))
+w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+for r in rows:
+    print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+for j in json.load(open(sys.argv[1]))["items"]:
+    st = j.get("status", {})
+    s = st.get("snapshot") or {}
+    print(f'  {j["metadata"]["name"]}: snapshot {s.get("name")} ({s.get("id")}) removed: {s.get("removed")}; '
+          f'chain parent: {st.get("chainParent", "-")}; attempts: {st.get("attempts")}')
+PY
+python3 - "$W/backupjobs.json" <<'PY'
+import json, sys
+jobs = {j["metadata"]["name"]: j.get("status", {}) for j in json.load(open(sys.argv[1]))["items"]}
+want = {"backup-1": "Full", "backup-2": "Incremental"}
+bad = [(n, d["deviceKey"], d.get("copy")) for n, k in want.items()
+       for d in jobs.get(n, {}).get("disks", []) if d.get("copy") != k]
+if bad or any(len(jobs.get(n, {}).get("disks", [])) != 2 for n in want):
+    sys.exit(f"unexpected copy kinds (want backup-1 Full, backup-2 Incremental on both disks): {bad}")
+PY
+
+header "Events of the BackupJobs"
+k get events -n "$NS" --field-selector involvedObject.kind=BackupJob --sort-by=.metadata.creationTimestamp \
+  -o custom-columns='OBJECT:.involvedObject.name,TYPE:.type,REASON:.reason,MESSAGE:.message'
+
+header "restoring every restore point through its QCOW2 chain and comparing with the source"
+deadline=$((SECONDS + 90))
+while [ -n "$(k get pods -n "$NS" -l sendense.io/backupjob -o name 2>/dev/null)" ]; do
+  if [ $SECONDS -ge $deadline ]; then
+    echo "pods of the jobs still there after 90s:" >&2; k get pods -n "$NS" -l sendense.io/backupjob >&2; exit 1
+  fi
+  sleep 0.5
+done
+echo "  (the jobs' hub and agent pods are gone, so no qemu-nbd holds the files)"
+verify() { # job key expected
+  local file
+  file=$(k get -n "$NS" backupjob "$1" -o jsonpath="{.status.disks[?(@.deviceKey==$2)].file}")
+  [ -n "$file" ] || { echo "  BackupJob $1 names no file for disk $2" >&2; exit 1; }
+  if "$AGENT" verify --file "$REPO/$file" --sha256 "$3" > "$W/verify.log" 2>&1; then
+    echo "  $1 disk $2: $file is identical to the disk at its backup (sha256 ${3:0:16}...)"
+  else
+    echo "  $1 disk $2: $file DIFFERS from the source" >&2; cat "$W/verify.log" >&2; exit 1
+  fi
+}
+verify backup-1 2000 "$F0"; verify backup-1 2001 "$F1"
+verify backup-2 2000 "$I0"; verify backup-2 2001 "$I1"
+snapshots=$("$SIM" snapshots | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+echo "  snapshots left on $VM: $snapshots"
+[ "$snapshots" = 0 ] || { echo "the backups left $snapshots snapshot(s) on $VM" >&2; exit 1; }
+
+header "the Repository and its restore points"
+deadline=$((SECONDS + 60))
+until [ "$(k get -n "$NS" repository primary -o jsonpath='{.status.restorePoints}')" = 2 ]; do
+  if [ $SECONDS -ge $deadline ]; then
+    echo "the Repository does not count 2 restore points after 60s" >&2; k get -n "$NS" repository primary -o yaml >&2; exit 1
+  fi
+  sleep 0.5
+done
+k get -n "$NS" repository primary
+echo "  files in the repository volume ($REPO):"
+(cd "$REPO" && find . -name '*.qcow2' -printf '%P\n' | sort | while IFS= read -r f; do
+  backing=$(qemu-img info -U --output=json "$f" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("backing-filename", ""))')
+  printf '    %-60s %6s on disk%s\n' "$f" "$(du -h "$f" | cut -f1)" "${backing:+, backed by $backing}"
+done)
+echo "  operator metrics:"
+curl -sf --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^sendense_backups_total' | sed 's/^/    /' || true
 
 echo
 echo "Demo done. The control plane is still up:"
 echo "  export KUBECONFIG=$KUBECONFIG_PATH"
-echo "  $KUBECTL get backupjobs -n sendense-demo"
+echo "  $KUBECTL get backupjobs,sourcenodes,repositories -n $NS"
 echo "Stop it with: make cluster-down"

@@ -117,7 +117,7 @@ impl Metrics {
         )?;
         let ports_range = IntGaugeVec::new(
             Opts::new(
-                "sendense_hub_ports_available",
+                "sendense_hub_port_range_size",
                 "Ports in the repository's hub port range",
             ),
             &["namespace", "repository"],
