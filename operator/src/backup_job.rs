@@ -894,6 +894,12 @@ async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         };
+        crate::hub::ensure_service_account(
+            &ctx.client,
+            &ns,
+            ctx.images.hub_service_account.as_deref(),
+        )
+        .await?;
         let disks = hub_disks(&st);
         let svc = hub_service(job, &disks);
         Api::<Service>::namespaced(ctx.client.clone(), &ns)
@@ -953,6 +959,12 @@ async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         };
+        crate::hub::ensure_service_account(
+            &ctx.client,
+            &ns,
+            ctx.images.agent_service_account.as_deref(),
+        )
+        .await?;
         let pod = agent_pod(
             job,
             &sn,
@@ -1331,6 +1343,12 @@ async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
                 u.write(ctx).await?;
                 return Ok(Action::await_change());
             };
+            crate::hub::ensure_service_account(
+                &ctx.client,
+                &ns,
+                ctx.images.hub_service_account.as_deref(),
+            )
+            .await?;
             let pod = cleanup_pod(job, &claim_name(&repo), &files, &ctx.images);
             Api::<Pod>::namespaced(ctx.client.clone(), &ns)
                 .patch(

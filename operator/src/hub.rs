@@ -193,6 +193,47 @@ pub fn hub_service(job: &BackupJob, disks: &[HubDisk]) -> Service {
     }
 }
 
+/// The ServiceAccount hub-side or agent pods run as: no token, no bindings; it exists so those
+/// pods do not share the namespace's default identity.
+pub fn service_account(namespace: &str, name: &str) -> k8s_openapi::api::core::v1::ServiceAccount {
+    k8s_openapi::api::core::v1::ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/name".into(), "sendense".into()),
+                (
+                    "app.kubernetes.io/managed-by".into(),
+                    "sendense-operator".into(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}
+
+/// Creates the ServiceAccount when it is missing (never changes an existing one).
+pub async fn ensure_service_account(
+    client: &kube::Client,
+    namespace: &str,
+    name: Option<&str>,
+) -> Result<(), kube::Error> {
+    let Some(name) = name else { return Ok(()) };
+    let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(client.clone(), namespace);
+    if api.get_opt(name).await?.is_none() {
+        api.patch(
+            name,
+            &kube::api::PatchParams::apply(crate::source_node::MANAGER),
+            &kube::api::Patch::Apply(&service_account(namespace, name)),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

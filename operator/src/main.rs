@@ -4,7 +4,8 @@
 //! Environment: SENDENSE_AGENT_IMAGE (image of hub, agent and probe pods),
 //! SENDENSE_PROBE_INTERVAL_SECONDS, SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS,
 //! SENDENSE_METRICS_ADDR, SENDENSE_HUB_SERVICE_ACCOUNT and SENDENSE_AGENT_SERVICE_ACCOUNT (the
-//! ServiceAccounts of hub-side and agent pods; default: the namespace's default account).
+//! ServiceAccounts of hub-side and agent pods, created by the operator where needed; default
+//! sendense-hub and sendense-agent; empty: the namespace's default account).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,7 +70,12 @@ async fn main() -> anyhow::Result<()> {
             instance: std::env::var("HOSTNAME").ok(),
         },
     );
-    let account = |var: &str| std::env::var(var).ok().filter(|s| !s.is_empty());
+    // Unset: Sendense's own accounts; set to "": the namespace's default account.
+    let account = |var: &str, default: &str| match std::env::var(var) {
+        Ok(s) if s.is_empty() => None,
+        Ok(s) => Some(s),
+        Err(_) => Some(default.to_owned()),
+    };
     let images = PodSettings {
         agent: std::env::var("SENDENSE_AGENT_IMAGE").unwrap_or_else(|_| {
             format!(
@@ -77,8 +83,8 @@ async fn main() -> anyhow::Result<()> {
                 env!("CARGO_PKG_VERSION")
             )
         }),
-        hub_service_account: account("SENDENSE_HUB_SERVICE_ACCOUNT"),
-        agent_service_account: account("SENDENSE_AGENT_SERVICE_ACCOUNT"),
+        hub_service_account: account("SENDENSE_HUB_SERVICE_ACCOUNT", "sendense-hub"),
+        agent_service_account: account("SENDENSE_AGENT_SERVICE_ACCOUNT", "sendense-agent"),
     };
     let sn_ctx = Arc::new(Context {
         client: client.clone(),

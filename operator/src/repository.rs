@@ -317,6 +317,12 @@ async fn probe(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let name = probe_name(repo);
     let Some(pod) = pods.get_opt(&name).await? else {
+        crate::hub::ensure_service_account(
+            &ctx.client,
+            &ns,
+            ctx.images.hub_service_account.as_deref(),
+        )
+        .await?;
         let pod = probe_pod(repo, &ctx.images);
         pods.patch(
             &name,
