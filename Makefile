@@ -5,7 +5,7 @@ export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
 export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
 CLUSTER := e2e/cluster
 
-.PHONY: bench demo test deps build crds crds-check lint unit e2e cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
+.PHONY: bench demo test deps build crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
 
 ## demo: bring up the local control plane, install the CRDs, apply the samples
 demo: deps
@@ -39,8 +39,18 @@ unit:
 
 ## e2e: end-to-end tests against the running control plane (make cluster-up first)
 e2e:
+	eval "$$(bash e2e/tools/build.sh)" && export HELM PROMTOOL && \
 	KUBECTL="$$(source $(CLUSTER)/env.sh && echo $$KUBECTL)" KUBECONFIG="$$(source $(CLUSTER)/env.sh && echo $$KUBECONFIG_PATH)" \
-	  cargo test -p sendense-e2e
+	  cargo test --workspace --test '*'
+
+## tools: build helm and kubeconform at the pinned versions (e2e/tools/versions.env)
+tools:
+	@bash e2e/tools/build.sh
+
+## chart-check: lint and validate charts/sendense and config/ against the running control plane
+chart-check:
+	KUBECTL="$$(source $(CLUSTER)/env.sh && echo $$KUBECTL)" KUBECONFIG="$$(source $(CLUSTER)/env.sh && echo $$KUBECONFIG_PATH)" \
+	  bash e2e/chart/check.sh
 
 cluster-build:
 	@bash $(CLUSTER)/build.sh

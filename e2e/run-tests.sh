@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (`make test`, called by .ci/run): lint, unit tests and the CRD drift check,
-# then end-to-end tests against a real local control plane started for this run alone (its
+# then the chart checks and end-to-end tests against a real local control plane started for this run alone (its
 # own state directory and ports, so a demo cluster is left alone) and always torn down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +30,10 @@ bash e2e/cluster/up.sh
 source e2e/cluster/env.sh
 export KUBECONFIG=$KUBECONFIG_PATH KUBECTL
 
-step "agent, operator and end-to-end tests (kube-apiserver $K8S_VERSION, qemu-nbd, nbdkit, vcsim-cbt)"
+step "chart and config/ checks (helm lint, kubeconform strict, server dry-run, GitOps diff, promtool rules, dashboard queries)"
+eval "$(bash e2e/tools/build.sh)"
+export HELM KUBECONFORM PROMTOOL
+bash e2e/chart/check.sh
+
+step "agent, operator and end-to-end tests (kube-apiserver $K8S_VERSION, qemu-nbd, nbdkit, vcsim-cbt, the chart-installed operator)"
 cargo test --workspace --test '*' --locked

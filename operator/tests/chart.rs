@@ -1,0 +1,219 @@
+//! The operator as users install it: `helm install` of charts/sendense into the local control
+//! plane; the operator then runs as a pod (on the node stand-in) under the chart's
+//! ServiceAccount and RBAC only — no admin credentials — and backs up a VM of the simulator
+//! through the same manifests a user applies. Its live /metrics passes `promtool check
+//! metrics`, and the applied manifests diff empty afterwards (the operator writes only status,
+//! which a Git source does not own).
+//!
+//! Needs `HELM` and `PROMTOOL` (the test command, e2e/run-tests.sh, builds and sets them).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use sendense_crds::backup_job::Phase;
+use sendense_crds::{Repository, SourceNode};
+use sendense_e2e::{client, kubeconfig, kubectl, repo_root};
+
+mod support;
+use support::{Bed, SERIAL, disk_file, sibling};
+
+fn tool(var: &str) -> Result<String> {
+    std::env::var(var).with_context(|| {
+        format!("{var} is not set: the test command (make test) builds the chart tools and sets it")
+    })
+}
+
+/// The operator's pod runs as a non-root user (the chart's security context), so its binaries
+/// must be readable by anyone: a copy outside root's home.
+struct Binaries(PathBuf);
+impl Binaries {
+    fn copy() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("sendense-chart-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        for b in ["sendense-operator", "sendense-agent"] {
+            let to = dir.join(b);
+            std::fs::copy(sibling(b)?, &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(Self(dir))
+    }
+}
+impl Drop for Binaries {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn helm(args: &[&str]) -> Result<String> {
+    let out = Command::new(tool("HELM")?)
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let promtool = tool("PROMTOOL")?;
+    tool("HELM")?;
+    let bins = Binaries::copy()?;
+    let bed = Bed::start_without_operator(1, (10650, 10670), std::slice::from_ref(&bins.0)).await?;
+    let ns = bed.ns.name.clone();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let chart = repo_root().join("charts/sendense");
+    helm(&[
+        "install",
+        "sendense",
+        chart.to_str().context("path")?,
+        "--namespace",
+        &ns,
+        "--set",
+        &format!("watchNamespace={ns}"),
+        "--set",
+        &format!("metrics.port={port}"),
+        "--set",
+        "vcenterProbeIntervalSeconds=5",
+        "--set",
+        "repositoryProbeIntervalSeconds=3600",
+        "--set",
+        "logLevel=debug",
+        "--wait",
+        "--timeout",
+        "3m",
+    ])?;
+
+    // The operator runs as the chart's ServiceAccount, not as root, with its token only.
+    let pods: Api<Pod> = Api::namespaced(client().await?, &ns);
+    let operator = pods
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/instance=sendense"))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| {
+            p.spec
+                .as_ref()
+                .is_some_and(|s| s.containers.iter().any(|c| c.name == "operator"))
+        })
+        .context("no operator pod from the chart")?;
+    let spec = operator.spec.clone().unwrap_or_default();
+    let account = spec.service_account_name.clone().unwrap_or_default();
+    assert!(
+        !account.is_empty() && account != "default",
+        "the operator runs as the chart's own ServiceAccount, not {account:?}"
+    );
+    let sc = spec.security_context.clone().unwrap_or_default();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    let rbac = kubectl(&[
+        "auth",
+        "can-i",
+        "--list",
+        "-n",
+        &ns,
+        &format!("--as=system:serviceaccount:{ns}:{account}"),
+    ])?;
+    let rbac = String::from_utf8_lossy(&rbac.stdout).into_owned();
+    assert!(
+        !rbac.contains("*.*"),
+        "the chart's RBAC grants wildcards:\n{rbac}"
+    );
+
+    bed.ready::<SourceNode>("vc").await?;
+    bed.ready::<Repository>("primary").await?;
+    let vm = "cbt-vm-0";
+    bed.guest(&[
+        "fill", "-vm", vm, "-disk", "2000", "-pattern", "random", "-seed", "7", "-count", "100",
+        "-size", "64K",
+    ]);
+    let job_yaml = Bed::job_yaml("through-the-chart", vm, "full", "");
+    bed.apply("job", &job_yaml)?;
+    let job = bed
+        .finished(
+            "through-the-chart",
+            Phase::Succeeded,
+            Duration::from_secs(240),
+        )
+        .await?;
+    bed.no_pods_remain().await?;
+    for key in [2000, 2001] {
+        bed.verify(&disk_file(&job, key), &bed.checksum(vm, key))?;
+    }
+    assert_eq!(bed.snapshots(vm), 0);
+
+    // promtool accepts the live exposition, and the backup is in it.
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text)).await??;
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .context("HTTP answer")?
+    };
+    assert!(
+        metrics.contains("sendense_backups_total{result=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(metrics.as_bytes())?;
+    }
+    let out = check.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // GitOps: what was applied is still exactly what the live objects hold.
+    for f in ["setup", "job"] {
+        let file = bed.work.join(format!("{f}.yaml"));
+        let out = kubectl(&["diff", "-n", &ns, "-f", file.to_str().context("path")?])?;
+        assert!(
+            out.status.success(),
+            "kubectl diff of {f}.yaml is not empty:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    helm(&[
+        "uninstall",
+        "sendense",
+        "--namespace",
+        &ns,
+        "--wait",
+        "--timeout",
+        "2m",
+    ])?;
+    Ok(())
+}

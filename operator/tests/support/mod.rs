@@ -1,0 +1,471 @@
+//! The test bed of the operator's end-to-end tests: the vCenter simulator, a node stand-in,
+//! a namespace with a SourceNode, a repository volume and a Repository, and (optionally) the
+//! operator as a local process.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Api;
+use kube::runtime::watcher;
+use sendense_crds::backup_job::Phase;
+use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_e2e::standin::StandIn;
+use sendense_e2e::vcsim::Simulator;
+use sendense_e2e::{TestNamespace, client, install_crds, kubeconfig, kubectl_ok};
+
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_sendense-operator"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: build the workspace's binaries first (cargo build --workspace)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(ns: &str, metrics_port: u16, log: &Path) -> Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_sendense-operator"))
+            .env("KUBECONFIG", kubeconfig())
+            .env("SENDENSE_WATCH_NAMESPACE", ns)
+            .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
+            .env("SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS", "3600")
+            .env("SENDENSE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("SENDENSE_AGENT_IMAGE", "sendense-agent:e2e")
+            .env("RUST_LOG", "info,sendense_operator=debug")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deletes a cluster-scoped PersistentVolume when the test ends.
+pub struct Pv(String);
+impl Drop for Pv {
+    fn drop(&mut self) {
+        let _ = sendense_e2e::kubectl(&["delete", "pv", &self.0, "--wait=false"]);
+    }
+}
+
+/// One scenario's world: simulator, stand-in node, namespace, repository directory, operator.
+pub struct Bed {
+    pub sim: Simulator,
+    pub standin: StandIn,
+    pub ns: TestNamespace,
+    pub repo_dir: PathBuf,
+    pub work: PathBuf,
+    pub operator: Option<Operator>,
+    pub metrics_port: u16,
+    _pv: Pv,
+}
+
+impl Bed {
+    /// The bed with the operator running as a local process (admin kubeconfig).
+    pub async fn start(vms: usize, ports: (i32, i32)) -> Result<Self> {
+        let mut bed = Self::start_without_operator(vms, ports, &[bin_dir()]).await?;
+        bed.start_operator()?;
+        Ok(bed)
+    }
+
+    /// The bed alone; `search_path`: where the stand-in finds container commands.
+    pub async fn start_without_operator(
+        vms: usize,
+        ports: (i32, i32),
+        search_path: &[PathBuf],
+    ) -> Result<Self> {
+        install_crds()?;
+        let sim = Simulator::start(&["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"]);
+        let standin = StandIn::start(&sibling("node-standin")?, search_path, &[]).await?;
+        let ns = TestNamespace::create("backup")?;
+        let work = sim.dir.join("e2e");
+        let repo_dir = work.join("repository");
+        std::fs::create_dir_all(&repo_dir)?;
+        let pv = Pv(format!("{}-repo", ns.name));
+        let datastore = sim.info["datastores"]["LocalDS_0"]
+            .as_str()
+            .context("datastore dir")?
+            .to_owned();
+        let manifest = format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: vcenter-credentials, namespace: {ns}}}
+stringData: {{username: "{user}", password: "{password}"}}
+---
+apiVersion: sendense.io/v1alpha1
+kind: SourceNode
+metadata: {{name: vc, namespace: {ns}}}
+spec:
+  vcenter:
+    url: "{url}"
+    credentialsSecretRef: {{name: vcenter-credentials}}
+    tls: {{thumbprint: "{tp}"}}
+  datacenter: DC0
+  transport:
+    type: nfs
+    nfs:
+      datastores: [{{name: LocalDS_0, hostPath: {{path: "{datastore}"}}}}]
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {pv}}}
+spec:
+  capacity: {{storage: 2Gi}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  hostPath: {{path: "{repo}"}}
+  claimRef: {{namespace: {ns}, name: backups}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: backups, namespace: {ns}}}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: ""
+  volumeName: {pv}
+  resources: {{requests: {{storage: 2Gi}}}}
+---
+apiVersion: sendense.io/v1alpha1
+kind: Repository
+metadata: {{name: primary, namespace: {ns}}}
+spec:
+  storage: {{persistentVolumeClaim: {{claimName: backups}}}}
+  hub: {{portRange: {{low: {low}, high: {high}}}}}
+"#,
+            ns = ns.name,
+            user = sim.s("username"),
+            password = sim.s("password"),
+            url = sim.s("url"),
+            tp = sim.s("thumbprint"),
+            pv = pv.0,
+            repo = repo_dir.display(),
+            low = ports.0,
+            high = ports.1,
+        );
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let bed = Bed {
+            sim,
+            standin,
+            ns,
+            repo_dir,
+            work,
+            operator: None,
+            metrics_port,
+            _pv: pv,
+        };
+        bed.apply("setup", &manifest)?;
+        Ok(bed)
+    }
+
+    pub fn start_operator(&mut self) -> Result<()> {
+        self.operator = Some(Operator::start(
+            &self.ns.name,
+            self.metrics_port,
+            &self.work.join("operator.log"),
+        )?);
+        Ok(())
+    }
+
+    pub fn stop_operator(&mut self) {
+        self.operator = None;
+    }
+
+    pub fn apply(&self, name: &str, yaml: &str) -> Result<String> {
+        let file = self.work.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        kubectl_ok(&[
+            "apply",
+            "-n",
+            &self.ns.name,
+            "-f",
+            file.to_str().context("path")?,
+        ])
+    }
+
+    pub fn job_yaml(name: &str, vm: &str, mode: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: sendense.io/v1alpha1\nkind: BackupJob\nmetadata: {{name: {name}}}\nspec:\n  vm: {{name: {vm}}}\n  sourceNodeRef: {{name: vc}}\n  repositoryRef: {{name: primary}}\n  mode: {mode}\n{extra}"
+        )
+    }
+
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "\n=== operator log\n{}\n=== pod logs\n{}\n=== jobs\n{}",
+            self.operator
+                .as_ref()
+                .map(|o| o.log_tail())
+                .unwrap_or_default(),
+            self.standin.logs(),
+            kubectl_ok(&["get", "backupjobs", "-n", &self.ns.name, "-o", "yaml"])
+                .unwrap_or_default()
+        )
+    }
+
+    pub async fn jobs(&self) -> Result<Api<BackupJob>> {
+        Ok(Api::namespaced(client().await?, &self.ns.name))
+    }
+
+    /// Waits for a job to reach a final phase; fails on the wrong one.
+    pub async fn finished(&self, name: &str, want: Phase, within: Duration) -> Result<BackupJob> {
+        let jobs = self.jobs().await?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let j = jobs.get(name).await?;
+            let phase = j.status.as_ref().and_then(|s| s.phase);
+            if phase == Some(want) {
+                return Ok(j);
+            }
+            if matches!(phase, Some(Phase::Succeeded | Phase::Failed)) {
+                bail!(
+                    "job {name} ended {phase:?}, expected {want:?}: {:?}{}",
+                    j.status.as_ref().map(|s| &s.conditions),
+                    self.diagnostics()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "job {name} not {want:?} within {within:?}: {:?}{}",
+                    j.status.as_ref().map(|s| &s.conditions),
+                    self.diagnostics()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits for the job's Running condition to carry `reason`; returns its message.
+    pub async fn waiting(&self, name: &str, reason: &str) -> Result<String> {
+        let jobs = self.jobs().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let j = jobs.get(name).await?;
+            let c = j
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Running").cloned());
+            if let Some(c) = &c
+                && c.reason == reason
+                && c.status == "False"
+            {
+                assert_eq!(
+                    j.status.as_ref().and_then(|s| s.phase),
+                    Some(Phase::Pending)
+                );
+                return Ok(c.message.clone());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "job {name}: Running never became False/{reason}; last {c:?}{}",
+                    self.diagnostics()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    pub async fn ready<K>(&self, name: &str) -> Result<()>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + HasConditions,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(client().await?, &self.ns.name);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let o = api.get(name).await?;
+            if o.ready() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{name} never Ready: {o:?}{}", self.diagnostics());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    pub fn guest(&self, args: &[&str]) {
+        self.sim.cli(args);
+    }
+
+    pub fn checksum(&self, vm: &str, disk: i32) -> String {
+        self.sim
+            .cli(&["checksum", "-vm", vm, "-disk", &disk.to_string()])["sha256"]
+            .as_str()
+            .expect("sha256")
+            .to_owned()
+    }
+
+    pub fn snapshots(&self, vm: &str) -> usize {
+        self.sim
+            .cli(&["snapshots", "-vm", vm])
+            .as_array()
+            .map_or(0, |a| a.len())
+    }
+
+    /// Reads a restore point through its QCOW2 chain and compares it with `sha256`.
+    pub fn verify(&self, file: &str, sha256: &str) -> Result<()> {
+        let path = self.repo_dir.join(file);
+        let out = Command::new(sibling("sendense-agent")?)
+            .args(["verify", "--file"])
+            .arg(&path)
+            .args(["--sha256", sha256])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "restore point {} differs from the source: {}{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn pods_of_jobs(&self) -> Result<Vec<String>> {
+        let pods: Api<Pod> = Api::namespaced(client().await?, &self.ns.name);
+        Ok(pods
+            .list(&kube::api::ListParams::default().labels("sendense.io/backupjob"))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect())
+    }
+
+    pub async fn no_pods_remain(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = self.pods_of_jobs().await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("pods remain: {left:?}{}", self.diagnostics());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
+        Ok(body)
+    }
+}
+
+pub trait HasConditions {
+    fn ready(&self) -> bool;
+}
+impl HasConditions for SourceNode {
+    fn ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| sendense_crds::conditions::is_true(&s.conditions, "Ready"))
+    }
+}
+impl HasConditions for Repository {
+    fn ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| sendense_crds::conditions::is_true(&s.conditions, "Ready"))
+    }
+}
+
+/// Records every pod (name -> UIDs) the namespace ever had while the test runs.
+pub fn record_pods(ns: &str) -> Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> {
+    let seen = Arc::new(Mutex::new(BTreeMap::<String, BTreeSet<String>>::new()));
+    let out = seen.clone();
+    let ns = ns.to_owned();
+    tokio::spawn(async move {
+        let Ok(c) = client().await else { return };
+        let pods: Api<Pod> = Api::namespaced(c, &ns);
+        let mut stream = watcher::watcher(pods, watcher::Config::default()).boxed();
+        while let Some(ev) = stream.next().await {
+            let list = match ev {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
+                _ => continue,
+            };
+            let mut s = out.lock().unwrap_or_else(|e| e.into_inner());
+            for p in list {
+                if let (Some(n), Some(u)) = (p.metadata.name, p.metadata.uid) {
+                    s.entry(n).or_default().insert(u);
+                }
+            }
+        }
+    });
+    seen
+}
+
+pub fn disk_file(j: &BackupJob, key: i32) -> String {
+    j.status
+        .as_ref()
+        .and_then(|s| s.disks.iter().find(|d| d.device_key == key))
+        .and_then(|d| d.file.clone())
+        .unwrap_or_else(|| panic!("job {:?} has no file for disk {key}", j.metadata.name))
+}
+
+pub async fn events_of(ns: &str, object: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<Event> = Api::namespaced(client().await?, ns);
+    Ok(events
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(object))
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+        .collect())
+}
