@@ -40,6 +40,7 @@ NODE=sendense-demo-node
 PV=$NS-repo
 VM=cbt-vm-0
 HUB_PORTS=(10600 10620)   # hub pods share the host network in the stand-in
+JOB_TIMEOUT=300           # seconds a BackupJob may take to succeed
 # One work directory per control plane, so demos on different control planes never collide.
 W=$SENDENSE_CACHE/demo/$(basename "$STATE_DIR")
 REPO=$W/repository
@@ -107,7 +108,7 @@ DS=$(field "$W/vcsim.json" "d['datastores']['LocalDS_0']")
 echo "vCenter at $URL (thumbprint ${TP:0:23}...), datastore LocalDS_0 in $DS"
 
 header "starting the node stand-in (node $NODE; runs the pods bound to it as processes)"
-"$BIN/node-standin" --kubeconfig "$KUBECONFIG_PATH" --node "$NODE" --root "$W/node" --path "$BIN" \
+NO_COLOR=1 "$BIN/node-standin" --kubeconfig "$KUBECONFIG_PATH" --node "$NODE" --root "$W/node" --path "$BIN" \
   > "$W/node-standin.log" 2>&1 &
 PIDS+=($!)
 deadline=$((SECONDS + 60))
@@ -132,7 +133,7 @@ for p in [18080] + [0]:
         s.close()')
 KUBECONFIG=$KUBECONFIG_PATH SENDENSE_WATCH_NAMESPACE=$NS SENDENSE_PROBE_INTERVAL_SECONDS=10 \
   SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS=3600 SENDENSE_METRICS_ADDR=127.0.0.1:$METRICS_PORT \
-  SENDENSE_AGENT_IMAGE=sendense-agent:dev RUST_LOG=${RUST_LOG:-info} \
+  SENDENSE_AGENT_IMAGE=sendense-agent:dev RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 \
   "$BIN/sendense-operator" > "$W/operator.log" 2>&1 &
 OPERATOR=$!
 PIDS+=("$OPERATOR")
@@ -223,7 +224,7 @@ job_failed() { # name why
   exit 1
 }
 run_job() { # name mode: applies a BackupJob and waits (bounded) for it to succeed
-  local name=$1 mode=$2 deadline=$((SECONDS + 300)) line last="" phase
+  local name=$1 mode=$2 deadline=$((SECONDS + JOB_TIMEOUT)) line last="" phase
   cat > "$W/manifests/$name.yaml" <<EOF
 apiVersion: sendense.io/v1alpha1
 kind: BackupJob
@@ -246,7 +247,7 @@ EOF
       Failed) job_failed "$name" "ended Failed" ;;
     esac
     kill -0 "$OPERATOR" 2>/dev/null || job_failed "$name" "was left unfinished: the operator exited"
-    [ $SECONDS -lt "$deadline" ] || job_failed "$name" "did not succeed within 300s (phase: ${phase:-none})"
+    [ $SECONDS -lt "$deadline" ] || job_failed "$name" "did not succeed within ${JOB_TIMEOUT}s (phase: ${phase:-none})"
     sleep 1
   done
 }
