@@ -153,7 +153,8 @@ pub struct BackupJobStatus {
     /// Progress in percent, for `kubectl get` ("42%").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
-    /// Bytes to copy, human-readable, for `kubectl get` ("1.5 GiB").
+    /// Data this backup wrote to the repository (changed blocks read from the snapshot; zero
+    /// runs and holes excluded), human-readable, for `kubectl get` ("1.5 GiB").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<String>,
     /// The spec generation the status describes.

@@ -454,8 +454,11 @@ impl<'a> Update<'a> {
                 || (c.type_ == RUNNING
                     && c.status == FALSE
                     && !matches!(c.reason.as_str(), "Completed" | "Failed"));
-            if c.type_ == RUNNING && c.status == FALSE && c.reason == "Failed" {
-                continue; // the Failed condition's Event says it
+            if c.type_ == RUNNING
+                && c.status == FALSE
+                && matches!(c.reason.as_str(), "Failed" | "Completed")
+            {
+                continue; // the Failed or Complete condition's Event says it
             }
             let event = Event {
                 type_: if warning {
@@ -1052,19 +1055,20 @@ async fn record_progress(
             d.bytes_copied = Some(dp.bytes_copied as i64);
         }
     }
-    let text = progress_text(p.bytes_copied, p.bytes_to_copy);
-    u.st.progress = Some(text.split(' ').next().unwrap_or_default().to_owned());
     let stage = if p.stage.is_empty() {
         "copying"
     } else {
         &p.stage
     };
-    u.cond(
-        RUNNING,
-        TRUE,
-        "Copying",
-        format!("attempt {attempt}: {stage}: {text}"),
-    );
+    // Before the copy starts there is nothing to count yet: say what the agent is doing.
+    let message = if p.bytes_to_copy == 0 && matches!(stage, "connecting" | "snapshot") {
+        format!("attempt {attempt}: {stage}")
+    } else {
+        let text = progress_text(p.bytes_copied, p.bytes_to_copy);
+        u.st.progress = Some(text.split(' ').next().unwrap_or_default().to_owned());
+        format!("attempt {attempt}: {stage}: {text}")
+    };
+    u.cond(RUNNING, TRUE, "Copying", message);
     u.write(ctx).await
 }
 
@@ -1788,8 +1792,9 @@ mod tests {
             assert_eq!(patch["status"]["phase"], "Succeeded");
             assert_eq!(patch["status"]["disks"][0]["changeIdReached"], "u/1");
             assert_eq!(cond(&patch, COMPLETE)["status"], "True");
-            // One Event per changed condition: Running, Complete, SnapshotRemoved.
-            for reason in ["Completed", "BackupSucceeded", "Removed"] {
+            // One Event per changed condition: Complete and SnapshotRemoved (Running's end is
+            // said by Complete).
+            for reason in ["BackupSucceeded", "Removed"] {
                 let ev = expect(&mut h, "POST", EVENTS, 201, json!({})).await;
                 assert_eq!(
                     (&ev["type"], &ev["reason"]),
