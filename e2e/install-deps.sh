@@ -15,6 +15,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
+# PyYAML for the chart checks (comparing the PrometheusRule with the plain rule file).
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q pyyaml 2>/dev/null \
+  || { apt-get install -y -qq python3-yaml >/dev/null; }
 for tool in go cargo; do
   command -v "$tool" >/dev/null || { echo "$tool is required (see README.md)" >&2; exit 1; }
 done

@@ -19,8 +19,14 @@ W=$(mktemp -d)
 NS=sendense-chart-check
 cleanup() {
   k delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
-  k delete -k config/default --wait=false --ignore-not-found >/dev/null 2>&1 || true
+  remove_config_default
   rm -rf "$W"
+}
+# Removes what config/default installed except the CRDs (deleting them would delete every
+# Sendense object in the cluster, and the end-to-end tests that follow use them).
+remove_config_default() {
+  k delete -k config/rbac --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  k delete namespace sendense-system --ignore-not-found --timeout=90s >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 ok() { echo "  ok: $*"; }
@@ -48,7 +54,7 @@ k wait --for=condition=Established --timeout=60s crd/backupjobs.sendense.io crd/
 k get --raw /openapi/v2 > "$W/openapi.json"
 python3 e2e/tools/openapi-schemas.py "$W/openapi.json" "$W/schemas" 2>/dev/null
 conform() { "$KUBECONFORM" -strict -summary -schema-location "$W/schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json" "$@"; }
-render() { "$HELM" template sendense charts/sendense --namespace "$NS" "$@"; }
+render() { "$HELM" template sendense charts/sendense --namespace "$NS" --include-crds "$@"; }
 render > "$W/default.yaml"
 render --set watchNamespace=team-a > "$W/namespaced.yaml"
 render --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true > "$W/monitoring.yaml"
@@ -65,14 +71,14 @@ fi
 ok "an unknown field is rejected"
 
 echo "kubectl apply --dry-run=server"
-k create namespace "$NS" --dry-run=client -o yaml | k apply -f - >/dev/null
-k create namespace team-a --dry-run=client -o yaml | k apply -f - >/dev/null
+k get namespace "$NS" >/dev/null 2>&1 || k create namespace "$NS" >/dev/null
+k get namespace team-a >/dev/null 2>&1 || k create namespace team-a >/dev/null
 for f in default namespaced monitoring; do
-  k apply --dry-run=server -n "$NS" -f "$W/$f.yaml" >/dev/null
+  k apply --server-side --force-conflicts --dry-run=server -f "$W/$f.yaml" >/dev/null
 done
-k apply --dry-run=server -f "$W/config-prometheus.yaml" -n "$NS" >/dev/null 2>&1 \
-  || k apply --dry-run=server -f "$W/config-prometheus.yaml" >/dev/null
-ok "the chart (3 value sets) and config/prometheus"
+k get namespace sendense-system >/dev/null 2>&1 || k create namespace sendense-system >/dev/null
+k apply --server-side --dry-run=server -f "$W/config-default.yaml" -f "$W/config-prometheus.yaml" >/dev/null
+ok "the chart (3 value sets), config/default and config/prometheus"
 
 echo "GitOps: config/default applied twice changes nothing"
 k apply --server-side -k config/default >/dev/null
@@ -84,7 +90,7 @@ case $rc in
   *) echo "kubectl diff failed:" >&2; cat "$W/diff" >&2; exit 1 ;;
 esac
 ok "kubectl diff -k config/default is empty"
-k delete -k config/default --wait=false >/dev/null 2>&1 || true
+remove_config_default
 
 echo "Prometheus rules"
 "$PROMTOOL" check rules charts/sendense/files/prometheus/sendense-rules.yaml | sed 's/^/  /'
@@ -93,7 +99,13 @@ echo "Prometheus rules"
 echo "chart and config/ ship the same rules and dashboard"
 cmp charts/sendense/files/prometheus/sendense-rules.yaml config/prometheus/sendense-rules.yaml
 cmp charts/sendense/files/grafana/sendense-dashboard.json config/prometheus/sendense-dashboard.json
-ok "identical"
+python3 - <<'PY'
+import yaml
+a = yaml.safe_load(open("config/prometheus/sendense-rules.yaml"))["groups"]
+b = yaml.safe_load(open("config/prometheus/prometheusrule.yaml"))["spec"]["groups"]
+assert a == b, "config/prometheus/prometheusrule.yaml differs from sendense-rules.yaml"
+PY
+ok "identical (rules file, dashboard, and the PrometheusRule written out for kustomize)"
 
 echo "every dashboard and alert query names a metric the operator exports"
 python3 e2e/chart/check-queries.py operator/src/metrics.rs \

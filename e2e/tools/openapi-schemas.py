@@ -91,6 +91,11 @@ def main():
         if name in defs:
             desc = defs[name].get("description", "")
             defs[name] = {"description": desc, "oneOf": [{"type": "string"}, {"type": "number"}]}
+    # A CRD's own schema (JSONSchemaProps) has properties named "$ref" and "$schema", which JSON
+    # Schema compilers take for keywords; accept any object there (the server dry-run checks it).
+    props = "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JSONSchemaProps"
+    if props in defs:
+        defs[props] = {"description": defs[props].get("description", ""), "type": "object"}
     os.makedirs(out, exist_ok=True)
     written = 0
     for name, schema in defs.items():

@@ -1,0 +1,164 @@
+{{/*
+The chart name, "sendense" unless nameOverride says otherwise.
+*/}}
+{{- define "sendense.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object's name: the release name when it contains the chart name (so
+`helm install sendense` gives "sendense-operator", like config/), else "<release>-<chart>".
+Kept short enough for the longest suffix ("-repository-editor") to fit 63 characters.
+*/}}
+{{- define "sendense.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "sendense.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object of the chart; each adds its app.kubernetes.io/component.
+*/}}
+{{- define "sendense.commonLabels" -}}
+helm.sh/chart: {{ include "sendense.chart" . }}
+app.kubernetes.io/name: {{ include "sendense.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: sendense
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels of the operator's objects: Deployment, pod, ServiceAccount, Service, its RBAC.
+*/}}
+{{- define "sendense.labels" -}}
+{{ include "sendense.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+Labels of the operator's Deployment selector, pods and metrics Service selector. The component
+label keeps them apart from the hub and agent pods the operator creates (also named "sendense",
+component hub or agent, without an instance label).
+*/}}
+{{- define "sendense.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sendense.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+Name of the operator's Deployment, ClusterRole, Role and bindings.
+*/}}
+{{- define "sendense.operatorName" -}}
+{{- printf "%s-operator" (include "sendense.fullname" .) }}
+{{- end }}
+
+{{/*
+The operator's ServiceAccount.
+*/}}
+{{- define "sendense.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sendense.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag, digest}: the digest wins, the tag defaults to the
+chart's appVersion.
+*/}}
+{{- define "sendense.image" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's rules on namespaced objects: in a ClusterRole for an all-namespaces install, in a
+Role of watchNamespace otherwise. Verified against operator/src/*.rs; keep in step with
+config/rbac/role.yaml.
+*/}}
+{{- define "sendense.namespacedRules" -}}
+# SourceNodes, Repositories and BackupJobs: the three controllers watch them (list + watch feed
+# the caches) and read them by name when a BackupJob resolves its references (get). The operator
+# never changes their spec or metadata.
+- apiGroups: ["sendense.io"]
+  resources: ["sourcenodes", "repositories", "backupjobs"]
+  verbs: ["get", "list", "watch"]
+# Their status is the operator's output (Ready conditions, probe results, phase, per-disk
+# progress), written by server-side apply of the status subresource (PATCH).
+- apiGroups: ["sendense.io"]
+  resources: ["sourcenodes/status", "repositories/status", "backupjobs/status"]
+  verbs: ["patch"]
+# Hub, agent, repository-probe and cleanup pods. Created by server-side apply (PATCH, which also
+# needs create when the pod does not exist yet), watched for readiness and termination messages
+# (the agent's and probe's results), deleted when a job ends or an attempt is retried.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The hub's Service, which gives the agent a stable address for the hub's NBD ports: applied
+# (create + patch), watched as an owned object, deleted when the job ends.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The claim a Repository's spec.storage.claimTemplate asks for: read by name (also an existing
+# claim named by spec.storage.persistentVolumeClaim, to see it Bound) and created by server-side
+# apply. Never deleted: backups must outlive the Repository object. No list/watch: the operator
+# only reads claims by name.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+# The vCenter credentials Secret a SourceNode names, read by name to log in to vCenter (the
+# SourceNode probe, a BackupJob's VM and disk lookup, the check that a failed job's snapshot is
+# gone). Only get: no list or watch, so the operator cannot enumerate Secrets; agent pods mount
+# the Secret as a volume, which the kubelet reads, not the operator.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# The CA bundle ConfigMap a SourceNode may name for vCenter's TLS certificate, read by name.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
+# The hub and agent pods' ServiceAccounts (serviceAccounts.hub/.agent): looked up by name and
+# created by server-side apply when missing, with no token mounted and no bindings.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create", "patch"]
+# Events on SourceNodes, Repositories and BackupJobs (kube-runtime's Recorder: create a new
+# Event, patch its count when it repeats).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+The operator's rule on cluster-scoped objects: always in a ClusterRole.
+*/}}
+{{- define "sendense.clusterRules" -}}
+# At startup the operator reads Sendense's own CRDs by name and exits with an install hint when
+# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's three.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io"]
+  verbs: ["get"]
+{{- end }}
