@@ -79,9 +79,12 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
         .local_addr()?
         .port();
     let chart = repo_root().join("charts/sendense");
+    // A release name of its own: the chart's cluster-scoped objects are named after it, so a
+    // failed earlier run cannot block this one.
+    let release = ns.clone();
     helm(&[
         "install",
-        "sendense",
+        &release,
         chart.to_str().context("path")?,
         "--namespace",
         &ns,
@@ -90,7 +93,7 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
         "--set",
         &format!("metrics.port={port}"),
         "--set",
-        "vcenterProbeIntervalSeconds=5",
+        "vcenterProbeIntervalSeconds=10",
         "--set",
         "repositoryProbeIntervalSeconds=3600",
         "--set",
@@ -103,7 +106,10 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
     // The operator runs as the chart's ServiceAccount, not as root, with its token only.
     let pods: Api<Pod> = Api::namespaced(client().await?, &ns);
     let operator = pods
-        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/instance=sendense"))
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("app.kubernetes.io/instance={release}")),
+        )
         .await?
         .items
         .into_iter()
@@ -208,7 +214,7 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
     }
     helm(&[
         "uninstall",
-        "sendense",
+        &release,
         "--namespace",
         &ns,
         "--wait",
