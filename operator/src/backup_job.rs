@@ -815,6 +815,7 @@ async fn plan(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     );
     u.write(ctx).await?;
     ctx.metrics.backups_started.inc();
+    ctx.metrics.known_vm(&ns, &vm.name);
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
@@ -1101,7 +1102,10 @@ async fn succeeded(job: &BackupJob, ctx: &Context, r: &AgentResult) -> Result<Ac
     u.st = new;
     u.st.observed_generation = job.metadata.generation;
     u.write(ctx).await?;
-    ctx.metrics.backups.with_label_values(&["succeeded"]).inc();
+    ctx.metrics
+        .backups
+        .with_label_values(&[&ns, &vm, "succeeded"])
+        .inc();
     ctx.metrics.backup_duration.observe(seconds.max(0.0));
     ctx.metrics
         .last_success
@@ -1180,11 +1184,29 @@ async fn attempt_failed(
         "removing this job's partial QCOW2 files from the repository",
     );
     u.write(ctx).await?;
-    ctx.metrics.backups.with_label_values(&["failed"]).inc();
+    let ns = job.namespace().unwrap_or_default();
+    let vm = metric_vm(job);
+    ctx.metrics
+        .backups
+        .with_label_values(&[&ns, &vm, "failed"])
+        .inc();
     if !removed {
-        ctx.metrics.snapshot_cleanup_failures.inc();
+        ctx.metrics
+            .snapshot_cleanup_failures
+            .with_label_values(&[&ns, &vm])
+            .inc();
     }
     Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// The VM's name for metrics: as vCenter reported it, else as the spec names it.
+fn metric_vm(job: &BackupJob) -> String {
+    job.status
+        .as_ref()
+        .and_then(|s| s.vm_name.clone())
+        .or_else(|| job.spec.vm.name.clone())
+        .or_else(|| job.spec.vm.instance_uuid.clone())
+        .unwrap_or_default()
 }
 
 /// After the last attempt: is a snapshot of this job left on the VM? Removes it if so.

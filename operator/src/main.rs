@@ -228,6 +228,9 @@ async fn refresh_gauges(
                 Some(Phase::Pending) | None => "Pending",
             };
             *by_phase.entry((ns.clone(), phase)).or_default() += 1;
+            if let Some(vm) = j.status.as_ref().and_then(|s| s.vm_name.as_deref()) {
+                metrics.known_vm(&ns, vm);
+            }
             // Derived from the jobs, so it survives operator restarts.
             if phase == "Succeeded"
                 && let Some(st) = j.status.as_ref()

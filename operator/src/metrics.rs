@@ -25,14 +25,14 @@ pub struct Metrics {
     pub probes: IntCounterVec,
     /// Backups that got their plan (ports, chain) and started.
     pub backups_started: IntCounter,
-    /// Backups that ended, by result (succeeded, failed).
+    /// Backups that ended, by namespace, VM and result (succeeded, failed).
     pub backups: IntCounterVec,
     /// Time from start to success of a backup.
     pub backup_duration: Histogram,
     /// Bytes read from snapshots and written to the repository, by namespace, VM and disk.
     pub bytes_copied: IntCounterVec,
     /// Failed jobs whose snapshot could not be confirmed removed.
-    pub snapshot_cleanup_failures: IntCounter,
+    pub snapshot_cleanup_failures: IntCounterVec,
     /// BackupJobs by namespace and phase, refreshed from the controller's cache.
     pub jobs: IntGaugeVec,
     /// Hub ports held by active jobs, by namespace and repository.
@@ -81,8 +81,11 @@ impl Metrics {
             "Backups that were planned and started",
         )?;
         let backups = IntCounterVec::new(
-            Opts::new("sendense_backups_total", "Backups that ended, by result"),
-            &["result"],
+            Opts::new(
+                "sendense_backups_total",
+                "Backups that ended, by namespace, VM and result (succeeded, failed)",
+            ),
+            &["namespace", "vm", "result"],
         )?;
         let backup_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -100,9 +103,12 @@ impl Metrics {
             ),
             &["namespace", "vm", "disk"],
         )?;
-        let snapshot_cleanup_failures = IntCounter::new(
-            "sendense_snapshot_cleanup_failures_total",
-            "Failed backups whose vSphere snapshot could not be confirmed removed",
+        let snapshot_cleanup_failures = IntCounterVec::new(
+            Opts::new(
+                "sendense_snapshot_cleanup_failures_total",
+                "Failed backups whose vSphere snapshot could not be confirmed removed, by namespace and VM",
+            ),
+            &["namespace", "vm"],
         )?;
         let jobs = IntGaugeVec::new(
             Opts::new("sendense_backupjobs", "BackupJobs by phase"),
@@ -194,6 +200,19 @@ impl Metrics {
             last_throughput,
             vcenter_up,
         })
+    }
+
+    /// Creates a VM's backup counters at zero, so the first failure is an increase that
+    /// `increase()` sees (a series born at 1 is not).
+    pub fn known_vm(&self, namespace: &str, vm: &str) {
+        for result in ["succeeded", "failed"] {
+            self.backups
+                .with_label_values(&[namespace, vm, result])
+                .inc_by(0);
+        }
+        self.snapshot_cleanup_failures
+            .with_label_values(&[namespace, vm])
+            .inc_by(0);
     }
 
     /// Counts a reconcile and records its duration when the guard drops.

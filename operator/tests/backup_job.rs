@@ -146,7 +146,10 @@ async fn a_full_then_an_incremental_backup_restore_byte_identical() -> Result<()
     }
     let m = bed.metrics().await?;
     assert!(
-        m.contains("sendense_backups_total{result=\"succeeded\"} 2"),
+        m.contains(&format!(
+            "sendense_backups_total{{namespace=\"{}\",result=\"succeeded\",vm=\"cbt-vm-0\"}} 2",
+            bed.ns.name
+        )),
         "{m}"
     );
     assert!(m.contains("sendense_backup_bytes_copied_total{"), "{m}");
@@ -436,7 +439,10 @@ spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: wrong-datastore}}, reposi
     bed.no_pods_remain().await?;
     let m = bed.metrics().await?;
     assert!(
-        m.contains("sendense_backups_total{result=\"failed\"} 1"),
+        m.contains(&format!(
+            "sendense_backups_total{{namespace=\"{}\",result=\"failed\",vm=\"cbt-vm-0\"}} 1",
+            bed.ns.name
+        )),
         "{m}"
     );
     let ev = events_of(&bed.ns.name, "doomed").await?;

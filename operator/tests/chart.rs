@@ -176,7 +176,9 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
             .context("HTTP answer")?
     };
     assert!(
-        metrics.contains("sendense_backups_total{result=\"succeeded\"} 1"),
+        metrics.contains(&format!(
+            "sendense_backups_total{{namespace=\"{ns}\",result=\"succeeded\",vm=\"cbt-vm-0\"}} 1"
+        )),
         "{metrics}"
     );
     let mut check = Command::new(&promtool)
