@@ -186,7 +186,7 @@ pub fn agent_pod(
         ..Default::default()
     };
     meta.owner_references = kube::Resource::controller_owner_ref(job, &()).map(|o| vec![o]);
-    Pod {
+    crate::hub::harden(Pod {
         metadata: meta,
         spec: Some(PodSpec {
             containers: vec![Container {
@@ -229,7 +229,7 @@ pub fn agent_pod(
             ..Default::default()
         }),
         status: None,
-    }
+    })
 }
 
 #[cfg(test)]

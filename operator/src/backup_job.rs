@@ -1333,7 +1333,7 @@ pub fn cleanup_pod(job: &BackupJob, claim: &str, files: &[String], images: &PodS
             ..Default::default()
         }];
     }
-    pod
+    crate::hub::harden(pod)
 }
 
 /// Succeeded or Failed: no pod of the job remains; a failed job's partial files are removed.

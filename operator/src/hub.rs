@@ -146,7 +146,7 @@ pub fn hub_pod(job: &BackupJob, claim: &str, disks: &[HubDisk], images: &PodSett
             ..Default::default()
         })
         .collect();
-    Pod {
+    harden(Pod {
         metadata: meta(job, hub_name(job), "hub"),
         spec: Some(PodSpec {
             init_containers: Some(init),
@@ -167,7 +167,7 @@ pub fn hub_pod(job: &BackupJob, claim: &str, disks: &[HubDisk], images: &PodSett
             ..Default::default()
         }),
         status: None,
-    }
+    })
 }
 
 /// The Service in front of the hub: one port per disk.
@@ -191,6 +191,39 @@ pub fn hub_service(job: &BackupJob, disks: &[HubDisk]) -> Service {
         }),
         status: None,
     }
+}
+
+/// The restrictions every pod the operator builds carries: no privilege escalation, no Linux
+/// capabilities, the runtime's default seccomp profile. (They run as the image's user: the hub
+/// must own files on the repository volume and the agent must read the datastores.)
+pub fn harden(mut pod: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{
+        Capabilities, PodSecurityContext, SeccompProfile, SecurityContext,
+    };
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.security_context
+            .get_or_insert_with(PodSecurityContext::default)
+            .seccomp_profile = Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        });
+        for c in spec
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .chain(spec.containers.iter_mut())
+        {
+            c.security_context = Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    pod
 }
 
 /// The ServiceAccount hub-side or agent pods run as: no token, no bindings; it exists so those
@@ -341,6 +374,43 @@ mod tests {
             .expect("pvc");
         assert_eq!(claim.claim_name, "backups-data");
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    }
+
+    #[test]
+    fn every_container_is_hardened_and_runs_without_an_api_token() {
+        let pod = hub_pod(
+            &job(),
+            "data",
+            &disks(),
+            &PodSettings {
+                agent: "a".into(),
+                hub_service_account: Some("sendense-hub".into()),
+                ..Default::default()
+            },
+        );
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.service_account_name.as_deref(), Some("sendense-hub"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(
+            spec.security_context
+                .and_then(|s| s.seccomp_profile)
+                .map(|p| p.type_)
+                .as_deref(),
+            Some("RuntimeDefault")
+        );
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
+            let sc = c.security_context.clone().expect("security context");
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(
+                sc.capabilities.and_then(|c| c.drop),
+                Some(vec!["ALL".to_string()])
+            );
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ fn labels(repo: &Repository) -> std::collections::BTreeMap<String, String> {
 
 /// The probe pod: writes, reads back and removes a file on the volume, and measures it.
 pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
-    Pod {
+    crate::hub::harden(Pod {
         metadata: ObjectMeta {
             name: Some(probe_name(repo)),
             namespace: repo.metadata.namespace.clone(),
@@ -128,7 +128,7 @@ pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
             ..Default::default()
         }),
         status: None,
-    }
+    })
 }
 
 /// The claim Sendense creates from `spec.storage.claimTemplate`.
