@@ -219,6 +219,7 @@ async fn refresh_gauges(
     loop {
         let mut by_phase: BTreeMap<(String, &str), i64> = BTreeMap::new();
         let mut ports: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut last_success: BTreeMap<(String, String), i64> = BTreeMap::new();
         for j in jobs.state() {
             let ns = j.metadata.namespace.clone().unwrap_or_default();
             let phase = match j.status.as_ref().and_then(|s| s.phase) {
@@ -231,13 +232,14 @@ async fn refresh_gauges(
             if let Some(vm) = j.status.as_ref().and_then(|s| s.vm_name.as_deref()) {
                 metrics.known_vm(&ns, vm);
             }
-            // Derived from the jobs, so it survives operator restarts.
+            // Derived from the jobs, so it survives operator restarts and a VM whose jobs are
+            // all deleted stops being watched for missed backups.
             if phase == "Succeeded"
                 && let Some(st) = j.status.as_ref()
                 && let (Some(vm), Some(done)) = (&st.vm_name, &st.completion_time)
             {
-                let g = metrics.last_success.with_label_values(&[&ns, vm]);
-                g.set(g.get().max(done.0.as_second()));
+                let t = last_success.entry((ns.clone(), vm.clone())).or_default();
+                *t = (*t).max(done.0.as_second());
             }
             if phase == "Running" {
                 let held = j
@@ -249,6 +251,10 @@ async fn refresh_gauges(
                     .entry((ns, j.spec.repository_ref.name.clone()))
                     .or_default() += held as i64;
             }
+        }
+        metrics.last_success.reset();
+        for ((ns, vm), t) in last_success {
+            metrics.last_success.with_label_values(&[&ns, &vm]).set(t);
         }
         metrics.jobs.reset();
         for ((ns, phase), n) in by_phase {
