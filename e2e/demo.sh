@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The demo (`make demo`): brings up the local control plane, installs Sendense's CRDs and applies
-# the samples; then runs the operator against a simulated vCenter (vcsim-cbt, a 2-disk VM with
-# changed-block tracking) and a node stand-in that runs its hub and agent pods as processes.
-# Everything from there on is `kubectl apply`: a SourceNode, a Repository on a hostPath volume,
-# a full BackupJob, guest writes, an incremental BackupJob. Each restore point is then read back
-# through its QCOW2 chain and compared with the simulator's checksum of the disk at the backup.
-# The operator, stand-in and simulator stop when the demo ends; the control plane stays up
-# (`make cluster-down` stops it). Re-runnable: the demo namespace is recreated on every run.
+# the samples; then starts a simulated vCenter (vcsim-cbt, a 2-disk VM with changed-block
+# tracking) and a node stand-in that runs the pods bound to it as processes, and installs
+# Sendense the way users do: `helm upgrade --install` of charts/sendense. The operator then runs
+# as a pod on the stand-in, as the chart's ServiceAccount with the chart's RBAC only (no admin
+# credentials). Everything from there on is `kubectl apply`: a SourceNode, a Repository on a
+# hostPath volume, a full BackupJob, guest writes, an incremental BackupJob. Each restore point is
+# then read back through its QCOW2 chain and compared with the simulator's checksum of the disk
+# at the backup. The release is uninstalled and the stand-in and simulator stop when the demo
+# ends; the control plane stays up (`make cluster-down` stops it). Re-runnable: the demo's
+# release and namespace are recreated on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash e2e/cluster/up.sh
@@ -34,9 +37,11 @@ if k create -n sendense-demo -f e2e/invalid/01-backupjob-vm-name-and-uuid.yaml 2
 fi
 
 # ---------------------------------------------------------------------------------------------
-# The backup demo: operator, node stand-in and simulator run as local processes.
+# The backup demo: the node stand-in and the simulator run as local processes; the operator is
+# installed with the Helm chart and runs as a pod on the stand-in.
 NS=sendense-backup-demo
 NODE=sendense-demo-node
+RELEASE=sendense          # the chart's objects are named sendense-operator etc.
 PV=$NS-repo
 VM=cbt-vm-0
 HUB_PORTS=(10600 10620)   # hub pods share the host network in the stand-in
@@ -44,7 +49,13 @@ JOB_TIMEOUT=300           # seconds a BackupJob may take to succeed
 # One work directory per control plane, so demos on different control planes never collide.
 W=$SENDENSE_CACHE/demo/$(basename "$STATE_DIR")
 REPO=$W/repository
+# The operator's pod runs as the chart's unprivileged user (65532), so the binaries the stand-in
+# runs for pods must be readable by anyone: a copy outside root's home, one per control plane.
+PODBIN=/tmp/sendense-demo-bin-$(basename "$STATE_DIR")
 PIDS=()
+STANDIN=
+INSTALLED=
+OPERATOR_POD=
 
 stop() { # pid: SIGTERM, SIGKILL after 15 s
   local pid=$1 i
@@ -56,27 +67,53 @@ cleanup() {
   local rc=$? i
   trap - EXIT INT TERM
   # The operator first (it would react to pods vanishing), then the node, then the vCenter.
+  # Uninstalling the release while the stand-in still runs stops the operator's pod there
+  # (foreground: the Deployment is gone only once its pod is); it also removes the chart's
+  # cluster-scoped RBAC, which is named after the release.
+  if [ -n "$INSTALLED" ]; then
+    echo
+    echo "uninstalling the release $RELEASE (its operator pod stops on the stand-in)..."
+    local how=(--cascade foreground --wait --timeout 60s)
+    kill -0 "$STANDIN" 2>/dev/null || how=(--timeout 60s)   # no node to stop the pod: no waiting
+    helm uninstall "$RELEASE" --namespace "$NS" "${how[@]}" >/dev/null \
+      || echo "  (helm uninstall failed; the next run retries it)" >&2
+  fi
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop "${PIDS[i]}"; done
+  rm -rf "$PODBIN"   # the pods' copies of the binaries (over a GiB)
   if [ -d "$W" ]; then
     echo
-    echo "Operator, node stand-in and simulator stopped. Logs in $W:"
-    echo "  operator.log, node-standin.log (pod logs under node/), vcsim.log"
+    echo "Operator uninstalled; node stand-in and simulator stopped. Logs in $W:"
+    echo "  operator.log (a link to the operator pod's log), node-standin.log, vcsim.log;"
+    echo "  every pod's container logs in node/$NODE/pods/<namespace>_<pod>_<uid>/logs/"
   fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-header "building the operator, the agent, the node stand-in and the vCenter simulator"
+header "building the operator, the agent, the node stand-in, the vCenter simulator and helm"
 cargo build -q -p sendense-operator -p sendense-agent --bins
 cargo build -q -p sendense-e2e --bin node-standin
 BIN=$CARGO_TARGET_DIR/debug
 AGENT=$BIN/sendense-agent
 SIM=$(bash e2e/vcsim-cbt/build.sh | tail -n 1)
-echo "binaries in $BIN; simulator $SIM"
+tools=$(bash e2e/tools/build.sh)   # HELM=..., KUBECONFORM=..., PROMTOOL=...
+eval "$tools"
+helm() { "$HELM" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+rm -rf "$PODBIN"
+mkdir -p "$PODBIN"
+chmod 0755 "$PODBIN"
+install -m 0755 "$BIN/sendense-operator" "$BIN/sendense-agent" "$PODBIN/"
+echo "binaries in $BIN (pods run the copies in $PODBIN); simulator $SIM; helm $HELM"
 
-header "a fresh namespace $NS (a previous run's is deleted first)"
+header "a fresh namespace $NS (a previous run's release and namespace are deleted first)"
 if k get namespace "$NS" >/dev/null 2>&1; then
+  # A run that ended without uninstalling left its release: uninstall it, so its cluster-scoped
+  # RBAC (named after the release) goes too. Its pods' node is gone, so no waiting for them.
+  if timeout 90 "$HELM" --kubeconfig "$KUBECONFIG_PATH" uninstall "$RELEASE" --namespace "$NS" \
+    --timeout 60s >/dev/null 2>&1; then
+    echo "uninstalled the previous run's release $RELEASE"
+  fi
   k delete namespace "$NS" --wait=false
   # Pods of an earlier run whose node is gone would keep the namespace terminating.
   k delete pods -n "$NS" --all --force --grace-period=0 >/dev/null 2>&1 || true
@@ -108,43 +145,76 @@ DS=$(field "$W/vcsim.json" "d['datastores']['LocalDS_0']")
 echo "vCenter at $URL (thumbprint ${TP:0:23}...), datastore LocalDS_0 in $DS"
 
 header "starting the node stand-in (node $NODE; runs the pods bound to it as processes)"
-NO_COLOR=1 "$BIN/node-standin" --kubeconfig "$KUBECONFIG_PATH" --node "$NODE" --root "$W/node" --path "$BIN" \
+NO_COLOR=1 "$BIN/node-standin" --kubeconfig "$KUBECONFIG_PATH" --node "$NODE" --root "$W/node" --path "$PODBIN" \
   > "$W/node-standin.log" 2>&1 &
-PIDS+=($!)
+STANDIN=$!
+PIDS+=("$STANDIN")
 deadline=$((SECONDS + 60))
 until [ "$(k get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; do
-  if [ $SECONDS -ge $deadline ] || ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
+  if [ $SECONDS -ge $deadline ] || ! kill -0 "$STANDIN" 2>/dev/null; then
     echo "node $NODE did not become Ready; see $W/node-standin.log" >&2; tail -n 20 "$W/node-standin.log" >&2; exit 1
   fi
   sleep 0.5
 done
 k get node "$NODE"
 
-header "starting the operator (watching namespace $NS)"
+header "installing Sendense with Helm (release $RELEASE in namespace $NS, watching $NS)"
 METRICS_PORT=$(python3 -c '
 import socket
 for p in [18080] + [0]:
     s = socket.socket()
     try:
-        s.bind(("127.0.0.1", p)); print(s.getsockname()[1]); break
+        s.bind(("0.0.0.0", p)); print(s.getsockname()[1]); break
     except OSError:
         pass
     finally:
         s.close()')
-KUBECONFIG=$KUBECONFIG_PATH SENDENSE_WATCH_NAMESPACE=$NS SENDENSE_PROBE_INTERVAL_SECONDS=10 \
-  SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS=3600 SENDENSE_METRICS_ADDR=127.0.0.1:$METRICS_PORT \
-  SENDENSE_AGENT_IMAGE=sendense-agent:dev RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 \
-  "$BIN/sendense-operator" > "$W/operator.log" 2>&1 &
-OPERATOR=$!
-PIDS+=("$OPERATOR")
+operator_log() { # the operator pod's log on the stand-in (the newest, should there be several)
+  local f
+  f=$(find "$W/node" -path "*/pods/${NS}_$RELEASE-operator-*/logs/operator.log" -printf '%T@ %p\n' 2>/dev/null \
+    | sort -n | tail -n 1 | cut -d' ' -f2- || true)
+  echo "${f:-$W/node/$NODE/pods/${NS}_$RELEASE-operator-*/logs/operator.log}"
+}
+operator_tail() { # lines: the end of the operator's log, without its colours
+  tail -n "$1" "$(operator_log)" | sed 's/\x1b\[[0-9;]*m//g'
+}
+operator_failed() { # what
+  echo "$1" >&2
+  k get deploy,pods -n "$NS" -o wide >&2 || true
+  k describe pods -n "$NS" -l "app.kubernetes.io/instance=$RELEASE" >&2 || true
+  echo "--- operator log (last 40 lines of $(operator_log))" >&2; operator_tail 40 >&2 || true
+  echo "--- node stand-in log (last 20 lines)" >&2; tail -n 20 "$W/node-standin.log" >&2 || true
+  exit 1
+}
+echo "+ helm upgrade --install $RELEASE charts/sendense --namespace $NS --set watchNamespace=$NS \\"
+echo "    --set metrics.port=$METRICS_PORT --set vcenterProbeIntervalSeconds=10 \\"
+echo "    --set repositoryProbeIntervalSeconds=3600 --wait --timeout 3m"
+INSTALLED=1   # from here on, the exit uninstalls whatever got installed
+if ! helm upgrade --install "$RELEASE" charts/sendense --namespace "$NS" \
+  --set watchNamespace="$NS" --set metrics.port="$METRICS_PORT" \
+  --set vcenterProbeIntervalSeconds=10 --set repositoryProbeIntervalSeconds=3600 \
+  --wait --timeout 3m > "$W/helm-install.txt" 2>&1; then
+  cat "$W/helm-install.txt" >&2
+  operator_failed "helm upgrade --install did not succeed within 3m"
+fi
+sed '/^NOTES:/,$d' "$W/helm-install.txt"
+echo "(the chart's NOTES for users are in $W/helm-install.txt)"
+k get deploy,pods -n "$NS" -o wide
+OPERATOR_POD=$(k get pods -n "$NS" -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=operator" \
+  -o jsonpath='{.items[0].metadata.name}')
+[ -n "$OPERATOR_POD" ] || operator_failed "the release runs no operator pod"
+OPERATOR_SA=$(k get pod -n "$NS" "$OPERATOR_POD" -o jsonpath='{.spec.serviceAccountName}')
+OPERATOR_UID=$(k get pod -n "$NS" "$OPERATOR_POD" -o jsonpath='{.spec.securityContext.runAsUser}')
+echo "operator pod $OPERATOR_POD runs as ServiceAccount $OPERATOR_SA (uid $OPERATOR_UID) with the chart's RBAC:"
+k get clusterrole,clusterrolebinding -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=operator"
+k get role,rolebinding -n "$NS" -l "app.kubernetes.io/instance=$RELEASE"
 deadline=$((SECONDS + 60))
 until curl -sf --max-time 2 "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null; do
-  if [ $SECONDS -ge $deadline ] || ! kill -0 "$OPERATOR" 2>/dev/null; then
-    echo "the operator did not become ready; see $W/operator.log" >&2; tail -n 30 "$W/operator.log" >&2; exit 1
-  fi
+  [ $SECONDS -lt $deadline ] || operator_failed "the operator's /readyz does not answer on port $METRICS_PORT after 60s"
   sleep 0.5
 done
-echo "operator pid $OPERATOR, metrics on http://127.0.0.1:$METRICS_PORT/metrics, log $W/operator.log"
+ln -sfn "$(operator_log)" "$W/operator.log"
+echo "metrics on http://127.0.0.1:$METRICS_PORT/metrics, log $(operator_log)"
 
 header "kubectl apply: credentials, SourceNode, repository volume and Repository"
 cat > "$W/manifests/setup.yaml" <<EOF
@@ -199,7 +269,7 @@ echo "(manifests in $W/manifests/setup.yaml)"
 echo "waiting for the operator to log in to the vCenter and to probe the repository volume..."
 if ! kw -n "$NS" --for=condition=Ready --timeout=120s sourcenode/vc repository/primary; then
   k describe -n "$NS" sourcenode/vc repository/primary >&2 || true
-  echo "--- operator log (last 40 lines)" >&2; tail -n 40 "$W/operator.log" >&2; exit 1
+  echo "--- operator log (last 40 lines of $(operator_log))" >&2; operator_tail 40 >&2; exit 1
 fi
 k get -n "$NS" sourcenode/vc repository/primary
 
@@ -215,8 +285,8 @@ job_failed() { # name why
   echo "BackupJob $1 $2" >&2
   echo "--- kubectl describe backupjob $1" >&2
   k describe -n "$NS" backupjob "$1" >&2 || true
-  echo "--- operator log (last 40 lines of $W/operator.log)" >&2
-  tail -n 40 "$W/operator.log" >&2 || true
+  echo "--- operator log (last 40 lines of $(operator_log))" >&2
+  operator_tail 40 >&2 || true
   local log
   while IFS= read -r log; do
     echo "--- ${log#"$W"/} (last 15 lines)" >&2; tail -n 15 "$log" >&2
@@ -224,7 +294,7 @@ job_failed() { # name why
   exit 1
 }
 run_job() { # name mode: applies a BackupJob and waits (bounded) for it to succeed
-  local name=$1 mode=$2 deadline=$((SECONDS + JOB_TIMEOUT)) line last="" phase
+  local name=$1 mode=$2 deadline=$((SECONDS + JOB_TIMEOUT)) line last="" phase restarts
   cat > "$W/manifests/$name.yaml" <<EOF
 apiVersion: sendense.io/v1alpha1
 kind: BackupJob
@@ -246,7 +316,9 @@ EOF
       Succeeded) return 0 ;;
       Failed) job_failed "$name" "ended Failed" ;;
     esac
-    kill -0 "$OPERATOR" 2>/dev/null || job_failed "$name" "was left unfinished: the operator exited"
+    kill -0 "$STANDIN" 2>/dev/null || job_failed "$name" "was left unfinished: the node stand-in exited"
+    restarts=$(k get pod -n "$NS" "$OPERATOR_POD" -o jsonpath='{.status.containerStatuses[0].restartCount}' 2>/dev/null || true)
+    [ "${restarts:-0}" = 0 ] || job_failed "$name" "was left unfinished: the operator exited (its container restarted $restarts time(s))"
     [ $SECONDS -lt "$deadline" ] || job_failed "$name" "did not succeed within ${JOB_TIMEOUT}s (phase: ${phase:-none})"
     sleep 1
   done
