@@ -87,33 +87,7 @@ impl StandIn {
 
     /// All container logs of pods still on this node, for a failing test's message.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        let Ok(pods) = std::fs::read_dir(self.root.join("pods")) else {
-            return out;
-        };
-        for pod in pods.flatten() {
-            let Ok(logs) = std::fs::read_dir(pod.path().join("logs")) else {
-                continue;
-            };
-            for log in logs.flatten() {
-                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-                let tail: String = text
-                    .lines()
-                    .rev()
-                    .take(20)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                out.push_str(&format!(
-                    "--- {}/{}\n{tail}\n",
-                    pod.file_name().to_string_lossy(),
-                    log.file_name().to_string_lossy()
-                ));
-            }
-        }
-        out
+        pod_logs(&self.root)
     }
 }
 
@@ -133,5 +107,58 @@ impl Drop for StandIn {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The last lines of every container log under a stand-in root.
+pub fn pod_logs(root: &Path) -> String {
+    let mut out = String::new();
+    // <root>/<node>/pods/<ns>_<pod>_<uid>/logs/<container>.log
+    let Ok(nodes) = std::fs::read_dir(root) else {
+        return out;
+    };
+    let pods = nodes
+        .flatten()
+        .filter_map(|n| std::fs::read_dir(n.path().join("pods")).ok())
+        .flat_map(|p| p.flatten());
+    for pod in pods {
+        let Ok(logs) = std::fs::read_dir(pod.path().join("logs")) else {
+            continue;
+        };
+        for log in logs.flatten() {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            let tail: String = text
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.push_str(&format!(
+                "--- {}/{}\n{tail}\n",
+                pod.file_name().to_string_lossy(),
+                log.file_name().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pod_logs_are_found_under_each_node() {
+        let root = std::env::temp_dir().join(format!("standin-logs-{}", std::process::id()));
+        let logs = root.join("node-a/pods/ns_web_uid/logs");
+        std::fs::create_dir_all(&logs).expect("dirs");
+        std::fs::write(logs.join("agent.log"), "first\nlast line\n").expect("log");
+        let text = super::pod_logs(&root);
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(
+            text.contains("ns_web_uid/agent.log") && text.contains("last line"),
+            "{text}"
+        );
     }
 }
