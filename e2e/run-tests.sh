@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SENDENSE_CACHE/target}
+# Each clean clone compiles the workspace's own crates afresh; incremental caches of those would
+# only pile up in the shared target directory (several GB per clone).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test
 export SENDENSE_ETCD_PORT=24790 SENDENSE_ETCD_PEER_PORT=24800 SENDENSE_APISERVER_PORT=26443
 export SENDENSE_CONTROLLER_MANAGER_PORT=26457 SENDENSE_SCHEDULER_PORT=26459
