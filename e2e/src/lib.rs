@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Root of the repository (for manifests under config/ and e2e/).
+/// Root of the repository (for manifests under config/ and e2e/). Taken from the running test's
+/// `CARGO_MANIFEST_DIR` (every crate of the workspace is one level below the root): the
+/// compile-time value can name another clone whose build the shared target directory reused.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
 
 /// Cache directory shared with the shell scripts (e2e/cluster/env.sh).

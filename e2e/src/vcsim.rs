@@ -14,7 +14,7 @@ use serde_json::Value;
 pub fn simulator_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vcsim-cbt/build.sh");
+        let script = crate::repo_root().join("e2e/vcsim-cbt/build.sh");
         let out = Command::new("bash")
             .arg(&script)
             .stderr(Stdio::inherit())
