@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::{Api, Client, Resource, ResourceExt};
 use sendense_agent::vsphere::{VSphereError, VmSelector};
 use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase, SnapshotStatus};
@@ -275,7 +275,7 @@ pub fn pod_failure(pod: &Pod) -> Option<String> {
 }
 
 /// The termination message of a pod's first container.
-fn termination_message(pod: &Pod) -> Option<String> {
+pub fn termination_message(pod: &Pod) -> Option<String> {
     pod.status
         .as_ref()?
         .container_statuses
@@ -460,24 +460,15 @@ impl<'a> Update<'a> {
             {
                 continue; // the Failed or Complete condition's Event says it
             }
-            let event = Event {
-                type_: if warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: c.reason.clone(),
-                note: Some(c.message.chars().take(1000).collect()),
-                action: "Backup".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx
-                .recorder
-                .publish(&event, &self.job.object_ref(&()))
-                .await
-            {
-                tracing::warn!(job = %self.job.name_any(), "publishing event: {e}");
-            }
+            crate::events::publish(
+                &ctx.recorder,
+                &self.job.object_ref(&()),
+                warning,
+                &c.reason,
+                &c.message,
+                "Backup",
+            )
+            .await;
         }
         Ok(())
     }
@@ -529,74 +520,67 @@ fn ready_problem(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condit
     }
 }
 
+/// A referenced SourceNode or Repository, when it exists and is Ready; else the reason
+/// (`<Kind>NotFound`, `<Kind>NotReady`) and message the job waits with.
+async fn ready_ref<K>(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    field: &str,
+    conditions_of: impl Fn(&K) -> Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
+) -> Result<Result<K, (String, String)>, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let Some(obj) = Api::<K>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?
+    else {
+        return Ok(Err((
+            format!("{kind}NotFound"),
+            format!("{kind} {ns}/{name} named by {field} does not exist"),
+        )));
+    };
+    let conds = conditions_of(&obj).unwrap_or_default();
+    if !conditions::is_true(&conds, "Ready") {
+        return Ok(Err((
+            format!("{kind}NotReady"),
+            format!("{kind} {name} is not Ready: {}", ready_problem(&conds)),
+        )));
+    }
+    Ok(Ok(obj))
+}
+
 /// Pending: everything decided before any pod exists.
 async fn plan(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let sn_name = &job.spec.source_node_ref.name;
     let repo_name = &job.spec.repository_ref.name;
-    let Some(sn) = Api::<SourceNode>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(sn_name)
-        .await?
-    else {
-        return wait(
-            job,
-            ctx,
-            "SourceNodeNotFound",
-            format!("SourceNode {ns}/{sn_name} named by spec.sourceNodeRef does not exist"),
-            Duration::from_secs(300),
-        )
-        .await;
+    let sn = match ready_ref::<SourceNode>(ctx, &ns, sn_name, "spec.sourceNodeRef", |o| {
+        o.status.as_ref().map(|s| s.conditions.clone())
+    })
+    .await?
+    {
+        Ok(o) => o,
+        Err((reason, message)) => {
+            return wait(job, ctx, &reason, message, Duration::from_secs(300)).await;
+        }
     };
-    let sn_conds = sn
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if !conditions::is_true(&sn_conds, "Ready") {
-        return wait(
-            job,
-            ctx,
-            "SourceNodeNotReady",
-            format!(
-                "SourceNode {sn_name} is not Ready: {}",
-                ready_problem(&sn_conds)
-            ),
-            Duration::from_secs(300),
-        )
-        .await;
-    }
-    let Some(repo) = Api::<Repository>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(repo_name)
-        .await?
-    else {
-        return wait(
-            job,
-            ctx,
-            "RepositoryNotFound",
-            format!("Repository {ns}/{repo_name} named by spec.repositoryRef does not exist"),
-            Duration::from_secs(300),
-        )
-        .await;
+    let repo = match ready_ref::<Repository>(ctx, &ns, repo_name, "spec.repositoryRef", |o| {
+        o.status.as_ref().map(|s| s.conditions.clone())
+    })
+    .await?
+    {
+        Ok(o) => o,
+        Err((reason, message)) => {
+            return wait(job, ctx, &reason, message, Duration::from_secs(300)).await;
+        }
     };
-    let repo_conds = repo
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if !conditions::is_true(&repo_conds, "Ready") {
-        return wait(
-            job,
-            ctx,
-            "RepositoryNotReady",
-            format!(
-                "Repository {repo_name} is not Ready: {}",
-                ready_problem(&repo_conds)
-            ),
-            Duration::from_secs(300),
-        )
-        .await;
-    }
 
     // The VM and its disks, from vCenter.
     let (vs, username) = match source_node::connect(&sn, &ctx.client, ctx.vcenter_timeout).await {
@@ -824,14 +808,15 @@ fn unreachable_selector() -> (VmSelector, String) {
     (VmSelector::Name(String::new()), "VM (no selector)".into())
 }
 
-async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
+/// Deletes an object; true when it existed.
+pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 

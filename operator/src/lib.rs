@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod backup_job;
 pub mod chain;
+pub mod events;
 pub mod hub;
 pub mod metrics;
 pub mod ports;

@@ -16,9 +16,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::{Api, Client, Resource, ResourceExt};
 use sendense_crds::backup_job::Phase;
 use sendense_crds::common::human_bytes;
@@ -27,7 +27,7 @@ use sendense_crds::repository::AccessMode;
 use sendense_crds::{BackupJob, Repository, RepositoryStatus};
 use serde::Deserialize;
 
-use crate::backup_job::claim_name;
+use crate::backup_job::{claim_name, delete_if_present, termination_message};
 use crate::hub::{PodSettings, REPOSITORY_MOUNT};
 use crate::metrics::Metrics;
 use crate::source_node::MANAGER;
@@ -167,15 +167,6 @@ pub fn templated_claim(repo: &Repository) -> Option<PersistentVolumeClaim> {
         }),
         status: None,
     })
-}
-
-fn terminated_message(pod: &Pod) -> Option<String> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find_map(|cs| cs.state.as_ref()?.terminated.as_ref()?.message.clone())
 }
 
 fn due(status: &RepositoryStatus, interval: Duration, generation: Option<i64>) -> Option<Duration> {
@@ -342,7 +333,7 @@ async fn probe(
         .unwrap_or_default();
     let outcome = match phase.as_str() {
         "Succeeded" | "Failed" => {
-            let msg = terminated_message(&pod).unwrap_or_default();
+            let msg = termination_message(&pod).unwrap_or_default();
             match serde_json::from_str::<ProbeResult>(msg.trim()) {
                 Ok(p) if p.ok => Ok(p),
                 Ok(p) => Err(p.error.unwrap_or_else(|| "the volume probe failed".into())),
@@ -359,11 +350,7 @@ async fn probe(
         }
         _ => return Ok(None),
     };
-    match pods.delete(&name, &DeleteParams::background()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
+    delete_if_present(&pods, &name).await?;
     Ok(Some(outcome))
 }
 
@@ -393,20 +380,15 @@ async fn write(
     if let Some(c) = conditions::find(&st.conditions, READY)
         && before != Some((&c.status, &c.reason))
     {
-        let event = Event {
-            type_: if c.status == TRUE {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: c.reason.clone(),
-            note: Some(c.message.chars().take(1000).collect()),
-            action: "Probe".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &repo.object_ref(&())).await {
-            tracing::warn!(repository = %repo.name_any(), "publishing event: {e}");
-        }
+        crate::events::publish(
+            &ctx.recorder,
+            &repo.object_ref(&()),
+            c.status != TRUE,
+            &c.reason,
+            &c.message,
+            "Probe",
+        )
+        .await;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::{Api, Client, Resource, ResourceExt};
 use sendense_agent::vsphere::{Tls, VCenterConfig, VSphere, VSphereError};
 use sendense_crds::SourceNode;
@@ -263,20 +263,15 @@ pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action,
         .await
         .map_err(Error::Status)?;
     if was != Some((ready.to_owned(), reason.to_owned())) {
-        let event = Event {
-            type_: if ready == TRUE {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: reason.to_owned(),
-            note: Some(message.chars().take(1000).collect()),
-            action: "Probe".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &sn.object_ref(&())).await {
-            tracing::warn!(sourcenode = %name, "publishing event: {e}");
-        }
+        crate::events::publish(
+            &ctx.recorder,
+            &sn.object_ref(&()),
+            ready != TRUE,
+            reason,
+            &message,
+            "Probe",
+        )
+        .await;
     }
     Ok(Action::requeue(requeue))
 }

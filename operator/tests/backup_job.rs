@@ -264,17 +264,8 @@ async fn jobs_that_cannot_run_say_why_and_start_no_pods() -> Result<()> {
     bed.ready::<Repository>("primary").await?;
     let pods = record_pods(&bed.ns.name);
     let ns = &bed.ns.name;
-    bed.apply(
-        "broken",
-        &format!(
-            r#"apiVersion: sendense.io/v1alpha1
-kind: SourceNode
-metadata: {{name: no-secret}}
-spec:
-  vcenter: {{url: "{url}", credentialsSecretRef: {{name: late-credentials}}, tls: {{thumbprint: "{tp}"}}}}
-  datacenter: DC0
-  transport: {{type: nfs, nfs: {{datastores: [{{name: LocalDS_0, hostPath: {{path: "{ds}"}}}}]}}}}
----
+    let manifest = format!(
+        r#"{}---
 apiVersion: sendense.io/v1alpha1
 kind: Repository
 metadata: {{name: no-claim}}
@@ -295,13 +286,15 @@ kind: BackupJob
 metadata: {{name: repo-not-ready}}
 spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: vc}}, repositoryRef: {{name: no-claim}}}}
 "#,
-            url = bed.sim.s("url"),
-            tp = bed.sim.s("thumbprint"),
-            ds = bed.sim.info["datastores"]["LocalDS_0"]
+        bed.source_node_yaml(
+            "no-secret",
+            "late-credentials",
+            bed.sim.info["datastores"]["LocalDS_0"]
                 .as_str()
                 .context("datastore")?,
-        ),
-    )?;
+        )
+    );
+    bed.apply("broken", &manifest)?;
     let m = bed.waiting("needs-secret", "SourceNodeNotReady").await?;
     assert!(
         m.contains("SecretNotFound") && m.contains("late-credentials"),
@@ -366,27 +359,20 @@ async fn a_job_failing_every_attempt_ends_failed_and_leaves_nothing_behind() -> 
     std::fs::create_dir_all(&empty)?;
     // A datastore mount without the VM's disk files: every attempt's copy fails after the
     // snapshot exists, the worst place to fail.
-    bed.apply(
-        "failing",
-        &format!(
-            r#"apiVersion: sendense.io/v1alpha1
-kind: SourceNode
-metadata: {{name: wrong-datastore}}
-spec:
-  vcenter: {{url: "{url}", credentialsSecretRef: {{name: vcenter-credentials}}, tls: {{thumbprint: "{tp}"}}}}
-  datacenter: DC0
-  transport: {{type: nfs, nfs: {{datastores: [{{name: LocalDS_0, hostPath: {{path: "{empty}"}}}}]}}}}
----
+    let manifest = format!(
+        r#"{}---
 apiVersion: sendense.io/v1alpha1
 kind: BackupJob
 metadata: {{name: doomed}}
 spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: wrong-datastore}}, repositoryRef: {{name: primary}}, retryLimit: 1}}
 "#,
-            url = bed.sim.s("url"),
-            tp = bed.sim.s("thumbprint"),
-            empty = empty.display(),
-        ),
-    )?;
+        bed.source_node_yaml(
+            "wrong-datastore",
+            "vcenter-credentials",
+            empty.to_str().context("path")?
+        )
+    );
+    bed.apply("failing", &manifest)?;
     let j = bed
         .finished("doomed", Phase::Failed, Duration::from_secs(180))
         .await?;

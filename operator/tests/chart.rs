@@ -164,17 +164,7 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
     assert_eq!(bed.snapshots(vm), 0);
 
     // promtool accepts the live exposition, and the backup is in it.
-    let metrics = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text)).await??;
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .context("HTTP answer")?
-    };
+    let metrics = support::scrape(port).await?;
     assert!(
         metrics.contains(&format!(
             "sendense_backups_total{{namespace=\"{ns}\",result=\"succeeded\",vm=\"cbt-vm-0\"}} 1"

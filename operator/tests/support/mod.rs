@@ -397,14 +397,38 @@ spec:
     }
 
     pub async fn metrics(&self) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
-        Ok(body)
+        scrape(self.metrics_port).await
     }
+
+    /// A SourceNode for the simulator's vCenter, with its own credentials Secret name and
+    /// datastore directory (for the nfs transport).
+    pub fn source_node_yaml(&self, name: &str, secret: &str, datastore: &str) -> String {
+        format!(
+            r#"apiVersion: sendense.io/v1alpha1
+kind: SourceNode
+metadata: {{name: {name}}}
+spec:
+  vcenter: {{url: "{url}", credentialsSecretRef: {{name: {secret}}}, tls: {{thumbprint: "{tp}"}}}}
+  datacenter: DC0
+  transport: {{type: nfs, nfs: {{datastores: [{{name: LocalDS_0, hostPath: {{path: "{datastore}"}}}}]}}}}
+"#,
+            url = self.sim.s("url"),
+            tp = self.sim.s("thumbprint"),
+        )
+    }
+}
+
+/// The body of an operator's /metrics on 127.0.0.1:`port`.
+pub async fn scrape(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text)).await??;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .context("no HTTP header in the /metrics answer")
 }
 
 pub trait HasConditions {
