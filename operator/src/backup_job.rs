@@ -20,11 +20,11 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::{Api, Client, Resource, ResourceExt};
-use sendense_agent::vsphere::{VSphereError, VmSelector};
 use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase, SnapshotStatus};
 use sendense_crds::common::human_bytes;
 use sendense_crds::conditions::{self, FALSE, TRUE};
 use sendense_crds::{BackupJob, BackupJobStatus, Repository, SourceNode};
+use sendense_vsphere::{VSphereError, VmSelector};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -12,9 +12,9 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::{Api, Client, Resource, ResourceExt};
-use sendense_agent::vsphere::{Tls, VCenterConfig, VSphere, VSphereError};
 use sendense_crds::SourceNode;
 use sendense_crds::conditions::{self, FALSE, TRUE};
+use sendense_vsphere::{Tls, VCenterConfig, VSphere, VSphereError};
 
 /// Field manager of everything the operator writes.
 pub const MANAGER: &str = "sendense-operator";
