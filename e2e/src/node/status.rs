@@ -10,6 +10,44 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+/// A pod's phase as this stand-in sets it; the API's fifth, `Unknown`, is a node that stopped
+/// reporting, which the stand-in never writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl PodPhase {
+    /// The phase as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Succeeded => "Succeeded",
+            PodPhase::Failed => "Failed",
+        }
+    }
+
+    /// The phase of a pod read from the API, if it is one of these four.
+    pub fn of(pod: &Pod) -> Option<Self> {
+        match pod.status.as_ref()?.phase.as_deref()? {
+            "Pending" => Some(PodPhase::Pending),
+            "Running" => Some(PodPhase::Running),
+            "Succeeded" => Some(PodPhase::Succeeded),
+            "Failed" => Some(PodPhase::Failed),
+            _ => None,
+        }
+    }
+
+    /// True once the pod has ended: nothing runs again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
 pub fn now() -> Time {
     Time(Timestamp::try_from(SystemTime::now()).unwrap_or(Timestamp::UNIX_EPOCH))
 }
@@ -105,7 +143,7 @@ pub fn set_condition(
 /// scheduler's PodScheduled stays).
 #[allow(clippy::too_many_arguments)]
 pub fn document(
-    phase: &str,
+    phase: PodPhase,
     reason: Option<&str>,
     message: Option<&str>,
     conditions: &[PodCondition],
@@ -116,7 +154,7 @@ pub fn document(
     start_time: &Time,
 ) -> PodStatus {
     PodStatus {
-        phase: Some(phase.to_owned()),
+        phase: Some(phase.as_str().to_owned()),
         reason: reason.map(str::to_owned),
         message: message.map(str::to_owned),
         conditions: Some(conditions.to_vec()),
@@ -137,10 +175,7 @@ pub fn document(
 
 /// True once the pod has ended (Succeeded or Failed).
 pub fn is_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded") | Some("Failed")
-    )
+    PodPhase::of(pod).is_some_and(PodPhase::is_terminal)
 }
 
 #[cfg(test)]
@@ -157,6 +192,30 @@ mod tests {
         set_condition(&mut conds, "Ready", true, None);
         assert_ne!(conds[0].last_transition_time, first);
         assert_eq!(conds.len(), 1);
+    }
+
+    #[test]
+    fn phases_read_back_as_written_and_only_the_ended_are_terminal() {
+        for phase in [
+            PodPhase::Pending,
+            PodPhase::Running,
+            PodPhase::Succeeded,
+            PodPhase::Failed,
+        ] {
+            let pod = Pod {
+                status: Some(PodStatus {
+                    phase: Some(phase.as_str().to_owned()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            assert_eq!(PodPhase::of(&pod), Some(phase));
+            assert_eq!(
+                is_terminal(&pod),
+                matches!(phase, PodPhase::Succeeded | PodPhase::Failed)
+            );
+        }
+        assert_eq!(PodPhase::of(&Pod::default()), None);
     }
 
     #[test]
