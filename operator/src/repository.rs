@@ -10,14 +10,16 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use sendense_crds::backup_job::Phase;
 use sendense_crds::common::human_bytes;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, RepositoryStatus};
 
 use crate::agent_io::ProbeResult;
-use crate::children::{apply, create_if_missing, delete_if_present, ensure_service_account};
+use crate::children::{
+    ApiError, apply, create_if_missing, delete_if_present, ensure_service_account, get, list,
+};
 use crate::metrics::Metrics;
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{PodSettings, claim_name, probe_name, probe_pod, templated_claim};
@@ -34,19 +36,23 @@ pub struct Context {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Repository {repository}: {source}")]
-    Kube {
-        repository: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error("counting restore points: {0}")]
+    RestorePoints(#[source] ApiError),
+    #[error("checking the claim: {0}")]
+    Claim(#[source] ApiError),
+    #[error("running the probe pod: {0}")]
+    Probe(#[source] ApiError),
+    #[error(transparent)]
+    Status(ApiError),
 }
 
 impl Error {
-    /// The `error` label of the failure metric.
+    /// The `error` label of the failure metric: every step fails only on the API server.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "kube_api",
+            Error::RestorePoints(_) | Error::Claim(_) | Error::Probe(_) | Error::Status(_) => {
+                "kube_api"
+            }
         }
     }
 }
@@ -104,33 +110,27 @@ fn restore_points(jobs: &[BackupJob], repository: &str) -> i32 {
 
 pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("repository");
-    let kube = |source| Error::Kube {
-        repository: repo.name_any(),
-        source,
-    };
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
     let claim = claim_name(&repo);
     let mut update = StatusUpdate::new(repo.as_ref());
-    let jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &ns)
-        .list(&Default::default())
+    let jobs = list::<BackupJob>(&ctx.client, &ns)
         .await
-        .map_err(kube)?;
-    update.status.restore_points = Some(restore_points(&jobs.items, &name));
+        .map_err(Error::RestorePoints)?;
+    update.status.restore_points = Some(restore_points(&jobs, &name));
     if let Some(pvc) = templated_claim(&repo) {
         create_if_missing(&ctx.client, &ns, &pvc)
             .await
-            .map_err(kube)?;
+            .map_err(Error::Claim)?;
     }
     let field = if repo.spec.storage.persistent_volume_claim.is_some() {
         "spec.storage.persistentVolumeClaim.claimName"
     } else {
         "spec.storage.claimTemplate"
     };
-    let pvc = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&claim)
+    let pvc = get::<PersistentVolumeClaim>(&ctx.client, &ns, &claim)
         .await
-        .map_err(kube)?;
+        .map_err(Error::Claim)?;
     let pvc_phase = pvc
         .as_ref()
         .map(|p| p.status.as_ref().and_then(|s| s.phase.clone()));
@@ -161,10 +161,10 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                 update
                     .write(&ctx.client, &ctx.recorder)
                     .await
-                    .map_err(kube)?;
+                    .map_err(Error::Status)?;
                 return Ok(Action::requeue(left));
             }
-            match probe(&repo, &ctx).await.map_err(kube)? {
+            match probe(&repo, &ctx).await.map_err(Error::Probe)? {
                 None => return Ok(Action::requeue(Duration::from_secs(2))),
                 Some(Ok(p)) => {
                     record_measurement(&mut update, &p, &ctx.metrics, &claim);
@@ -181,7 +181,7 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
     update
         .write(&ctx.client, &ctx.recorder)
         .await
-        .map_err(kube)?;
+        .map_err(Error::Status)?;
     Ok(Action::requeue(requeue))
 }
 
@@ -227,11 +227,10 @@ fn record_measurement(
 async fn probe(
     repo: &Repository,
     ctx: &Context,
-) -> Result<Option<Result<ProbeResult, String>>, kube::Error> {
+) -> Result<Option<Result<ProbeResult, String>>, ApiError> {
     let ns = repo.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let name = probe_name(repo);
-    let Some(pod) = pods.get_opt(&name).await? else {
+    let Some(pod) = get::<Pod>(&ctx.client, &ns, &name).await? else {
         ensure_service_account(&ctx.client, &ns, ctx.images.hub_service_account.as_deref()).await?;
         apply(&ctx.client, &ns, &probe_pod(repo, &ctx.images)).await?;
         return Ok(None);
@@ -253,16 +252,14 @@ async fn probe(
         )),
         Err(_) => Err(format!("probe pod {name}: {}", msg.trim())),
     };
-    delete_if_present(&pods, &name).await?;
+    delete_if_present::<Pod>(&ctx.client, &ns, &name).await?;
     Ok(Some(outcome))
 }
 
 pub fn error_policy(repo: Arc<Repository>, err: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(repository = %repo.name_any(), "reconcile failed: {err}");
+    let label = err.metric_label();
     ctx.metrics
-        .reconcile_failures
-        .with_label_values(&["repository", err.metric_label()])
-        .inc();
+        .failed_reconcile("repository", &repo.name_any(), err, label);
     Action::requeue(Duration::from_secs(10))
 }
 

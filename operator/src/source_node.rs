@@ -10,6 +10,7 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, ResourceExt};
 use sendense_crds::SourceNode;
 
+use crate::children::ApiError;
 use crate::metrics::Metrics;
 use crate::status::{ConditionReason, StatusUpdate, now};
 use crate::vcenter::{Problem, ProblemKind, Session};
@@ -26,19 +27,15 @@ pub struct Context {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("writing the status of SourceNode {name}: {source}")]
-    Status {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Status(ApiError),
 }
 
 impl Error {
     /// The `error` label of the failure metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Status { .. } => "status_write",
+            Error::Status(_) => "status_write",
         }
     }
 }
@@ -117,15 +114,13 @@ pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action,
     update
         .write(&ctx.client, &ctx.recorder)
         .await
-        .map_err(|source| Error::Status { name, source })?;
+        .map_err(Error::Status)?;
     Ok(Action::requeue(requeue))
 }
 
 pub fn error_policy(sn: Arc<SourceNode>, err: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(sourcenode = %sn.name_any(), "reconcile failed: {err}");
+    let label = err.metric_label();
     ctx.metrics
-        .reconcile_failures
-        .with_label_values(&["sourcenode", err.metric_label()])
-        .inc();
+        .failed_reconcile("sourcenode", &sn.name_any(), err, label);
     Action::requeue(Duration::from_secs(15))
 }

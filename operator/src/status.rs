@@ -9,25 +9,18 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use sendense_crds::conditions::{self, FALSE, TRUE};
 use sendense_crds::{
     BackupJob, BackupJobStatus, Repository, RepositoryStatus, SourceNode, SourceNodeStatus,
 };
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
-use crate::children::MANAGER;
+use crate::children::{ApiError, MANAGER, Namespaced, Verb};
 
 /// An object whose status the operator writes.
-pub trait Reported:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + Clone
-    + DeserializeOwned
-    + std::fmt::Debug
-{
+pub trait Reported: Namespaced {
     type Status: Serialize + Clone + PartialEq + Default;
     /// The `action` of the Events about this kind ("Probe", "Backup").
     const EVENT_ACTION: &'static str;
@@ -109,11 +102,12 @@ impl<'a, K: Reported> StatusUpdate<'a, K> {
     }
 
     /// Applies the status when it changed, then publishes the Events of changed conditions.
-    pub async fn write(self, client: &Client, recorder: &Recorder) -> Result<(), kube::Error> {
+    pub async fn write(self, client: &Client, recorder: &Recorder) -> Result<(), ApiError> {
         if self.is_unchanged() {
             return Ok(());
         }
         let ns = self.object.namespace().unwrap_or_default();
+        let name = self.object.name_any();
         let patch = serde_json::json!({
             "apiVersion": K::api_version(&()),
             "kind": K::kind(&()),
@@ -121,11 +115,12 @@ impl<'a, K: Reported> StatusUpdate<'a, K> {
         });
         Api::<K>::namespaced(client.clone(), &ns)
             .patch_status(
-                &self.object.name_any(),
+                &name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&patch),
             )
-            .await?;
+            .await
+            .map_err(|e| ApiError::new::<K>(Verb::WriteStatus, &ns, &name, e))?;
         let reference = self.object.object_ref(&());
         for c in K::conditions(&self.status) {
             let before = conditions::find(K::conditions(&self.old), &c.type_);

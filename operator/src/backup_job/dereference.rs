@@ -6,14 +6,14 @@
 use std::ops::ControlFlow::{self, Break, Continue};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::core::NamespaceResourceScope;
-use kube::{Api, Resource, ResourceExt};
+use kube::ResourceExt;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 use tokio::sync::MutexGuard;
 
 use super::Context;
 use super::outcome::{Wait, WaitReason};
+use crate::children::{ApiError, get, list};
 use crate::status::Reported;
 use crate::vcenter::{Session, VSphereError, VmSelector};
 
@@ -21,20 +21,10 @@ pub use crate::vcenter::Disk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {kind} {namespace}/{name}: {source}")]
-    Get {
-        kind: String,
-        namespace: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("listing the BackupJobs of namespace {namespace}: {source}")]
-    ListJobs {
-        namespace: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error("reading what the job refers to: {0}")]
+    Refs(#[source] ApiError),
+    #[error("reading the jobs of its namespace: {0}")]
+    Jobs(#[source] ApiError),
 }
 
 /// Port allocation is serialized in this process: the guard is held from reading the jobs until
@@ -67,25 +57,6 @@ pub fn vm_selector(job: &BackupJob) -> (VmSelector, String) {
     }
 }
 
-/// Reads an object of the job's namespace; None when it does not exist.
-pub async fn get<K>(ctx: &Context, ns: &str, name: &str) -> Result<Option<K>, Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    Api::<K>::namespaced(ctx.client.clone(), ns)
-        .get_opt(name)
-        .await
-        .map_err(|source| Error::Get {
-            kind: K::kind(&()).into_owned(),
-            namespace: ns.into(),
-            name: name.into(),
-            source,
-        })
-}
-
 fn ready_problem(conds: &[Condition]) -> String {
     match conditions::find(conds, "Ready") {
         Some(c) => format!("{}: {}", c.reason, c.message),
@@ -93,25 +64,43 @@ fn ready_problem(conds: &[Condition]) -> String {
     }
 }
 
+/// A field of the spec naming an object that must exist and be Ready.
+struct Reference {
+    field: &'static str,
+    not_found: WaitReason,
+    not_ready: WaitReason,
+}
+
+const SOURCE_NODE: Reference = Reference {
+    field: "spec.sourceNodeRef",
+    not_found: WaitReason::SourceNodeNotFound,
+    not_ready: WaitReason::SourceNodeNotReady,
+};
+
+const REPOSITORY: Reference = Reference {
+    field: "spec.repositoryRef",
+    not_found: WaitReason::RepositoryNotFound,
+    not_ready: WaitReason::RepositoryNotReady,
+};
+
 /// A referenced SourceNode or Repository, when it exists and is Ready.
 async fn ready_ref<K: Reported>(
     ctx: &Context,
     ns: &str,
     name: &str,
-    field: &str,
-    (not_found, not_ready): (WaitReason, WaitReason),
+    r: &Reference,
 ) -> Result<ControlFlow<Wait, K>, Error> {
     let kind = K::kind(&());
-    let Some(obj) = get::<K>(ctx, ns, name).await? else {
+    let Some(obj) = get::<K>(&ctx.client, ns, name).await.map_err(Error::Refs)? else {
         return Ok(Break(Wait::new(
-            not_found,
-            format!("{kind} {ns}/{name} named by {field} does not exist"),
+            r.not_found,
+            format!("{kind} {ns}/{name} named by {} does not exist", r.field),
         )));
     };
     let conds = obj.status().map(K::conditions).unwrap_or_default();
     if !conditions::is_true(conds, "Ready") {
         return Ok(Break(Wait::new(
-            not_ready,
+            r.not_ready,
             format!("{kind} {name} is not Ready: {}", ready_problem(conds)),
         )));
     }
@@ -166,42 +155,15 @@ pub async fn dereference<'a>(
     job: &BackupJob,
 ) -> Result<ControlFlow<Wait, (Dereferenced, AllocationGuard<'a>)>, Error> {
     let ns = job.namespace().unwrap_or_default();
-    let source_node = step!(
-        ready_ref::<SourceNode>(
-            ctx,
-            &ns,
-            &job.spec.source_node_ref.name,
-            "spec.sourceNodeRef",
-            (
-                WaitReason::SourceNodeNotFound,
-                WaitReason::SourceNodeNotReady
-            ),
-        )
-        .await?
-    );
-    let repository = step!(
-        ready_ref::<Repository>(
-            ctx,
-            &ns,
-            &job.spec.repository_ref.name,
-            "spec.repositoryRef",
-            (
-                WaitReason::RepositoryNotFound,
-                WaitReason::RepositoryNotReady
-            ),
-        )
-        .await?
-    );
+    let sn_name = &job.spec.source_node_ref.name;
+    let source_node = step!(ready_ref::<SourceNode>(ctx, &ns, sn_name, &SOURCE_NODE).await?);
+    let repo_name = &job.spec.repository_ref.name;
+    let repository = step!(ready_ref::<Repository>(ctx, &ns, repo_name, &REPOSITORY).await?);
     let (vm_name, disks) = step!(vm(ctx, job, &source_node).await);
     let allocation = ctx.allocation.lock().await;
-    let jobs = Api::<BackupJob>::namespaced(ctx.client.clone(), &ns)
-        .list(&Default::default())
+    let jobs = list::<BackupJob>(&ctx.client, &ns)
         .await
-        .map_err(|source| Error::ListJobs {
-            namespace: ns.clone(),
-            source,
-        })?
-        .items;
+        .map_err(Error::Jobs)?;
     let refs = Dereferenced {
         source_node,
         repository,

@@ -7,71 +7,40 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
 use sendense_crds::backup_job::Phase;
 use sendense_crds::conditions::{self, FALSE};
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::Context;
-use super::dereference::{self, get, vm_selector};
+use super::dereference::vm_selector;
 use super::outcome::{Failure, FilesRemoved, SnapshotRemoved};
 use super::status::{self, JobUpdate};
 use crate::agent_io::BackupResult;
-use crate::children::{apply, delete_if_present, ensure_service_account};
+use crate::children::{ApiError, apply, delete_if_present, ensure_service_account, get};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{agent_name, claim_name, cleanup_name, cleanup_pod, hub_name};
 use crate::vcenter::{Session, VSphereError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("deleting {kind} {name}: {source}")]
-    Delete {
-        kind: &'static str,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("reading pod {name}: {source}")]
-    ReadPod {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("starting cleanup pod {name}: {source}")]
-    StartCleanup {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error("removing its pods and Service: {0}")]
+    Remove(#[source] ApiError),
+    #[error("removing its partial files: {0}")]
+    Cleanup(#[source] ApiError),
     #[error(transparent)]
-    Dereference(#[from] dereference::Error),
-    #[error(transparent)]
-    Status(#[from] status::WriteError),
-}
-
-async fn delete<K>(ctx: &Context, ns: &str, kind: &'static str, name: &str) -> Result<(), Error>
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    delete_if_present(&api, name)
-        .await
-        .map(|_| ())
-        .map_err(|source| Error::Delete {
-            kind,
-            name: name.into(),
-            source,
-        })
+    Status(ApiError),
 }
 
 async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
     let ns = job.namespace().unwrap_or_default();
-    delete::<Pod>(ctx, &ns, "Pod", &agent_name(job)).await?;
-    delete::<Pod>(ctx, &ns, "Pod", &hub_name(job)).await
+    for name in [agent_name(job), hub_name(job)] {
+        delete_if_present::<Pod>(&ctx.client, &ns, &name)
+            .await
+            .map_err(Error::Remove)?;
+    }
+    Ok(())
 }
 
 /// The VM's name for metrics: as vCenter reported it, else as the spec names it.
@@ -103,7 +72,7 @@ pub async fn succeeded(job: &BackupJob, ctx: &Context, r: &BackupResult) -> Resu
             .with_label_values(&[&ns, &vm, &d.key.to_string()])
             .inc_by(d.bytes_to_copy);
     }
-    status::write(u, ctx).await?;
+    status::write(u, ctx).await.map_err(Error::Status)?;
     m.backups.with_label_values(&[&ns, &vm, "succeeded"]).inc();
     m.backup_duration.observe(seconds.max(0.0));
     m.last_success
@@ -131,13 +100,13 @@ pub async fn attempt_failed(
     status::record_snapshot(&mut u, result);
     if attempt < allowed {
         status::retrying(&mut u, attempt, allowed, &failure);
-        status::write(u, ctx).await?;
+        status::write(u, ctx).await.map_err(Error::Status)?;
         return Ok(Action::requeue(Duration::from_secs(3)));
     }
     // The last attempt: confirm no snapshot of this job is left in vCenter.
     let (snapshot, message) = confirm_snapshot_removed(job, ctx, result).await;
     status::failed(&mut u, attempt, &failure, snapshot, message);
-    status::write(u, ctx).await?;
+    status::write(u, ctx).await.map_err(Error::Status)?;
     let ns = job.namespace().unwrap_or_default();
     let vm = metric_vm(job);
     ctx.metrics
@@ -170,7 +139,7 @@ async fn confirm_snapshot_removed(
     }
     let ns = job.namespace().unwrap_or_default();
     let sn_name = &job.spec.source_node_ref.name;
-    let Ok(Some(sn)) = get::<SourceNode>(ctx, &ns, sn_name).await else {
+    let Ok(Some(sn)) = get::<SourceNode>(&ctx.client, &ns, sn_name).await else {
         return (
             SnapshotRemoved::Unverified,
             format!(
@@ -234,7 +203,9 @@ async fn confirm_snapshot_removed(
 pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     delete_job_pods(job, ctx).await?;
-    delete::<Service>(ctx, &ns, "Service", &hub_name(job)).await?;
+    delete_if_present::<Service>(&ctx.client, &ns, &hub_name(job))
+        .await
+        .map_err(Error::Remove)?;
     let st = job.status.clone().unwrap_or_default();
     let pending_cleanup = conditions::find(&st.conditions, "PartialFilesRemoved")
         .is_some_and(|c| c.status == FALSE && c.reason == "Pending");
@@ -243,13 +214,9 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     }
     let files: Vec<String> = st.disks.iter().filter_map(|d| d.file.clone()).collect();
     let name = cleanup_name(job);
-    let pod = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&name)
+    let pod = get::<Pod>(&ctx.client, &ns, &name)
         .await
-        .map_err(|source| Error::ReadPod {
-            name: name.clone(),
-            source,
-        })?;
+        .map_err(Error::Cleanup)?;
     let Some(pod) = pod else {
         return start_cleanup(job, ctx, &files).await;
     };
@@ -271,8 +238,10 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         }
         _ => return Ok(Action::requeue(Duration::from_secs(3))),
     }
-    status::write(u, ctx).await?;
-    delete::<Pod>(ctx, &ns, "Pod", &name).await?;
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    delete_if_present::<Pod>(&ctx.client, &ns, &name)
+        .await
+        .map_err(Error::Cleanup)?;
     Ok(Action::await_change())
 }
 
@@ -280,24 +249,25 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
 async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let repo_name = &job.spec.repository_ref.name;
-    let Some(repo) = get::<Repository>(ctx, &ns, repo_name).await? else {
+    let repo = get::<Repository>(&ctx.client, &ns, repo_name)
+        .await
+        .map_err(Error::Cleanup)?;
+    let Some(repo) = repo else {
         let mut u = JobUpdate::new(job);
         u.set(
             &FilesRemoved::RepositoryNotFound,
             format!("Repository {repo_name} is gone; partial files {files:?} were not removed"),
         );
-        status::write(u, ctx).await?;
+        status::write(u, ctx).await.map_err(Error::Status)?;
         return Ok(Action::await_change());
     };
-    let name = cleanup_name(job);
-    let start = |source| Error::StartCleanup {
-        name: name.clone(),
-        source,
-    };
-    ensure_service_account(&ctx.client, &ns, ctx.images.hub_service_account.as_deref())
+    let account = ctx.images.hub_service_account.as_deref();
+    ensure_service_account(&ctx.client, &ns, account)
         .await
-        .map_err(start)?;
+        .map_err(Error::Cleanup)?;
     let pod = cleanup_pod(job, &claim_name(&repo), files, &ctx.images);
-    apply(&ctx.client, &ns, &pod).await.map_err(start)?;
+    apply(&ctx.client, &ns, &pod)
+        .await
+        .map_err(Error::Cleanup)?;
     Ok(Action::requeue(Duration::from_secs(3)))
 }

@@ -21,6 +21,7 @@ use kube::{Client, ResourceExt};
 use sendense_crds::BackupJob;
 use sendense_crds::backup_job::Phase;
 
+use crate::children::ApiError;
 use crate::metrics::Metrics;
 use crate::resources::PodSettings;
 
@@ -94,7 +95,7 @@ pub enum Error {
     Status {
         job: String,
         #[source]
-        source: status::WriteError,
+        source: ApiError,
     },
 }
 
@@ -173,11 +174,9 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
 }
 
 pub fn error_policy(job: Arc<BackupJob>, err: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(job = %job.name_any(), "reconcile failed: {err}");
+    let label = err.metric_label();
     ctx.metrics
-        .reconcile_failures
-        .with_label_values(&["backupjob", err.metric_label()])
-        .inc();
+        .failed_reconcile("backupjob", &job.name_any(), err, label);
     Action::requeue(Duration::from_secs(10))
 }
 

@@ -6,20 +6,21 @@
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::Context;
-use super::dereference::{self, get};
 use super::finish;
 use super::outcome::{Failure, FailureReason, Running, retry_backoff};
 use super::status::{self, JobUpdate};
 use crate::agent_io::BackupResult;
-use crate::children::{apply, delete_if_present, ensure_service_account};
+use crate::children::{
+    ApiError, Namespaced, apply, delete_if_present, ensure_service_account, get,
+};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
     ATTEMPT_LABEL, PROGRESS_PORT, agent_name, agent_pod, claim_name, hub_name, hub_pod, hub_service,
@@ -27,35 +28,16 @@ use crate::resources::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading pod {name}: {source}")]
-    ReadPod {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("deleting pod {name} of an earlier attempt: {source}")]
-    DeleteStalePod {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("creating ServiceAccount {name}: {source}")]
-    ServiceAccount {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("applying {kind} {name}: {source}")]
-    Apply {
-        kind: &'static str,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error("reading its pods: {0}")]
+    Pods(#[source] ApiError),
+    #[error("removing pods of an earlier attempt: {0}")]
+    StalePods(#[source] ApiError),
+    #[error("starting the hub: {0}")]
+    Hub(#[source] ApiError),
+    #[error("starting the agent: {0}")]
+    Agent(#[source] ApiError),
     #[error(transparent)]
-    Dereference(#[from] dereference::Error),
-    #[error(transparent)]
-    Status(#[from] status::WriteError),
+    Status(ApiError),
     #[error(transparent)]
     Finish(#[from] finish::Error),
 }
@@ -80,42 +62,35 @@ fn for_attempt(mut pod: Pod, attempt: i32) -> Pod {
     pod
 }
 
-async fn read_pod(pods: &Api<Pod>, name: &str) -> Result<Option<Pod>, Error> {
-    pods.get_opt(name).await.map_err(|source| Error::ReadPod {
-        name: name.into(),
-        source,
-    })
+/// One of the attempt's pods; None when it does not exist.
+async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Option<Pod>, Error> {
+    get::<Pod>(&ctx.client, ns, name).await.map_err(Error::Pods)
 }
 
-async fn service_account(ctx: &Context, ns: &str, name: Option<&str>) -> Result<(), Error> {
-    ensure_service_account(&ctx.client, ns, name)
-        .await
-        .map_err(|source| Error::ServiceAccount {
-            name: name.unwrap_or_default().into(),
-            source,
-        })
-}
-
-async fn apply_named<K>(
+/// An object the attempt needs (its Repository, its SourceNode): missing, it fails the attempt.
+async fn still_there<K: Namespaced>(
+    job: &BackupJob,
     ctx: &Context,
-    ns: &str,
-    kind: &'static str,
-    object: &K,
-) -> Result<(), Error>
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    apply(&ctx.client, ns, object)
-        .await
-        .map_err(|source| Error::Apply {
-            kind,
-            name: object.name_any(),
-            source,
-        })
+    name: &str,
+    reason: FailureReason,
+    error: fn(ApiError) -> Error,
+) -> Step<K> {
+    let ns = job.namespace().unwrap_or_default();
+    match get::<K>(&ctx.client, &ns, name).await.map_err(error)? {
+        Some(obj) => Ok(Continue(obj)),
+        None => {
+            let message = format!("{} {name} no longer exists", K::kind(&()));
+            fail(job, ctx, Failure::new(reason, message), None).await
+        }
+    }
+}
+
+/// Writes a Running message and stops with a requeue.
+async fn say<T>(job: &BackupJob, ctx: &Context, running: Running, message: String) -> Step<T> {
+    let mut u = JobUpdate::new(job);
+    u.set(&running, message);
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    Ok(Break(requeue(3)))
 }
 
 /// A failed attempt, as a step's stop.
@@ -131,18 +106,20 @@ async fn fail<T>(
 }
 
 /// Step 1: pods of an earlier attempt go first; the new attempt starts when they are gone.
-async fn clear_stale(pods: &Api<Pod>, attempt: i32, existing: [&Option<Pod>; 2]) -> Step<()> {
+async fn clear_stale(
+    ctx: &Context,
+    ns: &str,
+    attempt: i32,
+    existing: [&Option<Pod>; 2],
+) -> Step<()> {
     let mut stale = false;
     for p in existing.into_iter().flatten() {
         if attempt_of(p) != Some(attempt) || pod_state::is_terminating(p) {
             stale = true;
             if !pod_state::is_terminating(p) {
-                delete_if_present(pods, &p.name_any())
+                delete_if_present::<Pod>(&ctx.client, ns, &p.name_any())
                     .await
-                    .map_err(|source| Error::DeleteStalePod {
-                        name: p.name_any(),
-                        source,
-                    })?;
+                    .map_err(Error::StalePods)?;
             }
         }
     }
@@ -179,18 +156,26 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     }
     let ns = job.namespace().unwrap_or_default();
     let repo_name = &job.spec.repository_ref.name;
-    let Some(repo) = get::<Repository>(ctx, &ns, repo_name).await? else {
-        let failure = Failure::new(
+    let repo: Repository = step!(
+        still_there(
+            job,
+            ctx,
+            repo_name,
             FailureReason::RepositoryNotFound,
-            format!("Repository {repo_name} no longer exists"),
-        );
-        return fail(job, ctx, failure, None).await;
-    };
-    service_account(ctx, &ns, ctx.images.hub_service_account.as_deref()).await?;
+            Error::Hub
+        )
+        .await?
+    );
     let disks = status::hub_disks(job);
-    apply_named::<Service>(ctx, &ns, "Service", &hub_service(job, &disks)).await?;
     let pod = hub_pod(job, &claim_name(&repo), &disks, &ctx.images);
-    apply_named(ctx, &ns, "Pod", &for_attempt(pod, attempt)).await?;
+    let account = ctx.images.hub_service_account.as_deref();
+    async {
+        ensure_service_account(&ctx.client, &ns, account).await?;
+        apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
+        apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+    }
+    .await
+    .map_err(Error::Hub)?;
     Ok(Break(requeue(3)))
 }
 
@@ -206,16 +191,11 @@ async fn hub_ready(job: &BackupJob, ctx: &Context, attempt: i32, hub: &Pod) -> S
     if let (true, Some(ip)) = (pod_state::is_ready(hub), pod_state::ip(hub)) {
         return Ok(Continue(ip));
     }
-    let mut u = JobUpdate::new(job);
-    u.set(
-        &Running::HubStarting,
-        format!(
-            "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
-            hub.name_any()
-        ),
+    let message = format!(
+        "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
+        hub.name_any()
     );
-    status::write(u, ctx).await?;
-    Ok(Break(requeue(3)))
+    say(job, ctx, Running::HubStarting, message).await
 }
 
 /// Step 5: the agent pod exists (created now when missing), aimed at the hub's exports.
@@ -231,29 +211,27 @@ async fn ensure_agent(
     }
     let ns = job.namespace().unwrap_or_default();
     let sn_name = &job.spec.source_node_ref.name;
-    let Some(sn) = get::<SourceNode>(ctx, &ns, sn_name).await? else {
-        let failure = Failure::new(
+    let sn: SourceNode = step!(
+        still_there(
+            job,
+            ctx,
+            sn_name,
             FailureReason::SourceNodeNotFound,
-            format!("SourceNode {sn_name} no longer exists"),
-        );
-        return fail(job, ctx, failure, None).await;
-    };
-    service_account(ctx, &ns, ctx.images.agent_service_account.as_deref()).await?;
-    let pod = agent_pod(
-        job,
-        &sn,
-        status::targets(job, hub_ip),
-        status::base_change_ids(job),
-        &ctx.images,
+            Error::Agent
+        )
+        .await?
     );
-    apply_named(ctx, &ns, "Pod", &for_attempt(pod, attempt)).await?;
-    let mut u = JobUpdate::new(job);
-    u.set(
-        &Running::AgentStarting,
-        format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent"),
-    );
-    status::write(u, ctx).await?;
-    Ok(Break(requeue(3)))
+    let targets = status::targets(job, hub_ip);
+    let pod = agent_pod(job, &sn, targets, status::base_change_ids(job), &ctx.images);
+    let account = ctx.images.agent_service_account.as_deref();
+    async {
+        ensure_service_account(&ctx.client, &ns, account).await?;
+        apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+    }
+    .await
+    .map_err(Error::Agent)?;
+    let message = format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent");
+    say(job, ctx, Running::AgentStarting, message).await
 }
 
 /// Where the agent is, read from its pod.
@@ -322,7 +300,7 @@ async fn observe_agent(
                     Ok(p) => {
                         let mut u = JobUpdate::new(job);
                         status::progress(&mut u, attempt, &p);
-                        status::write(u, ctx).await?;
+                        status::write(u, ctx).await.map_err(Error::Status)?;
                     }
                     Err(e) => tracing::debug!(job = %job.name_any(), "progress: {e}"),
                 }
@@ -337,10 +315,9 @@ async fn observe_agent(
 pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let hub = read_pod(&pods, &hub_name(job)).await?;
-    let agent = read_pod(&pods, &agent_name(job)).await?;
-    proceed!(clear_stale(&pods, attempt, [&hub, &agent]).await?);
+    let hub = read_pod(ctx, &ns, &hub_name(job)).await?;
+    let agent = read_pod(ctx, &ns, &agent_name(job)).await?;
+    proceed!(clear_stale(ctx, &ns, attempt, [&hub, &agent]).await?);
     proceed!(back_off(job, attempt));
     let hub = proceed!(ensure_hub(job, ctx, attempt, hub).await?);
     let hub_ip = proceed!(hub_ready(job, ctx, attempt, &hub).await?);

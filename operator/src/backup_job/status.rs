@@ -12,6 +12,7 @@ use super::outcome::{
 use super::plan::Plan;
 use crate::agent_io::cli::{BaseChangeId, DiskTarget};
 use crate::agent_io::{BackupResult, ProgressReport, SnapshotReport};
+use crate::children::ApiError;
 use crate::resources::HubDisk;
 use crate::status::{StatusUpdate, now};
 
@@ -232,18 +233,7 @@ fn by_key(job: &BackupJob) -> impl Iterator<Item = &DiskStatus> {
     disks.into_iter()
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("writing the status of BackupJob {job}: {source}")]
-pub struct WriteError {
-    job: String,
-    #[source]
-    source: kube::Error,
-}
-
 /// Writes the update (when it changed anything) and its Events.
-pub async fn write(u: JobUpdate<'_>, ctx: &super::Context) -> Result<(), WriteError> {
-    let job = kube::ResourceExt::name_any(u.object());
-    u.write(&ctx.client, &ctx.recorder)
-        .await
-        .map_err(|source| WriteError { job, source })
+pub async fn write(u: JobUpdate<'_>, ctx: &super::Context) -> Result<(), ApiError> {
+    u.write(&ctx.client, &ctx.recorder).await
 }
