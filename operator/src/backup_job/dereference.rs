@@ -11,7 +11,7 @@ use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 use tokio::sync::MutexGuard;
 
-use super::Context;
+use super::context::Context;
 use super::outcome::{Wait, WaitReason};
 use crate::children::{ApiError, get, list};
 use crate::status::Reported;

@@ -13,7 +13,7 @@ use sendense_crds::backup_job::Phase;
 use sendense_crds::conditions::{self, FALSE};
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
-use super::Context;
+use super::context::Context;
 use super::dereference::vm_selector;
 use super::outcome::{Failure, FilesRemoved, SnapshotRemoved};
 use super::status::{self, JobUpdate};

@@ -14,16 +14,13 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, ResourceExt};
 use sendense_crds::BackupJob;
 use sendense_crds::backup_job::Phase;
 
 use crate::children::ApiError;
-use crate::metrics::Metrics;
-use crate::resources::PodSettings;
 
 /// The value of a step that may stop: its output, or return the stop from the calling step.
 macro_rules! step {
@@ -45,6 +42,7 @@ macro_rules! proceed {
     };
 }
 
+mod context;
 mod dereference;
 mod finish;
 mod outcome;
@@ -54,22 +52,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use outcome::{FailureReason, WaitReason, retry_backoff};
-pub use plan::Plan;
-pub use status::progress_text;
-
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    pub images: PodSettings,
-    /// Deadline of each vCenter call the operator makes (VM lookup, snapshot confirmation).
-    pub vcenter_timeout: Duration,
-    /// Serializes port allocation in this process. Across processes and restarts the truth is
-    /// the jobs' status, read fresh from the API server under this lock and written before it
-    /// is released.
-    pub allocation: tokio::sync::Mutex<()>,
-}
+pub use context::Context;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
-use super::Context;
+use super::context::Context;
 use super::finish;
 use super::outcome::{Failure, FailureReason, Running, retry_backoff};
 use super::status::{self, JobUpdate};

@@ -234,6 +234,6 @@ fn by_key(job: &BackupJob) -> impl Iterator<Item = &DiskStatus> {
 }
 
 /// Writes the update (when it changed anything) and its Events.
-pub async fn write(u: JobUpdate<'_>, ctx: &super::Context) -> Result<(), ApiError> {
+pub async fn write(u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
     u.write(&ctx.client, &ctx.recorder).await
 }

@@ -12,8 +12,9 @@ use sendense_crds::backup_job::{CopyKind, Phase};
 use sendense_crds::conditions;
 use serde_json::json;
 
+use super::context::Context;
+use super::reconcile;
 use super::status::{self, JobUpdate};
-use super::{Context, reconcile};
 use crate::agent_io::BackupResult;
 use crate::fixtures::{Fixture, TestObject};
 use crate::metrics::Metrics;
