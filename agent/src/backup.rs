@@ -4,17 +4,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tracing::{info, warn};
+
+use sendense_contract::AgentReason;
+use sendense_contract::progress::{DiskProgress, ProgressReport, Stage};
+use sendense_contract::result::{BackupResult, DiskReport, SnapshotReport};
 
 use crate::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
 use crate::nbd::{ConnectOptions, NbdClient, NbdUrl};
 use crate::source::Transport;
 use crate::verify;
-use crate::vsphere::{Disk, SnapshotRef, VSphere, VSphereError, VmRef, VmSelector};
+use sendense_vsphere::{Disk, SnapshotRef, VSphere, VSphereError, VmRef, VmSelector};
 
 /// What to back up and where to.
 #[derive(Debug, Clone)]
@@ -36,63 +39,15 @@ pub struct BackupPlan {
     pub checksum: bool,
 }
 
-/// How one disk went.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct DiskResult {
-    pub key: i32,
-    pub label: String,
-    pub capacity: u64,
-    /// "full" or "incremental".
-    pub copy: String,
-    /// Why this kind of copy.
-    pub reason: String,
-    pub change_id_used: String,
-    /// Set only once the disk's data is flushed on the target.
-    pub change_id_reached: Option<String>,
-    pub areas: usize,
-    pub bytes_to_copy: u64,
-    pub bytes_written: u64,
-    pub bytes_zeroed: u64,
-    pub bytes_skipped: u64,
-    pub seconds: f64,
-    pub sha256: Option<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct SnapshotResult {
-    pub id: String,
-    pub name: String,
-    pub removed: bool,
-    pub removal_error: Option<String>,
-}
-
-/// The machine-readable result the agent prints.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct BackupResult {
-    pub ok: bool,
-    /// When not ok: a stable CamelCase label of what went wrong (a condition reason), e.g.
-    /// `LoginFailed`, `VMNotFound`, `CopyFailed`, `Stopped`, `SnapshotRemovalFailed`.
-    pub reason: Option<String>,
-    pub vm: Option<String>,
-    pub vm_moref: Option<String>,
-    pub instance_uuid: Option<String>,
-    pub cbt_enabled_now: bool,
-    pub leftover_snapshots_removed: Vec<String>,
-    pub snapshot: Option<SnapshotResult>,
-    pub disks: Vec<DiskResult>,
-    pub error: Option<String>,
-}
-
 /// What a failed step was, for `BackupResult::reason`, and what went wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    pub reason: &'static str,
+    pub reason: AgentReason,
     pub message: String,
 }
 
 impl Failure {
-    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(reason: AgentReason, message: impl Into<String>) -> Self {
         Self {
             reason,
             message: message.into(),
@@ -101,55 +56,19 @@ impl Failure {
 
     /// A vSphere error of a step whose own failures are `otherwise`: connectivity, trust and
     /// login problems keep their own reason wherever they happen.
-    pub fn vsphere(err: &VSphereError, otherwise: &'static str, message: String) -> Self {
+    pub fn vsphere(err: &VSphereError, otherwise: AgentReason, message: String) -> Self {
         Self::new(vsphere_reason(err, otherwise), message)
     }
 }
 
 /// The condition reason of a vSphere error met in a step whose own failures are `otherwise`.
-pub fn vsphere_reason(err: &VSphereError, otherwise: &'static str) -> &'static str {
+pub fn vsphere_reason(err: &VSphereError, otherwise: AgentReason) -> AgentReason {
     match err {
-        VSphereError::Transport(_) => "Unreachable",
-        VSphereError::Tls(_) | VSphereError::Login(_) | VSphereError::Timeout { .. } => {
-            err.reason()
-        }
+        VSphereError::Transport(_) => AgentReason::Unreachable,
+        VSphereError::Tls(_) => AgentReason::TlsVerificationFailed,
+        VSphereError::Login(_) => AgentReason::LoginFailed,
+        VSphereError::Timeout { .. } => AgentReason::Timeout,
         _ => otherwise,
-    }
-}
-
-/// Where a backup is; served by the status endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Stage {
-    /// Connecting to vCenter, finding the VM, checking its disks and CBT.
-    Connecting = 0,
-    /// Removing leftover snapshots and taking the backup's snapshot.
-    Snapshot = 1,
-    Copying = 2,
-    RemovingSnapshot = 3,
-    /// Finished, whatever the outcome.
-    Done = 4,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Connecting => "connecting",
-            Stage::Snapshot => "snapshot",
-            Stage::Copying => "copying",
-            Stage::RemovingSnapshot => "removing-snapshot",
-            Stage::Done => "done",
-        }
-    }
-
-    fn from_u8(v: u8) -> Stage {
-        match v {
-            0 => Stage::Connecting,
-            1 => Stage::Snapshot,
-            2 => Stage::Copying,
-            3 => Stage::RemovingSnapshot,
-            _ => Stage::Done,
-        }
     }
 }
 
@@ -157,35 +76,16 @@ impl Stage {
 #[derive(Default)]
 pub struct LiveProgress {
     pub disks: std::sync::Mutex<BTreeMap<i32, Arc<Progress>>>,
-    stage: AtomicU8,
-}
-
-/// One disk in a `ProgressReport`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct DiskProgress {
-    pub key: i32,
-    pub bytes_to_copy: u64,
-    pub bytes_copied: u64,
-}
-
-/// What `GET /progress` answers (camelCase: it goes into Kubernetes status as it is).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ProgressReport {
-    pub stage: &'static str,
-    pub bytes_to_copy: u64,
-    pub bytes_copied: u64,
-    pub disks: Vec<DiskProgress>,
+    stage: std::sync::Mutex<Stage>,
 }
 
 impl LiveProgress {
     pub fn stage(&self) -> Stage {
-        Stage::from_u8(self.stage.load(Ordering::Relaxed))
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn set_stage(&self, stage: Stage) {
-        self.stage.store(stage as u8, Ordering::Relaxed);
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = stage;
     }
 
     /// The stage and every disk's counters, read now.
@@ -202,7 +102,7 @@ impl LiveProgress {
             })
             .collect();
         ProgressReport {
-            stage: self.stage().as_str(),
+            stage: self.stage(),
             bytes_to_copy: disks.iter().map(|d| d.bytes_to_copy).sum(),
             bytes_copied: disks.iter().map(|d| d.bytes_copied).sum(),
             disks,
@@ -231,7 +131,7 @@ pub async fn run(
     let mut result = BackupResult::default();
     if let Err(f) = prepare_and_copy(vs, plan, live, &mut result, stop).await {
         result.error = Some(f.message);
-        result.reason = Some(f.reason.to_string());
+        result.reason = Some(f.reason);
     }
     result.ok = result.error.is_none()
         && result
@@ -241,7 +141,7 @@ pub async fn run(
         && result.snapshot.as_ref().is_some_and(|s| s.removed);
     if !result.ok && result.reason.is_none() {
         // Not reached today (every failure path sets an error); a failed result always says why.
-        result.reason = Some("CopyFailed".into());
+        result.reason = Some(AgentReason::CopyFailed);
         result
             .error
             .get_or_insert_with(|| "a disk was not copied completely".into());
@@ -263,9 +163,9 @@ async fn prepare_and_copy(
         .await
         .map_err(|e| match &e {
             VSphereError::Fault { fault, .. } if fault == "DuplicateName" => {
-                Failure::new("VMNameNotUnique", e.to_string())
+                Failure::new(AgentReason::VmNameNotUnique, e.to_string())
             }
-            _ => Failure::vsphere(&e, "VMNotFound", e.to_string()),
+            _ => Failure::vsphere(&e, AgentReason::VmNotFound, e.to_string()),
         })?;
     result.vm = Some(vm.name.clone());
     result.vm_moref = Some(vm.moref.clone());
@@ -273,7 +173,7 @@ async fn prepare_and_copy(
     let info = vs.vm_info(&vm).await.map_err(|e| {
         Failure::vsphere(
             &e,
-            "VMNotFound",
+            AgentReason::VmNotFound,
             format!("reading VM {}'s configuration: {e}", vm.name),
         )
     })?;
@@ -281,7 +181,7 @@ async fn prepare_and_copy(
     for key in plan.targets.keys() {
         if !known.contains(key) {
             return Err(Failure::new(
-                "DiskNotFound",
+                AgentReason::DiskNotFound,
                 format!(
                     "VM {} has no disk with device key {key} (its disks: {known:?})",
                     vm.name
@@ -294,7 +194,7 @@ async fn prepare_and_copy(
         vs.enable_cbt(&vm).await.map_err(|e| {
             Failure::vsphere(
                 &e,
-                "CBTEnableFailed",
+                AgentReason::CbtEnableFailed,
                 format!("enabling changed block tracking: {e}"),
             )
         })?;
@@ -307,7 +207,7 @@ async fn prepare_and_copy(
         .map_err(|e| {
             Failure::vsphere(
                 &e,
-                "SnapshotFailed",
+                AgentReason::SnapshotFailed,
                 format!(
                     "removing leftover {}* snapshots before a new one: {e}",
                     plan.snapshot_prefix
@@ -328,12 +228,12 @@ async fn prepare_and_copy(
         .map_err(|e| {
             Failure::vsphere(
                 &e,
-                "SnapshotFailed",
+                AgentReason::SnapshotFailed,
                 format!("creating snapshot {name}: {e}"),
             )
         })?;
     info!(vm = %vm.name, snapshot = %snapshot.moref, "snapshot created");
-    result.snapshot = Some(SnapshotResult {
+    result.snapshot = Some(SnapshotReport {
         id: snapshot.moref.clone(),
         name: snapshot.name.clone(),
         ..Default::default()
@@ -344,7 +244,7 @@ async fn prepare_and_copy(
     live.set_stage(Stage::Copying);
     let copied = tokio::select! {
         r = copy_all(vs, plan, live, &vm, &snapshot, result.cbt_enabled_now) => r,
-        why = stop => Err(Failure::new("Stopped", format!("stopped before the copy finished: {why}"))),
+        why = stop => Err(Failure::new(AgentReason::Stopped, format!("stopped before the copy finished: {why}"))),
     };
     live.set_stage(Stage::RemovingSnapshot);
     let removal = remove_snapshot(vs, &snapshot).await;
@@ -358,7 +258,7 @@ async fn prepare_and_copy(
     }
     removal.map_err(|e| {
         Failure::new(
-            "SnapshotRemovalFailed",
+            AgentReason::SnapshotRemovalFailed,
             format!(
                 "the data was copied, but snapshot {} could not be removed: {e}",
                 snapshot.moref
@@ -394,11 +294,11 @@ async fn copy_all(
     vm: &VmRef,
     snapshot: &SnapshotRef,
     cbt_just_enabled: bool,
-) -> Result<Vec<DiskResult>, Failure> {
+) -> Result<Vec<DiskReport>, Failure> {
     let disks = vs.snapshot_disks(snapshot).await.map_err(|e| {
         Failure::vsphere(
             &e,
-            "SnapshotFailed",
+            AgentReason::SnapshotFailed,
             format!("reading the snapshot's disks: {e}"),
         )
     })?;
@@ -414,7 +314,7 @@ async fn copy_all(
             .insert(disk.key, progress.clone());
         async move {
             let started = Instant::now();
-            let mut r = DiskResult {
+            let mut r = DiskReport {
                 key: disk.key,
                 label: disk.label.clone(),
                 capacity: disk.capacity,
@@ -441,7 +341,7 @@ async fn copy_all(
             (r, reason)
         }
     });
-    let (results, reasons): (Vec<DiskResult>, Vec<Option<&'static str>>) =
+    let (results, reasons): (Vec<DiskReport>, Vec<Option<AgentReason>>) =
         futures::future::join_all(runs).await.into_iter().unzip();
     let failed: Vec<String> = results
         .iter()
@@ -451,7 +351,11 @@ async fn copy_all(
         Ok(results)
     } else {
         Err(Failure::new(
-            reasons.into_iter().flatten().next().unwrap_or("CopyFailed"),
+            reasons
+                .into_iter()
+                .flatten()
+                .next()
+                .unwrap_or(AgentReason::CopyFailed),
             failed.join("; "),
         ))
     }
@@ -466,12 +370,12 @@ async fn copy_disk(
     disk: &Disk,
     cbt_just_enabled: bool,
     progress: &Progress,
-    r: &mut DiskResult,
+    r: &mut DiskReport,
 ) -> Result<(), Failure> {
-    let copy_failed = |e: String| Failure::new("CopyFailed", e);
+    let copy_failed = |e: String| Failure::new(AgentReason::CopyFailed, e);
     let reached = disk.change_id.clone().ok_or_else(|| {
         Failure::new(
-            "CBTNotActive",
+            AgentReason::CbtNotActive,
             "the snapshot's disk has no change ID: changed block tracking is not active",
         )
     })?;
@@ -480,13 +384,13 @@ async fn copy_disk(
         .await
         .map_err(|e| {
             Failure::new(
-                "HubUnreachable",
+                AgentReason::HubUnreachable,
                 format!("hub target {}: {e}", target_url.address),
             )
         })?;
     if target.size() != disk.capacity {
         return Err(Failure::new(
-            "DiskResized",
+            AgentReason::DiskResized,
             format!(
                 "the hub's image holds {} bytes but the disk has {}: the disk was resized, take a full backup into a new chain",
                 target.size(),
@@ -495,13 +399,17 @@ async fn copy_disk(
         ));
     }
     let areas_failed = |e: VSphereError| {
-        Failure::vsphere(&e, "CopyFailed", format!("querying changed areas: {e}"))
+        Failure::vsphere(
+            &e,
+            AgentReason::CopyFailed,
+            format!("querying changed areas: {e}"),
+        )
     };
 
     // Which areas, and with what zero semantics.
     let (areas, kind) = match plan.base_change_ids.get(&disk.key) {
         None => {
-            r.copy = "full".into();
+            r.copy = Some(CopyKind::Full);
             r.reason = "no previous backup of this disk".into();
             r.change_id_used = "*".into();
             (
@@ -519,7 +427,7 @@ async fn copy_disk(
         ),
         Some(base) => match vs.changed_areas(vm, snapshot, disk, base).await {
             Ok(areas) => {
-                r.copy = "incremental".into();
+                r.copy = Some(CopyKind::Incremental);
                 r.reason = "changes since the previous backup".into();
                 r.change_id_used = base.clone();
                 (areas, CopyKind::Incremental)
@@ -567,12 +475,12 @@ async fn copy_disk(
 /// An incremental target (an overlay on the previous backup) that must receive a full copy:
 /// every byte of the disk is written, data or zeros, so nothing of the parent shows through.
 fn full_over_overlay(
-    r: &mut DiskResult,
+    r: &mut DiskReport,
     base: &str,
     disk: &Disk,
     why: &str,
 ) -> (Vec<ChangedArea>, CopyKind) {
-    r.copy = "full".into();
+    r.copy = Some(CopyKind::Full);
     r.reason = format!("full copy: {why}");
     r.change_id_used = format!("* (instead of {base})");
     (
@@ -582,272 +490,4 @@ fn full_over_overlay(
         }],
         CopyKind::Incremental,
     )
-}
-
-/// The most a Kubernetes termination message holds; the kubelet truncates longer ones.
-pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
-
-/// `result` as JSON of at most `limit` bytes, for a termination message. When the whole result
-/// does not fit, it is shrunk step by step, least useful first, and gets `"truncated": true`:
-/// per-disk checksums and labels go, then long texts are shortened (never change IDs), then
-/// disks keep only their essential fields, then only key and reached change ID, then the disks
-/// and leftover snapshot names go. `ok`, `reason` and the start of `error` always stay.
-pub fn compact_json(result: &BackupResult, limit: usize) -> String {
-    use serde_json::{Value, json};
-    let full = serde_json::to_string(result).unwrap_or_default();
-    if full.len() <= limit {
-        return full;
-    }
-    let mut v = serde_json::to_value(result).unwrap_or_else(|_| json!({}));
-    v["truncated"] = Value::Bool(true);
-    let fits = |v: &Value| Some(v.to_string()).filter(|s| s.len() <= limit);
-    let disks = |v: &mut Value| -> Vec<serde_json::Map<String, Value>> {
-        match v.get_mut("disks").map(Value::take) {
-            Some(Value::Array(a)) => a
-                .into_iter()
-                .filter_map(|d| match d {
-                    Value::Object(o) => Some(o),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
-    };
-    let keep_disks = |v: &mut Value, keep: &[&str], text: usize| {
-        let shrunk: Vec<Value> = disks(v)
-            .into_iter()
-            .map(|mut d| {
-                d.retain(|k, _| keep.contains(&k.as_str()));
-                for k in ["error", "reason"] {
-                    if let Some(s) = d.get_mut(k) {
-                        shorten(s, text);
-                    }
-                }
-                Value::Object(d)
-            })
-            .collect();
-        v["disks"] = Value::Array(shrunk);
-    };
-    let shorten_top = |v: &mut Value, error: usize, other: usize| {
-        let texts = |v: &mut Value, keys: &[&str], max: usize| {
-            for k in keys {
-                if let Some(s) = v.get_mut(*k) {
-                    shorten(s, max);
-                }
-            }
-        };
-        texts(v, &["error"], error);
-        texts(v, &["vm", "vm_moref", "instance_uuid"], other);
-        if let Some(s) = v.get_mut("snapshot") {
-            texts(s, &["id", "name", "removal_error"], other);
-        }
-        if let Some(Value::Array(names)) = v.get_mut("leftover_snapshots_removed") {
-            names.truncate(8);
-            names.iter_mut().for_each(|n| shorten(n, other.min(128)));
-        }
-    };
-
-    const ALL: &[&str] = &[
-        "key",
-        "capacity",
-        "copy",
-        "reason",
-        "change_id_used",
-        "change_id_reached",
-        "areas",
-        "bytes_to_copy",
-        "bytes_written",
-        "bytes_zeroed",
-        "bytes_skipped",
-        "seconds",
-        "error",
-    ];
-    const ESSENTIAL: &[&str] = &[
-        "key",
-        "copy",
-        "change_id_used",
-        "change_id_reached",
-        "bytes_to_copy",
-        "bytes_written",
-        "error",
-    ];
-    let steps: [&dyn Fn(&mut Value); 6] = [
-        &|v| keep_disks(v, ALL, usize::MAX),
-        &|v| {
-            keep_disks(v, ALL, 256);
-            shorten_top(v, 2048, 512);
-        },
-        &|v| {
-            keep_disks(v, ESSENTIAL, 96);
-            shorten_top(v, 1024, 256);
-        },
-        &|v| {
-            keep_disks(v, &["key", "change_id_reached"], 0);
-            shorten_top(v, 768, 128);
-        },
-        &|v| {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("disks");
-                o.remove("leftover_snapshots_removed");
-            }
-        },
-        &|v| {
-            *v = json!({
-                "ok": v["ok"].take(), "reason": v["reason"].take(), "error": v["error"].take(),
-                "vm": v["vm"].take(), "truncated": true,
-            });
-            shorten_top(v, 512, 64);
-        },
-    ];
-    for step in steps {
-        step(&mut v);
-        if let Some(s) = fits(&v) {
-            return s;
-        }
-    }
-    // Only for absurdly small limits.
-    let tiny = json!({"ok": result.ok, "truncated": true}).to_string();
-    if tiny.len() <= limit {
-        tiny
-    } else {
-        String::new()
-    }
-}
-
-/// Shortens a JSON string to at most `max` bytes of UTF-8 (marking the cut with "…").
-fn shorten(v: &mut serde_json::Value, max: usize) {
-    if let serde_json::Value::String(s) = v
-        && s.len() > max
-    {
-        let mut cut = max.saturating_sub('…'.len_utf8());
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        if max >= '…'.len_utf8() {
-            s.push('…');
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn result(disks: usize, error_len: usize) -> BackupResult {
-        let long = |tag: &str| {
-            let mut s = format!("{tag}: ");
-            // Quotes, control characters and multi-byte characters grow when escaped or cut.
-            while s.len() < error_len {
-                s.push_str("naïve \"quoted\"\n\t\u{1}✓ ");
-            }
-            s
-        };
-        BackupResult {
-            ok: false,
-            reason: Some("CopyFailed".into()),
-            vm: Some("db-01".into()),
-            vm_moref: Some("vm-42".into()),
-            instance_uuid: Some("5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into()),
-            cbt_enabled_now: false,
-            leftover_snapshots_removed: (0..50).map(|i| format!("sendense-old-{i}")).collect(),
-            snapshot: Some(SnapshotResult {
-                id: "snapshot-7".into(),
-                name: "sendense-job".into(),
-                removed: true,
-                removal_error: None,
-            }),
-            disks: (0..disks)
-                .map(|i| DiskResult {
-                    key: 2000 + i as i32,
-                    label: format!("Hard disk {i} with a rather long label"),
-                    capacity: 64 << 30,
-                    copy: "incremental".into(),
-                    reason: "changes since the previous backup".into(),
-                    change_id_used: format!("52 3c 1d 9e 4a 77 10 2b-8f 0e 44 61 9d 3a c2 71/{i}"),
-                    change_id_reached: (i % 2 == 0).then(|| {
-                        format!("52 3c 1d 9e 4a 77 10 2b-8f 0e 44 61 9d 3a c2 71/{}", i + 9)
-                    }),
-                    areas: 1234,
-                    bytes_to_copy: 1 << 30,
-                    bytes_written: 1 << 29,
-                    sha256: Some("ab".repeat(32)),
-                    error: (i % 2 == 1).then(|| long(&format!("disk {}", 2000 + i))),
-                    ..Default::default()
-                })
-                .collect(),
-            error: Some(long("disk 2001")),
-        }
-    }
-
-    fn parse(s: &str) -> serde_json::Value {
-        serde_json::from_str(s).unwrap_or_else(|e| panic!("invalid JSON ({e}): {s}"))
-    }
-
-    #[test]
-    fn a_small_result_is_written_whole() {
-        let r = result(2, 100);
-        let s = compact_json(&r, TERMINATION_MESSAGE_LIMIT);
-        assert_eq!(s, serde_json::to_string(&r).unwrap());
-        assert!(parse(&s).get("truncated").is_none());
-    }
-
-    #[test]
-    fn large_results_shrink_to_the_limit_keeping_outcome_and_change_ids() {
-        for (disks, error_len) in [(4, 5_000), (8, 600), (12, 300), (16, 100_000), (30, 2_000)] {
-            let r = result(disks, error_len);
-            let s = compact_json(&r, TERMINATION_MESSAGE_LIMIT);
-            assert!(
-                s.len() <= TERMINATION_MESSAGE_LIMIT,
-                "{disks} disks: {}",
-                s.len()
-            );
-            let v = parse(&s);
-            assert_eq!(v["truncated"], true);
-            assert_eq!(v["ok"], false);
-            assert_eq!(v["reason"], "CopyFailed");
-            assert!(v["error"].as_str().unwrap().starts_with("disk 2001: naïve"));
-            let d = v["disks"].as_array().expect("disks kept");
-            assert_eq!(d.len(), disks);
-            assert_eq!(
-                d[0]["change_id_reached"],
-                r.disks[0].change_id_reached.clone().unwrap().as_str()
-            );
-            assert!(
-                d.iter()
-                    .all(|d| d.get("sha256").is_none() && d.get("label").is_none())
-            );
-        }
-    }
-
-    #[test]
-    fn results_too_large_for_any_disk_detail_keep_the_outcome() {
-        let r = result(200, 50_000);
-        let s = compact_json(&r, TERMINATION_MESSAGE_LIMIT);
-        assert!(s.len() <= TERMINATION_MESSAGE_LIMIT, "{}", s.len());
-        let v = parse(&s);
-        assert_eq!(
-            (v["ok"].clone(), v["reason"].clone()),
-            (false.into(), "CopyFailed".into())
-        );
-        assert_eq!(v["truncated"], true);
-        assert!(v["error"].as_str().unwrap().ends_with('…'));
-        for limit in [2000, 600, 200, 40, 5] {
-            let s = compact_json(&r, limit);
-            assert!(s.len() <= limit, "{limit}: {}", s.len());
-            if !s.is_empty() {
-                assert_eq!(parse(&s)["ok"], false);
-            }
-        }
-    }
-
-    #[test]
-    fn shortening_respects_character_boundaries() {
-        let mut v = serde_json::Value::String("ééééé".into());
-        shorten(&mut v, 6);
-        assert_eq!(v, "é…");
-        let mut v = serde_json::Value::String("short".into());
-        shorten(&mut v, 6);
-        assert_eq!(v, "short");
-    }
 }

@@ -13,25 +13,9 @@ use futures::TryStreamExt;
 
 use crate::nbd::{NbdClient, NbdError, proto};
 
-/// A byte range of a disk to copy, as CBT reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ChangedArea {
-    pub start: u64,
-    pub length: u64,
-}
+pub use sendense_vsphere::ChangedArea;
 
-impl ChangedArea {
-    pub fn end(&self) -> u64 {
-        self.start + self.length
-    }
-}
-
-/// Whether the target is a fresh image (full) or an overlay over the previous backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CopyKind {
-    Full,
-    Incremental,
-}
+pub use sendense_contract::result::CopyKind;
 
 #[derive(Debug, Clone)]
 pub struct CopyOptions {

@@ -10,4 +10,3 @@ pub mod repo;
 pub mod source;
 pub mod status;
 pub mod verify;
-pub mod vsphere;

@@ -13,11 +13,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use sendense_agent::backup::{BackupPlan, BackupResult, LiveProgress, Stage};
+use sendense_agent::backup::{BackupPlan, LiveProgress};
 use sendense_agent::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
 use sendense_agent::nbd::{ConnectOptions, NbdClient, NbdUrl};
-use sendense_agent::vsphere::{VCenterConfig, VSphere};
 use sendense_agent::{backup, hub, qemu_nbd, repo, status, verify};
+use sendense_contract::cli::{
+    BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoProbeArgs, Transport,
+};
+use sendense_contract::probe::ProbeResult;
+use sendense_contract::progress::Stage;
+use sendense_contract::result::{BackupResult, TERMINATION_MESSAGE_LIMIT, compact_json};
+use sendense_contract::{AgentReason, ProbeReason};
+use sendense_vsphere::{VCenterConfig, VSphere};
 
 #[derive(Parser, Debug)]
 #[command(name = "sendense-agent", about = "Sendense's data mover", version)]
@@ -78,13 +85,7 @@ enum Cmd {
     Backup(Box<BackupArgs>),
     /// Complete an NBD handshake with an export and disconnect (a readiness probe for hub
     /// containers: a listening socket alone does not prove qemu-nbd serves the export).
-    NbdPing {
-        /// nbd://host:port/export or nbd+unix:///export?socket=/path
-        url: String,
-        /// Seconds allowed for connecting and negotiating.
-        #[arg(long, default_value_t = 5)]
-        timeout: u64,
-    },
+    NbdPing(NbdPingArgs),
     /// Print the SHA-256 of an NBD export's whole contents.
     Checksum {
         /// nbd://host:port/export or nbd+unix:///export?socket=/path
@@ -94,99 +95,13 @@ enum Cmd {
     },
 }
 
-#[derive(clap::Args, Debug)]
-struct BackupArgs {
-    /// vCenter SDK URL, e.g. https://vcenter.example.com/sdk
-    #[arg(long)]
-    vcenter: String,
-    #[arg(long)]
-    datacenter: String,
-    /// VM inventory name (or use --vm-uuid).
-    #[arg(long, conflicts_with = "vm_uuid", required_unless_present = "vm_uuid")]
-    vm: Option<String>,
-    /// VM instance UUID.
-    #[arg(long)]
-    vm_uuid: Option<String>,
-    /// Hub export per disk: 2000:nbd://host:port/export,2001:...
-    #[arg(long, value_delimiter = ',', required = true)]
-    targets: Vec<String>,
-    /// Change ID of the previous backup per disk: 2000:<changeId>,... (absent: full copy)
-    #[arg(long, value_delimiter = ',')]
-    base_change_ids: Vec<String>,
-    /// nfs (read flat files from mounted datastores) or vddk
-    #[arg(long, default_value = "nfs")]
-    transport: String,
-    /// Mounted datastore for the nfs transport: NAME=DIR (repeatable)
-    #[arg(long = "datastore")]
-    datastores: Vec<String>,
-    #[arg(long, default_value = "/opt/vmware-vix-disklib-distrib")]
-    vddk_libdir: PathBuf,
-    #[arg(long, default_value = "nbdssl", value_delimiter = ',')]
-    vddk_modes: Vec<String>,
-    /// Pinned certificate fingerprint (SHA-256 or SHA-1, colon-separated hex).
-    #[arg(long)]
-    thumbprint: Option<String>,
-    /// PEM CA bundle that signed the vCenter certificate.
-    #[arg(long)]
-    ca_file: Option<PathBuf>,
-    /// Skip certificate verification (labs only).
-    #[arg(long)]
-    insecure_skip_verify: bool,
-    /// Directory with `username` and `password` files.
-    #[arg(long)]
-    credentials_dir: Option<PathBuf>,
-    /// Name of this backup (BackupJob name): the snapshot is named <prefix><job>.
-    #[arg(long)]
-    job: String,
-    #[arg(long, default_value = "sendense-")]
-    snapshot_prefix: String,
-    #[arg(long)]
-    quiesce: bool,
-    #[arg(long, default_value_t = 2 << 20)]
-    request_size: u32,
-    #[arg(long, default_value_t = 32)]
-    in_flight: usize,
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Seconds allowed for each NBD and vSphere request.
-    #[arg(long, default_value_t = 120)]
-    request_timeout: u64,
-    /// Seconds the whole backup may take; then it stops and removes its snapshot.
-    #[arg(long)]
-    deadline_seconds: Option<u64>,
-    /// Also hash each disk as read from the snapshot (a full read), for verify.
-    #[arg(long)]
-    checksum: bool,
-    /// Also write the JSON result here, on every outcome (early failures included), shrunk to
-    /// at most 4096 bytes (a Kubernetes termination message); stdout gets the whole result.
-    #[arg(long)]
-    result_file: Option<PathBuf>,
-    /// Serve `GET /progress` (JSON) on HOST:PORT (or :PORT) while the backup runs.
-    #[arg(long, value_name = "HOST:PORT")]
-    status_addr: Option<String>,
-}
-
 #[derive(Subcommand, Debug)]
 enum HubCmd {
     /// Create one disk's QCOW2 for a backup (replacing a file left by an earlier attempt).
-    Prepare {
-        /// The QCOW2 file to create.
-        #[arg(long)]
-        file: PathBuf,
-        /// Virtual size in bytes (the disk's capacity).
-        #[arg(long)]
-        size: u64,
-        /// The previous backup of this disk (makes this an incremental overlay).
-        #[arg(long)]
-        backing: Option<PathBuf>,
-    },
+    Prepare(HubPrepareArgs),
     /// Remove the files a failed backup left (a missing file is fine), and each file's
     /// directory if that left it empty. Paths with `..` are refused.
-    Remove {
-        /// A file to remove (repeatable).
-        #[arg(long = "file", required = true)]
-        files: Vec<PathBuf>,
-    },
+    Remove(HubRemoveArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,20 +109,7 @@ enum RepoCmd {
     /// Prove DIR writable (write, fsync, read back, delete a 4 KiB file) and measure it:
     /// capacity, used and available bytes, number and allocated bytes of its *.qcow2 files.
     /// Exits 1 when the probe fails.
-    Probe {
-        #[arg(long)]
-        dir: PathBuf,
-        /// Also write the JSON result here (on failure too).
-        #[arg(long)]
-        result_file: Option<PathBuf>,
-    },
-}
-
-fn key_value(s: &str, sep: char, what: &str) -> Result<(String, String)> {
-    let (k, v) = s
-        .split_once(sep)
-        .with_context(|| format!("{what} {s:?}: expected KEY{sep}VALUE"))?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
+    Probe(RepoProbeArgs),
 }
 
 fn credentials(args: &BackupArgs) -> Result<(String, String)> {
@@ -227,23 +129,19 @@ fn credentials(args: &BackupArgs) -> Result<(String, String)> {
 }
 
 /// Why a backup could not start: a condition reason and the error.
-type EarlyFailure = (&'static str, anyhow::Error);
+type EarlyFailure = (AgentReason, anyhow::Error);
 
-fn early_result(reason: &str, err: &anyhow::Error) -> BackupResult {
-    BackupResult {
-        reason: Some(reason.to_string()),
-        error: Some(format!("{err:#}")),
-        ..Default::default()
-    }
+fn early_result(reason: AgentReason, err: &anyhow::Error) -> BackupResult {
+    BackupResult::early_failure(reason, format!("{err:#}"))
 }
 
 /// The plan and vCenter settings from the arguments and credentials.
 fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFailure> {
-    use sendense_agent::source::{Transport, VddkSettings};
-    use sendense_agent::vsphere::{Tls, VmSelector};
+    use sendense_agent::source::{self, VddkSettings};
+    use sendense_vsphere::{Tls, VmSelector};
     use std::collections::BTreeMap;
 
-    let invalid = |e: anyhow::Error| ("InvalidArguments", e);
+    let invalid = |e: anyhow::Error| (AgentReason::InvalidArguments, e);
     let tls = match (&args.thumbprint, &args.ca_file, args.insecure_skip_verify) {
         (Some(t), None, false) => Tls::Thumbprint(t.clone()),
         (None, Some(f), false) => Tls::CaPem(
@@ -261,26 +159,22 @@ fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFa
     let parse = || -> Result<_> {
         let mut targets = BTreeMap::new();
         for t in &args.targets {
-            let (k, v) = key_value(t, ':', "--targets")?;
-            let key: i32 = k
-                .parse()
-                .with_context(|| format!("--targets {t:?}: device key"))?;
             targets.insert(
-                key,
-                v.parse::<NbdUrl>()
-                    .with_context(|| format!("--targets {t:?}"))?,
+                t.key,
+                t.url
+                    .parse::<NbdUrl>()
+                    .with_context(|| format!("--targets {t}"))?,
             );
         }
         let mut base_change_ids = BTreeMap::new();
         for b in &args.base_change_ids {
-            let (k, v) = key_value(b, ':', "--base-change-ids")?;
-            let key: i32 = k
-                .parse()
-                .with_context(|| format!("--base-change-ids {b:?}: device key"))?;
-            if !targets.contains_key(&key) {
-                anyhow::bail!("--base-change-ids names disk {key}, which has no --targets entry");
+            if !targets.contains_key(&b.key) {
+                anyhow::bail!(
+                    "--base-change-ids names disk {}, which has no --targets entry",
+                    b.key
+                );
             }
-            base_change_ids.insert(key, v);
+            base_change_ids.insert(b.key, b.change_id.clone());
         }
         let vm = match (&args.vm, &args.vm_uuid) {
             (Some(n), _) => VmSelector::Name(n.clone()),
@@ -290,16 +184,15 @@ fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFa
         Ok((targets, base_change_ids, vm))
     };
     let (targets, base_change_ids, vm) = parse().map_err(invalid)?;
-    let transport = match args.transport.as_str() {
-        "nfs" => {
-            let mut datastores = BTreeMap::new();
-            for d in &args.datastores {
-                let (k, v) = key_value(d, '=', "--datastore").map_err(invalid)?;
-                datastores.insert(k, PathBuf::from(v));
-            }
-            Transport::Nfs { datastores }
-        }
-        "vddk" => {
+    let transport = match args.transport {
+        Transport::Nfs => source::Transport::Nfs {
+            datastores: args
+                .datastores
+                .iter()
+                .map(|d| (d.name.clone(), d.dir.clone()))
+                .collect(),
+        },
+        Transport::Vddk => {
             let host = url::Url::parse(&args.vcenter)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
@@ -312,7 +205,7 @@ fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFa
                     "the vddk transport reads the password from a file: give --credentials-dir",
                 )
                 .map_err(invalid)?;
-            Transport::Vddk(VddkSettings {
+            source::Transport::Vddk(VddkSettings {
                 server: host,
                 username: String::new(),
                 password_file: dir.join("password"),
@@ -321,14 +214,17 @@ fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFa
                     .clone()
                     .context("the vddk transport needs --thumbprint")
                     .map_err(invalid)?,
-                modes: args.vddk_modes.clone(),
+                modes: args
+                    .vddk_modes
+                    .iter()
+                    .map(|m| {
+                        clap::ValueEnum::to_possible_value(m)
+                            .map(|p| p.get_name().to_owned())
+                            .unwrap_or_default()
+                    })
+                    .collect(),
                 libdir: args.vddk_libdir.clone(),
             })
-        }
-        other => {
-            return Err(invalid(anyhow::anyhow!(
-                "--transport {other}: expected nfs or vddk"
-            )));
         }
     };
     let mut plan = BackupPlan {
@@ -351,8 +247,9 @@ fn backup_plan(args: &BackupArgs) -> Result<(BackupPlan, VCenterConfig), EarlyFa
         },
         checksum: args.checksum,
     };
-    let (username, password) = credentials(args).map_err(|e| ("CredentialsUnavailable", e))?;
-    if let Transport::Vddk(v) = &mut plan.transport {
+    let (username, password) =
+        credentials(args).map_err(|e| (AgentReason::CredentialsUnavailable, e))?;
+    if let source::Transport::Vddk(v) = &mut plan.transport {
         v.username = username.clone();
     }
     let mut cfg = VCenterConfig::new(args.vcenter.clone(), username, password, tls);
@@ -394,7 +291,7 @@ async fn backup_outcome(args: &BackupArgs, live: &Arc<LiveProgress>) -> (BackupR
             Ok(l) => Some(l),
             Err(e) => {
                 return fail((
-                    "StatusListenFailed",
+                    AgentReason::StatusListenFailed,
                     anyhow::anyhow!("--status-addr {addr}: cannot listen: {e}"),
                 ));
             }
@@ -412,13 +309,13 @@ async fn backup_outcome(args: &BackupArgs, live: &Arc<LiveProgress>) -> (BackupR
         let connected = tokio::select! {
             r = VSphere::connect(cfg) => r,
             why = &mut stop => {
-                return fail(("Stopped", anyhow::anyhow!("stopped while connecting to vCenter: {why}")));
+                return fail((AgentReason::Stopped, anyhow::anyhow!("stopped while connecting to vCenter: {why}")));
             }
         };
         let vs = match connected {
             Ok(vs) => vs,
             Err(e) => {
-                let reason = backup::vsphere_reason(&e, "Unreachable");
+                let reason = backup::vsphere_reason(&e, AgentReason::Unreachable);
                 return fail((
                     reason,
                     anyhow::Error::new(e).context("connecting to vCenter"),
@@ -431,8 +328,8 @@ async fn backup_outcome(args: &BackupArgs, live: &Arc<LiveProgress>) -> (BackupR
     };
     let outcome = tokio::select! {
         r = work => r,
-        _ = serve => fail(("StatusListenFailed", anyhow::anyhow!("the status endpoint ended"))),
-        _ = report_progress(live) => fail(("Internal", anyhow::anyhow!("the progress reporter ended"))),
+        _ = serve => fail((AgentReason::StatusListenFailed, anyhow::anyhow!("the status endpoint ended"))),
+        _ = report_progress(live) => fail((AgentReason::Internal, anyhow::anyhow!("the progress reporter ended"))),
     };
     live.set_stage(Stage::Done);
     outcome
@@ -448,10 +345,7 @@ async fn backup_command(args: BackupArgs) -> Result<bool> {
     let live = Arc::new(LiveProgress::default());
     let (result, started) = backup_outcome(&args, &live).await;
     let written = match &args.result_file {
-        Some(f) => write_result_file(
-            f,
-            &backup::compact_json(&result, backup::TERMINATION_MESSAGE_LIMIT),
-        ),
+        Some(f) => write_result_file(f, &compact_json(&result, TERMINATION_MESSAGE_LIMIT)),
         None => Ok(()),
     };
     println!("{}", serde_json::to_string(&result)?);
@@ -521,25 +415,25 @@ async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Cmd::Hub {
             command:
-                HubCmd::Prepare {
+                HubCmd::Prepare(HubPrepareArgs {
                     file,
                     size,
                     backing,
-                },
+                }),
         } => {
             let prepared = hub::prepare(&file, size, backing.as_deref())?;
             println!("{}", serde_json::to_string(&prepared)?);
             Ok(true)
         }
         Cmd::Hub {
-            command: HubCmd::Remove { files },
+            command: HubCmd::Remove(HubRemoveArgs { files }),
         } => {
             let removed = hub::remove(&files)?;
             println!("{}", serde_json::to_string(&removed)?);
             Ok(true)
         }
         Cmd::Repo {
-            command: RepoCmd::Probe { dir, result_file },
+            command: RepoCmd::Probe(RepoProbeArgs { dir, result_file }),
         } => {
             let probed = repo::probe(&dir);
             let text = serde_json::to_string(&probed)?;
@@ -623,7 +517,7 @@ async fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::Backup(args) => backup_command(*args).await,
-        Cmd::NbdPing { url, timeout } => {
+        Cmd::NbdPing(NbdPingArgs { url, timeout }) => {
             let url: NbdUrl = url.parse()?;
             let opts = ConnectOptions {
                 connect_timeout: Duration::from_secs(timeout),
@@ -692,13 +586,13 @@ fn report_usage_error(e: &clap::Error) {
         .join(" ");
     let message = message.trim_start_matches("error: ").to_string();
     let text = match args.first().map(String::as_str) {
-        Some("backup") => backup::compact_json(
-            &early_result("InvalidArguments", &anyhow::anyhow!(message)),
-            backup::TERMINATION_MESSAGE_LIMIT,
+        Some("backup") => compact_json(
+            &BackupResult::early_failure(AgentReason::InvalidArguments, message),
+            TERMINATION_MESSAGE_LIMIT,
         ),
         Some("repo") => {
-            serde_json::json!({"ok": false, "reason": "InvalidArguments", "error": message})
-                .to_string()
+            serde_json::to_string(&ProbeResult::failed(ProbeReason::InvalidArguments, message))
+                .unwrap_or_default()
         }
         _ => return,
     };

@@ -6,53 +6,20 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
-/// What `repo probe` reports. On failure only `ok`, `reason` and `error` are set.
-#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
-pub struct ProbeResult {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub capacity_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub used_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub available_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub qcow2_files: Option<u64>,
-    /// Space allocated to the QCOW2 files (not their apparent size).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub qcow2_bytes: Option<u64>,
-    /// A stable label of the failure: NotFound, NotADirectory, ReadOnly, PermissionDenied,
-    /// NoSpace, Corrupted (read back differs) or IOError.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl ProbeResult {
-    fn failed(reason: &str, error: String) -> Self {
-        Self {
-            ok: false,
-            reason: Some(reason.into()),
-            error: Some(error),
-            ..Default::default()
-        }
-    }
-}
+use sendense_contract::ProbeReason;
+pub use sendense_contract::probe::ProbeResult;
 
 /// A failure of one probe step: its reason and message.
-type Failure = (&'static str, String);
+type Failure = (ProbeReason, String);
 
-fn io_reason(e: &std::io::Error) -> &'static str {
+fn io_reason(e: &std::io::Error) -> ProbeReason {
     match e.raw_os_error() {
-        Some(libc::EROFS) => "ReadOnly",
-        Some(libc::EACCES) | Some(libc::EPERM) => "PermissionDenied",
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "NoSpace",
-        Some(libc::ENOENT) => "NotFound",
-        Some(libc::ENOTDIR) => "NotADirectory",
-        _ => "IOError",
+        Some(libc::EROFS) => ProbeReason::ReadOnly,
+        Some(libc::EACCES) | Some(libc::EPERM) => ProbeReason::PermissionDenied,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ProbeReason::NoSpace,
+        Some(libc::ENOENT) => ProbeReason::NotFound,
+        Some(libc::ENOTDIR) => ProbeReason::NotADirectory,
+        _ => ProbeReason::IoError,
     }
 }
 
@@ -74,7 +41,7 @@ fn probe_inner(dir: &Path) -> Result<ProbeResult, Failure> {
         .map_err(|e| io_failure(format!("repository directory {shown}"), e))?;
     if !meta.is_dir() {
         return Err((
-            "NotADirectory",
+            ProbeReason::NotADirectory,
             format!("repository directory {shown}: not a directory"),
         ));
     }
@@ -127,7 +94,7 @@ fn write_read_back(dir: &Path) -> Result<(), Failure> {
             .map_err(|e| io_failure(format!("reading back {}", path.display()), e))?;
         if back != data {
             return Err((
-                "Corrupted",
+                ProbeReason::Corrupted,
                 format!(
                     "repository directory {shown}: the {} bytes read back from {} differ from the 4096 written",
                     back.len(),
@@ -205,14 +172,17 @@ mod tests {
 
     #[test]
     fn failures_serialize_without_measurements() {
-        let r = ProbeResult::failed("ReadOnly", "x: Read-only file system (os error 30)".into());
+        let r = ProbeResult::failed(
+            ProbeReason::ReadOnly,
+            "x: Read-only file system (os error 30)",
+        );
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({"ok": false, "reason": "ReadOnly", "error": "x: Read-only file system (os error 30)"})
         );
         assert_eq!(
             io_reason(&std::io::Error::from_raw_os_error(libc::EROFS)),
-            "ReadOnly"
+            ProbeReason::ReadOnly
         );
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use crate::nbd::{Address, NbdUrl};
-use crate::vsphere::{Disk, SnapshotRef, VmRef, flat_extent_path, parse_datastore_path};
+use sendense_vsphere::{Disk, SnapshotRef, VmRef, flat_extent_path, parse_datastore_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

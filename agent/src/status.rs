@@ -241,8 +241,8 @@ mod tests {
 
     #[test]
     fn progress_answers_json_with_the_stage_and_disk_counters() {
-        use crate::backup::Stage;
         use crate::copy::Progress;
+        use sendense_contract::progress::Stage;
         use std::sync::atomic::Ordering;
         let live = LiveProgress::default();
         let p = Arc::new(Progress::default());

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use support::vcsim::Sim;
 
 use sendense_agent::copy::ChangedArea;
-use sendense_agent::vsphere::{
-    Disk, Tls, VSphere, VSphereError, VmRef, VmSelector, parse_datastore_path,
-};
+use sendense_vsphere::{Disk, Tls, VSphere, VSphereError, VmRef, VmSelector, parse_datastore_path};
 use serde_json::Value;
 
 const VM: &str = "cbt-vm-0";

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::agent_io::ProgressReport;
+use sendense_contract::progress::{PROGRESS_PATH, ProgressReport};
 
 /// How long one read of the progress may take; the next reconcile tries again.
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -48,7 +48,8 @@ async fn request(addr: &str) -> Result<ProgressReport, ProgressError> {
     };
     let mut s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
     s.write_all(
-        format!("GET /progress HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {PROGRESS_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .map_err(io)?;

@@ -3,10 +3,9 @@
 //! of one backup, a directory of steps). What they share lives in modules no controller owns:
 //! the objects they create (`resources`, pure builders), writing them (`children`), reading pods
 //! (`pod_state`), the status + conditions + Events writer (`status`), vCenter logins
-//! (`vcenter`), the agent's wire types (`agent_io`) and progress endpoint (`agent_progress`), and
-//! pure decisions (`chain`, `ports`). `settings` and `runtime` start it all.
+//! (`vcenter`), the agent's progress endpoint (`agent_progress`), and pure decisions (`chain`,
+//! `ports`). What the operator and the agent say to each other is the `sendense_contract` crate. `settings` and `runtime` start it all.
 
-pub mod agent_io;
 pub mod agent_progress;
 pub mod backup_job;
 pub mod chain;

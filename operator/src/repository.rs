@@ -11,12 +11,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, ResourceExt};
+use sendense_contract::probe::ProbeResult;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::common::human_bytes;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, RepositoryStatus};
 
-use crate::agent_io::ProbeResult;
 use crate::children::{
     ApiError, apply, create_if_missing, delete_if_present, ensure_service_account, get, list,
 };
@@ -194,31 +194,34 @@ fn record_measurement(
 ) {
     let repo = update.object();
     let (ns, name) = (repo.namespace().unwrap_or_default(), repo.name_any());
+    // A successful probe reports every measure; a missing one reads as 0.
+    let capacity = p.capacity_bytes.unwrap_or_default();
+    let used = p.used_bytes.unwrap_or_default();
     let st = &mut update.status;
-    st.capacity_bytes = Some(p.capacity_bytes as i64);
-    st.used_bytes = Some(p.used_bytes as i64);
+    st.capacity_bytes = Some(capacity as i64);
+    st.used_bytes = Some(used as i64);
     st.used = Some(format!(
         "{} of {}",
-        human_bytes(p.used_bytes),
-        human_bytes(p.capacity_bytes)
+        human_bytes(used),
+        human_bytes(capacity)
     ));
     st.last_probe_time = Some(now());
     metrics
         .repository_capacity
         .with_label_values(&[&ns, &name])
-        .set(p.capacity_bytes as i64);
+        .set(capacity as i64);
     metrics
         .repository_used
         .with_label_values(&[&ns, &name])
-        .set(p.used_bytes as i64);
+        .set(used as i64);
     update.set(
         &Ready::Writable,
         format!(
             "claim {claim} is Bound and writable; {} used of {}, {} free; {} QCOW2 files",
-            human_bytes(p.used_bytes),
-            human_bytes(p.capacity_bytes),
-            human_bytes(p.available_bytes),
-            p.qcow2_files
+            human_bytes(used),
+            human_bytes(capacity),
+            human_bytes(p.available_bytes.unwrap_or_default()),
+            p.qcow2_files.unwrap_or_default()
         ),
     );
 }

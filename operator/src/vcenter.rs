@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client, ResourceExt};
 use sendense_crds::SourceNode;
 
-pub use sendense_agent::vsphere::{Disk, Tls, VCenterConfig, VSphere, VSphereError, VmSelector};
+pub use sendense_vsphere::{Disk, Tls, VCenterConfig, VSphere, VSphereError, VmSelector};
 
 /// Why the vCenter could not be used, as the reason of a condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

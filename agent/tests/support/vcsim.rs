@@ -4,10 +4,8 @@ use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sendense_agent::vsphere::{
-    Tls, VCenterConfig, VSphere, flat_extent_path, parse_datastore_path,
-};
 pub use sendense_e2e::vcsim::Simulator;
+use sendense_vsphere::{Tls, VCenterConfig, VSphere, flat_extent_path, parse_datastore_path};
 
 /// A running simulator; everything of `Simulator` plus vSphere client helpers.
 pub struct Sim(pub Simulator);

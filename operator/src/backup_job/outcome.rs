@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use kube::runtime::events::EventType;
 
+use sendense_contract::AgentReason;
+
 use crate::status::ConditionReason;
 use crate::vcenter::ProblemKind;
 
@@ -78,24 +80,24 @@ impl Wait {
 }
 
 /// Why one attempt failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureReason {
     RepositoryNotFound,
     SourceNodeNotFound,
     HubFailed,
     /// The agent failed, with the reason it reported (none: `AgentFailed`).
-    Agent(Option<String>),
+    Agent(Option<AgentReason>),
     /// The agent ended without a result the operator can read.
     ResultMissing,
 }
 
 impl FailureReason {
-    pub fn as_str(&self) -> &str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::RepositoryNotFound => "RepositoryNotFound",
             Self::SourceNodeNotFound => "SourceNodeNotFound",
             Self::HubFailed => "HubFailed",
-            Self::Agent(Some(r)) => r,
+            Self::Agent(Some(r)) => r.as_str(),
             Self::Agent(None) => "AgentFailed",
             Self::ResultMissing => "ResultMissing",
         }

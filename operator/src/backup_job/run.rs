@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
+use sendense_contract::result::BackupResult;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
@@ -17,7 +18,6 @@ use super::context::Context;
 use super::finish;
 use super::outcome::{Failure, FailureReason, Running, retry_backoff};
 use super::status::{self, JobUpdate};
-use crate::agent_io::BackupResult;
 use crate::children::{
     ApiError, Namespaced, apply, delete_if_present, ensure_service_account, get,
 };
@@ -253,7 +253,7 @@ impl AgentState {
             (BackupResult::parse(&msg), msg)
         };
         let reported = |r: &BackupResult, default: &str| {
-            let reason = FailureReason::Agent(r.reason().map(str::to_owned));
+            let reason = FailureReason::Agent(r.reason);
             Failure::new(reason, r.error.clone().unwrap_or_else(|| default.into()))
         };
         match PodPhase::of(agent) {

@@ -2,6 +2,9 @@
 //! progress, success, a failed attempt (retry or the end), and reading the recorded plan back
 //! as the hub's and agent's inputs.
 
+use sendense_contract::cli::{BaseChangeId, DiskTarget};
+use sendense_contract::progress::{ProgressReport, Stage};
+use sendense_contract::result::{self, BackupResult, SnapshotReport};
 use sendense_crds::BackupJob;
 use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase, SnapshotStatus};
 use sendense_crds::common::human_bytes;
@@ -10,8 +13,6 @@ use super::outcome::{
     Complete, Failed, Failure, FilesRemoved, Running, SnapshotRemoved, Wait, retry_backoff,
 };
 use super::plan::Plan;
-use crate::agent_io::cli::{BaseChangeId, DiskTarget};
-use crate::agent_io::{BackupResult, ProgressReport, SnapshotReport};
 use crate::children::ApiError;
 use crate::resources::HubDisk;
 use crate::status::{StatusUpdate, now};
@@ -60,13 +61,13 @@ pub fn progress(u: &mut JobUpdate, attempt: i32, p: &ProgressReport) {
             d.bytes_copied = Some(dp.bytes_copied as i64);
         }
     }
-    let stage = if p.stage.is_empty() {
-        "copying"
-    } else {
-        &p.stage
+    let stage = match p.stage {
+        // A stage this build does not know (a newer agent): it is past preparing.
+        Stage::Unknown => Stage::Copying.as_str(),
+        s => s.as_str(),
     };
     // Before the copy starts there is nothing to count yet: say what the agent is doing.
-    let message = if p.bytes_to_copy == 0 && matches!(stage, "connecting" | "snapshot") {
+    let message = if p.bytes_to_copy == 0 && p.stage.is_preparing() {
         format!("attempt {attempt}: {stage}")
     } else {
         let text = progress_text(p.bytes_copied, p.bytes_to_copy);
@@ -97,10 +98,10 @@ pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
             }
             d.bytes_to_copy = Some(r.bytes_to_copy as i64);
             d.bytes_copied = Some(r.bytes_to_copy as i64);
-            d.copy = match r.copy.as_str() {
-                "incremental" => Some(CopyKind::Incremental),
-                "full" => Some(CopyKind::Full),
-                _ => d.copy,
+            d.copy = match r.copy {
+                Some(result::CopyKind::Incremental) => Some(CopyKind::Incremental),
+                Some(result::CopyKind::Full) => Some(CopyKind::Full),
+                None => d.copy,
             };
             if !r.reason.is_empty() {
                 d.copy_reason = Some(r.reason.clone());

@@ -7,6 +7,7 @@ use std::time::Duration;
 use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
+use sendense_contract::result::BackupResult;
 use sendense_crds::BackupJob;
 use sendense_crds::backup_job::{CopyKind, Phase};
 use sendense_crds::conditions;
@@ -15,7 +16,6 @@ use serde_json::json;
 use super::context::Context;
 use super::reconcile;
 use super::status::{self, JobUpdate};
-use crate::agent_io::BackupResult;
 use crate::fixtures::{Fixture, TestObject};
 use crate::metrics::Metrics;
 use crate::resources::{ATTEMPT_LABEL, PodSettings};
@@ -86,6 +86,12 @@ fn a_successful_result_records_change_ids_sizes_and_conditions() {
     assert!(conditions::is_true(&st.conditions, "Complete"));
     assert!(conditions::is_true(&st.conditions, "SnapshotRemoved"));
     assert_eq!(st.snapshot.as_ref().map(|s| s.removed), Some(true));
+}
+
+#[test]
+fn garbage_is_not_a_result() {
+    assert!(BackupResult::parse("panicked at main.rs").is_none());
+    assert!(BackupResult::parse("").is_none());
 }
 
 /// The API calls of the main reconcile paths, against a scripted API server: each test

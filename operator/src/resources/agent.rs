@@ -10,9 +10,9 @@ use kube::ResourceExt;
 use sendense_crds::source_node::{TransportType, VddkMode as CrdVddkMode};
 use sendense_crds::{BackupJob, SourceNode};
 
-use super::{PodSettings, agent_name, harden, labels, owned_meta};
-use crate::agent_io::cli::{
-    BackupArgs, BaseChangeId, DatastoreMount, DiskTarget, PROGRAM, Transport, VddkMode,
+use super::{PodSettings, TERMINATION_LOG, agent_name, harden, labels, owned_meta};
+use sendense_contract::cli::{
+    AGENT_BINARY, BackupArgs, BaseChangeId, DatastoreMount, DiskTarget, Transport, VddkMode,
 };
 
 pub const CREDENTIALS_DIR: &str = "/etc/sendense/credentials";
@@ -51,28 +51,23 @@ pub fn agent_pod(
     images: &PodSettings,
 ) -> Pod {
     let vc = &source.spec.vcenter;
-    let mut args = BackupArgs {
-        vcenter: vc.url.clone(),
-        datacenter: source.spec.datacenter.clone(),
-        vm: job.spec.vm.name.clone(),
-        vm_uuid: job
-            .spec
-            .vm
-            .name
-            .is_none()
-            .then(|| job.spec.vm.instance_uuid.clone())
-            .flatten(),
-        job: job.name_any(),
-        credentials_dir: Some(CREDENTIALS_DIR.into()),
-        targets,
-        base_change_ids,
-        result_file: Some("/dev/termination-log".into()),
-        // Progress for the operator, on the pod's own IP.
-        status_addr: Some(format!("$(POD_IP):{PROGRESS_PORT}")),
-        quiesce: job.spec.quiesce,
-        deadline_seconds: job.spec.active_deadline_seconds,
-        ..Default::default()
-    };
+    let mut args = BackupArgs::new(&vc.url, &source.spec.datacenter, job.name_any());
+    // The CRD's CEL rule requires exactly one of vm.name and vm.instanceUuid.
+    args.vm = job.spec.vm.name.clone();
+    if args.vm.is_none() {
+        args.vm_uuid = job.spec.vm.instance_uuid.clone();
+    }
+    args.credentials_dir = Some(CREDENTIALS_DIR.into());
+    args.targets = targets;
+    args.base_change_ids = base_change_ids;
+    args.result_file = Some(TERMINATION_LOG.into());
+    // Progress for the operator, on the pod's own IP.
+    args.status_addr = Some(format!("$(POD_IP):{PROGRESS_PORT}"));
+    args.quiesce = job.spec.quiesce;
+    args.deadline_seconds = job
+        .spec
+        .active_deadline_seconds
+        .and_then(|d| u64::try_from(d).ok());
 
     let creds = &vc.credentials_secret_ref;
     let mut volumes = vec![Volume {
@@ -104,7 +99,7 @@ pub fn agent_pod(
             ..Default::default()
         });
         mounts.push(read_only("vcenter-ca", CA_DIR));
-        args.ca_file = Some(format!("{CA_DIR}/ca.crt"));
+        args.ca_file = Some(format!("{CA_DIR}/ca.crt").into());
     } else if tls.insecure_skip_verify == Some(true) {
         args.insecure_skip_verify = true;
     }
@@ -127,13 +122,13 @@ pub fn agent_pod(
                 mounts.push(read_only(&name, &path));
                 args.datastores.push(DatastoreMount {
                     name: ds.name.clone(),
-                    dir: path,
+                    dir: path.into(),
                 });
             }
         }
         TransportType::Vddk => {
             args.transport = Transport::Vddk;
-            args.vddk_modes = transport
+            let modes: Vec<VddkMode> = transport
                 .vddk
                 .iter()
                 .flat_map(|v| v.modes.iter())
@@ -144,6 +139,10 @@ pub fn agent_pod(
                     CrdVddkMode::San => VddkMode::San,
                 })
                 .collect();
+            // None named: the agent's default.
+            if !modes.is_empty() {
+                args.vddk_modes = modes;
+            }
         }
     }
 
@@ -154,7 +153,7 @@ pub fn agent_pod(
             containers: vec![Container {
                 name: "agent".into(),
                 image: Some(images.agent.clone()),
-                command: Some(vec![PROGRAM.into()]),
+                command: Some(vec![AGENT_BINARY.into()]),
                 args: Some(args.to_args()),
                 volume_mounts: Some(mounts),
                 env: Some(vec![EnvVar {

@@ -6,7 +6,7 @@ use sendense_crds::BackupJob;
 
 use super::layout::{agent_container, mounted, volume_pod_spec};
 use super::{PodSettings, cleanup_name, harden, labels, owned_meta};
-use crate::agent_io::cli::HubRemoveArgs;
+use sendense_contract::cli::HubRemoveArgs;
 
 /// The cleanup pod: `files` relative to the volume's root, on the repository's `claim`.
 pub fn cleanup_pod(job: &BackupJob, claim: &str, files: &[String], images: &PodSettings) -> Pod {

@@ -9,7 +9,7 @@ use sendense_crds::BackupJob;
 
 use super::layout::{agent_container, mount, mounted, volume_pod_spec};
 use super::{PodSettings, harden, hub_name, labels, owned_meta};
-use crate::agent_io::cli::{HubPrepareArgs, NbdPingArgs, PROGRAM};
+use sendense_contract::cli::{AGENT_BINARY, HubPrepareArgs, NbdPingArgs};
 
 /// Clients qemu-nbd serves at once: the agent opens several connections per disk, and with
 /// qemu-nbd's default of 1 the second one waits forever.
@@ -35,7 +35,7 @@ fn prepare(d: &HubDisk, images: &PodSettings) -> Container {
 }
 
 fn serve(d: &HubDisk, images: &PodSettings) -> Container {
-    let mut ping = vec![PROGRAM.to_owned()];
+    let mut ping = vec![AGENT_BINARY.to_owned()];
     ping.extend(
         NbdPingArgs {
             url: format!("nbd://127.0.0.1:{}/", d.port),
@@ -55,7 +55,7 @@ fn serve(d: &HubDisk, images: &PodSettings) -> Container {
             format!("--port={}", d.port),
             "--cache=writeback".into(),
             "--aio=threads".into(),
-            mounted(&d.file),
+            mounted(&d.file).display().to_string(),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some(format!("nbd-{}", d.key)),

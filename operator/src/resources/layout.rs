@@ -1,6 +1,8 @@
 //! Where things are on a repository volume: the claim it lives on, the file of each disk of a
 //! job (from the repository's layout), and how hub-side pods mount it.
 
+use std::path::PathBuf;
+
 use k8s_openapi::api::core::v1::{
     Container, PersistentVolumeClaimVolumeSource, PodSpec, Volume, VolumeMount,
 };
@@ -8,7 +10,7 @@ use kube::ResourceExt;
 use sendense_crds::Repository;
 
 use super::PodSettings;
-use crate::agent_io::cli::PROGRAM;
+use sendense_contract::cli::AGENT_BINARY;
 
 /// Where the repository volume is mounted in hub-side containers.
 pub const REPOSITORY_MOUNT: &str = "/repository";
@@ -56,8 +58,11 @@ pub fn disk_file(layout: &str, namespace: &str, vm: &str, key: i32, job: &str) -
 }
 
 /// A path relative to the volume's root, as hub-side containers see it.
-pub(super) fn mounted(relative: &str) -> String {
-    format!("{REPOSITORY_MOUNT}/{}", relative.trim_start_matches('/'))
+pub(super) fn mounted(relative: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "{REPOSITORY_MOUNT}/{}",
+        relative.trim_start_matches('/')
+    ))
 }
 
 pub(super) fn mount() -> VolumeMount {
@@ -70,7 +75,7 @@ pub(super) fn mount() -> VolumeMount {
 
 /// A container of the agent image running `sendense-agent <args>` with the volume mounted.
 pub(super) fn agent_container(name: String, args: Vec<String>, images: &PodSettings) -> Container {
-    let mut command = vec![PROGRAM.to_owned()];
+    let mut command = vec![AGENT_BINARY.to_owned()];
     command.extend(args);
     Container {
         name,

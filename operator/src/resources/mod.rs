@@ -29,6 +29,8 @@ pub use repository::{probe_pod, templated_claim};
 /// Label carrying the attempt a job's pod belongs to; pods of an earlier attempt are removed
 /// before the next attempt starts.
 pub const ATTEMPT_LABEL: &str = "sendense.io/attempt";
+/// Where a container's result goes: Kubernetes keeps it as the termination message.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// The value of `app.kubernetes.io/managed-by` on everything the operator creates (the
 /// controllers watch their pods by it).
 pub const MANAGED_BY: &str = "sendense-operator";

@@ -12,15 +12,17 @@ use sendense_crds::Repository;
 use sendense_crds::repository::AccessMode;
 
 use super::layout::{REPOSITORY_MOUNT, agent_container, volume_pod_spec};
-use super::{PodSettings, claim_name, harden, owned_meta, probe_name, repository_labels};
-use crate::agent_io::cli::RepoProbeArgs;
+use super::{
+    PodSettings, TERMINATION_LOG, claim_name, harden, owned_meta, probe_name, repository_labels,
+};
+use sendense_contract::cli::RepoProbeArgs;
 
 /// The probe pod: writes, reads back and removes a file on the volume, and measures it; its
 /// result is its termination message.
 pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
     let args = RepoProbeArgs {
         dir: REPOSITORY_MOUNT.into(),
-        result_file: Some("/dev/termination-log".into()),
+        result_file: Some(TERMINATION_LOG.into()),
     };
     let mut probe = agent_container("probe".into(), args.to_args(), images);
     probe.termination_message_policy = Some("FallbackToLogsOnError".into());

@@ -19,7 +19,7 @@ mod snapshots;
 mod tasks;
 mod tls;
 
-pub use cbt::DiskChangeInfo;
+pub use cbt::{ChangedArea, DiskChangeInfo};
 pub use config::{Tls, VCenterConfig};
 pub use disks::Disk;
 pub use error::VSphereError;

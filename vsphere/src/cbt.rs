@@ -10,7 +10,19 @@ use vim_rs::mo::VirtualMachine;
 
 use super::error::{fault_field, fault_of};
 use super::{Disk, SnapshotRef, VSphere, VSphereError, VmRef};
-use crate::copy::ChangedArea;
+
+/// A byte range of a disk to copy, as CBT reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChangedArea {
+    pub start: u64,
+    pub length: u64,
+}
+
+impl ChangedArea {
+    pub fn end(&self) -> u64 {
+        self.start + self.length
+    }
+}
 
 /// One page of `QueryChangedDiskAreas`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,429 @@
+//! The agent's command lines, as typed structs: the agent parses them (clap), the operator
+//! builds pods' argument lists from them with `to_args()`, which returns the words after the
+//! binary name, subcommand included.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The agent's binary, as pods run it.
+pub const AGENT_BINARY: &str = "sendense-agent";
+
+pub const DEFAULT_SNAPSHOT_PREFIX: &str = "sendense-";
+/// VMware misbehaves with reads above ~2 MiB under parallel transfers.
+pub const DEFAULT_REQUEST_SIZE: u32 = 2 << 20;
+pub const DEFAULT_IN_FLIGHT: usize = 32;
+pub const DEFAULT_CONNECTIONS: usize = 4;
+pub const DEFAULT_REQUEST_TIMEOUT_SECONDS: u64 = 120;
+pub const DEFAULT_VDDK_LIBDIR: &str = "/opt/vmware-vix-disklib-distrib";
+pub const DEFAULT_NBD_PING_TIMEOUT_SECONDS: u64 = 5;
+
+/// How the agent reads the snapshot's disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Transport {
+    /// The flat disk files of the snapshot, from datastores mounted into the pod.
+    #[default]
+    Nfs,
+    /// nbdkit's VDDK plugin (VMware's library; production images bring it).
+    Vddk,
+}
+
+/// VDDK transport modes, tried in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum VddkMode {
+    Nbdssl,
+    Nbd,
+    Hotadd,
+    San,
+}
+
+fn value_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// Why a `KEY:VALUE` or `NAME=DIR` argument was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgError(String);
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+fn device_key(s: &str, what: &str) -> Result<(i32, String), ArgError> {
+    let (k, v) = s
+        .split_once(':')
+        .ok_or_else(|| ArgError(format!("{s:?}: expected DEVICE_KEY:{what}")))?;
+    let key = k
+        .trim()
+        .parse()
+        .map_err(|_| ArgError(format!("{s:?}: {k:?} is not a device key (e.g. 2000)")))?;
+    let v = v.trim();
+    if v.is_empty() {
+        return Err(ArgError(format!("{s:?}: {what} is empty")));
+    }
+    Ok((key, v.to_owned()))
+}
+
+/// One disk's hub export: `2000:nbd://host:10100/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskTarget {
+    pub key: i32,
+    pub url: String,
+}
+
+impl FromStr for DiskTarget {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (key, url) = device_key(s, "NBD_URL")?;
+        Ok(Self { key, url })
+    }
+}
+
+impl fmt::Display for DiskTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.key, self.url)
+    }
+}
+
+/// The change ID of a disk's previous backup: `2000:<changeId>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseChangeId {
+    pub key: i32,
+    pub change_id: String,
+}
+
+impl FromStr for BaseChangeId {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (key, change_id) = device_key(s, "CHANGE_ID")?;
+        Ok(Self { key, change_id })
+    }
+}
+
+impl fmt::Display for BaseChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.key, self.change_id)
+    }
+}
+
+/// A datastore mounted into the agent pod for the nfs transport: `NAME=DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatastoreMount {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl FromStr for DatastoreMount {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        match s.split_once('=') {
+            Some((n, d)) if !n.trim().is_empty() && !d.trim().is_empty() => Ok(Self {
+                name: n.trim().to_owned(),
+                dir: PathBuf::from(d.trim()),
+            }),
+            _ => Err(ArgError(format!("{s:?}: expected NAME=DIR"))),
+        }
+    }
+}
+
+impl fmt::Display for DatastoreMount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.dir.display())
+    }
+}
+
+/// An argument list under construction.
+#[derive(Default)]
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn words(words: &[&str]) -> Self {
+        Self(words.iter().map(|w| (*w).to_owned()).collect())
+    }
+    fn opt(&mut self, flag: &str, value: impl ToString) {
+        self.0.push(flag.to_owned());
+        self.0.push(value.to_string());
+    }
+    fn some(&mut self, flag: &str, value: Option<impl ToString>) {
+        if let Some(v) = value {
+            self.opt(flag, v);
+        }
+    }
+    fn not_default<T: PartialEq + ToString>(&mut self, flag: &str, value: T, default: T) {
+        if value != default {
+            self.opt(flag, value);
+        }
+    }
+    fn path(&mut self, flag: &str, value: Option<&PathBuf>) {
+        self.some(flag, value.map(|p| p.display()));
+    }
+    fn flag(&mut self, flag: &str, on: bool) {
+        if on {
+            self.0.push(flag.to_owned());
+        }
+    }
+    fn joined<T: ToString>(&mut self, flag: &str, values: &[T]) {
+        if !values.is_empty() {
+            let v: Vec<String> = values.iter().map(T::to_string).collect();
+            self.opt(flag, v.join(","));
+        }
+    }
+}
+
+/// `sendense-agent backup`: back up a VM (one snapshot, every target disk's changed areas
+/// copied, snapshot removed). Credentials: SENDENSE_VCENTER_USERNAME /
+/// SENDENSE_VCENTER_PASSWORD, or --credentials-dir with files `username` and `password` (a
+/// mounted Secret); never command-line arguments.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct BackupArgs {
+    /// vCenter SDK URL, e.g. https://vcenter.example.com/sdk
+    #[arg(long)]
+    pub vcenter: String,
+    #[arg(long)]
+    pub datacenter: String,
+    /// VM inventory name (or use --vm-uuid).
+    #[arg(long, conflicts_with = "vm_uuid", required_unless_present = "vm_uuid")]
+    pub vm: Option<String>,
+    /// VM instance UUID.
+    #[arg(long)]
+    pub vm_uuid: Option<String>,
+    /// Hub export per disk: 2000:nbd://host:port/export,2001:...
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub targets: Vec<DiskTarget>,
+    /// Change ID of the previous backup per disk: 2000:<changeId>,... (absent: full copy)
+    #[arg(long, value_delimiter = ',')]
+    pub base_change_ids: Vec<BaseChangeId>,
+    #[arg(long, value_enum, default_value_t = Transport::Nfs)]
+    pub transport: Transport,
+    /// Mounted datastore for the nfs transport: NAME=DIR (repeatable)
+    #[arg(long = "datastore")]
+    pub datastores: Vec<DatastoreMount>,
+    #[arg(long, default_value = DEFAULT_VDDK_LIBDIR)]
+    pub vddk_libdir: PathBuf,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [VddkMode::Nbdssl])]
+    pub vddk_modes: Vec<VddkMode>,
+    /// Pinned certificate fingerprint (SHA-256 or SHA-1, colon-separated hex).
+    #[arg(long)]
+    pub thumbprint: Option<String>,
+    /// PEM CA bundle that signed the vCenter certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Skip certificate verification (labs only).
+    #[arg(long)]
+    pub insecure_skip_verify: bool,
+    /// Directory with `username` and `password` files.
+    #[arg(long)]
+    pub credentials_dir: Option<PathBuf>,
+    /// Name of this backup (BackupJob name): the snapshot is named <prefix><job>.
+    #[arg(long)]
+    pub job: String,
+    #[arg(long, default_value = DEFAULT_SNAPSHOT_PREFIX)]
+    pub snapshot_prefix: String,
+    #[arg(long)]
+    pub quiesce: bool,
+    #[arg(long, default_value_t = DEFAULT_REQUEST_SIZE)]
+    pub request_size: u32,
+    #[arg(long, default_value_t = DEFAULT_IN_FLIGHT)]
+    pub in_flight: usize,
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS)]
+    pub connections: usize,
+    /// Seconds allowed for each NBD and vSphere request.
+    #[arg(long, default_value_t = DEFAULT_REQUEST_TIMEOUT_SECONDS)]
+    pub request_timeout: u64,
+    /// Seconds the whole backup may take; then it stops and removes its snapshot.
+    #[arg(long)]
+    pub deadline_seconds: Option<u64>,
+    /// Also hash each disk as read from the snapshot (a full read), for verify.
+    #[arg(long)]
+    pub checksum: bool,
+    /// Also write the JSON result here, on every outcome (early failures included), shrunk to
+    /// at most 4096 bytes (a Kubernetes termination message); stdout gets the whole result.
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+    /// Serve `GET /progress` (JSON) on HOST:PORT (or :PORT) while the backup runs.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub status_addr: Option<String>,
+}
+
+impl BackupArgs {
+    /// Arguments with every optional setting at its default.
+    pub fn new(
+        vcenter: impl Into<String>,
+        datacenter: impl Into<String>,
+        job: impl Into<String>,
+    ) -> Self {
+        Self {
+            vcenter: vcenter.into(),
+            datacenter: datacenter.into(),
+            vm: None,
+            vm_uuid: None,
+            targets: Vec::new(),
+            base_change_ids: Vec::new(),
+            transport: Transport::Nfs,
+            datastores: Vec::new(),
+            vddk_libdir: PathBuf::from(DEFAULT_VDDK_LIBDIR),
+            vddk_modes: vec![VddkMode::Nbdssl],
+            thumbprint: None,
+            ca_file: None,
+            insecure_skip_verify: false,
+            credentials_dir: None,
+            job: job.into(),
+            snapshot_prefix: DEFAULT_SNAPSHOT_PREFIX.to_owned(),
+            quiesce: false,
+            request_size: DEFAULT_REQUEST_SIZE,
+            in_flight: DEFAULT_IN_FLIGHT,
+            connections: DEFAULT_CONNECTIONS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            deadline_seconds: None,
+            checksum: false,
+            result_file: None,
+            status_addr: None,
+        }
+    }
+
+    /// `backup ...`: settings at their defaults are left out.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["backup"]);
+        a.opt("--vcenter", &self.vcenter);
+        a.opt("--datacenter", &self.datacenter);
+        a.opt("--job", &self.job);
+        a.some("--vm", self.vm.as_ref());
+        a.some("--vm-uuid", self.vm_uuid.as_ref());
+        a.joined("--targets", &self.targets);
+        a.joined("--base-change-ids", &self.base_change_ids);
+        a.not_default(
+            "--transport",
+            value_name(&self.transport),
+            value_name(&Transport::Nfs),
+        );
+        for d in &self.datastores {
+            a.opt("--datastore", d);
+        }
+        a.not_default(
+            "--vddk-libdir",
+            self.vddk_libdir.display().to_string(),
+            DEFAULT_VDDK_LIBDIR.to_owned(),
+        );
+        if self.vddk_modes != [VddkMode::Nbdssl] {
+            let modes: Vec<String> = self.vddk_modes.iter().map(value_name).collect();
+            a.joined("--vddk-modes", &modes);
+        }
+        a.some("--thumbprint", self.thumbprint.as_ref());
+        a.path("--ca-file", self.ca_file.as_ref());
+        a.flag("--insecure-skip-verify", self.insecure_skip_verify);
+        a.path("--credentials-dir", self.credentials_dir.as_ref());
+        a.not_default(
+            "--snapshot-prefix",
+            self.snapshot_prefix.as_str(),
+            DEFAULT_SNAPSHOT_PREFIX,
+        );
+        a.flag("--quiesce", self.quiesce);
+        a.not_default("--request-size", self.request_size, DEFAULT_REQUEST_SIZE);
+        a.not_default("--in-flight", self.in_flight, DEFAULT_IN_FLIGHT);
+        a.not_default("--connections", self.connections, DEFAULT_CONNECTIONS);
+        a.not_default(
+            "--request-timeout",
+            self.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        );
+        a.some("--deadline-seconds", self.deadline_seconds);
+        a.flag("--checksum", self.checksum);
+        a.path("--result-file", self.result_file.as_ref());
+        a.some("--status-addr", self.status_addr.as_ref());
+        a.0
+    }
+}
+
+/// `sendense-agent hub prepare`: create one disk's QCOW2 for a backup (replacing a file left
+/// by an earlier attempt).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct HubPrepareArgs {
+    /// The QCOW2 file to create.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Virtual size in bytes (the disk's capacity).
+    #[arg(long)]
+    pub size: u64,
+    /// The previous backup of this disk (makes this an incremental overlay).
+    #[arg(long)]
+    pub backing: Option<PathBuf>,
+}
+
+impl HubPrepareArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["hub", "prepare"]);
+        a.path("--file", Some(&self.file));
+        a.opt("--size", self.size);
+        a.path("--backing", self.backing.as_ref());
+        a.0
+    }
+}
+
+/// `sendense-agent hub remove`: remove the files a failed backup left (a missing file is
+/// fine), and each file's directory if that left it empty. Paths with `..` are refused.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct HubRemoveArgs {
+    /// A file to remove (repeatable).
+    #[arg(long = "file", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+impl HubRemoveArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["hub", "remove"]);
+        for f in &self.files {
+            a.path("--file", Some(f));
+        }
+        a.0
+    }
+}
+
+/// `sendense-agent repo probe`: prove DIR writable (write, fsync, read back, delete a 4 KiB
+/// file) and measure it: capacity, used and available bytes, number and allocated bytes of
+/// its *.qcow2 files. Exits 1 when the probe fails.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RepoProbeArgs {
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Also write the JSON result here (on failure too).
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+}
+
+impl RepoProbeArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["repo", "probe"]);
+        a.path("--dir", Some(&self.dir));
+        a.path("--result-file", self.result_file.as_ref());
+        a.0
+    }
+}
+
+/// `sendense-agent nbd-ping`: complete an NBD handshake with an export and disconnect (a
+/// readiness probe for hub containers: a listening socket alone does not prove qemu-nbd
+/// serves the export).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct NbdPingArgs {
+    /// nbd://host:port/export or nbd+unix:///export?socket=/path
+    pub url: String,
+    /// Seconds allowed for connecting and negotiating.
+    #[arg(long, default_value_t = DEFAULT_NBD_PING_TIMEOUT_SECONDS)]
+    pub timeout: u64,
+}
+
+impl NbdPingArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["nbd-ping", &self.url]);
+        a.not_default("--timeout", self.timeout, DEFAULT_NBD_PING_TIMEOUT_SECONDS);
+        a.0
+    }
+}
+
+#[cfg(test)]
+mod tests;
