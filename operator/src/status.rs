@@ -42,6 +42,16 @@ pub trait ConditionReason {
     fn event_type(&self) -> Option<EventType>;
 }
 
+/// The condition `reason` sets, when it is in `conditions` with that status and reason.
+pub fn holding<'c>(
+    conditions: &'c [Condition],
+    reason: &impl ConditionReason,
+) -> Option<&'c Condition> {
+    let status = if reason.is_true() { TRUE } else { FALSE };
+    conditions::find(conditions, reason.condition_type())
+        .filter(|c| c.status == status && c.reason == reason.reason())
+}
+
 /// The status changes of one reconcile.
 pub struct StatusUpdate<'a, K: Reported> {
     object: &'a K,

@@ -11,7 +11,6 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use sendense_contract::result::BackupResult;
 use sendense_crds::backup_job::Phase;
-use sendense_crds::conditions::{self, FALSE};
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::context::Context;
@@ -21,6 +20,7 @@ use super::status::{self, JobUpdate};
 use crate::children::{ApiError, apply, delete_if_present, ensure_service_account, get};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{agent_name, claim_name, cleanup_name, cleanup_pod, hub_name};
+use crate::status::holding;
 use crate::vcenter::{Session, VSphereError};
 
 #[derive(Debug, thiserror::Error)]
@@ -207,8 +207,7 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(Error::Remove)?;
     let st = job.status.clone().unwrap_or_default();
-    let pending_cleanup = conditions::find(&st.conditions, "PartialFilesRemoved")
-        .is_some_and(|c| c.status == FALSE && c.reason == "Pending");
+    let pending_cleanup = holding(&st.conditions, &FilesRemoved::Pending).is_some();
     if st.phase != Some(Phase::Failed) || !pending_cleanup {
         return Ok(Action::await_change());
     }

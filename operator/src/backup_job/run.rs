@@ -11,7 +11,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use sendense_contract::result::BackupResult;
-use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::context::Context;
@@ -25,6 +24,7 @@ use crate::pod_state::{self, PodPhase};
 use crate::resources::{
     ATTEMPT_LABEL, PROGRESS_PORT, agent_name, agent_pod, claim_name, hub_name, hub_pod, hub_service,
 };
+use crate::status::holding;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -137,9 +137,7 @@ fn back_off(job: &BackupJob, attempt: i32) -> ControlFlow<Action> {
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    if let Some(c) = conditions::find(conds, "Running")
-        && c.reason == "Retrying"
-    {
+    if let Some(c) = holding(conds, &Running::Retrying) {
         let since = Timestamp::now().as_millisecond() - c.last_transition_time.0.as_millisecond();
         let left = retry_backoff(attempt).as_millis() as i64 - since;
         if left > 0 {
