@@ -133,15 +133,17 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{Fixture, TestObject};
 
+    /// A job of namespace `ns` into repository `repo`.
     fn job(name: &str, vm: serde_json::Value, mode: &str, status: serde_json::Value) -> BackupJob {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "sendense.io/v1alpha1", "kind": "BackupJob",
-            "metadata": {"name": name, "namespace": "ns"},
-            "spec": {"vm": vm, "sourceNodeRef": {"name": "vc"}, "repositoryRef": {"name": "repo"}, "mode": mode},
-            "status": status
-        }))
-        .expect("valid BackupJob")
+        BackupJob::test()
+            .named(name)
+            .in_namespace("ns")
+            .with_spec(
+                serde_json::json!({"vm": vm, "repositoryRef": {"name": "repo"}, "mode": mode}),
+            )
+            .with_status(status)
     }
 
     fn done(at: &str, disks: serde_json::Value) -> serde_json::Value {

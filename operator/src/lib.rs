@@ -1,14 +1,25 @@
-//! Sendense's operator: controllers for SourceNode (vCenter probes), Repository (volume probes)
-//! and BackupJob (the data flow of one backup), built on pure, unit-tested steps: which ports a
-//! job's hub gets (`ports`), which earlier backup each disk is layered on (`chain`), and the hub
-//! pod and Service (`hub`) and the agent pod (`agent`) built from those decisions.
+//! Sendense's operator. Three controllers, each a module no other controller imports:
+//! `source_node` (vCenter probes), `repository` (volume probes) and `backup_job` (the data flow
+//! of one backup, a directory of steps). What they share lives in modules no controller owns:
+//! the objects they create (`resources`, pure builders), writing them (`children`), reading pods
+//! (`pod_state`), the status + conditions + Events writer (`status`), vCenter logins
+//! (`vcenter`), the agent's progress endpoint (`agent_progress`), and pure decisions (`chain`,
+//! `ports`). What the operator and the agent say to each other is the `sendense_contract` crate. `settings` and `runtime` start it all.
 
-pub mod agent;
+pub mod agent_progress;
 pub mod backup_job;
 pub mod chain;
-pub mod events;
-pub mod hub;
+pub mod children;
 pub mod metrics;
+pub mod pod_state;
 pub mod ports;
 pub mod repository;
+pub mod resources;
+pub mod runtime;
+pub mod settings;
 pub mod source_node;
+pub mod status;
+pub mod vcenter;
+
+#[cfg(test)]
+mod fixtures;

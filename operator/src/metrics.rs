@@ -225,6 +225,20 @@ impl Metrics {
         }
     }
 
+    /// A failed reconcile: logged with the object and the error, counted by the error's label.
+    pub fn failed_reconcile(
+        &self,
+        controller: &str,
+        object: &str,
+        error: &dyn std::error::Error,
+        label: &str,
+    ) {
+        tracing::warn!(controller, object, "reconcile failed: {error}");
+        self.reconcile_failures
+            .with_label_values(&[controller, label])
+            .inc();
+    }
+
     fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding our own registry into a Vec cannot fail short of a bug; report it as text.

@@ -91,18 +91,19 @@ pub fn allocate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{Fixture, TestObject};
 
+    /// A job of namespace `ns` holding `ports` (device key, port) in its status.
     fn job(name: &str, repo: &str, phase: Option<&str>, ports: &[(i32, i32)]) -> BackupJob {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "sendense.io/v1alpha1", "kind": "BackupJob",
-            "metadata": {"name": name, "namespace": "ns"},
-            "spec": {"vm": {"name": name}, "sourceNodeRef": {"name": "vc"}, "repositoryRef": {"name": repo}},
-            "status": {
-                "phase": phase,
-                "disks": ports.iter().map(|(k, p)| serde_json::json!({"deviceKey": k, "port": p})).collect::<Vec<_>>()
-            }
-        }))
-        .expect("valid BackupJob")
+        let disks: Vec<_> = ports
+            .iter()
+            .map(|(k, p)| serde_json::json!({"deviceKey": k, "port": p}))
+            .collect();
+        BackupJob::test()
+            .named(name)
+            .in_namespace("ns")
+            .with_spec(serde_json::json!({"vm": {"name": name}, "repositoryRef": {"name": repo}}))
+            .with_status(serde_json::json!({"phase": phase, "disks": disks}))
     }
 
     fn range(low: i32, high: i32) -> PortRange {

@@ -1,0 +1,22 @@
+//! What every step of the BackupJob controller works with.
+
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::Recorder;
+
+use crate::metrics::Metrics;
+use crate::resources::PodSettings;
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub images: PodSettings,
+    /// Deadline of each vCenter call the operator makes (VM lookup, snapshot confirmation).
+    pub vcenter_timeout: Duration,
+    /// Serializes port allocation in this process. Across processes and restarts the truth is
+    /// the jobs' status, read fresh from the API server under this lock and written before it
+    /// is released.
+    pub allocation: tokio::sync::Mutex<()>,
+}

@@ -1,0 +1,272 @@
+//! The end of an attempt and of a job: success (change IDs recorded, metrics, pods removed), a
+//! failed attempt (pods removed, then a retry or the job fails), the confirmation in vCenter
+//! that no snapshot of the job is left, and, once a job has ended, its pods, Service and (for a
+//! failed job) its partial files removed.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use sendense_contract::result::BackupResult;
+use sendense_crds::backup_job::Phase;
+use sendense_crds::{BackupJob, Repository, SourceNode};
+
+use super::context::Context;
+use super::dereference::vm_selector;
+use super::outcome::{Failure, FilesRemoved, SnapshotRemoved};
+use super::status::{self, JobUpdate};
+use crate::children::{ApiError, apply, delete_if_present, ensure_service_account, get};
+use crate::pod_state::{self, PodPhase};
+use crate::resources::{agent_name, claim_name, cleanup_name, cleanup_pod, hub_name};
+use crate::status::holding;
+use crate::vcenter::{Session, VSphereError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("removing its pods and Service: {0}")]
+    Remove(#[source] ApiError),
+    #[error("removing its partial files: {0}")]
+    Cleanup(#[source] ApiError),
+    #[error(transparent)]
+    Status(ApiError),
+}
+
+async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
+    let ns = job.namespace().unwrap_or_default();
+    for name in [agent_name(job), hub_name(job)] {
+        delete_if_present::<Pod>(&ctx.client, &ns, &name)
+            .await
+            .map_err(Error::Remove)?;
+    }
+    Ok(())
+}
+
+/// The VM's name for metrics: as vCenter reported it, else as the spec names it.
+fn metric_vm(job: &BackupJob) -> String {
+    job.status
+        .as_ref()
+        .and_then(|s| s.vm_name.clone())
+        .or_else(|| job.spec.vm.name.clone())
+        .or_else(|| job.spec.vm.instance_uuid.clone())
+        .unwrap_or_default()
+}
+
+/// The agent succeeded: status, metrics, then its pods go.
+pub async fn succeeded(job: &BackupJob, ctx: &Context, r: &BackupResult) -> Result<Action, Error> {
+    let mut u = JobUpdate::new(job);
+    status::succeeded(&mut u, r);
+    let started = u
+        .status
+        .start_time
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_else(Timestamp::now);
+    let seconds = (Timestamp::now().as_millisecond() - started.as_millisecond()) as f64 / 1000.0;
+    let vm = u.status.vm_name.clone().unwrap_or_default();
+    let ns = job.namespace().unwrap_or_default();
+    let m = &ctx.metrics;
+    for d in r.disks.iter() {
+        m.bytes_copied
+            .with_label_values(&[&ns, &vm, &d.key.to_string()])
+            .inc_by(d.bytes_to_copy);
+    }
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    m.backups.with_label_values(&[&ns, &vm, "succeeded"]).inc();
+    m.backup_duration.observe(seconds.max(0.0));
+    m.last_success
+        .with_label_values(&[&ns, &vm])
+        .set(Timestamp::now().as_second());
+    let copied: u64 = r.disks.iter().map(|d| d.bytes_to_copy).sum();
+    m.last_throughput
+        .with_label_values(&[&ns, &vm])
+        .set(copied as f64 / seconds.max(0.001));
+    delete_job_pods(job, ctx).await?;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// One attempt failed: its pods go; the next attempt starts, or the job fails.
+pub async fn attempt_failed(
+    job: &BackupJob,
+    ctx: &Context,
+    failure: Failure,
+    result: Option<&BackupResult>,
+) -> Result<Action, Error> {
+    let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
+    let allowed = job.spec.retry_limit.max(0) + 1;
+    delete_job_pods(job, ctx).await?;
+    let mut u = JobUpdate::new(job);
+    status::record_snapshot(&mut u, result);
+    if attempt < allowed {
+        status::retrying(&mut u, attempt, allowed, &failure);
+        status::write(u, ctx).await.map_err(Error::Status)?;
+        return Ok(Action::requeue(Duration::from_secs(3)));
+    }
+    // The last attempt: confirm no snapshot of this job is left in vCenter.
+    let (snapshot, message) = confirm_snapshot_removed(job, ctx, result).await;
+    status::failed(&mut u, attempt, &failure, snapshot, message);
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    let ns = job.namespace().unwrap_or_default();
+    let vm = metric_vm(job);
+    ctx.metrics
+        .backups
+        .with_label_values(&[&ns, &vm, "failed"])
+        .inc();
+    if !crate::status::ConditionReason::is_true(&snapshot) {
+        ctx.metrics
+            .snapshot_cleanup_failures
+            .with_label_values(&[&ns, &vm])
+            .inc();
+    }
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// After the last attempt: is a snapshot of this job left on the VM? Removes it if so.
+async fn confirm_snapshot_removed(
+    job: &BackupJob,
+    ctx: &Context,
+    result: Option<&BackupResult>,
+) -> (SnapshotRemoved, String) {
+    let wanted = format!("sendense-{}", job.name_any());
+    if let Some(s) = result.and_then(|r| r.snapshot.as_ref())
+        && s.removed
+    {
+        return (
+            SnapshotRemoved::Removed,
+            format!("the agent removed snapshot {} ({})", s.name, s.id),
+        );
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let sn_name = &job.spec.source_node_ref.name;
+    let Ok(Some(sn)) = get::<SourceNode>(&ctx.client, &ns, sn_name).await else {
+        return (
+            SnapshotRemoved::Unverified,
+            format!(
+                "could not check vCenter for snapshot {wanted}: SourceNode {sn_name} unavailable"
+            ),
+        );
+    };
+    let session = match Session::connect(&sn, &ctx.client, ctx.vcenter_timeout).await {
+        Ok(s) => s,
+        Err(p) => {
+            return (
+                SnapshotRemoved::Unverified,
+                format!(
+                    "could not check vCenter for snapshot {wanted}: {}",
+                    p.message
+                ),
+            );
+        }
+    };
+    let (selector, _) = vm_selector(job);
+    let vs = &session.vsphere;
+    let outcome = async {
+        let vm = match vs.find_vm(&sn.spec.datacenter, &selector).await {
+            Ok(vm) => vm,
+            Err(VSphereError::NotFound(_)) => {
+                return Ok((SnapshotRemoved::NoSnapshot, "the VM does not exist".into()));
+            }
+            Err(e) => return Err(e),
+        };
+        let info = vs.vm_info(&vm).await?;
+        let left: Vec<_> = info.snapshots.iter().filter(|s| s.name == wanted).collect();
+        if left.is_empty() {
+            return Ok((
+                SnapshotRemoved::NoSnapshot,
+                format!("vCenter shows no snapshot {wanted} on VM {}", vm.name),
+            ));
+        }
+        for s in &left {
+            vs.remove_snapshot(s).await?;
+        }
+        Ok((
+            SnapshotRemoved::RemovedByOperator,
+            format!(
+                "the operator removed {} leftover snapshot(s) {wanted} from VM {}",
+                left.len(),
+                vm.name
+            ),
+        ))
+    }
+    .await;
+    session.logout().await;
+    outcome.unwrap_or_else(|e: VSphereError| {
+        (
+            SnapshotRemoved::RemovalFailed,
+            format!("snapshot {wanted} may be left on the VM: {e}; remove it in vCenter"),
+        )
+    })
+}
+
+/// Succeeded or Failed: no pod of the job remains; a failed job's partial files are removed.
+pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    delete_job_pods(job, ctx).await?;
+    delete_if_present::<Service>(&ctx.client, &ns, &hub_name(job))
+        .await
+        .map_err(Error::Remove)?;
+    let st = job.status.clone().unwrap_or_default();
+    let pending_cleanup = holding(&st.conditions, &FilesRemoved::Pending).is_some();
+    if st.phase != Some(Phase::Failed) || !pending_cleanup {
+        return Ok(Action::await_change());
+    }
+    let files: Vec<String> = st.disks.iter().filter_map(|d| d.file.clone()).collect();
+    let name = cleanup_name(job);
+    let pod = get::<Pod>(&ctx.client, &ns, &name)
+        .await
+        .map_err(Error::Cleanup)?;
+    let Some(pod) = pod else {
+        return start_cleanup(job, ctx, &files).await;
+    };
+    if pod_state::is_terminating(&pod) {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let mut u = JobUpdate::new(job);
+    match PodPhase::of(&pod) {
+        PodPhase::Succeeded => u.set(
+            &FilesRemoved::Removed,
+            format!("removed partial files {files:?}"),
+        ),
+        PodPhase::Failed => {
+            let why = pod_state::failure(&pod).unwrap_or_else(|| "the cleanup pod failed".into());
+            u.set(
+                &FilesRemoved::RemovalFailed,
+                format!("partial files {files:?} may remain: {why}"),
+            );
+        }
+        _ => return Ok(Action::requeue(Duration::from_secs(3))),
+    }
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    delete_if_present::<Pod>(&ctx.client, &ns, &name)
+        .await
+        .map_err(Error::Cleanup)?;
+    Ok(Action::await_change())
+}
+
+/// Starts the pod removing the failed job's partial files.
+async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let repo_name = &job.spec.repository_ref.name;
+    let repo = get::<Repository>(&ctx.client, &ns, repo_name)
+        .await
+        .map_err(Error::Cleanup)?;
+    let Some(repo) = repo else {
+        let mut u = JobUpdate::new(job);
+        u.set(
+            &FilesRemoved::RepositoryNotFound,
+            format!("Repository {repo_name} is gone; partial files {files:?} were not removed"),
+        );
+        status::write(u, ctx).await.map_err(Error::Status)?;
+        return Ok(Action::await_change());
+    };
+    let account = ctx.images.hub_service_account.as_deref();
+    ensure_service_account(&ctx.client, &ns, account)
+        .await
+        .map_err(Error::Cleanup)?;
+    let pod = cleanup_pod(job, &claim_name(&repo), files, &ctx.images);
+    apply(&ctx.client, &ns, &pod)
+        .await
+        .map_err(Error::Cleanup)?;
+    Ok(Action::requeue(Duration::from_secs(3)))
+}

@@ -1,0 +1,187 @@
+//! The BackupJob controller: the data flow of one backup, as a pipeline of small steps whose
+//! state lives only in the job's status and in its pods (deterministic names, labelled with the
+//! attempt), so an operator restart resumes where the last one stopped.
+//!
+//! Pending: `dereference` (SourceNode and Repository Ready, the VM and its disks from vCenter,
+//! the namespace's jobs under the allocation lock) -> `plan` (pure: chain parent, full or
+//! incremental per disk, ports, files) -> recorded in status. Running (`run`): hub Service and
+//! Pod; once the hub is Ready, the agent Pod; progress polled from the agent. `finish`: success
+//! (change IDs recorded, pods removed) or a failed attempt (pods removed, retried up to
+//! spec.retryLimit) -> Failed (snapshot removal confirmed in vCenter, partial QCOW2 files
+//! removed by a short cleanup pod). Every step either goes on or stops with a requeue.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use sendense_crds::BackupJob;
+use sendense_crds::backup_job::Phase;
+
+use crate::children::ApiError;
+
+/// The value of a step that may stop: its output, or return the stop from the calling step.
+macro_rules! step {
+    ($flow:expr) => {
+        match $flow {
+            std::ops::ControlFlow::Continue(value) => value,
+            std::ops::ControlFlow::Break(stop) => return Ok(std::ops::ControlFlow::Break(stop)),
+        }
+    };
+}
+
+/// The value of a step that may stop with an Action: its output, or return that Action.
+macro_rules! proceed {
+    ($flow:expr) => {
+        match $flow {
+            std::ops::ControlFlow::Continue(value) => value,
+            std::ops::ControlFlow::Break(action) => return Ok(action),
+        }
+    };
+}
+
+mod context;
+mod dereference;
+mod finish;
+mod outcome;
+mod plan;
+mod run;
+mod status;
+#[cfg(test)]
+mod tests;
+
+pub use context::Context;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("BackupJob {job}: {source}")]
+    Dereference {
+        job: String,
+        #[source]
+        source: dereference::Error,
+    },
+    #[error("BackupJob {job}: {source}")]
+    Run {
+        job: String,
+        #[source]
+        source: run::Error,
+    },
+    #[error("BackupJob {job}: {source}")]
+    Finish {
+        job: String,
+        #[source]
+        source: finish::Error,
+    },
+    #[error("BackupJob {job}: {source}")]
+    Status {
+        job: String,
+        #[source]
+        source: ApiError,
+    },
+}
+
+impl Error {
+    /// The `error` label of the failure metric: every step fails only on the API server.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Dereference { .. }
+            | Error::Run { .. }
+            | Error::Finish { .. }
+            | Error::Status { .. } => "kube_api",
+        }
+    }
+}
+
+/// Pending: dereference, plan, and the plan (or the reason to wait) into status.
+async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
+    let name = job.name_any();
+    let dereferenced =
+        dereference::dereference(ctx, job)
+            .await
+            .map_err(|source| Error::Dereference {
+                job: name.clone(),
+                source,
+            })?;
+    let mut u = status::JobUpdate::new(job);
+    let action = match dereferenced {
+        ControlFlow::Break(wait) => {
+            status::waiting(&mut u, &wait);
+            Action::requeue(wait.reason.retry())
+        }
+        // The allocation lock is held until the plan is written.
+        ControlFlow::Continue((refs, _allocation)) => match plan::plan(job, &refs) {
+            Err(wait) => {
+                status::waiting(&mut u, &wait);
+                Action::requeue(wait.reason.retry())
+            }
+            Ok(plan) => {
+                let vm = plan.vm_name.clone();
+                status::started(&mut u, plan);
+                status::write(u, ctx)
+                    .await
+                    .map_err(|source| Error::Status { job: name, source })?;
+                ctx.metrics.backups_started.inc();
+                ctx.metrics
+                    .known_vm(&job.namespace().unwrap_or_default(), &vm);
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+        },
+    };
+    status::write(u, ctx)
+        .await
+        .map_err(|source| Error::Status { job: name, source })?;
+    Ok(action)
+}
+
+/// True once the plan is in status: every disk has its port.
+fn planned(job: &BackupJob) -> bool {
+    job.status
+        .as_ref()
+        .is_some_and(|s| !s.disks.is_empty() && s.disks.iter().all(|d| d.port.is_some()))
+}
+
+pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile("backupjob");
+    let name = job.name_any();
+    match job.status.as_ref().and_then(|s| s.phase) {
+        Some(Phase::Succeeded | Phase::Failed) => finish::finished(&job, &ctx)
+            .await
+            .map_err(|source| Error::Finish { job: name, source }),
+        _ if planned(&job) => run::run(&job, &ctx)
+            .await
+            .map_err(|source| Error::Run { job: name, source }),
+        _ => start(&job, &ctx).await,
+    }
+}
+
+pub fn error_policy(job: Arc<BackupJob>, err: &Error, ctx: Arc<Context>) -> Action {
+    let label = err.metric_label();
+    ctx.metrics
+        .failed_reconcile("backupjob", &job.name_any(), err, label);
+    Action::requeue(Duration::from_secs(10))
+}
+
+/// BackupJobs that refer to a SourceNode or Repository, for `.watches()`.
+pub fn jobs_referring(
+    jobs: &[Arc<BackupJob>],
+    namespace: Option<&str>,
+    source_node: Option<&str>,
+    repository: Option<&str>,
+) -> Vec<ObjectRef<BackupJob>> {
+    jobs.iter()
+        .filter(|j| j.metadata.namespace.as_deref() == namespace)
+        .filter(|j| {
+            !matches!(
+                j.status.as_ref().and_then(|s| s.phase),
+                Some(Phase::Succeeded)
+            )
+        })
+        .filter(|j| {
+            source_node.is_some_and(|s| j.spec.source_node_ref.name == s)
+                || repository.is_some_and(|r| j.spec.repository_ref.name == r)
+        })
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
+}

@@ -1,0 +1,175 @@
+//! Step 2 of a pending job, pure: from what it refers to (the dereferenced struct) to a plan (the
+//! disks, their chain parent and full-or-incremental with the reason, one port per disk, each
+//! disk's file) or the reason it must wait. No API server, no vCenter: unit-tested as is.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt;
+use sendense_crds::BackupJob;
+use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase};
+
+use super::dereference::{Dereferenced, Disk};
+use super::outcome::{Wait, WaitReason};
+use crate::chain::{self, DiskPlan};
+use crate::ports;
+use crate::resources::disk_file;
+
+/// Everything decided before any pod exists; recorded in status as one write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub vm_name: String,
+    /// The job the incremental disks are layered on.
+    pub chain_parent: Option<String>,
+    /// One entry per disk: capacity, port, file, full or incremental and why.
+    pub disks: Vec<DiskStatus>,
+    /// Device key -> hub port.
+    pub ports: BTreeMap<i32, i32>,
+}
+
+impl Plan {
+    /// "2000:10100,2001:10101".
+    pub fn ports_text(&self) -> String {
+        self.ports
+            .iter()
+            .map(|(k, p)| format!("{k}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The disks `spec.disks` selects (all when it names none).
+fn selected_disks(job: &BackupJob, vm: &str, disks: &[Disk]) -> Result<Vec<Disk>, Wait> {
+    let Some(keys) = &job.spec.disks else {
+        return non_empty(vm, disks.to_vec());
+    };
+    let missing: Vec<i32> = keys
+        .iter()
+        .filter(|k| !disks.iter().any(|d| d.key == **k))
+        .copied()
+        .collect();
+    if !missing.is_empty() {
+        let have: Vec<i32> = disks.iter().map(|d| d.key).collect();
+        return Err(Wait::new(
+            WaitReason::DiskNotFound,
+            format!(
+                "VM {vm} has no disk with device key {missing:?} (its disks: {have:?}): fix spec.disks"
+            ),
+        ));
+    }
+    non_empty(
+        vm,
+        disks
+            .iter()
+            .filter(|d| keys.contains(&d.key))
+            .cloned()
+            .collect(),
+    )
+}
+
+fn non_empty(vm: &str, disks: Vec<Disk>) -> Result<Vec<Disk>, Wait> {
+    if disks.is_empty() {
+        return Err(Wait::new(
+            WaitReason::NoDisks,
+            format!("VM {vm} has no virtual disks to back up"),
+        ));
+    }
+    Ok(disks)
+}
+
+/// Another job of the same SourceNode backing up the same VM right now.
+fn busy_with<'a>(job: &BackupJob, refs: &'a Dereferenced) -> Option<&'a BackupJob> {
+    let (vm, source_node) = (refs.vm_name.as_str(), refs.source_node.name_any());
+    refs.jobs.iter().find(|j| {
+        j.metadata.name != job.metadata.name
+            && j.spec.source_node_ref.name == source_node
+            && j.status.as_ref().is_some_and(|s| {
+                matches!(s.phase, Some(Phase::Running)) && s.vm_name.as_deref() == Some(vm)
+            })
+    })
+}
+
+/// One disk's status entry as planned.
+fn disk_status(
+    job: &BackupJob,
+    refs: &Dereferenced,
+    d: &Disk,
+    port: Option<i32>,
+    plan: Option<&DiskPlan>,
+) -> DiskStatus {
+    let mut s = DiskStatus {
+        device_key: d.key,
+        label: Some(d.label.clone()),
+        capacity_bytes: Some(d.capacity as i64),
+        port,
+        file: Some(disk_file(
+            &refs.repository.spec.layout.directory,
+            &job.namespace().unwrap_or_default(),
+            &refs.vm_name,
+            d.key,
+            &job.name_any(),
+        )),
+        ..Default::default()
+    };
+    match plan {
+        Some(DiskPlan::Incremental {
+            parent_job,
+            parent_file,
+            change_id,
+        }) => {
+            s.copy = Some(CopyKind::Incremental);
+            s.copy_reason = Some(format!("changes since backup {parent_job}"));
+            s.backing_file = Some(parent_file.clone());
+            s.change_id_used = Some(change_id.clone());
+        }
+        Some(DiskPlan::Full { reason }) => {
+            s.copy = Some(CopyKind::Full);
+            s.copy_reason = Some(reason.clone());
+        }
+        None => {}
+    }
+    s
+}
+
+/// Step 2: the plan, or why the job waits.
+pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
+    let vm = refs.vm_name.as_str();
+    let disks = selected_disks(job, vm, &refs.disks)?;
+    if let Some(other) = busy_with(job, refs) {
+        return Err(Wait::new(
+            WaitReason::VmBusy,
+            format!(
+                "BackupJob {} is backing up VM {vm} now; this one starts when it ends",
+                other.name_any()
+            ),
+        ));
+    }
+    let parent = chain::parent(job, &refs.jobs);
+    let capacities: BTreeMap<i32, u64> = disks.iter().map(|d| (d.key, d.capacity)).collect();
+    let plans = chain::plan(job, parent, &capacities)
+        .map_err(|e| Wait::new(WaitReason::IncrementalNotPossible, e.to_string()))?;
+    let keys: Vec<i32> = capacities.keys().copied().collect();
+    let ns = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let used = ports::in_use(&refs.jobs, &ns, &job.spec.repository_ref.name, Some(&name));
+    let alloc = match ports::held(job, &keys) {
+        Some(a) => a,
+        None => ports::allocate(&refs.repository.spec.hub.port_range, &used, &keys)
+            .map_err(|e| Wait::new(WaitReason::PortsExhausted, e.to_string()))?,
+    };
+    Ok(Plan {
+        vm_name: vm.to_owned(),
+        chain_parent: plans.values().find_map(|p| match p {
+            DiskPlan::Incremental { parent_job, .. } => Some(parent_job.clone()),
+            DiskPlan::Full { .. } => None,
+        }),
+        disks: disks
+            .iter()
+            .map(|d| disk_status(job, refs, d, alloc.get(&d.key).copied(), plans.get(&d.key)))
+            .collect(),
+        ports: alloc,
+    })
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,112 @@
+use super::*;
+use crate::fixtures::{Fixture, TestObject};
+use sendense_crds::{Repository, SourceNode};
+use serde_json::json;
+
+fn disk(key: i32, capacity: u64) -> Disk {
+    Disk {
+        key,
+        label: format!("Hard disk {}", key - 1999),
+        capacity,
+        file_name: format!("[ds] web-01/web-01_{key}.vmdk"),
+        change_id: None,
+    }
+}
+
+/// VM `web-01` with two disks, no other job, the default port range 10100-10200.
+fn refs(jobs: Vec<BackupJob>) -> Dereferenced {
+    Dereferenced {
+        source_node: SourceNode::test(),
+        repository: Repository::test(),
+        vm_name: "web-01".into(),
+        disks: vec![disk(2000, 1 << 30), disk(2001, 1 << 29)],
+        jobs,
+    }
+}
+
+fn waits(result: Result<Plan, Wait>) -> Wait {
+    result.expect_err("the job waits")
+}
+
+#[test]
+fn a_first_backup_is_full_on_the_lowest_ports_with_files_from_the_layout() {
+    let p = plan(&BackupJob::test(), &refs(Vec::new())).expect("a plan");
+    assert_eq!(p.vm_name, "web-01");
+    assert_eq!(p.chain_parent, None);
+    assert_eq!(p.ports_text(), "2000:10100,2001:10101");
+    let d = &p.disks[0];
+    assert_eq!(d.copy, Some(CopyKind::Full));
+    assert_eq!(
+        d.file.as_deref(),
+        Some("backups/web-01/2000/web-01-b2.qcow2")
+    );
+    assert_eq!(d.capacity_bytes, Some(1 << 30));
+}
+
+#[test]
+fn an_auto_backup_after_a_success_is_incremental_on_its_files() {
+    let parent = BackupJob::test().named("web-01-b1").with_status(json!({
+        "phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z", "disks": [
+            {"deviceKey": 2000, "capacityBytes": 1u64 << 30, "file": "backups/web-01/2000/web-01-b1.qcow2", "changeIdReached": "u/1", "port": 10100},
+            {"deviceKey": 2001, "capacityBytes": 1u64 << 29, "file": "backups/web-01/2001/web-01-b1.qcow2", "changeIdReached": "u/2", "port": 10101}
+        ]}));
+    let p = plan(&BackupJob::test(), &refs(vec![parent])).expect("a plan");
+    assert_eq!(p.chain_parent.as_deref(), Some("web-01-b1"));
+    assert_eq!(p.disks[1].copy, Some(CopyKind::Incremental));
+    assert_eq!(p.disks[1].change_id_used.as_deref(), Some("u/2"));
+    assert_eq!(
+        p.disks[1].backing_file.as_deref(),
+        Some("backups/web-01/2001/web-01-b1.qcow2")
+    );
+    // A finished job holds no ports.
+    assert_eq!(p.ports_text(), "2000:10100,2001:10101");
+}
+
+#[test]
+fn a_missing_disk_or_a_vm_without_disks_waits_with_its_reason() {
+    let job = BackupJob::test().with_spec(json!({"disks": [2000, 2002]}));
+    let w = waits(plan(&job, &refs(Vec::new())));
+    assert_eq!(w.reason.as_str(), "DiskNotFound");
+    assert!(
+        w.message.contains("[2002]") && w.message.contains("spec.disks"),
+        "{}",
+        w.message
+    );
+    let mut no_disks = refs(Vec::new());
+    no_disks.disks.clear();
+    assert_eq!(
+        waits(plan(&BackupJob::test(), &no_disks)).reason.as_str(),
+        "NoDisks"
+    );
+}
+
+#[test]
+fn a_vm_being_backed_up_by_another_job_makes_this_one_wait() {
+    let other = BackupJob::test()
+        .named("web-01-b1")
+        .with_status(json!({"phase": "Running", "vmName": "web-01"}));
+    let w = waits(plan(&BackupJob::test(), &refs(vec![other])));
+    assert_eq!(
+        (w.reason.as_str(), w.reason.retry()),
+        ("VMBusy", std::time::Duration::from_secs(10))
+    );
+    assert!(w.message.contains("web-01-b1"), "{}", w.message);
+}
+
+#[test]
+fn a_full_port_range_and_an_impossible_incremental_wait() {
+    let mut full = refs(Vec::new());
+    full.repository = Repository::test().with_spec(json!({
+        "storage": {"persistentVolumeClaim": {"claimName": "backups-data"}},
+        "hub": {"portRange": {"low": 10100, "high": 10100}}
+    }));
+    assert_eq!(
+        waits(plan(&BackupJob::test(), &full)).reason.as_str(),
+        "PortsExhausted"
+    );
+    let incremental = BackupJob::test().with_spec(json!({"mode": "incremental"}));
+    assert_eq!(
+        waits(plan(&incremental, &refs(Vec::new()))).reason.as_str(),
+        "IncrementalNotPossible"
+    );
+}

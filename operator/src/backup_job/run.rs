@@ -1,0 +1,324 @@
+//! A planned job's attempt, as small steps, each either going on or stopping the reconcile
+//! with a requeue: clear pods of an earlier attempt -> wait out a retry's back-off -> ensure the
+//! hub -> wait for the hub to serve -> ensure the agent -> observe the agent (progress into
+//! status; its end is handed to `finish`).
+
+use std::ops::ControlFlow::{self, Break, Continue};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use sendense_contract::result::BackupResult;
+use sendense_crds::{BackupJob, Repository, SourceNode};
+
+use super::context::Context;
+use super::finish;
+use super::outcome::{Failure, FailureReason, Running, retry_backoff};
+use super::status::{self, JobUpdate};
+use crate::children::{
+    ApiError, Namespaced, apply, delete_if_present, ensure_service_account, get,
+};
+use crate::pod_state::{self, PodPhase};
+use crate::resources::{
+    ATTEMPT_LABEL, PROGRESS_PORT, agent_name, agent_pod, claim_name, hub_name, hub_pod, hub_service,
+};
+use crate::status::holding;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading its pods: {0}")]
+    Pods(#[source] ApiError),
+    #[error("removing pods of an earlier attempt: {0}")]
+    StalePods(#[source] ApiError),
+    #[error("starting the hub: {0}")]
+    Hub(#[source] ApiError),
+    #[error("starting the agent: {0}")]
+    Agent(#[source] ApiError),
+    #[error(transparent)]
+    Status(ApiError),
+    #[error(transparent)]
+    Finish(#[from] finish::Error),
+}
+
+/// A step's outcome: go on with its output, or stop with this requeue.
+type Step<T> = Result<ControlFlow<Action, T>, Error>;
+
+fn requeue(secs: u64) -> Action {
+    Action::requeue(Duration::from_secs(secs))
+}
+
+/// The attempt a pod was created for.
+fn attempt_of(pod: &Pod) -> Option<i32> {
+    pod.labels().get(ATTEMPT_LABEL)?.parse().ok()
+}
+
+fn for_attempt(mut pod: Pod, attempt: i32) -> Pod {
+    pod.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(ATTEMPT_LABEL.into(), attempt.to_string());
+    pod
+}
+
+/// One of the attempt's pods; None when it does not exist.
+async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Option<Pod>, Error> {
+    get::<Pod>(&ctx.client, ns, name).await.map_err(Error::Pods)
+}
+
+/// An object the attempt needs (its Repository, its SourceNode): missing, it fails the attempt.
+async fn still_there<K: Namespaced>(
+    job: &BackupJob,
+    ctx: &Context,
+    name: &str,
+    reason: FailureReason,
+    error: fn(ApiError) -> Error,
+) -> Step<K> {
+    let ns = job.namespace().unwrap_or_default();
+    match get::<K>(&ctx.client, &ns, name).await.map_err(error)? {
+        Some(obj) => Ok(Continue(obj)),
+        None => {
+            let message = format!("{} {name} no longer exists", K::kind(&()));
+            fail(job, ctx, Failure::new(reason, message), None).await
+        }
+    }
+}
+
+/// Writes a Running message and stops with a requeue.
+async fn say<T>(job: &BackupJob, ctx: &Context, running: Running, message: String) -> Step<T> {
+    let mut u = JobUpdate::new(job);
+    u.set(&running, message);
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    Ok(Break(requeue(3)))
+}
+
+/// A failed attempt, as a step's stop.
+async fn fail<T>(
+    job: &BackupJob,
+    ctx: &Context,
+    failure: Failure,
+    result: Option<&BackupResult>,
+) -> Step<T> {
+    Ok(Break(
+        finish::attempt_failed(job, ctx, failure, result).await?,
+    ))
+}
+
+/// Step 1: pods of an earlier attempt go first; the new attempt starts when they are gone.
+async fn clear_stale(
+    ctx: &Context,
+    ns: &str,
+    attempt: i32,
+    existing: [&Option<Pod>; 2],
+) -> Step<()> {
+    let mut stale = false;
+    for p in existing.into_iter().flatten() {
+        if attempt_of(p) != Some(attempt) || pod_state::is_terminating(p) {
+            stale = true;
+            if !pod_state::is_terminating(p) {
+                delete_if_present::<Pod>(&ctx.client, ns, &p.name_any())
+                    .await
+                    .map_err(Error::StalePods)?;
+            }
+        }
+    }
+    Ok(if stale {
+        Break(requeue(2))
+    } else {
+        Continue(())
+    })
+}
+
+/// Step 2: a retry waits out its back-off, counted from the failure of the previous attempt.
+fn back_off(job: &BackupJob, attempt: i32) -> ControlFlow<Action> {
+    let conds = job
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    if let Some(c) = holding(conds, &Running::Retrying) {
+        let since = Timestamp::now().as_millisecond() - c.last_transition_time.0.as_millisecond();
+        let left = retry_backoff(attempt).as_millis() as i64 - since;
+        if left > 0 {
+            return Break(Action::requeue(Duration::from_millis(left as u64)));
+        }
+    }
+    Continue(())
+}
+
+/// Step 3: the hub's Service and Pod exist (created now when missing).
+async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Pod>) -> Step<Pod> {
+    if let Some(hub) = hub {
+        return Ok(Continue(hub));
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let repo_name = &job.spec.repository_ref.name;
+    let repo: Repository = step!(
+        still_there(
+            job,
+            ctx,
+            repo_name,
+            FailureReason::RepositoryNotFound,
+            Error::Hub
+        )
+        .await?
+    );
+    let disks = status::hub_disks(job);
+    let pod = hub_pod(job, &claim_name(&repo), &disks, &ctx.images);
+    let account = ctx.images.hub_service_account.as_deref();
+    async {
+        ensure_service_account(&ctx.client, &ns, account).await?;
+        apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
+        apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+    }
+    .await
+    .map_err(Error::Hub)?;
+    Ok(Break(requeue(3)))
+}
+
+/// Step 4: the hub serves its NBD exports; its IP.
+async fn hub_ready(job: &BackupJob, ctx: &Context, attempt: i32, hub: &Pod) -> Step<String> {
+    if let Some(why) = pod_state::failure(hub) {
+        let failure = Failure::new(
+            FailureReason::HubFailed,
+            format!("hub pod {}: {why}", hub.name_any()),
+        );
+        return fail(job, ctx, failure, None).await;
+    }
+    if let (true, Some(ip)) = (pod_state::is_ready(hub), pod_state::ip(hub)) {
+        return Ok(Continue(ip));
+    }
+    let message = format!(
+        "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
+        hub.name_any()
+    );
+    say(job, ctx, Running::HubStarting, message).await
+}
+
+/// Step 5: the agent pod exists (created now when missing), aimed at the hub's exports.
+async fn ensure_agent(
+    job: &BackupJob,
+    ctx: &Context,
+    attempt: i32,
+    hub_ip: &str,
+    agent: Option<Pod>,
+) -> Step<Pod> {
+    if let Some(agent) = agent {
+        return Ok(Continue(agent));
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let sn_name = &job.spec.source_node_ref.name;
+    let sn: SourceNode = step!(
+        still_there(
+            job,
+            ctx,
+            sn_name,
+            FailureReason::SourceNodeNotFound,
+            Error::Agent
+        )
+        .await?
+    );
+    let targets = status::targets(job, hub_ip);
+    let pod = agent_pod(job, &sn, targets, status::base_change_ids(job), &ctx.images);
+    let account = ctx.images.agent_service_account.as_deref();
+    async {
+        ensure_service_account(&ctx.client, &ns, account).await?;
+        apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+    }
+    .await
+    .map_err(Error::Agent)?;
+    let message = format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent");
+    say(job, ctx, Running::AgentStarting, message).await
+}
+
+/// Where the agent is, read from its pod.
+#[derive(Debug)]
+pub enum AgentState {
+    /// Not running yet (or its phase is unknown).
+    Starting,
+    /// Copying; its progress is served on this address.
+    Running(Option<String>),
+    Succeeded(BackupResult),
+    Failed(Failure, Option<BackupResult>),
+}
+
+impl AgentState {
+    /// The agent's state from its pod: its phase and, once it ended, its result.
+    pub fn of(agent: &Pod) -> Self {
+        let result = || {
+            let msg = pod_state::termination_message(agent).unwrap_or_default();
+            (BackupResult::parse(&msg), msg)
+        };
+        let reported = |r: &BackupResult, default: &str| {
+            let reason = FailureReason::Agent(r.reason);
+            Failure::new(reason, r.error.clone().unwrap_or_else(|| default.into()))
+        };
+        match PodPhase::of(agent) {
+            PodPhase::Succeeded => match result() {
+                (Some(r), _) if r.ok => Self::Succeeded(r),
+                (Some(r), _) => Self::Failed(reported(&r, "the agent reported failure"), Some(r)),
+                (None, msg) => Self::Failed(
+                    Failure::new(
+                        FailureReason::ResultMissing,
+                        format!("the agent ended without a readable result: {msg:.300}"),
+                    ),
+                    None,
+                ),
+            },
+            PodPhase::Failed => match result() {
+                (Some(r), _) => Self::Failed(reported(&r, "the agent failed"), Some(r)),
+                (None, _) => {
+                    let why =
+                        pod_state::failure(agent).unwrap_or_else(|| "the agent pod failed".into());
+                    Self::Failed(Failure::new(FailureReason::Agent(None), why), None)
+                }
+            },
+            PodPhase::Running => Self::Running(pod_state::ip(agent)),
+            PodPhase::Pending | PodPhase::Unknown => Self::Starting,
+        }
+    }
+}
+
+/// Step 6: the agent's progress into status while it runs; its end to `finish`.
+async fn observe_agent(
+    job: &BackupJob,
+    ctx: &Context,
+    attempt: i32,
+    agent: &Pod,
+) -> Result<Action, Error> {
+    match AgentState::of(agent) {
+        AgentState::Succeeded(r) => Ok(finish::succeeded(job, ctx, &r).await?),
+        AgentState::Failed(failure, r) => {
+            Ok(finish::attempt_failed(job, ctx, failure, r.as_ref()).await?)
+        }
+        AgentState::Running(ip) => {
+            if let Some(ip) = ip {
+                match crate::agent_progress::fetch(&format!("{ip}:{PROGRESS_PORT}")).await {
+                    Ok(p) => {
+                        let mut u = JobUpdate::new(job);
+                        status::progress(&mut u, attempt, &p);
+                        status::write(u, ctx).await.map_err(Error::Status)?;
+                    }
+                    Err(e) => tracing::debug!(job = %job.name_any(), "progress: {e}"),
+                }
+            }
+            Ok(requeue(3))
+        }
+        AgentState::Starting => Ok(requeue(3)),
+    }
+}
+
+/// Running: the steps of one attempt, in order.
+pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
+    let hub = read_pod(ctx, &ns, &hub_name(job)).await?;
+    let agent = read_pod(ctx, &ns, &agent_name(job)).await?;
+    proceed!(clear_stale(ctx, &ns, attempt, [&hub, &agent]).await?);
+    proceed!(back_off(job, attempt));
+    let hub = proceed!(ensure_hub(job, ctx, attempt, hub).await?);
+    let hub_ip = proceed!(hub_ready(job, ctx, attempt, &hub).await?);
+    let agent = proceed!(ensure_agent(job, ctx, attempt, &hub_ip, agent).await?);
+    observe_agent(job, ctx, attempt, &agent).await
+}

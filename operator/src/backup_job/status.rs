@@ -1,0 +1,240 @@
+//! The job's status transitions, pure over a `StatusUpdate`: waiting, started with its plan,
+//! progress, success, a failed attempt (retry or the end), and reading the recorded plan back
+//! as the hub's and agent's inputs.
+
+use sendense_contract::cli::{BaseChangeId, DiskTarget};
+use sendense_contract::progress::{ProgressReport, Stage};
+use sendense_contract::result::{self, BackupResult, SnapshotReport};
+use sendense_crds::BackupJob;
+use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase, SnapshotStatus};
+use sendense_crds::common::human_bytes;
+
+use super::outcome::{
+    Complete, Failed, Failure, FilesRemoved, Running, SnapshotRemoved, Wait, retry_backoff,
+};
+use super::plan::Plan;
+use crate::children::ApiError;
+use crate::resources::HubDisk;
+use crate::status::{StatusUpdate, now};
+
+pub type JobUpdate<'a> = StatusUpdate<'a, BackupJob>;
+
+/// The job waits (phase Pending) for something outside it.
+pub fn waiting(u: &mut JobUpdate, wait: &Wait) {
+    u.status.phase = Some(Phase::Pending);
+    u.set(&Running::Waiting(wait.reason), wait.message.clone());
+}
+
+/// The plan is recorded: phase Running, attempt 1, the hub is to start.
+pub fn started(u: &mut JobUpdate, plan: Plan) {
+    let st = &mut u.status;
+    st.phase = Some(Phase::Running);
+    st.vm_name = Some(plan.vm_name.clone());
+    st.attempts = Some(1);
+    st.start_time = Some(now());
+    st.chain_parent = plan.chain_parent.clone();
+    st.disks = plan.disks.clone();
+    u.set(
+        &Running::HubStarting,
+        format!(
+            "attempt 1: starting the hub for {} disk(s) on ports {}",
+            plan.disks.len(),
+            plan.ports_text()
+        ),
+    );
+}
+
+/// "42% (1.2 GiB of 2.8 GiB)".
+pub fn progress_text(copied: u64, total: u64) -> String {
+    let pct = (copied.min(total) * 100).checked_div(total).unwrap_or(100);
+    format!("{pct}% ({} of {})", human_bytes(copied), human_bytes(total))
+}
+
+/// The agent's live progress, in status and the Running condition's message.
+pub fn progress(u: &mut JobUpdate, attempt: i32, p: &ProgressReport) {
+    let st = &mut u.status;
+    st.bytes_to_copy = Some(p.bytes_to_copy as i64);
+    st.bytes_copied = Some(p.bytes_copied as i64);
+    for d in st.disks.iter_mut() {
+        if let Some(dp) = p.disks.iter().find(|x| x.key == d.device_key) {
+            d.bytes_to_copy = Some(dp.bytes_to_copy as i64);
+            d.bytes_copied = Some(dp.bytes_copied as i64);
+        }
+    }
+    let stage = match p.stage {
+        // A stage this build does not know (a newer agent): it is past preparing.
+        Stage::Unknown => Stage::Copying.as_str(),
+        s => s.as_str(),
+    };
+    // Before the copy starts there is nothing to count yet: say what the agent is doing.
+    let message = if p.bytes_to_copy == 0 && p.stage.is_preparing() {
+        format!("attempt {attempt}: {stage}")
+    } else {
+        let text = progress_text(p.bytes_copied, p.bytes_to_copy);
+        st.progress = Some(text.split(' ').next().unwrap_or_default().to_owned());
+        format!("attempt {attempt}: {stage}: {text}")
+    };
+    u.set(&Running::Copying, message);
+}
+
+fn snapshot_status(s: &SnapshotReport) -> SnapshotStatus {
+    SnapshotStatus {
+        id: Some(s.id.clone()),
+        name: Some(s.name.clone()),
+        removed: s.removed,
+    }
+}
+
+/// The agent reported success: change IDs reached, sizes, the snapshot, Complete.
+pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
+    let st = &mut u.status;
+    let mut total = 0u64;
+    let mut written = 0u64;
+    for d in st.disks.iter_mut() {
+        if let Some(r) = result.disks.iter().find(|r| r.key == d.device_key) {
+            d.change_id_reached = r.change_id_reached.clone();
+            if !r.change_id_used.is_empty() {
+                d.change_id_used = Some(r.change_id_used.clone());
+            }
+            d.bytes_to_copy = Some(r.bytes_to_copy as i64);
+            d.bytes_copied = Some(r.bytes_to_copy as i64);
+            d.copy = match r.copy {
+                Some(result::CopyKind::Incremental) => Some(CopyKind::Incremental),
+                Some(result::CopyKind::Full) => Some(CopyKind::Full),
+                None => d.copy,
+            };
+            if !r.reason.is_empty() {
+                d.copy_reason = Some(r.reason.clone());
+            }
+            total += r.bytes_to_copy;
+            written += r.bytes_written;
+        }
+    }
+    st.phase = Some(Phase::Succeeded);
+    st.completion_time = Some(now());
+    st.bytes_to_copy = Some(total as i64);
+    st.bytes_copied = Some(total as i64);
+    st.progress = Some("100%".into());
+    st.size = Some(human_bytes(written));
+    if let Some(s) = &result.snapshot {
+        st.snapshot = Some(snapshot_status(s));
+    }
+    let disks = st.disks.len();
+    let incremental = st
+        .disks
+        .iter()
+        .filter(|d| d.copy == Some(CopyKind::Incremental))
+        .count();
+    let summary = format!(
+        "backed up {disks} disk(s) ({incremental} incremental): {} read from the snapshot, {} written",
+        human_bytes(total),
+        human_bytes(written)
+    );
+    u.set(&Running::Completed, summary.clone());
+    u.set(&Complete, summary);
+    u.set(
+        &SnapshotRemoved::Removed,
+        "the backup's snapshot was removed",
+    );
+}
+
+/// What the agent said of its snapshot, when it said anything.
+pub fn record_snapshot(u: &mut JobUpdate, result: Option<&BackupResult>) {
+    if let Some(s) = result.and_then(|r| r.snapshot.as_ref()) {
+        u.status.snapshot = Some(snapshot_status(s));
+    }
+}
+
+/// An attempt failed and another is allowed: it starts after its back-off.
+pub fn retrying(u: &mut JobUpdate, attempt: i32, allowed: i32, failure: &Failure) {
+    u.status.attempts = Some(attempt + 1);
+    u.status.bytes_copied = None;
+    u.status.progress = None;
+    u.set(
+        &Running::Retrying,
+        format!(
+            "attempt {attempt} of {allowed} failed ({}): {}; attempt {} starts in {}s",
+            failure.reason.as_str(),
+            failure.message,
+            attempt + 1,
+            retry_backoff(attempt + 1).as_secs()
+        ),
+    );
+}
+
+/// The last attempt failed: phase Failed, whether the snapshot is gone, files to remove.
+pub fn failed(
+    u: &mut JobUpdate,
+    attempt: i32,
+    failure: &Failure,
+    snapshot: SnapshotRemoved,
+    snapshot_message: String,
+) {
+    let removed = crate::status::ConditionReason::is_true(&snapshot);
+    if let Some(s) = u.status.snapshot.as_mut() {
+        s.removed = removed;
+    }
+    u.status.phase = Some(Phase::Failed);
+    u.status.completion_time = Some(now());
+    let reason = failure.reason.as_str();
+    u.set(
+        &Failed(&failure.reason),
+        format!("failed after {attempt} attempt(s): {}", failure.message),
+    );
+    u.set(&Running::Failed, format!("{reason}: {}", failure.message));
+    u.set(&snapshot, snapshot_message);
+    u.set(
+        &FilesRemoved::Pending,
+        "removing this job's partial QCOW2 files from the repository",
+    );
+}
+
+/// The hub's disks as recorded in status, in status order.
+pub fn hub_disks(job: &BackupJob) -> Vec<HubDisk> {
+    job.status
+        .iter()
+        .flat_map(|s| s.disks.iter())
+        .map(|d| HubDisk {
+            key: d.device_key,
+            port: d.port.unwrap_or_default(),
+            file: d.file.clone().unwrap_or_default(),
+            size: d.capacity_bytes.unwrap_or_default().max(0) as u64,
+            backing: d.backing_file.clone(),
+        })
+        .collect()
+}
+
+/// Targets of the agent: each disk's export on the hub pod.
+pub fn targets(job: &BackupJob, hub_ip: &str) -> Vec<DiskTarget> {
+    by_key(job)
+        .map(|d| DiskTarget {
+            key: d.device_key,
+            url: format!("nbd://{hub_ip}:{}/", d.port.unwrap_or_default()),
+        })
+        .collect()
+}
+
+/// Change IDs the incremental disks start from.
+pub fn base_change_ids(job: &BackupJob) -> Vec<BaseChangeId> {
+    by_key(job)
+        .filter(|d| d.copy == Some(CopyKind::Incremental))
+        .filter_map(|d| {
+            d.change_id_used.clone().map(|c| BaseChangeId {
+                key: d.device_key,
+                change_id: c,
+            })
+        })
+        .collect()
+}
+
+/// The disks of the recorded plan, in device-key order (as the agent's flags list them).
+fn by_key(job: &BackupJob) -> impl Iterator<Item = &DiskStatus> {
+    let mut disks: Vec<_> = job.status.iter().flat_map(|s| s.disks.iter()).collect();
+    disks.sort_by_key(|d| d.device_key);
+    disks.into_iter()
+}
+
+/// Writes the update (when it changed anything) and its Events.
+pub async fn write(u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
+    u.write(&ctx.client, &ctx.recorder).await
+}

@@ -1,0 +1,178 @@
+//! Reading and writing the operator's objects through the API server: server-side apply of
+//! children under one field manager, idempotent deletes, and a failed call as an error naming
+//! the object it concerned. Every controller goes through here, so the API server sees one
+//! manager for everything Sendense owns.
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::NamespaceResourceScope;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::resources::service_account;
+
+/// Field manager of everything the operator writes (objects and status).
+pub const MANAGER: &str = "sendense-operator";
+
+/// A namespaced Kubernetes object the operator reads or writes.
+pub trait Namespaced:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + fmt::Debug
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + fmt::Debug
+{
+}
+
+/// What a failed API call was doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Read,
+    List,
+    Apply,
+    Create,
+    Delete,
+    WriteStatus,
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verb::Read => "reading",
+            Verb::List => "listing",
+            Verb::Apply => "applying",
+            Verb::Create => "creating",
+            Verb::Delete => "deleting",
+            Verb::WriteStatus => "writing the status of",
+        })
+    }
+}
+
+/// A call to the API server that failed, and the object (or list) it concerned.
+#[derive(Debug, thiserror::Error)]
+#[error("{verb} {kind} {namespace}/{name}: {source}")]
+pub struct ApiError {
+    pub verb: Verb,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+impl ApiError {
+    pub fn new<K: Resource<DynamicType = ()>>(
+        verb: Verb,
+        namespace: &str,
+        name: &str,
+        source: kube::Error,
+    ) -> Self {
+        Self {
+            verb,
+            kind: K::kind(&()).into_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+        }
+    }
+}
+
+fn api<K: Namespaced>(client: &Client, namespace: &str) -> Api<K> {
+    Api::namespaced(client.clone(), namespace)
+}
+
+/// Reads an object; None when it does not exist.
+pub async fn get<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<K>, ApiError> {
+    api::<K>(client, namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| ApiError::new::<K>(Verb::Read, namespace, name, e))
+}
+
+/// Every object of a kind in a namespace.
+pub async fn list<K: Namespaced>(client: &Client, namespace: &str) -> Result<Vec<K>, ApiError> {
+    api::<K>(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|e| ApiError::new::<K>(Verb::List, namespace, "*", e))
+}
+
+/// Server-side apply of `object`, forcing ownership: the operator is the only writer of its
+/// children.
+pub async fn apply<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+) -> Result<(), ApiError> {
+    let name = object.name_any();
+    api::<K>(client, namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| ApiError::new::<K>(Verb::Apply, namespace, &name, e))
+}
+
+/// Creates `object` when no object of its name exists; never changes an existing one (a claim
+/// or ServiceAccount a person may have edited).
+pub async fn create_if_missing<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+) -> Result<(), ApiError> {
+    let name = object.name_any();
+    if get::<K>(client, namespace, &name).await?.is_none() {
+        api::<K>(client, namespace)
+            .patch(&name, &PatchParams::apply(MANAGER), &Patch::Apply(object))
+            .await
+            .map_err(|e| ApiError::new::<K>(Verb::Create, namespace, &name, e))?;
+    }
+    Ok(())
+}
+
+/// Deletes an object; true when it existed.
+pub async fn delete_if_present<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, ApiError> {
+    match api::<K>(client, namespace)
+        .delete(name, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(ApiError::new::<K>(Verb::Delete, namespace, name, e)),
+    }
+}
+
+/// Creates the ServiceAccount hub-side or agent pods run as when it is missing (`None`: the
+/// pods use the namespace's default account, nothing to create).
+pub async fn ensure_service_account(
+    client: &Client,
+    namespace: &str,
+    name: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(name) = name else { return Ok(()) };
+    create_if_missing::<ServiceAccount>(client, namespace, &service_account(namespace, name)).await
+}

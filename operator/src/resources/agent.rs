@@ -1,0 +1,198 @@
+//! The agent pod of one BackupJob: `sendense-agent backup` against the SourceNode's vCenter,
+//! with the credentials Secret mounted as files (never in arguments, logs or status), the
+//! datastores mounted for the nfs transport, and the hub's exports as targets.
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
+};
+use kube::ResourceExt;
+use sendense_crds::source_node::{TransportType, VddkMode as CrdVddkMode};
+use sendense_crds::{BackupJob, SourceNode};
+
+use super::{PodSettings, TERMINATION_LOG, agent_name, harden, labels, owned_meta};
+use sendense_contract::cli::{
+    AGENT_BINARY, BackupArgs, BaseChangeId, DatastoreMount, DiskTarget, Transport, VddkMode,
+};
+
+pub const CREDENTIALS_DIR: &str = "/etc/sendense/credentials";
+pub const CA_DIR: &str = "/etc/sendense/vcenter-ca";
+pub const DATASTORES_DIR: &str = "/datastores";
+/// Seconds the agent gets after SIGTERM to stop copying and remove its snapshot.
+pub const AGENT_GRACE_SECONDS: i64 = 120;
+/// Port of the agent's progress endpoint (on its pod IP).
+pub const PROGRESS_PORT: u16 = 9090;
+
+/// A read-only mount of volume `name` at `path`.
+fn read_only(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+fn key_to_path(key: &str, path: &str) -> KeyToPath {
+    KeyToPath {
+        key: key.into(),
+        path: path.into(),
+        ..Default::default()
+    }
+}
+
+/// The agent pod: `targets`, each disk's hub export; `base_change_ids`, the change ID each
+/// incremental disk starts from.
+pub fn agent_pod(
+    job: &BackupJob,
+    source: &SourceNode,
+    targets: Vec<DiskTarget>,
+    base_change_ids: Vec<BaseChangeId>,
+    images: &PodSettings,
+) -> Pod {
+    let vc = &source.spec.vcenter;
+    let mut args = BackupArgs::new(&vc.url, &source.spec.datacenter, job.name_any());
+    // The CRD's CEL rule requires exactly one of vm.name and vm.instanceUuid.
+    args.vm = job.spec.vm.name.clone();
+    if args.vm.is_none() {
+        args.vm_uuid = job.spec.vm.instance_uuid.clone();
+    }
+    args.credentials_dir = Some(CREDENTIALS_DIR.into());
+    args.targets = targets;
+    args.base_change_ids = base_change_ids;
+    args.result_file = Some(TERMINATION_LOG.into());
+    // Progress for the operator, on the pod's own IP.
+    args.status_addr = Some(format!("$(POD_IP):{PROGRESS_PORT}"));
+    args.quiesce = job.spec.quiesce;
+    args.deadline_seconds = job
+        .spec
+        .active_deadline_seconds
+        .and_then(|d| u64::try_from(d).ok());
+
+    let creds = &vc.credentials_secret_ref;
+    let mut volumes = vec![Volume {
+        name: "credentials".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(creds.name.clone()),
+            items: Some(vec![
+                key_to_path(&creds.username_key, "username"),
+                key_to_path(&creds.password_key, "password"),
+            ]),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![read_only("credentials", CREDENTIALS_DIR)];
+
+    let tls = &vc.tls;
+    if let Some(t) = &tls.thumbprint {
+        args.thumbprint = Some(t.clone());
+    } else if let Some(ca) = &tls.ca_config_map_ref {
+        volumes.push(Volume {
+            name: "vcenter-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca.name.clone(),
+                items: Some(vec![key_to_path(&ca.key, "ca.crt")]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(read_only("vcenter-ca", CA_DIR));
+        args.ca_file = Some(format!("{CA_DIR}/ca.crt").into());
+    } else if tls.insecure_skip_verify == Some(true) {
+        args.insecure_skip_verify = true;
+    }
+
+    let transport = &source.spec.transport;
+    match transport.type_ {
+        TransportType::Nfs => {
+            args.transport = Transport::Nfs;
+            let datastores = transport.nfs.iter().flat_map(|n| n.datastores.iter());
+            for (i, ds) in datastores.enumerate() {
+                let name = format!("datastore-{i}");
+                let path = format!("{DATASTORES_DIR}/{i}");
+                volumes.push(Volume {
+                    name: name.clone(),
+                    nfs: ds.nfs.clone(),
+                    host_path: ds.host_path.clone(),
+                    persistent_volume_claim: ds.persistent_volume_claim.clone(),
+                    ..Default::default()
+                });
+                mounts.push(read_only(&name, &path));
+                args.datastores.push(DatastoreMount {
+                    name: ds.name.clone(),
+                    dir: path.into(),
+                });
+            }
+        }
+        TransportType::Vddk => {
+            args.transport = Transport::Vddk;
+            let modes: Vec<VddkMode> = transport
+                .vddk
+                .iter()
+                .flat_map(|v| v.modes.iter())
+                .map(|m| match m {
+                    CrdVddkMode::Nbdssl => VddkMode::Nbdssl,
+                    CrdVddkMode::Nbd => VddkMode::Nbd,
+                    CrdVddkMode::Hotadd => VddkMode::Hotadd,
+                    CrdVddkMode::San => VddkMode::San,
+                })
+                .collect();
+            // None named: the agent's default.
+            if !modes.is_empty() {
+                args.vddk_modes = modes;
+            }
+        }
+    }
+
+    let placement = source.spec.placement.clone().unwrap_or_default();
+    harden(Pod {
+        metadata: owned_meta(job, agent_name(job), labels(job, "agent")),
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "agent".into(),
+                image: Some(images.agent.clone()),
+                command: Some(vec![AGENT_BINARY.into()]),
+                args: Some(args.to_args()),
+                volume_mounts: Some(mounts),
+                env: Some(vec![EnvVar {
+                    name: "POD_IP".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "status.podIP".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ports: Some(vec![ContainerPort {
+                    name: Some("progress".into()),
+                    container_port: i32::from(PROGRESS_PORT),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            restart_policy: Some("Never".into()),
+            service_account_name: images.agent_service_account.clone(),
+            automount_service_account_token: Some(false),
+            active_deadline_seconds: job
+                .spec
+                .active_deadline_seconds
+                .map(|d| d + AGENT_GRACE_SECONDS),
+            termination_grace_period_seconds: Some(AGENT_GRACE_SECONDS),
+            node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
+            tolerations: (!placement.tolerations.is_empty()).then_some(placement.tolerations),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

@@ -1,0 +1,152 @@
+use super::*;
+use crate::fixtures::{Fixture, TestObject};
+
+fn job() -> BackupJob {
+    BackupJob::test().named("web-01-nightly")
+}
+
+fn disks() -> Vec<HubDisk> {
+    vec![
+        HubDisk {
+            key: 2000,
+            port: 10100,
+            file: "backups/web-01/2000/web-01-nightly.qcow2".into(),
+            size: 1 << 30,
+            backing: Some("backups/web-01/2000/web-01-full.qcow2".into()),
+        },
+        HubDisk {
+            key: 2001,
+            port: 10101,
+            file: "backups/web-01/2001/web-01-nightly.qcow2".into(),
+            size: 1 << 29,
+            backing: None,
+        },
+    ]
+}
+
+#[test]
+fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
+    let pod = hub_pod(
+        &job(),
+        "backups-data",
+        &disks(),
+        &PodSettings {
+            agent: "sendense/agent:0.1".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(pod.metadata.name.as_deref(), Some("web-01-nightly-hub"));
+    assert_eq!(pod.metadata.namespace.as_deref(), Some("backups"));
+    let owner = &pod.metadata.owner_references.as_ref().expect("owned")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("BackupJob", "web-01-nightly", Some(true))
+    );
+    let spec = pod.spec.expect("spec");
+    let init = spec.init_containers.expect("init containers");
+    assert_eq!(init.len(), 2);
+    assert_eq!(
+        init[0].command.as_deref().expect("command"),
+        [
+            "sendense-agent",
+            "hub",
+            "prepare",
+            "--file",
+            "/repository/backups/web-01/2000/web-01-nightly.qcow2",
+            "--size",
+            "1073741824",
+            "--backing",
+            "/repository/backups/web-01/2000/web-01-full.qcow2"
+        ]
+    );
+    assert!(
+        !init[1]
+            .command
+            .as_deref()
+            .expect("command")
+            .contains(&"--backing".to_string()),
+        "a full has no parent"
+    );
+    assert_eq!(spec.containers.len(), 2);
+    let nbd = &spec.containers[1];
+    let cmd = nbd.command.as_deref().expect("command");
+    assert!(cmd.contains(&"--persistent".to_string()) && cmd.contains(&"--port=10101".to_string()));
+    let shared: u32 = cmd
+        .iter()
+        .find_map(|a| a.strip_prefix("--shared="))
+        .and_then(|n| n.parse().ok())
+        .expect("--shared");
+    assert!(
+        shared > 1,
+        "--shared must exceed 1 or the agent's second connection hangs"
+    );
+    assert_eq!(nbd.ports.as_ref().expect("ports")[0].container_port, 10101);
+    let probe = nbd
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("exec probe");
+    assert_eq!(
+        probe[..3],
+        ["sendense-agent", "nbd-ping", "nbd://127.0.0.1:10101/"]
+    );
+    let claim = spec.volumes.expect("volumes")[0]
+        .persistent_volume_claim
+        .clone()
+        .expect("pvc");
+    assert_eq!(claim.claim_name, "backups-data");
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+}
+
+#[test]
+fn every_container_is_hardened_and_runs_without_an_api_token() {
+    let pod = hub_pod(
+        &job(),
+        "data",
+        &disks(),
+        &PodSettings {
+            agent: "a".into(),
+            hub_service_account: Some("sendense-hub".into()),
+            ..Default::default()
+        },
+    );
+    let spec = pod.spec.expect("spec");
+    assert_eq!(spec.service_account_name.as_deref(), Some("sendense-hub"));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(
+        spec.security_context
+            .and_then(|s| s.seccomp_profile)
+            .map(|p| p.type_)
+            .as_deref(),
+        Some("RuntimeDefault")
+    );
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let sc = c.security_context.clone().expect("security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+    }
+}
+
+#[test]
+fn service_selects_the_hub_and_exposes_every_port() {
+    let svc = hub_service(&job(), &disks());
+    let spec = svc.spec.expect("spec");
+    assert_eq!(
+        spec.selector
+            .expect("selector")
+            .get("sendense.io/backupjob")
+            .map(String::as_str),
+        Some("web-01-nightly")
+    );
+    let ports: Vec<i32> = spec.ports.expect("ports").iter().map(|p| p.port).collect();
+    assert_eq!(ports, [10100, 10101]);
+}

@@ -1,0 +1,124 @@
+//! Every object the operator creates, built purely from the resource it serves and the
+//! decisions recorded in its status: no API calls here, so each builder is unit-tested as is.
+//! Names are deterministic (the job's or repository's name plus a suffix), so a restarted
+//! operator finds what an earlier process created.
+
+mod agent;
+mod cleanup;
+mod hardening;
+mod hub;
+mod layout;
+mod repository;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use sendense_crds::{BackupJob, Repository};
+
+pub use agent::{
+    AGENT_GRACE_SECONDS, CA_DIR, CREDENTIALS_DIR, DATASTORES_DIR, PROGRESS_PORT, agent_pod,
+};
+pub use cleanup::cleanup_pod;
+pub use hardening::harden;
+pub use hub::{HubDisk, NBD_SHARED, hub_pod, hub_service};
+pub use layout::{REPOSITORY_MOUNT, claim_name, disk_file};
+pub use repository::{probe_pod, templated_claim};
+
+/// Label carrying the attempt a job's pod belongs to; pods of an earlier attempt are removed
+/// before the next attempt starts.
+pub const ATTEMPT_LABEL: &str = "sendense.io/attempt";
+/// Where a container's result goes: Kubernetes keeps it as the termination message.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The value of `app.kubernetes.io/managed-by` on everything the operator creates (the
+/// controllers watch their pods by it).
+pub const MANAGED_BY: &str = "sendense-operator";
+
+/// What every pod the operator creates shares: the image (sendense-agent and qemu-utils) and
+/// the ServiceAccounts hub-side pods (hub, repository probe, cleanup) and agent pods run as.
+/// None of them talks to the Kubernetes API, so their tokens are not mounted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodSettings {
+    pub agent: String,
+    pub hub_service_account: Option<String>,
+    pub agent_service_account: Option<String>,
+}
+
+/// Labels of everything Sendense creates, plus `extra`.
+fn sendense_labels(
+    extra: impl IntoIterator<Item = (&'static str, String)>,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "sendense".into()),
+        ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
+    ]);
+    labels.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    labels
+}
+
+/// Labels every object of a job carries; the hub's selector uses them.
+pub fn labels(job: &BackupJob, component: &str) -> BTreeMap<String, String> {
+    sendense_labels([
+        ("app.kubernetes.io/component", component.to_owned()),
+        ("sendense.io/backupjob", job.name_any()),
+    ])
+}
+
+/// Labels of a repository's probe pod and templated claim.
+pub fn repository_labels(repo: &Repository) -> BTreeMap<String, String> {
+    sendense_labels([
+        ("app.kubernetes.io/component", "repository-probe".to_owned()),
+        ("sendense.io/repository", repo.name_any()),
+    ])
+}
+
+/// Metadata of an object `owner` controls (deleted with it).
+fn owned_meta<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: owner.meta().namespace.clone(),
+        labels: Some(labels),
+        owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// Deterministic name of a job's hub pod and Service.
+pub fn hub_name(job: &BackupJob) -> String {
+    format!("{}-hub", job.name_any())
+}
+
+/// Deterministic name of a job's agent pod.
+pub fn agent_name(job: &BackupJob) -> String {
+    format!("{}-agent", job.name_any())
+}
+
+/// Deterministic name of the pod removing a failed job's partial files.
+pub fn cleanup_name(job: &BackupJob) -> String {
+    format!("{}-cleanup", job.name_any())
+}
+
+/// Deterministic name of a repository's probe pod.
+pub fn probe_name(repo: &Repository) -> String {
+    format!("{}-probe", repo.name_any())
+}
+
+/// The ServiceAccount hub-side or agent pods run as: no token, no bindings; it exists so those
+/// pods do not share the namespace's default identity.
+pub fn service_account(namespace: &str, name: &str) -> ServiceAccount {
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(sendense_labels([])),
+            ..Default::default()
+        },
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,78 @@
+//! A repository's objects: the probe pod that proves the volume writable and measures it, and
+//! the claim created from `spec.storage.claimTemplate`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use sendense_crds::Repository;
+use sendense_crds::repository::AccessMode;
+
+use super::layout::{REPOSITORY_MOUNT, agent_container, volume_pod_spec};
+use super::{
+    PodSettings, TERMINATION_LOG, claim_name, harden, owned_meta, probe_name, repository_labels,
+};
+use sendense_contract::cli::RepoProbeArgs;
+
+/// The probe pod: writes, reads back and removes a file on the volume, and measures it; its
+/// result is its termination message.
+pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
+    let args = RepoProbeArgs {
+        dir: REPOSITORY_MOUNT.into(),
+        result_file: Some(TERMINATION_LOG.into()),
+    };
+    let mut probe = agent_container("probe".into(), args.to_args(), images);
+    probe.termination_message_policy = Some("FallbackToLogsOnError".into());
+    harden(Pod {
+        metadata: owned_meta(repo, probe_name(repo), repository_labels(repo)),
+        spec: Some(PodSpec {
+            containers: vec![probe],
+            active_deadline_seconds: Some(300),
+            termination_grace_period_seconds: Some(5),
+            ..volume_pod_spec(&claim_name(repo), images)
+        }),
+        status: None,
+    })
+}
+
+/// The claim Sendense creates from `spec.storage.claimTemplate`. It carries no owner
+/// reference: deleting the Repository object must never delete the backups on its volume.
+pub fn templated_claim(repo: &Repository) -> Option<PersistentVolumeClaim> {
+    let t = repo.spec.storage.claim_template.as_ref()?;
+    let access_modes = t.access_modes.iter().map(|m| {
+        match m {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+            AccessMode::ReadWriteMany => "ReadWriteMany",
+        }
+        .to_owned()
+    });
+    Some(PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(claim_name(repo)),
+            namespace: repo.metadata.namespace.clone(),
+            labels: Some(repository_labels(repo)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(access_modes.collect()),
+            storage_class_name: t.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(t.size.clone()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+#[path = "repository_tests.rs"]
+mod tests;

@@ -1,0 +1,235 @@
+//! Runs the operator: checks the CRDs are installed, serves the metrics and health endpoints,
+//! and runs the three controllers (each watching what it reacts to) and the gauges refresher
+//! until a signal stops them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::NamespaceResourceScope;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource};
+use sendense_crds::backup_job::Phase;
+use sendense_crds::{BackupJob, Repository, SourceNode};
+
+use crate::children::MANAGER;
+use crate::metrics::Metrics;
+use crate::resources::MANAGED_BY;
+use crate::settings::Settings;
+use crate::{backup_job, repository, source_node};
+
+/// Deadline of each vCenter call during a SourceNode probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deadline of each vCenter call a BackupJob makes (VM lookup, snapshot confirmation).
+const VCENTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A CRD the operator needs is missing: it says how to install it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the CRD {0} is not installed; install the CRDs first: kubectl apply --server-side -k config/crd (or install the Helm chart)"
+)]
+pub struct CrdMissing(pub &'static str);
+
+async fn check_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [
+        "sourcenodes.sendense.io",
+        "repositories.sendense.io",
+        "backupjobs.sendense.io",
+    ] {
+        if crds.get_opt(name).await?.is_none() {
+            return Err(CrdMissing(name).into());
+        }
+    }
+    Ok(())
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs until a signal stops the controllers.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    check_crds(&client).await?;
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let addr = settings.metrics_addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the metrics and health endpoints to {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        ready.clone(),
+    ));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: settings.instance.clone(),
+        },
+    );
+    let images = settings.pod_settings();
+    let sn_ctx = Arc::new(source_node::Context {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        probe_timeout: PROBE_TIMEOUT,
+        probe_interval: settings.probe_interval(),
+        metrics: metrics.clone(),
+    });
+    let repo_ctx = Arc::new(repository::Context {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+        images: images.clone(),
+        probe_interval: settings.repository_probe_interval(),
+    });
+    let job_ctx = Arc::new(backup_job::Context {
+        client: client.clone(),
+        recorder,
+        metrics: metrics.clone(),
+        images,
+        vcenter_timeout: VCENTER_TIMEOUT,
+        allocation: tokio::sync::Mutex::new(()),
+    });
+    tracing::info!("sendense-operator started");
+    let namespace = settings.namespace();
+    let all = watcher::Config::default;
+    let owned = all().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+
+    let sources = Controller::new(scoped::<SourceNode>(&client, namespace), all())
+        .shutdown_on_signal()
+        .run(source_node::reconcile, source_node::error_policy, sn_ctx)
+        .for_each(|_| async {});
+
+    let repos = Controller::new(scoped::<Repository>(&client, namespace), all());
+    let repo_store = repos.store();
+    let repos = repos
+        .owns(scoped::<Pod>(&client, namespace), owned.clone())
+        .watches(scoped::<BackupJob>(&client, namespace), all(), |job| {
+            let ns = job.metadata.namespace.clone().unwrap_or_default();
+            Some(ObjectRef::<Repository>::new(&job.spec.repository_ref.name).within(&ns))
+        })
+        .shutdown_on_signal()
+        .run(repository::reconcile, repository::error_policy, repo_ctx)
+        .for_each(|_| async {});
+
+    let jobs = Controller::new(scoped::<BackupJob>(&client, namespace), all());
+    let job_store = jobs.store();
+    let by_source = job_store.clone();
+    let by_repo = job_store.clone();
+    let jobs = jobs
+        .owns(scoped::<Pod>(&client, namespace), owned.clone())
+        .owns(scoped::<Service>(&client, namespace), owned)
+        .watches(scoped::<SourceNode>(&client, namespace), all(), move |sn| {
+            backup_job::jobs_referring(
+                &by_source.state(),
+                sn.metadata.namespace.as_deref(),
+                sn.metadata.name.as_deref(),
+                None,
+            )
+        })
+        .watches(
+            scoped::<Repository>(&client, namespace),
+            all(),
+            move |repo| {
+                backup_job::jobs_referring(
+                    &by_repo.state(),
+                    repo.metadata.namespace.as_deref(),
+                    None,
+                    repo.metadata.name.as_deref(),
+                )
+            },
+        )
+        .shutdown_on_signal()
+        .run(backup_job::reconcile, backup_job::error_policy, job_ctx)
+        .for_each(|_| async {});
+
+    let gauges = tokio::spawn(refresh_gauges(metrics, job_store, repo_store));
+    ready.store(true, Ordering::Relaxed);
+    tokio::join!(sources, repos, jobs);
+    gauges.abort();
+    tracing::info!("sendense-operator stopped");
+    Ok(())
+}
+
+/// Jobs by phase, last successes and ports in use, from the controllers' caches, every 10 s.
+async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<Repository>) {
+    use std::collections::BTreeMap;
+    loop {
+        let mut by_phase: BTreeMap<(String, &str), i64> = BTreeMap::new();
+        let mut ports: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut last_success: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for j in jobs.state() {
+            let ns = j.metadata.namespace.clone().unwrap_or_default();
+            let phase = match j.status.as_ref().and_then(|s| s.phase) {
+                Some(Phase::Running) => "Running",
+                Some(Phase::Succeeded) => "Succeeded",
+                Some(Phase::Failed) => "Failed",
+                Some(Phase::Pending) | None => "Pending",
+            };
+            *by_phase.entry((ns.clone(), phase)).or_default() += 1;
+            if let Some(vm) = j.status.as_ref().and_then(|s| s.vm_name.as_deref()) {
+                metrics.known_vm(&ns, vm);
+            }
+            // Derived from the jobs, so it survives operator restarts and a VM whose jobs are
+            // all deleted stops being watched for missed backups.
+            if phase == "Succeeded"
+                && let Some(st) = j.status.as_ref()
+                && let (Some(vm), Some(done)) = (&st.vm_name, &st.completion_time)
+            {
+                let t = last_success.entry((ns.clone(), vm.clone())).or_default();
+                *t = (*t).max(done.0.as_second());
+            }
+            if phase == "Running" {
+                let held = j
+                    .status
+                    .as_ref()
+                    .map(|s| s.disks.iter().filter(|d| d.port.is_some()).count())
+                    .unwrap_or_default();
+                *ports
+                    .entry((ns, j.spec.repository_ref.name.clone()))
+                    .or_default() += held as i64;
+            }
+        }
+        metrics.last_success.reset();
+        for ((ns, vm), t) in last_success {
+            metrics.last_success.with_label_values(&[&ns, &vm]).set(t);
+        }
+        metrics.jobs.reset();
+        for ((ns, phase), n) in by_phase {
+            metrics.jobs.with_label_values(&[&ns, phase]).set(n);
+        }
+        metrics.ports_in_use.reset();
+        metrics.ports_range.reset();
+        for r in repos.state() {
+            let ns = r.metadata.namespace.clone().unwrap_or_default();
+            let name = r.metadata.name.clone().unwrap_or_default();
+            let range = &r.spec.hub.port_range;
+            metrics
+                .ports_range
+                .with_label_values(&[&ns, &name])
+                .set((range.high - range.low + 1) as i64);
+            let used = ports.get(&(ns.clone(), name.clone())).copied().unwrap_or(0);
+            metrics
+                .ports_in_use
+                .with_label_values(&[&ns, &name])
+                .set(used);
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
