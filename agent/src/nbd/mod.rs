@@ -7,7 +7,10 @@
 mod client;
 mod conn;
 mod handshake;
+mod inflight;
 pub mod proto;
+mod reader;
+mod writer;
 
 use std::time::Duration;
 
