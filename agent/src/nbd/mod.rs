@@ -152,6 +152,16 @@ impl Default for ConnectOptions {
     }
 }
 
+impl ConnectOptions {
+    /// The defaults, with `request_timeout` for each request.
+    pub fn with_request_timeout(request_timeout: Duration) -> Self {
+        Self {
+            request_timeout,
+            ..Default::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
