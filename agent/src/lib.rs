@@ -1,7 +1,15 @@
 //! Sendense's data mover: reads the changed blocks of a VM's disks from a vSphere snapshot and
 //! writes them to the hub's QCOW2 exports over NBD.
+//!
+//! [`cli`] is the command line and [`cmd`] a module per subcommand; the rest is what they use:
+//! [`backup`] (one backup, in steps), [`copy`] (the copy engine), [`nbd`] (the NBD client),
+//! [`source`] (nbdkit exports of snapshot disks), [`hub`] and [`repo`] (the repository side),
+//! [`checksum`], [`qemu_nbd`] and [`status`] (the backup's progress endpoint).
 
 pub mod backup;
+pub mod checksum;
+pub mod cli;
+pub mod cmd;
 pub mod copy;
 pub mod hub;
 pub mod nbd;
@@ -9,4 +17,3 @@ pub mod qemu_nbd;
 pub mod repo;
 pub mod source;
 pub mod status;
-pub mod verify;

@@ -9,8 +9,40 @@ use std::path::{Path, PathBuf};
 use sendense_contract::ProbeReason;
 pub use sendense_contract::probe::ProbeResult;
 
-/// A failure of one probe step: its reason and message.
-type Failure = (ProbeReason, String);
+/// Why a probe step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// An OS error; `what` says which step, on which path.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("repository directory {}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error(
+        "repository directory {}: the {read} bytes read back from {} differ from the 4096 written",
+        .dir.display(),
+        .file.display()
+    )]
+    Corrupted {
+        dir: PathBuf,
+        file: PathBuf,
+        read: usize,
+    },
+}
+
+impl ProbeError {
+    /// The result's reason.
+    pub fn reason(&self) -> ProbeReason {
+        match self {
+            ProbeError::Io { source, .. } => io_reason(source),
+            ProbeError::NotADirectory(_) => ProbeReason::NotADirectory,
+            ProbeError::Corrupted { .. } => ProbeReason::Corrupted,
+        }
+    }
+}
 
 fn io_reason(e: &std::io::Error) -> ProbeReason {
     match e.raw_os_error() {
@@ -23,27 +55,24 @@ fn io_reason(e: &std::io::Error) -> ProbeReason {
     }
 }
 
-fn io_failure(what: String, e: std::io::Error) -> Failure {
-    (io_reason(&e), format!("{what}: {e}"))
+fn io_failure(what: String, source: std::io::Error) -> ProbeError {
+    ProbeError::Io { what, source }
 }
 
 /// Probes `dir`; never panics, every failure names the directory and the OS error.
 pub fn probe(dir: &Path) -> ProbeResult {
     match probe_inner(dir) {
         Ok(r) => r,
-        Err((reason, error)) => ProbeResult::failed(reason, error),
+        Err(e) => ProbeResult::failed(e.reason(), e.to_string()),
     }
 }
 
-fn probe_inner(dir: &Path) -> Result<ProbeResult, Failure> {
+fn probe_inner(dir: &Path) -> Result<ProbeResult, ProbeError> {
     let shown = dir.display();
     let meta = std::fs::metadata(dir)
         .map_err(|e| io_failure(format!("repository directory {shown}"), e))?;
     if !meta.is_dir() {
-        return Err((
-            ProbeReason::NotADirectory,
-            format!("repository directory {shown}: not a directory"),
-        ));
+        return Err(ProbeError::NotADirectory(dir.to_owned()));
     }
     write_read_back(dir)?;
     let (capacity, free, available) =
@@ -61,7 +90,7 @@ fn probe_inner(dir: &Path) -> Result<ProbeResult, Failure> {
 }
 
 /// Writes 4 KiB to a new, uniquely named file in `dir`, syncs it, reads it back, removes it.
-fn write_read_back(dir: &Path) -> Result<(), Failure> {
+fn write_read_back(dir: &Path) -> Result<(), ProbeError> {
     use std::hash::BuildHasher;
     let nonce =
         std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
@@ -93,14 +122,11 @@ fn write_read_back(dir: &Path) -> Result<(), Failure> {
             .and_then(|mut f| f.read_to_end(&mut back))
             .map_err(|e| io_failure(format!("reading back {}", path.display()), e))?;
         if back != data {
-            return Err((
-                ProbeReason::Corrupted,
-                format!(
-                    "repository directory {shown}: the {} bytes read back from {} differ from the 4096 written",
-                    back.len(),
-                    path.display()
-                ),
-            ));
+            return Err(ProbeError::Corrupted {
+                dir: dir.to_owned(),
+                file: path.clone(),
+                read: back.len(),
+            });
         }
         Ok(())
     })();
@@ -132,7 +158,7 @@ fn statvfs(dir: &Path) -> std::io::Result<(u64, u64, u64)> {
 
 /// Number and allocated bytes of `*.qcow2` files under `dir` (symbolic links not followed).
 /// Entries that vanish while walking (a job cleaning up) are skipped.
-fn qcow2_usage(dir: &Path) -> Result<(u64, u64), Failure> {
+fn qcow2_usage(dir: &Path) -> Result<(u64, u64), ProbeError> {
     let mut files = 0u64;
     let mut bytes = 0u64;
     let mut pending: Vec<PathBuf> = vec![dir.to_owned()];

@@ -1,7 +1,11 @@
 //! Where a snapshot disk's bytes come from: an nbdkit export the agent starts for each disk.
+//! The operator picks a [`Transport`] (the contract's); the backup plan turns it and its
+//! settings into a [`DiskReader`]:
 //! `nfs`: nbdkit's file plugin on the snapshot's flat extent, read from the datastore mounted
 //! into the agent pod. `vddk`: nbdkit's vddk plugin (VMware's library; not available here, but
 //! its command line is built and tested).
+//!
+//! [`Transport`]: sendense_contract::cli::Transport
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use crate::nbd::{Address, NbdUrl};
+use sendense_contract::cli::VddkMode;
 use sendense_vsphere::{Disk, SnapshotRef, VmRef, flat_extent_path, parse_datastore_path};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +37,33 @@ pub enum SourceError {
         path: PathBuf,
         reason: String,
     },
-    #[error("disk {key}: starting nbdkit: {reason}")]
-    Nbdkit { key: i32, reason: String },
+    #[error("disk {key}: starting nbdkit: {source}")]
+    ScratchDir {
+        key: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {key}: starting nbdkit: {source} (is nbdkit installed?)")]
+    Spawn {
+        key: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {key}: starting nbdkit: exited with {status} before serving")]
+    Exited {
+        key: i32,
+        status: std::process::ExitStatus,
+    },
+    #[error("disk {key}: starting nbdkit: did not listen within {} s", READY_TIMEOUT.as_secs())]
+    NotListening { key: i32 },
 }
 
-/// How disks are read.
+/// How long nbdkit may take to serve a disk.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the snapshot's disks are read.
 #[derive(Debug, Clone)]
-pub enum Transport {
+pub enum DiskReader {
     /// Datastore name -> directory where it is mounted.
     Nfs {
         datastores: BTreeMap<String, PathBuf>,
@@ -55,13 +80,23 @@ pub struct VddkSettings {
     pub password_file: PathBuf,
     /// The vCenter certificate's thumbprint.
     pub thumbprint: String,
-    /// Transport modes, in order (nbdssl, nbd, hotadd, san).
-    pub modes: Vec<String>,
+    /// Transport modes, tried in order.
+    pub modes: Vec<VddkMode>,
     /// Where VDDK is installed.
     pub libdir: PathBuf,
 }
 
-impl Transport {
+/// The name nbdkit's vddk plugin gives a transport mode (`transports=`).
+fn nbdkit_mode(mode: VddkMode) -> &'static str {
+    match mode {
+        VddkMode::Nbdssl => "nbdssl",
+        VddkMode::Nbd => "nbd",
+        VddkMode::Hotadd => "hotadd",
+        VddkMode::San => "san",
+    }
+}
+
+impl DiskReader {
     /// The nbdkit command that serves `disk` of `snapshot` read-only on `<dir>/nbd.sock`; nbdkit
     /// writes `<dir>/nbdkit.pid` once it accepts connections.
     pub fn nbdkit_command(
@@ -78,11 +113,12 @@ impl Transport {
             .arg("--pidfile")
             .arg(dir.join("nbdkit.pid"));
         match self {
-            Transport::Nfs { datastores } => {
+            DiskReader::Nfs { datastores } => {
                 let path = self.flat_file(datastores, disk)?;
                 cmd.arg("file").arg(format!("file={}", path.display()));
             }
-            Transport::Vddk(v) => {
+            DiskReader::Vddk(v) => {
+                let modes: Vec<&str> = v.modes.iter().copied().map(nbdkit_mode).collect();
                 cmd.arg("vddk")
                     .arg(format!("libdir={}", v.libdir.display()))
                     .arg(format!("server={}", v.server))
@@ -91,7 +127,7 @@ impl Transport {
                     .arg(format!("thumbprint={}", v.thumbprint))
                     .arg(format!("vm=moref={}", vm.moref))
                     .arg(format!("snapshot={}", snapshot.moref))
-                    .arg(format!("transports={}", v.modes.join(":")))
+                    .arg(format!("transports={}", modes.join(":")))
                     .arg(format!("file={}", disk.file_name));
             }
         }
@@ -136,17 +172,14 @@ impl Transport {
         snapshot: &SnapshotRef,
         disk: &Disk,
     ) -> Result<DiskSource, SourceError> {
-        let fail = |reason: String| SourceError::Nbdkit {
-            key: disk.key,
-            reason,
-        };
+        let key = disk.key;
         let dir = std::env::temp_dir().join(format!(
             "sendense-source-{}-{}-{}",
             std::process::id(),
             disk.key,
             unique()
         ));
-        std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| SourceError::ScratchDir { key, source })?;
         // nbdkit writes its pid file once it accepts connections: the readiness signal.
         let pidfile = dir.join("nbdkit.pid");
         let mut cmd = self.nbdkit_command(vm, snapshot, disk, &dir)?;
@@ -154,19 +187,19 @@ impl Transport {
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| fail(format!("{e} (is nbdkit installed?)")))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+            .map_err(|source| SourceError::Spawn { key, source })?;
+        let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(fail(format!("exited with {status} before serving")));
+                return Err(SourceError::Exited { key, status });
             }
             if pidfile.exists() {
                 break;
             }
             if Instant::now() > deadline {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(fail("did not listen within 30 s".into()));
+                return Err(SourceError::NotListening { key });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -235,12 +268,12 @@ mod tests {
     #[test]
     fn vddk_command_names_vm_snapshot_and_file_and_keeps_the_password_in_a_file() {
         let (vm, snap, disk) = fixtures();
-        let t = Transport::Vddk(VddkSettings {
+        let t = DiskReader::Vddk(VddkSettings {
             server: "vcenter.example.com".into(),
             username: "backup@vsphere.local".into(),
             password_file: "/run/secrets/vcenter/password".into(),
             thumbprint: "AA:BB".into(),
-            modes: vec!["nbdssl".into(), "nbd".into()],
+            modes: vec![VddkMode::Nbdssl, VddkMode::Nbd],
             libdir: "/opt/vmware-vix-disklib-distrib".into(),
         });
         let cmd = t
@@ -284,7 +317,7 @@ mod tests {
         std::fs::File::create(&flat)
             .and_then(|f| f.set_len(1 << 20))
             .expect("flat file");
-        let t = Transport::Nfs {
+        let t = DiskReader::Nfs {
             datastores: BTreeMap::from([("ds1".to_string(), dir.clone())]),
         };
         let a = args(
@@ -296,7 +329,7 @@ mod tests {
             Some(format!("file={}", flat.display()).as_str())
         );
 
-        let other = Transport::Nfs {
+        let other = DiskReader::Nfs {
             datastores: BTreeMap::from([("ds9".to_string(), dir.clone())]),
         };
         let err = other

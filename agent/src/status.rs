@@ -241,14 +241,12 @@ mod tests {
 
     #[test]
     fn progress_answers_json_with_the_stage_and_disk_counters() {
-        use crate::copy::Progress;
         use sendense_contract::progress::Stage;
         use std::sync::atomic::Ordering;
         let live = LiveProgress::default();
-        let p = Arc::new(Progress::default());
+        let p = live.add_disk(2000);
         p.total.store(1000, Ordering::Relaxed);
         p.done.store(250, Ordering::Relaxed);
-        live.disks.lock().unwrap().insert(2000, p);
         live.set_stage(Stage::Copying);
         let answer = String::from_utf8(response(Route::Progress, &live)).unwrap();
         let (head, body) = answer.split_once("\r\n\r\n").unwrap();

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::reason::AgentReason;
 
 /// Whether a disk's target is a fresh image (full) or an overlay over the previous backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// (Also the agent's `copy --kind`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyKind {
     /// A fresh image: areas that read as zeros are skipped.

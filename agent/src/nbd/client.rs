@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
-use super::conn::{Command, Conn, Reply};
+use super::conn::Conn;
+use super::inflight::{Command, Reply};
 use super::proto::{self, BlockSize, Extent};
 use super::{ConnectOptions, NbdError, NbdUrl};
 

@@ -1,6 +1,7 @@
 //! Fixed-newstyle negotiation: structured replies, `base:allocation`, then NBD_OPT_GO with a
 //! block-size request (falling back to NBD_OPT_EXPORT_NAME for servers without GO).
 
+use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::NbdError;
@@ -81,15 +82,15 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     let mut n = Neg { stream, addr };
     let mut greeting = [0u8; 18];
     n.stream.read_exact(&mut greeting).await?;
-    let magic = u64::from_be_bytes(greeting[0..8].try_into().expect("8 bytes"));
-    let opt_magic = u64::from_be_bytes(greeting[8..16].try_into().expect("8 bytes"));
+    let mut g = &greeting[..];
+    let (magic, opt_magic) = (g.get_u64(), g.get_u64());
     if magic != proto::NBDMAGIC {
         return Err(n.fail("not an NBD server (bad greeting)"));
     }
     if opt_magic != proto::IHAVEOPT {
         return Err(n.fail("server speaks oldstyle NBD; newstyle is required"));
     }
-    let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+    let server_flags = g.get_u16();
     if server_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
         return Err(n.fail("server does not support fixed newstyle negotiation"));
     }
@@ -175,8 +176,8 @@ async fn export_name_fallback<S: AsyncRead + AsyncWrite + Unpin>(
         let mut zeroes = [0u8; 124];
         n.stream.read_exact(&mut zeroes).await?;
     }
-    let size = u64::from_be_bytes(b[0..8].try_into().expect("8 bytes"));
-    let flags = u16::from_be_bytes([b[8], b[9]]);
+    let mut b = &b[..];
+    let (size, flags) = (b.get_u64(), b.get_u16());
     Ok(Negotiated {
         export: ExportInfo { size, flags },
         block_size: BlockSize::default(),

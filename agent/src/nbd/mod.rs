@@ -7,7 +7,10 @@
 mod client;
 mod conn;
 mod handshake;
+mod inflight;
 pub mod proto;
+mod reader;
+mod writer;
 
 use std::time::Duration;
 
@@ -145,6 +148,16 @@ impl Default for ConnectOptions {
             max_in_flight: 64,
             connections: 4,
             block_status: true,
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// The defaults, with `request_timeout` for each request.
+    pub fn with_request_timeout(request_timeout: Duration) -> Self {
+        Self {
+            request_timeout,
+            ..Default::default()
         }
     }
 }

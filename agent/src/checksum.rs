@@ -7,6 +7,11 @@ use sha2::{Digest, Sha256};
 use crate::copy::{ChangedArea, chunks};
 use crate::nbd::{NbdClient, NbdError, proto};
 
+/// Request size for hashing a whole export.
+pub const REQUEST_SIZE: u32 = 2 << 20;
+/// Reads in flight while hashing a whole export.
+pub const IN_FLIGHT: usize = 16;
+
 /// SHA-256 (hex) of the export's full contents. Reads run concurrently but are hashed in order;
 /// ranges the server reports as zero are hashed without being read.
 pub async fn sha256(

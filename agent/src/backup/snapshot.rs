@@ -1,0 +1,114 @@
+//! The backup's one snapshot: leftovers of earlier attempts removed first, the snapshot taken,
+//! its disks read, and its removal retried, because a snapshot left behind grows on the
+//! datastore.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use sendense_contract::AgentReason;
+use sendense_vsphere::{Disk, SnapshotRef, VSphere, VSphereError, VmRef};
+
+use super::failure::{Failure, failure_from, vsphere_reason};
+
+/// Attempts at removing the snapshot; the wait after attempt n is 2n seconds.
+const REMOVAL_ATTEMPTS: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("removing leftover {prefix}* snapshots before a new one: {source}")]
+    Leftovers {
+        prefix: String,
+        #[source]
+        source: VSphereError,
+    },
+    #[error("creating snapshot {name}: {source}")]
+    Create {
+        name: String,
+        #[source]
+        source: VSphereError,
+    },
+    #[error("reading the snapshot's disks: {0}")]
+    Disks(#[source] VSphereError),
+    #[error("the data was copied, but snapshot {moref} could not be removed: {source}")]
+    NotRemoved {
+        moref: String,
+        #[source]
+        source: VSphereError,
+    },
+}
+
+impl SnapshotError {
+    pub fn reason(&self) -> AgentReason {
+        match self {
+            SnapshotError::Leftovers { source, .. }
+            | SnapshotError::Create { source, .. }
+            | SnapshotError::Disks(source) => vsphere_reason(source, AgentReason::SnapshotFailed),
+            SnapshotError::NotRemoved { .. } => AgentReason::SnapshotRemovalFailed,
+        }
+    }
+}
+
+failure_from!(SnapshotError);
+
+/// Removes snapshots named `<prefix>*` (left by attempts that could not clean up); their names.
+pub async fn remove_leftovers(
+    vs: &VSphere,
+    vm: &VmRef,
+    prefix: &str,
+) -> Result<Vec<String>, SnapshotError> {
+    let removed = vs
+        .remove_snapshots_with_prefix(vm, prefix)
+        .await
+        .map_err(|source| SnapshotError::Leftovers {
+            prefix: prefix.to_owned(),
+            source,
+        })?;
+    Ok(removed.into_iter().map(|s| s.name).collect())
+}
+
+/// Takes snapshot `<prefix><job>`.
+pub async fn create(
+    vs: &VSphere,
+    vm: &VmRef,
+    prefix: &str,
+    job: &str,
+    quiesce: bool,
+) -> Result<SnapshotRef, SnapshotError> {
+    let name = format!("{prefix}{job}");
+    let description = format!("Sendense backup {job}; removed when the backup ends");
+    let snapshot = vs
+        .create_snapshot(vm, &name, &description, quiesce)
+        .await
+        .map_err(|source| SnapshotError::Create { name, source })?;
+    info!(vm = %vm.name, snapshot = %snapshot.moref, "snapshot created");
+    Ok(snapshot)
+}
+
+pub async fn disks(vs: &VSphere, snapshot: &SnapshotRef) -> Result<Vec<Disk>, SnapshotError> {
+    vs.snapshot_disks(snapshot)
+        .await
+        .map_err(SnapshotError::Disks)
+}
+
+/// Removes the snapshot (one already gone is fine), with its own attempts; the last error.
+pub async fn remove(vs: &VSphere, snapshot: &SnapshotRef) -> Result<(), VSphereError> {
+    let mut attempt = 1;
+    loop {
+        match vs.remove_snapshot(snapshot).await {
+            Ok(()) => {
+                info!(snapshot = %snapshot.moref, "snapshot removed");
+                return Ok(());
+            }
+            Err(VSphereError::NotFound(_)) => return Ok(()),
+            Err(e) => {
+                warn!(snapshot = %snapshot.moref, attempt, "removing snapshot: {e}");
+                tokio::time::sleep(Duration::from_secs(2 * attempt)).await;
+                if attempt == REMOVAL_ATTEMPTS {
+                    return Err(e);
+                }
+                attempt += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The agent's command line: the parser `main` runs, public so that tests parse with it. The
+//! subcommands the operator runs take the contract's argument structs (built there with
+//! `to_args()`); the others define theirs beside their code in [`crate::cmd`].
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Parser, Subcommand};
+use sendense_contract::cli::{
+    AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoProbeArgs,
+};
+use sendense_contract::probe::ProbeResult;
+use sendense_contract::result::{BackupResult, TERMINATION_MESSAGE_LIMIT, compact_json};
+use sendense_contract::{AgentReason, ProbeReason};
+
+use crate::cmd::checksum::ChecksumArgs;
+use crate::cmd::copy::CopyArgs;
+use crate::cmd::verify::VerifyArgs;
+use crate::cmd::write_result_file;
+
+#[derive(Parser, Debug)]
+#[command(name = AGENT_BINARY, about = "Sendense's data mover", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Work on the hub (the repository side).
+    Hub {
+        #[command(subcommand)]
+        command: HubCommand,
+    },
+    /// Work on a repository volume.
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+    /// Check a QCOW2 chain (read through qemu-nbd) against an expected SHA-256.
+    Verify(VerifyArgs),
+    /// Copy areas of one NBD export to another (a whole disk by default), then flush.
+    Copy(CopyArgs),
+    /// Back up a VM: one snapshot, every target disk's changed areas copied, snapshot removed.
+    /// Credentials: SENDENSE_VCENTER_USERNAME / SENDENSE_VCENTER_PASSWORD, or --credentials-dir
+    /// with files `username` and `password` (a mounted Secret); never command-line arguments.
+    Backup(Box<BackupArgs>),
+    /// Complete an NBD handshake with an export and disconnect (a readiness probe for hub
+    /// containers: a listening socket alone does not prove qemu-nbd serves the export).
+    NbdPing(NbdPingArgs),
+    /// Print the SHA-256 of an NBD export's whole contents.
+    Checksum(ChecksumArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HubCommand {
+    /// Create one disk's QCOW2 for a backup (replacing a file left by an earlier attempt).
+    Prepare(HubPrepareArgs),
+    /// Remove the files a failed backup left (a missing file is fine), and each file's
+    /// directory if that left it empty. Paths with `..` are refused.
+    Remove(HubRemoveArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCommand {
+    /// Prove DIR writable (write, fsync, read back, delete a 4 KiB file) and measure it:
+    /// capacity, used and available bytes, number and allocated bytes of its *.qcow2 files.
+    /// Exits 1 when the probe fails.
+    Probe(RepoProbeArgs),
+}
+
+/// A command line clap rejects still gets its `--result-file` (the operator reads the reason
+/// there): `InvalidArguments` for `backup`, a failed probe for `repo probe`. `args` are the
+/// words after the binary name.
+pub fn report_usage_error(e: &clap::Error, args: &[OsString]) {
+    let Some((file, text)) = usage_error_result(e, args) else {
+        return;
+    };
+    if let Err(e) = write_result_file(&file, &text) {
+        eprintln!("sendense-agent: {e:#}");
+    }
+}
+
+/// The subcommands whose result file the operator reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answering {
+    Backup,
+    RepoProbe,
+}
+
+/// Where a rejected command line's result goes, and what it says; `None` when it has no
+/// result file (or asked for help or the version).
+pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf, String)> {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return None;
+    }
+    // The words clap refused, so read as words: the subcommand, and `--result-file F` or
+    // `--result-file=F` anywhere after it.
+    let answering = match args.first().map(|a| a.as_bytes()) {
+        Some(b"backup") => Answering::Backup,
+        Some(b"repo") => Answering::RepoProbe,
+        _ => return None,
+    };
+    let file = args.iter().enumerate().find_map(|(i, a)| {
+        match a.as_bytes().strip_prefix(b"--result-file") {
+            Some(b"") => args.get(i + 1).map(PathBuf::from),
+            Some(v) => v
+                .strip_prefix(b"=")
+                .map(|f| PathBuf::from(OsStr::from_bytes(f))),
+            None => None,
+        }
+    })?;
+    let message = one_line(e);
+    let text = match answering {
+        Answering::Backup => compact_json(
+            &BackupResult::early_failure(AgentReason::InvalidArguments, message),
+            TERMINATION_MESSAGE_LIMIT,
+        ),
+        Answering::RepoProbe => {
+            serde_json::to_string(&ProbeResult::failed(ProbeReason::InvalidArguments, message))
+                .unwrap_or_default()
+        }
+    };
+    Some((file, text))
+}
+
+/// The error without its usage and help lines, on one line.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let message = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    message.trim_start_matches("error: ").to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! The agent parses every command line the operator builds: each contract struct, written out
+//! with `to_args()` and parsed by the agent's own parser, comes back equal.
+
+use clap::Parser;
+use sendense_contract::cli::{
+    BackupArgs, DEFAULT_NBD_PING_TIMEOUT_SECONDS, HubPrepareArgs, HubRemoveArgs, NbdPingArgs,
+    RepoProbeArgs, Transport, VddkMode,
+};
+
+use super::*;
+
+fn parse(args: &[String]) -> Command {
+    let argv = std::iter::once(AGENT_BINARY.to_owned()).chain(args.iter().cloned());
+    match Cli::try_parse_from(argv) {
+        Ok(cli) => cli.command,
+        Err(e) => panic!("{args:?}: {e}"),
+    }
+}
+
+fn minimal_backup() -> BackupArgs {
+    let mut args = BackupArgs::new("https://vc.example.com/sdk", "DC0", "nightly-1");
+    args.vm = Some("db 01".into());
+    args.targets = vec!["2000:nbd://10.0.0.7:10100/".parse().expect("target")];
+    args.thumbprint = Some("AA:BB".into());
+    args
+}
+
+fn every_backup_field_set() -> BackupArgs {
+    BackupArgs {
+        vm: None,
+        vm_uuid: Some("5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into()),
+        targets: vec![
+            "2000:nbd://10.0.0.7:10100/".parse().expect("target"),
+            "2001:nbd+unix:///x?socket=/run/a.sock"
+                .parse()
+                .expect("target"),
+        ],
+        base_change_ids: vec![
+            "2000:52 3c 1d/7".parse().expect("change id"),
+            "2001:*".parse().expect("change id"),
+        ],
+        transport: Transport::Vddk,
+        datastores: vec![
+            "datastore1=/datastores/0".parse().expect("mount"),
+            "ds 2=/datastores/1".parse().expect("mount"),
+        ],
+        vddk_libdir: "/opt/vddk".into(),
+        vddk_modes: vec![VddkMode::Hotadd, VddkMode::San, VddkMode::Nbd],
+        thumbprint: Some("AA:BB".into()),
+        ca_file: Some("/etc/sendense/vcenter-ca/ca.crt".into()),
+        insecure_skip_verify: true,
+        credentials_dir: Some("/etc/sendense/credentials".into()),
+        snapshot_prefix: "sd-".into(),
+        quiesce: true,
+        request_size: 1 << 20,
+        in_flight: 8,
+        connections: 2,
+        request_timeout: 30,
+        deadline_seconds: Some(3600),
+        checksum: true,
+        result_file: Some("/dev/termination-log".into()),
+        status_addr: Some("$(POD_IP):9090".into()),
+        ..BackupArgs::new("https://vc.example.com/sdk", "DC0", "nightly-1")
+    }
+}
+
+#[test]
+fn the_agent_parses_every_backup_command_line_the_operator_builds() {
+    for args in [minimal_backup(), every_backup_field_set()] {
+        match parse(&args.to_args()) {
+            Command::Backup(parsed) => assert_eq!(*parsed, args),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
+    for prepare in [
+        HubPrepareArgs {
+            file: "/repository/ns/vm/2000/b.qcow2".into(),
+            size: 8 << 30,
+            backing: Some("/repository/ns/vm/2000/a.qcow2".into()),
+        },
+        HubPrepareArgs {
+            file: "/repository/ns/vm/2000/a.qcow2".into(),
+            size: 1 << 20,
+            backing: None,
+        },
+    ] {
+        match parse(&prepare.to_args()) {
+            Command::Hub {
+                command: HubCommand::Prepare(parsed),
+            } => assert_eq!(parsed, prepare),
+            other => panic!("{other:?}"),
+        }
+    }
+    let remove = HubRemoveArgs {
+        files: vec!["/repository/a".into(), "/repository/b c".into()],
+    };
+    match parse(&remove.to_args()) {
+        Command::Hub {
+            command: HubCommand::Remove(parsed),
+        } => assert_eq!(parsed, remove),
+        other => panic!("{other:?}"),
+    }
+    for result_file in [Some("/dev/termination-log".into()), None] {
+        let probe = RepoProbeArgs {
+            dir: "/repository".into(),
+            result_file,
+        };
+        match parse(&probe.to_args()) {
+            Command::Repo {
+                command: RepoCommand::Probe(parsed),
+            } => assert_eq!(parsed, probe),
+            other => panic!("{other:?}"),
+        }
+    }
+    for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
+        let ping = NbdPingArgs {
+            url: "nbd://127.0.0.1:10100/".into(),
+            timeout,
+        };
+        match parse(&ping.to_args()) {
+            Command::NbdPing(parsed) => assert_eq!(parsed, ping),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn rejected(words: &[&str]) -> (clap::Error, Vec<OsString>) {
+    let args: Vec<OsString> = words.iter().map(OsString::from).collect();
+    let argv = std::iter::once(OsString::from(AGENT_BINARY)).chain(args.iter().cloned());
+    match Cli::try_parse_from(argv) {
+        Ok(cli) => panic!("{words:?} parsed: {cli:?}"),
+        Err(e) => (e, args),
+    }
+}
+
+#[test]
+fn a_rejected_backup_or_probe_still_writes_its_result_file() {
+    let (e, args) = rejected(&[
+        "backup",
+        "--vcenter",
+        "https://vc/sdk",
+        "--result-file",
+        "/tmp/result.json",
+    ]);
+    let (file, text) = usage_error_result(&e, &args).expect("a result");
+    assert_eq!(file, PathBuf::from("/tmp/result.json"));
+    let result = BackupResult::parse(&text).expect("a backup result");
+    assert_eq!(result.reason, Some(AgentReason::InvalidArguments));
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.contains("--datacenter") && !error.contains("Usage:"),
+        "{error}"
+    );
+
+    let (e, args) = rejected(&["repo", "probe", "--result-file=/tmp/p.json", "--dir"]);
+    let (file, text) = usage_error_result(&e, &args).expect("a result");
+    assert_eq!(file, PathBuf::from("/tmp/p.json"));
+    let probe = ProbeResult::parse(&text).expect("a probe result");
+    assert_eq!(
+        (probe.ok, probe.reason),
+        (false, Some(ProbeReason::InvalidArguments))
+    );
+
+    let (e, args) = rejected(&["hub", "prepare", "--result-file", "/tmp/x"]);
+    assert_eq!(
+        usage_error_result(&e, &args),
+        None,
+        "hub has no result file"
+    );
+    let (e, args) = rejected(&["backup", "--help", "--result-file", "/tmp/x"]);
+    assert_eq!(usage_error_result(&e, &args), None, "help is no error");
+}

@@ -1,0 +1,20 @@
+//! `repo probe`: the result goes to stdout and, on every outcome, to `--result-file`.
+
+use anyhow::Result;
+use sendense_contract::cli::RepoProbeArgs;
+
+use super::{Outcome, write_result_file};
+use crate::repo;
+
+pub fn probe(args: RepoProbeArgs) -> Result<Outcome> {
+    let probed = repo::probe(&args.dir);
+    let text = serde_json::to_string(&probed)?;
+    if let Some(f) = &args.result_file {
+        write_result_file(f, &text)?;
+    }
+    println!("{text}");
+    if let Some(e) = &probed.error {
+        eprintln!("sendense-agent: repository probe failed: {e}");
+    }
+    Ok(Outcome::of(probed.ok))
+}
