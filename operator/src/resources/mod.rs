@@ -122,3 +122,7 @@ pub fn service_account(namespace: &str, name: &str) -> ServiceAccount {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+#[path = "command_lines_tests.rs"]
+mod command_lines_tests;

@@ -1,0 +1,191 @@
+//! Every `sendense-agent` command line the operator puts into a pod is accepted by the agent's
+//! own parser, and means what the operator built: the operator's builders and the agent's
+//! `Cli` share the contract's argument structs, and this checks the whole path, pod spec to
+//! parsed struct.
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use sendense_agent::cli::{Cli, Command, HubCommand, RepoCommand};
+use sendense_contract::cli::{AGENT_BINARY, BackupArgs, BaseChangeId, DiskTarget, Transport};
+use sendense_crds::SourceNode;
+use serde_json::json;
+
+use super::*;
+use crate::fixtures::{Fixture, TestObject};
+
+fn images() -> PodSettings {
+    PodSettings {
+        agent: "img".into(),
+        ..Default::default()
+    }
+}
+
+/// The full argv of a container (command then args), and of its exec readiness probe.
+fn command_lines(pod: &Pod) -> Vec<Vec<String>> {
+    let spec = pod.spec.as_ref().expect("spec");
+    let containers: Vec<&Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .collect();
+    let mut lines = Vec::new();
+    for c in containers {
+        let mut argv = c.command.clone().unwrap_or_default();
+        argv.extend(c.args.clone().unwrap_or_default());
+        lines.push(argv);
+        if let Some(exec) = c.readiness_probe.as_ref().and_then(|p| p.exec.as_ref()) {
+            lines.push(exec.command.clone().unwrap_or_default());
+        }
+    }
+    lines
+        .into_iter()
+        .filter(|argv| argv.first().map(String::as_str) == Some(AGENT_BINARY))
+        .collect()
+}
+
+fn parse(argv: &[String]) -> Command {
+    match Cli::try_parse_from(argv) {
+        Ok(cli) => cli.command,
+        Err(e) => panic!("the agent refuses {argv:?}: {e}"),
+    }
+}
+
+fn backup_args(pod: &Pod) -> BackupArgs {
+    let lines = command_lines(pod);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    match parse(&lines[0]) {
+        Command::Backup(args) => *args,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_agent_pods_command_line_parses_into_what_the_operator_built() {
+    let job = BackupJob::test().with_spec(json!({
+        "vm": {"name": "web 01"}, "quiesce": true, "activeDeadlineSeconds": 3600
+    }));
+    let targets = vec![
+        DiskTarget {
+            key: 2000,
+            url: "nbd://10.0.0.5:10100/".into(),
+        },
+        DiskTarget {
+            key: 2001,
+            url: "nbd://10.0.0.5:10101/".into(),
+        },
+    ];
+    let bases = vec![BaseChangeId {
+        key: 2001,
+        change_id: "52 aa 10/7".into(),
+    }];
+    let nfs = SourceNode::test();
+    let args = backup_args(&agent_pod(
+        &job,
+        &nfs,
+        targets.clone(),
+        bases.clone(),
+        &images(),
+    ));
+    assert_eq!(args.vcenter, "https://vc.example.com/sdk");
+    assert_eq!(args.datacenter, "DC1");
+    assert_eq!(args.job, "web-01-b2");
+    assert_eq!(args.vm.as_deref(), Some("web 01"));
+    assert_eq!(
+        (args.targets, args.base_change_ids),
+        (targets.clone(), bases)
+    );
+    assert_eq!(args.transport, Transport::Nfs);
+    assert_eq!(args.datastores.len(), 1);
+    assert_eq!(args.datastores[0].name, "LocalDS 0");
+    assert_eq!(args.thumbprint.as_deref(), Some("AA:BB"));
+    assert!(args.quiesce);
+    assert_eq!(args.deadline_seconds, Some(3600));
+    assert_eq!(
+        args.result_file.as_deref(),
+        Some(std::path::Path::new(TERMINATION_LOG))
+    );
+    assert!(args.status_addr.is_some_and(|a| a.ends_with(":9090")));
+
+    let vddk = nfs.edit(|v| {
+        v["spec"]["transport"] = json!({"type": "vddk", "vddk": {"modes": ["hotadd", "nbdssl"]}})
+    });
+    let args = backup_args(&agent_pod(&job, &vddk, targets, vec![], &images()));
+    assert_eq!(args.transport, Transport::Vddk);
+    assert_eq!(args.vddk_modes.len(), 2);
+    assert!(args.datastores.is_empty() && args.base_change_ids.is_empty());
+}
+
+#[test]
+fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
+    let job = BackupJob::test();
+    let disks = [
+        HubDisk {
+            key: 2000,
+            port: 10100,
+            file: "backups/web-01/2000/b2.qcow2".into(),
+            size: 8 << 30,
+            backing: Some("backups/web-01/2000/b1.qcow2".into()),
+        },
+        HubDisk {
+            key: 2001,
+            port: 10101,
+            file: "backups/web-01/2001/b2.qcow2".into(),
+            size: 1 << 30,
+            backing: None,
+        },
+    ];
+    let hub = hub_pod(&job, "backups-data", &disks, &images());
+    let lines = command_lines(&hub);
+    // One prepare per disk, one readiness probe per qemu-nbd container.
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let (mut prepared, mut pinged) = (Vec::new(), Vec::new());
+    for argv in &lines {
+        match parse(argv) {
+            Command::Hub {
+                command: HubCommand::Prepare(p),
+            } => prepared.push(p),
+            Command::NbdPing(p) => pinged.push(p.url),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(prepared.len(), 2);
+    assert_eq!(
+        prepared[0].file,
+        std::path::Path::new(REPOSITORY_MOUNT).join(&disks[0].file)
+    );
+    assert_eq!(prepared[0].size, 8 << 30);
+    assert_eq!(
+        prepared[0].backing.as_deref(),
+        Some(std::path::Path::new(REPOSITORY_MOUNT).join("backups/web-01/2000/b1.qcow2"))
+            .as_deref()
+    );
+    assert_eq!(prepared[1].backing, None);
+    assert_eq!(pinged, ["nbd://127.0.0.1:10100/", "nbd://127.0.0.1:10101/"]);
+
+    let files = vec![disks[0].file.clone(), disks[1].file.clone()];
+    let cleanup = cleanup_pod(&job, "backups-data", &files, &images());
+    match parse(&command_lines(&cleanup)[0]) {
+        Command::Hub {
+            command: HubCommand::Remove(r),
+        } => assert_eq!(
+            r.files,
+            files
+                .iter()
+                .map(|f| std::path::Path::new(REPOSITORY_MOUNT).join(f))
+                .collect::<Vec<_>>()
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    let probe = probe_pod(&Repository::test(), &images());
+    match parse(&command_lines(&probe)[0]) {
+        Command::Repo {
+            command: RepoCommand::Probe(p),
+        } => assert_eq!(
+            p.result_file.as_deref(),
+            Some(std::path::Path::new(TERMINATION_LOG))
+        ),
+        other => panic!("{other:?}"),
+    }
+}
