@@ -9,6 +9,15 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SENDENSE_CACHE/target}
 # Each clean clone compiles the workspace's own crates afresh; incremental caches of those would
 # only pile up in the shared target directory (several GB per clone).
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# Every clean clone also builds the workspace's own crates (test binaries included) under new
+# hashes in the shared target directory, a few GB each time. When the disk is 60% full, earlier
+# builds of our crates go; the dependencies' builds stay, so nothing slow is rebuilt.
+used=$(df --output=pcent "$SENDENSE_CACHE" 2>/dev/null | tail -n 1 | tr -dc '0-9')
+if [ "${used:-0}" -ge "${SENDENSE_PRUNE_AT_PERCENT:-60}" ] && [ -d "$CARGO_TARGET_DIR" ]; then
+  echo "disk ${used}% full: removing earlier builds of the workspace's crates from $CARGO_TARGET_DIR"
+  cargo clean -q -p sendense-crds -p sendense-contract -p sendense-vsphere -p sendense-agent \
+    -p sendense-operator -p sendense-e2e
+fi
 export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test
 export SENDENSE_ETCD_PORT=24790 SENDENSE_ETCD_PEER_PORT=24800 SENDENSE_APISERVER_PORT=26443
 export SENDENSE_CONTROLLER_MANAGER_PORT=26457 SENDENSE_SCHEDULER_PORT=26459
