@@ -12,7 +12,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 # Every clean clone also builds the workspace's own crates (test binaries included) under new
 # hashes in the shared target directory, a few GB each time. When the disk is 60% full, earlier
 # builds of our crates go; the dependencies' builds stay, so nothing slow is rebuilt.
-used=$(df --output=pcent "$SENDENSE_CACHE" 2>/dev/null | tail -n 1 | tr -dc '0-9')
+used=$(df --output=pcent "$SENDENSE_CACHE" 2>/dev/null | tail -n 1 | tr -dc '0-9' || true)
 if [ "${used:-0}" -ge "${SENDENSE_PRUNE_AT_PERCENT:-60}" ] && [ -d "$CARGO_TARGET_DIR" ]; then
   echo "disk ${used}% full: removing earlier builds of the workspace's crates from $CARGO_TARGET_DIR"
   cargo clean -q -p sendense-crds -p sendense-contract -p sendense-vsphere -p sendense-agent \
