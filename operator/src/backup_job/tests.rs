@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
+use kube::{Client, ResourceExt};
 use sendense_contract::result::BackupResult;
 use sendense_crds::BackupJob;
 use sendense_crds::backup_job::{CopyKind, Phase};
@@ -129,6 +129,19 @@ mod api {
     }
 
     /// Expects `method path` next, answers `status` with `body`; returns the request body.
+    /// The job's status write; answers with the job as it was and returns the patch sent.
+    async fn expect_status_patch(handle: &mut Handle, job: &BackupJob) -> Value {
+        let path = format!("{JOBS}/{}/status", job.name_any());
+        expect(
+            handle,
+            "PATCH",
+            &path,
+            200,
+            serde_json::to_value(job).expect("json"),
+        )
+        .await
+    }
+
     async fn expect(
         handle: &mut Handle,
         method: &str,
@@ -187,14 +200,7 @@ mod api {
             not_found(),
         )
         .await;
-        let patch = expect(
-            &mut h,
-            "PATCH",
-            &format!("{JOBS}/web-01-b2/status"),
-            200,
-            serde_json::to_value(&j).expect("json"),
-        )
-        .await;
+        let patch = expect_status_patch(&mut h, &j).await;
         assert_eq!(patch["status"]["phase"], "Pending");
         let c = cond(&patch, "Running");
         assert_eq!(
@@ -306,14 +312,7 @@ mod api {
             agent,
         )
         .await;
-        let patch = expect(
-            &mut h,
-            "PATCH",
-            &format!("{JOBS}/web-01-b2/status"),
-            200,
-            serde_json::to_value(&j).expect("json"),
-        )
-        .await;
+        let patch = expect_status_patch(&mut h, &j).await;
         assert_eq!(patch["status"]["phase"], "Succeeded");
         assert_eq!(patch["status"]["disks"][0]["changeIdReached"], "u/1");
         assert_eq!(cond(&patch, "Complete")["status"], "True");
