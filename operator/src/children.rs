@@ -89,6 +89,24 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// When the API server refused to create or change the object itself: its message. That is
+    /// an admission refusal (a ResourceQuota, Pod Security admission, a policy webhook, RBAC)
+    /// or a validation error; it does not pass by retrying the same request soon, so it belongs
+    /// in a condition a person reads, not only in the log. None for other failures
+    /// (connection, timeout, conflict, server error), which are retried.
+    pub fn refusal(&self) -> Option<&str> {
+        match (&self.verb, &self.source) {
+            (Verb::Apply | Verb::Create, kube::Error::Api(s))
+                if matches!(s.code, 400 | 403 | 422) =>
+            {
+                Some(&s.message)
+            }
+            _ => None,
+        }
+    }
+}
+
 fn api<K: Namespaced>(client: &Client, namespace: &str) -> Api<K> {
     Api::namespaced(client.clone(), namespace)
 }
@@ -175,4 +193,31 @@ pub async fn ensure_service_account(
 ) -> Result<(), ApiError> {
     let Some(name) = name else { return Ok(()) };
     create_if_missing::<ServiceAccount>(client, namespace, &service_account(namespace, name)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::core::Status;
+
+    fn failed(verb: Verb, code: u16, message: &str) -> ApiError {
+        let status = Status::failure(message, "Forbidden").with_code(code);
+        ApiError::new::<Pod>(verb, "ns", "job-hub", kube::Error::Api(status.boxed()))
+    }
+
+    #[test]
+    fn an_admission_refusal_of_a_write_is_told_apart_from_passing_failures() {
+        let quota = "pods \"job-hub\" is forbidden: exceeded quota: pods, requested: pods=1";
+        assert_eq!(failed(Verb::Apply, 403, quota).refusal(), Some(quota));
+        assert_eq!(
+            failed(Verb::Create, 422, "invalid").refusal(),
+            Some("invalid")
+        );
+        // Reading is not refused admission; conflicts, throttling and server errors pass.
+        assert_eq!(failed(Verb::Read, 403, "no").refusal(), None);
+        for code in [409, 429, 500, 503] {
+            assert_eq!(failed(Verb::Apply, code, "x").refusal(), None, "{code}");
+        }
+    }
 }

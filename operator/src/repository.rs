@@ -64,6 +64,8 @@ pub enum Ready {
     ClaimNotFound,
     ClaimNotBound,
     NotWritable,
+    /// The API server refused the probe pod (a quota, Pod Security admission, a policy).
+    ProbePodRejected,
 }
 
 impl ConditionReason for Ready {
@@ -79,6 +81,7 @@ impl ConditionReason for Ready {
             Ready::ClaimNotFound => "ClaimNotFound",
             Ready::ClaimNotBound => "ClaimNotBound",
             Ready::NotWritable => "NotWritable",
+            Ready::ProbePodRejected => "ProbePodRejected",
         }
     }
     fn event_type(&self) -> Option<EventType> {
@@ -165,14 +168,18 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                 return Ok(Action::requeue(left));
             }
             match probe(&repo, &ctx).await.map_err(Error::Probe)? {
-                None => return Ok(Action::requeue(Duration::from_secs(2))),
-                Some(Ok(p)) => {
+                Probe::Running => return Ok(Action::requeue(Duration::from_secs(2))),
+                Probe::Measured(p) => {
                     record_measurement(&mut update, &p, &ctx.metrics, &claim);
                     ctx.probe_interval
                 }
-                Some(Err(m)) => {
+                Probe::NotWritable(m) => {
                     update.status.last_probe_time = Some(now());
                     update.set(&Ready::NotWritable, m);
+                    Duration::from_secs(60)
+                }
+                Probe::Refused(m) => {
+                    update.set(&Ready::ProbePodRejected, m);
                     Duration::from_secs(60)
                 }
             }
@@ -226,21 +233,42 @@ fn record_measurement(
     );
 }
 
-/// Runs (or collects) the probe pod: None while it runs, then the outcome.
-async fn probe(
-    repo: &Repository,
-    ctx: &Context,
-) -> Result<Option<Result<ProbeResult, String>>, ApiError> {
+/// Where a probe of the volume is.
+enum Probe {
+    /// The probe pod was created or still runs.
+    Running,
+    Measured(ProbeResult),
+    /// The probe ran and failed: why.
+    NotWritable(String),
+    /// The API server refused to create the probe pod: its message.
+    Refused(String),
+}
+
+/// Runs (or collects) the probe pod.
+async fn probe(repo: &Repository, ctx: &Context) -> Result<Probe, ApiError> {
     let ns = repo.namespace().unwrap_or_default();
     let name = probe_name(repo);
     let Some(pod) = get::<Pod>(&ctx.client, &ns, &name).await? else {
-        ensure_service_account(&ctx.client, &ns, ctx.images.hub_service_account.as_deref()).await?;
-        apply(&ctx.client, &ns, &probe_pod(repo, &ctx.images)).await?;
-        return Ok(None);
+        let created = async {
+            let account = ctx.images.hub_service_account.as_deref();
+            ensure_service_account(&ctx.client, &ns, account).await?;
+            apply(&ctx.client, &ns, &probe_pod(repo, &ctx.images)).await
+        }
+        .await;
+        return match created {
+            Ok(()) => Ok(Probe::Running),
+            Err(e) => match e.refusal() {
+                Some(why) => Ok(Probe::Refused(format!(
+                    "the API server refused {} {}, which probes the volume: {why}",
+                    e.kind, e.name
+                ))),
+                None => Err(e),
+            },
+        };
     };
     let phase = PodPhase::of(&pod);
     if pod_state::is_terminating(&pod) || !phase.ended() {
-        return Ok(None);
+        return Ok(Probe::Running);
     }
     let msg = pod_state::termination_message(&pod).unwrap_or_default();
     let outcome = match serde_json::from_str::<ProbeResult>(msg.trim()) {
@@ -256,7 +284,10 @@ async fn probe(
         Err(_) => Err(format!("probe pod {name}: {}", msg.trim())),
     };
     delete_if_present::<Pod>(&ctx.client, &ns, &name).await?;
-    Ok(Some(outcome))
+    Ok(match outcome {
+        Ok(p) => Probe::Measured(p),
+        Err(m) => Probe::NotWritable(m),
+    })
 }
 
 pub fn error_policy(repo: Arc<Repository>, err: &Error, ctx: Arc<Context>) -> Action {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use k8s_openapi::api::core::v1::ResourceRequirements;
 
 use crate::resources::PodSettings;
 
@@ -58,9 +59,110 @@ pub struct Settings {
     )]
     pub repository_probe_interval_seconds: u64,
 
+    /// imagePullPolicy of the pods the operator creates.
+    #[arg(
+        long,
+        env = "SENDENSE_AGENT_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent",
+        value_parser = ["Always", "IfNotPresent", "Never"]
+    )]
+    pub agent_image_pull_policy: String,
+
+    /// Resources (JSON of a container's `resources`: requests and limits) of each container of
+    /// hub-side pods (a qemu-nbd per disk, the file preparation, the repository probe, the
+    /// cleanup); empty: none. A namespace whose ResourceQuota covers cpu or memory admits only
+    /// pods that set them.
+    #[arg(
+        long,
+        env = "SENDENSE_HUB_RESOURCES",
+        default_value = DEFAULT_HUB_RESOURCES,
+        value_parser = parse_resources
+    )]
+    pub hub_resources: Resources,
+
+    /// Resources (JSON, as for the hub) of the agent container, the data mover.
+    #[arg(
+        long,
+        env = "SENDENSE_AGENT_RESOURCES",
+        default_value = DEFAULT_AGENT_RESOURCES,
+        value_parser = parse_resources
+    )]
+    pub agent_resources: Resources,
+
     /// This operator's instance in the Events it publishes (the pod's name in a cluster).
     #[arg(long, env = "HOSTNAME")]
     pub instance: Option<String>,
+}
+
+/// The chart's defaults (values.yaml `podResources`).
+pub const DEFAULT_HUB_RESOURCES: &str =
+    r#"{"requests":{"cpu":"50m","memory":"64Mi"},"limits":{"memory":"512Mi"}}"#;
+pub const DEFAULT_AGENT_RESOURCES: &str =
+    r#"{"requests":{"cpu":"100m","memory":"128Mi"},"limits":{"memory":"1Gi"}}"#;
+
+/// A container's resources, as set by the operator's settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Resources(pub Option<ResourceRequirements>);
+
+impl Eq for Resources {}
+
+/// A Kubernetes quantity: "100m", "1.5", "64Mi", "1G", "2e3".
+fn is_quantity(q: &str) -> bool {
+    let digits_end = q
+        .trim_start_matches(['+', '-'])
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|i| i + (q.len() - q.trim_start_matches(['+', '-']).len()))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits_end);
+    let number = number.trim_start_matches(['+', '-']);
+    let number_ok = !number.is_empty()
+        && number != "."
+        && number.matches('.').count() <= 1
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let exponent = suffix
+        .strip_prefix(['e', 'E'])
+        .map(|e| e.trim_start_matches(['+', '-']))
+        .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()));
+    number_ok
+        && (exponent
+            || matches!(
+                suffix,
+                "" | "n"
+                    | "u"
+                    | "m"
+                    | "k"
+                    | "M"
+                    | "G"
+                    | "T"
+                    | "P"
+                    | "E"
+                    | "Ki"
+                    | "Mi"
+                    | "Gi"
+                    | "Ti"
+                    | "Pi"
+                    | "Ei"
+            ))
+}
+
+fn parse_resources(s: &str) -> Result<Resources, String> {
+    if s.trim().is_empty() {
+        return Ok(Resources(None));
+    }
+    let r: ResourceRequirements = serde_json::from_str(s).map_err(|e| {
+        format!("not a container's resources as JSON ({e}); example: {DEFAULT_AGENT_RESOURCES}")
+    })?;
+    for (part, map) in [("requests", &r.requests), ("limits", &r.limits)] {
+        for (name, q) in map.iter().flatten() {
+            if !is_quantity(&q.0) {
+                return Err(format!(
+                    "{part}.{name}: {:?} is not a Kubernetes quantity (e.g. 100m, 0.5, 128Mi, 1Gi)",
+                    q.0
+                ));
+            }
+        }
+    }
+    Ok(Resources(Some(r)))
 }
 
 fn account(name: &str) -> Option<String> {
@@ -72,6 +174,9 @@ impl Settings {
     pub fn pod_settings(&self) -> PodSettings {
         PodSettings {
             agent: self.agent_image.clone(),
+            pull_policy: self.agent_image_pull_policy.clone(),
+            hub_resources: self.hub_resources.0.clone(),
+            agent_resources: self.agent_resources.0.clone(),
             hub_service_account: account(&self.hub_service_account),
             agent_service_account: account(&self.agent_service_account),
         }
@@ -112,6 +217,32 @@ mod tests {
         );
         assert!(pods.agent.starts_with("ghcr.io/sendense/sendense-agent:"));
         assert_eq!(s.namespace(), None);
+    }
+
+    #[test]
+    fn pod_resources_default_to_the_charts_and_bad_ones_name_the_field() {
+        let s = parse(&[]).expect("defaults");
+        let hub = s.pod_settings().hub_resources.expect("hub resources");
+        let limit = hub.limits.expect("limits");
+        assert_eq!(limit.get("memory").map(|q| q.0.as_str()), Some("512Mi"));
+        assert_eq!(s.pod_settings().pull_policy, "IfNotPresent");
+        assert_eq!(
+            parse(&["--agent-resources", ""])
+                .expect("none")
+                .agent_resources,
+            Resources(None)
+        );
+        let err = parse(&["--agent-resources", r#"{"limits":{"memory":"1 GB"}}"#])
+            .expect_err("bad quantity");
+        assert!(err.to_string().contains("limits.memory"), "{err}");
+        assert!(parse(&["--hub-resources", "cpu=1"]).is_err());
+        assert!(parse(&["--agent-image-pull-policy", "always"]).is_err());
+        for q in ["100m", "0.5", "128Mi", "1Gi", "2e3", "1", "+1.5k"] {
+            assert!(is_quantity(q), "{q}");
+        }
+        for q in ["", "1 GB", "Mi", "1.2.3", "1Q", "e3", "."] {
+            assert!(!is_quantity(q), "{q}");
+        }
     }
 
     #[test]

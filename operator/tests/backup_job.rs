@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use kube::Api;
 use sendense_crds::backup_job::{CopyKind, Phase};
 use sendense_crds::{Repository, SourceNode};
-use sendense_e2e::{client, kubectl_ok};
+use sendense_e2e::{client, kubectl_ok, wait_until};
 
 mod support;
 use support::{Bed, SERIAL, disk_file, events_of, record_pods};
@@ -345,6 +345,53 @@ spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: vc}}, repositoryRef: {{na
     )?;
     let j = bed
         .finished("needs-secret", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    bed.no_pods_remain().await?;
+    bed.verify(&disk_file(&j, 2000), &bed.checksum("cbt-vm-0", 2000))?;
+
+    // A pod the API server refuses (here a ResourceQuota allowing no pod) is a condition
+    // naming the quota, with a Warning Event; lifting the quota lets the job run.
+    bed.apply(
+        "quota",
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: no-pods-allowed}\nspec: {hard: {pods: \"0\"}}\n",
+    )?;
+    // The quota controller fills in its usage before admission enforces it.
+    wait_until("the quota's status", Duration::from_secs(30), || {
+        let hard = kubectl_ok(&[
+            "get",
+            "resourcequota",
+            "no-pods-allowed",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.hard.pods}",
+        ])?;
+        if hard.trim() == "0" {
+            Ok(())
+        } else {
+            bail!("status.hard.pods is {hard:?}")
+        }
+    })?;
+    bed.apply(
+        "quota-job",
+        &Bed::job_yaml("over-quota", "cbt-vm-0", "auto", ""),
+    )?;
+    let m = bed
+        .running_false("over-quota", "HubPodRejected", Phase::Running)
+        .await?;
+    assert!(
+        m.contains("no-pods-allowed") && m.contains("over-quota-hub"),
+        "{m}"
+    );
+    let ev = events_of(ns, "over-quota").await?;
+    assert!(
+        ev.contains(&("Warning".into(), "HubPodRejected".into())),
+        "events {ev:?}"
+    );
+    assert!(bed.pods_of_jobs().await?.is_empty());
+    kubectl_ok(&["delete", "resourcequota", "no-pods-allowed", "-n", ns])?;
+    let j = bed
+        .finished("over-quota", Phase::Succeeded, Duration::from_secs(240))
         .await?;
     bed.no_pods_remain().await?;
     bed.verify(&disk_file(&j, 2000), &bed.checksum("cbt-vm-0", 2000))?;

@@ -207,7 +207,9 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(Error::Remove)?;
     let st = job.status.clone().unwrap_or_default();
-    let pending_cleanup = holding(&st.conditions, &FilesRemoved::Pending).is_some();
+    let pending_cleanup = FilesRemoved::OUTSTANDING
+        .iter()
+        .any(|r| holding(&st.conditions, r).is_some());
     if st.phase != Some(Phase::Failed) || !pending_cleanup {
         return Ok(Action::await_change());
     }
@@ -261,12 +263,28 @@ async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Resu
         return Ok(Action::await_change());
     };
     let account = ctx.images.hub_service_account.as_deref();
-    ensure_service_account(&ctx.client, &ns, account)
-        .await
-        .map_err(Error::Cleanup)?;
     let pod = cleanup_pod(job, &claim_name(&repo), files, &ctx.images);
-    apply(&ctx.client, &ns, &pod)
-        .await
-        .map_err(Error::Cleanup)?;
-    Ok(Action::requeue(Duration::from_secs(3)))
+    let created = async {
+        ensure_service_account(&ctx.client, &ns, account).await?;
+        apply(&ctx.client, &ns, &pod).await
+    }
+    .await;
+    match created {
+        Ok(()) => Ok(Action::requeue(Duration::from_secs(3))),
+        Err(e) => {
+            let Some(why) = e.refusal() else {
+                return Err(Error::Cleanup(e));
+            };
+            let mut u = JobUpdate::new(job);
+            u.set(
+                &FilesRemoved::CleanupPodRejected,
+                format!(
+                    "partial files {files:?} are not removed yet: the API server refused {} {}: {why}",
+                    e.kind, e.name
+                ),
+            );
+            status::write(u, ctx).await.map_err(Error::Status)?;
+            Ok(Action::requeue(Duration::from_secs(60)))
+        }
+    }
 }

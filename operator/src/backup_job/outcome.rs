@@ -126,11 +126,21 @@ pub fn retry_backoff(attempt: i32) -> Duration {
     Duration::from_secs((10u64 << exp).min(300))
 }
 
+/// One of the pods of a job's attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobPod {
+    Hub,
+    Agent,
+}
+
 /// The `Running` condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Running {
     HubStarting,
     AgentStarting,
+    /// The API server refused to create the pod (or an object it needs): a quota, Pod
+    /// Security admission, a policy. Tried again periodically.
+    Refused(JobPod),
     Copying,
     Waiting(WaitReason),
     Retrying,
@@ -156,6 +166,8 @@ impl ConditionReason for Running {
             Self::AgentStarting => "AgentStarting",
             Self::Copying => "Copying",
             Self::Waiting(w) => w.as_str(),
+            Self::Refused(JobPod::Hub) => "HubPodRejected",
+            Self::Refused(JobPod::Agent) => "AgentPodRejected",
             Self::Retrying => "Retrying",
             Self::Completed => "Completed",
             Self::Failed => "Failed",
@@ -164,7 +176,7 @@ impl ConditionReason for Running {
     fn event_type(&self) -> Option<EventType> {
         match self {
             Self::HubStarting | Self::AgentStarting | Self::Copying => Some(EventType::Normal),
-            Self::Waiting(_) | Self::Retrying => Some(EventType::Warning),
+            Self::Waiting(_) | Self::Refused(_) | Self::Retrying => Some(EventType::Warning),
             Self::Completed | Self::Failed => None,
         }
     }
@@ -257,6 +269,13 @@ pub enum FilesRemoved {
     Removed,
     RepositoryNotFound,
     RemovalFailed,
+    /// The API server refused the cleanup pod; tried again periodically.
+    CleanupPodRejected,
+}
+
+impl FilesRemoved {
+    /// The cleanup is still to run (first try, or a retry after a refusal).
+    pub const OUTSTANDING: [Self; 2] = [Self::Pending, Self::CleanupPodRejected];
 }
 
 impl ConditionReason for FilesRemoved {
@@ -272,12 +291,15 @@ impl ConditionReason for FilesRemoved {
             Self::Removed => "Removed",
             Self::RepositoryNotFound => "RepositoryNotFound",
             Self::RemovalFailed => "RemovalFailed",
+            Self::CleanupPodRejected => "CleanupPodRejected",
         }
     }
     fn event_type(&self) -> Option<EventType> {
         Some(match self {
             Self::Pending | Self::Removed => EventType::Normal,
-            Self::RepositoryNotFound | Self::RemovalFailed => EventType::Warning,
+            Self::RepositoryNotFound | Self::RemovalFailed | Self::CleanupPodRejected => {
+                EventType::Warning
+            }
         })
     }
 }

@@ -15,7 +15,7 @@ use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::context::Context;
 use super::finish;
-use super::outcome::{Failure, FailureReason, Running, retry_backoff};
+use super::outcome::{Failure, FailureReason, JobPod, Running, retry_backoff};
 use super::status::{self, JobUpdate};
 use crate::children::{
     ApiError, Namespaced, apply, delete_if_present, ensure_service_account, get,
@@ -93,6 +93,34 @@ async fn say<T>(job: &BackupJob, ctx: &Context, running: Running, message: Strin
     Ok(Break(requeue(3)))
 }
 
+/// Seconds between two tries of a pod the API server refused.
+const REFUSED_RETRY_SECONDS: u64 = 30;
+
+/// Creating `pod` (or an object it needs) failed. A refusal by the API server (quota, Pod
+/// Security admission, a policy) goes into the Running condition with the API's own message,
+/// and so into a Warning Event; the step is tried again later, when a quota may have freed up
+/// or a policy changed. Any other failure is the reconcile's error (logged, retried).
+async fn refused<T>(
+    job: &BackupJob,
+    ctx: &Context,
+    attempt: i32,
+    pod: JobPod,
+    e: ApiError,
+    wrap: fn(ApiError) -> Error,
+) -> Step<T> {
+    let Some(why) = e.refusal() else {
+        return Err(wrap(e));
+    };
+    let message = format!(
+        "attempt {attempt}: the API server refused {} {}: {why}",
+        e.kind, e.name
+    );
+    let mut u = JobUpdate::new(job);
+    u.set(&Running::Refused(pod), message);
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    Ok(Break(requeue(REFUSED_RETRY_SECONDS)))
+}
+
 /// A failed attempt, as a step's stop.
 async fn fail<T>(
     job: &BackupJob,
@@ -167,14 +195,16 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     let disks = status::hub_disks(job);
     let pod = hub_pod(job, &claim_name(&repo), &disks, &ctx.images);
     let account = ctx.images.hub_service_account.as_deref();
-    async {
+    let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;
         apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
         apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }
-    .await
-    .map_err(Error::Hub)?;
-    Ok(Break(requeue(3)))
+    .await;
+    match created {
+        Ok(()) => Ok(Break(requeue(3))),
+        Err(e) => refused(job, ctx, attempt, JobPod::Hub, e, Error::Hub).await,
+    }
 }
 
 /// Step 4: the hub serves its NBD exports; its IP.
@@ -222,12 +252,14 @@ async fn ensure_agent(
     let targets = status::targets(job, hub_ip);
     let pod = agent_pod(job, &sn, targets, status::base_change_ids(job), &ctx.images);
     let account = ctx.images.agent_service_account.as_deref();
-    async {
+    let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;
         apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }
-    .await
-    .map_err(Error::Agent)?;
+    .await;
+    if let Err(e) = created {
+        return refused(job, ctx, attempt, JobPod::Agent, e, Error::Agent).await;
+    }
     let message = format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent");
     say(job, ctx, Running::AgentStarting, message).await
 }

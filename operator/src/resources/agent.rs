@@ -153,6 +153,8 @@ pub fn agent_pod(
             containers: vec![Container {
                 name: "agent".into(),
                 image: Some(images.agent.clone()),
+                image_pull_policy: Some(images.pull_policy()),
+                resources: images.agent_resources.clone(),
                 command: Some(vec![AGENT_BINARY.into()]),
                 args: Some(args.to_args()),
                 volume_mounts: Some(mounts),

@@ -164,3 +164,25 @@ fn ca_bundle_and_vddk_transport() {
             .any(|v| v.config_map.as_ref().is_some_and(|c| c.name == "vc-ca"))
     );
 }
+
+#[test]
+fn the_agent_pod_meets_the_restricted_standard_unless_a_datastore_is_a_node_or_nfs_volume() {
+    use crate::resources::hardening::restricted_violations;
+    let images = PodSettings {
+        agent: "img".into(),
+        ..Default::default()
+    };
+    let pod = |src: &SourceNode| agent_pod(&job(), src, Vec::new(), Vec::new(), &images);
+    let vddk = SourceNode::test().with_spec(serde_json::json!({"transport": {"type": "vddk"}}));
+    assert_eq!(restricted_violations(&pod(&vddk)), Vec::<String>::new());
+    let claim = SourceNode::test()
+        .with_spec(serde_json::json!({"transport": {"type": "nfs", "nfs":
+        {"datastores": [{"name": "ds1", "persistentVolumeClaim": {"claimName": "ds1"}}]}}}));
+    assert_eq!(restricted_violations(&pod(&claim)), Vec::<String>::new());
+    // The test SourceNode mounts its datastore as a hostPath: `baseline` admits that, not
+    // `restricted` (the README says so).
+    assert_eq!(
+        restricted_violations(&pod(&SourceNode::test())),
+        ["volume datastore-0 of a restricted type"]
+    );
+}

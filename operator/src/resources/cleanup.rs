@@ -39,6 +39,10 @@ mod tests {
             ..Default::default()
         };
         let pod = cleanup_pod(&j, "data", &["ns/vm/2000/web-01-b2.qcow2".into()], &images);
+        assert_eq!(
+            crate::resources::hardening::restricted_violations(&pod),
+            Vec::<String>::new()
+        );
         let spec = pod.spec.expect("spec");
         assert!(spec.init_containers.is_none());
         let cmd = spec.containers[0].command.clone().expect("command");

@@ -46,6 +46,8 @@ fn serve(d: &HubDisk, images: &PodSettings) -> Container {
     Container {
         name: format!("nbd-{}", d.key),
         image: Some(images.agent.clone()),
+        image_pull_policy: Some(images.pull_policy()),
+        resources: images.hub_resources.clone(),
         command: Some(vec![
             "qemu-nbd".into(),
             "--format=qcow2".into(),

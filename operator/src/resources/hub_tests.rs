@@ -111,6 +111,10 @@ fn every_container_is_hardened_and_runs_without_an_api_token() {
             ..Default::default()
         },
     );
+    assert_eq!(
+        crate::resources::hardening::restricted_violations(&pod),
+        Vec::<String>::new()
+    );
     let spec = pod.spec.expect("spec");
     assert_eq!(spec.service_account_name.as_deref(), Some("sendense-hub"));
     assert_eq!(spec.automount_service_account_token, Some(false));

@@ -80,7 +80,9 @@ pub(super) fn agent_container(name: String, args: Vec<String>, images: &PodSetti
     Container {
         name,
         image: Some(images.agent.clone()),
+        image_pull_policy: Some(images.pull_policy()),
         command: Some(command),
+        resources: images.hub_resources.clone(),
         volume_mounts: Some(vec![mount()]),
         ..Default::default()
     }

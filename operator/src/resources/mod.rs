@@ -5,14 +5,14 @@
 
 mod agent;
 mod cleanup;
-mod hardening;
+pub(crate) mod hardening;
 mod hub;
 mod layout;
 mod repository;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ResourceRequirements, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use sendense_crds::{BackupJob, Repository};
@@ -38,11 +38,28 @@ pub const MANAGED_BY: &str = "sendense-operator";
 /// What every pod the operator creates shares: the image (sendense-agent and qemu-utils) and
 /// the ServiceAccounts hub-side pods (hub, repository probe, cleanup) and agent pods run as.
 /// None of them talks to the Kubernetes API, so their tokens are not mounted.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct PodSettings {
     pub agent: String,
+    /// imagePullPolicy of every container ("IfNotPresent" when empty).
+    pub pull_policy: String,
+    /// Resources of each hub-side container (hub, probe, cleanup).
+    pub hub_resources: Option<ResourceRequirements>,
+    /// Resources of the agent container.
+    pub agent_resources: Option<ResourceRequirements>,
     pub hub_service_account: Option<String>,
     pub agent_service_account: Option<String>,
+}
+
+impl PodSettings {
+    /// The imagePullPolicy of the pods' containers.
+    fn pull_policy(&self) -> String {
+        if self.pull_policy.is_empty() {
+            "IfNotPresent".into()
+        } else {
+            self.pull_policy.clone()
+        }
+    }
 }
 
 /// Labels of everything Sendense creates, plus `extra`.

@@ -13,6 +13,10 @@ fn the_probe_pod_mounts_the_claim_and_reports_through_its_termination_message() 
             ..Default::default()
         },
     );
+    assert_eq!(
+        crate::resources::hardening::restricted_violations(&pod),
+        Vec::<String>::new()
+    );
     let spec = pod.spec.expect("spec");
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     let vol = &spec.volumes.expect("volumes")[0];

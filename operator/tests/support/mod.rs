@@ -278,8 +278,15 @@ spec:
         }
     }
 
-    /// Waits for the job's Running condition to carry `reason`; returns its message.
+    /// Waits for the job's Running condition to carry `reason` while the job is Pending;
+    /// returns its message.
     pub async fn waiting(&self, name: &str, reason: &str) -> Result<String> {
+        self.running_false(name, reason, Phase::Pending).await
+    }
+
+    /// Waits for the job's Running condition to be False with `reason`, and asserts the job's
+    /// phase is then `phase`; returns the condition's message.
+    pub async fn running_false(&self, name: &str, reason: &str, phase: Phase) -> Result<String> {
         let jobs = self.jobs().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
@@ -292,10 +299,7 @@ spec:
                 && c.reason == reason
                 && c.status == "False"
             {
-                assert_eq!(
-                    j.status.as_ref().and_then(|s| s.phase),
-                    Some(Phase::Pending)
-                );
+                assert_eq!(j.status.as_ref().and_then(|s| s.phase), Some(phase));
                 return Ok(c.message.clone());
             }
             if tokio::time::Instant::now() > deadline {
