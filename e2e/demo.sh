@@ -51,7 +51,7 @@ W=$SENDENSE_CACHE/demo/$(basename "$STATE_DIR")
 REPO=$W/repository
 # The operator's pod runs as the chart's unprivileged user (65532), so the binaries the stand-in
 # runs for pods must be readable by anyone: a copy outside root's home, one per control plane.
-PODBIN=/tmp/sendense-demo-bin-$(basename "$STATE_DIR")
+PODBIN=/var/tmp/sendense-demo-bin-$(basename "$STATE_DIR")
 PIDS=()
 STANDIN=
 INSTALLED=

@@ -28,6 +28,16 @@ fn cache_dir() -> PathBuf {
         })
 }
 
+/// Where node stand-ins keep their pods and tests keep files pods run: /var/tmp (or
+/// $SENDENSE_SCRATCH), readable by the pods' non-root users and outside /tmp, which every pod
+/// the operator creates has its own emptyDir over (a stand-in's files under /tmp would be
+/// hidden from its containers).
+pub fn scratch_dir() -> PathBuf {
+    std::env::var_os("SENDENSE_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
 /// The admin kubeconfig of the local control plane: $KUBECONFIG when set, else where
 /// e2e/cluster/up.sh writes it.
 pub fn kubeconfig() -> PathBuf {

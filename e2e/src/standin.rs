@@ -32,7 +32,7 @@ impl StandIn {
     /// container commands before the host's PATH.
     pub async fn start(binary: &Path, path: &[PathBuf], extra: &[&str]) -> Result<Self> {
         let node = unique("standin");
-        let root = std::env::temp_dir().join(&node);
+        let root = crate::scratch_dir().join(&node);
         let mut cmd = Command::new(binary);
         cmd.arg("--kubeconfig")
             .arg(kubeconfig())

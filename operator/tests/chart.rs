@@ -33,7 +33,8 @@ fn tool(var: &str) -> Result<String> {
 struct Binaries(PathBuf);
 impl Binaries {
     fn copy() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("sendense-chart-bin-{}", std::process::id()));
+        let dir =
+            sendense_e2e::scratch_dir().join(format!("sendense-chart-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         for b in ["sendense-operator", "sendense-agent"] {

@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: PathBuf,
     /// Directory for pod volumes and container logs.
-    #[arg(long, default_value = "/tmp/sendense-node-standin")]
+    #[arg(long, default_value = "/var/tmp/sendense-node-standin")]
     root: PathBuf,
     /// Extra directories searched for container commands, before the host's PATH.
     #[arg(long = "path", value_delimiter = ':')]
