@@ -6,7 +6,8 @@ set -euo pipefail
 need=()
 for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux \
     qemu-img:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit nbdcopy:libnbd-bin nbdinfo:libnbd-bin python3:python3 \
-    ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus; do
+    ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus \
+    mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci readelf:binutils; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

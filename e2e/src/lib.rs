@@ -155,6 +155,7 @@ impl Drop for TestNamespace {
 }
 
 pub mod node;
+pub mod oci;
 pub mod standin;
 pub mod vcsim;
 
