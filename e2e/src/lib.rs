@@ -156,6 +156,7 @@ impl Drop for TestNamespace {
 
 pub mod node;
 pub mod oci;
+pub mod real_node;
 pub mod standin;
 pub mod vcsim;
 
