@@ -103,3 +103,18 @@ mounts_under() {
     done
   done
 }
+
+# Runs a daemon detached in its own session, its output in $log, its pid in $pidfile. Every
+# inherited file descriptor above 2 is closed first: a daemon must not keep a lock its starter
+# held (e.g. `flock /work/e2e.lock make cluster-up` would stay locked while the cluster runs).
+start_daemon() { # log pidfile command...
+  local log=$1 pidfile=$2; shift 2
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec setsid "$@" >"$log" 2>&1 < /dev/null
+  ) &
+  echo $! > "$pidfile"
+}

@@ -199,8 +199,7 @@ JSON
 
 start() { # name args...  (detached in its own session; pid recorded)
   local name=$1; shift
-  setsid "$@" >"$NODE_DIR/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$NODE_DIR/run/$name.pid"
+  start_daemon "$NODE_DIR/logs/$name.log" "$NODE_DIR/run/$name.pid" "$@"
 }
 ctr_() { ctr --address "$NODE_SOCKET" --timeout 30s -n k8s.io "$@"; }
 

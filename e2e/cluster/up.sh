@@ -87,8 +87,7 @@ kubeconfig "$STATE_DIR/scheduler.kubeconfig" scheduler
 
 start() { # name args...  (runs detached in its own session; pid recorded)
   local name=$1; shift
-  setsid "$@" >"$STATE_DIR/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$STATE_DIR/run/$name.pid"
+  start_daemon "$STATE_DIR/logs/$name.log" "$STATE_DIR/run/$name.pid" "$@"
 }
 
 start etcd "$BIN_DIR/etcd" --name=sendense --data-dir="$STATE_DIR/etcd" \
