@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 # Shared settings of the local control plane scripts (sourced, not run).
 source "$(dirname "${BASH_SOURCE[0]}")/versions.env"
 SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
@@ -38,7 +39,7 @@ NODE_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_
 # and /var/log/containers; containerd: shim sockets in /run/containerd, netns in /run/netns;
 # libcni: its result cache in /var/lib/cni). Removed at node-down unless they existed before.
 NODE_MACHINE_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /run/containerd
-  /var/lib/cni /run/netns /opt/containerd /var/lib/containerd /etc/cni)
+  /var/lib/cni /run/netns)
 
 # The host's primary IPv4 address (the source of its default route): the apiserver advertises
 # it (the `kubernetes` Service's endpoint) and the node registers it as its InternalIP.

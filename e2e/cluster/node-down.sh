@@ -37,9 +37,9 @@ agents() { # kube-proxy and kubelet of this state dir
   pgrep -f -- "/(kubelet|kube-proxy) --config=$dir" || true
 }
 cgroup_roots() { # the node's top cgroups in every hierarchy (v1 controllers and cgroup2)
-  local h
+  local h c
   for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-    for c in "$h"kubepods "$h"kubepods.slice "$h"k8s.io; do [ -d "$c" ] && echo "$c"; done
+    for c in "$h"kubepods "$h"kubepods.slice; do [ -d "$c" ] && echo "$c"; done
   done
 }
 container_pids() { # every process in the node's cgroups, and every child of its shims
@@ -62,13 +62,13 @@ leftover_pids=$(mine; container_pids)
 [ -z "$leftover_pids" ] || echo "node: processes survived SIGKILL: $leftover_pids" >&2
 
 # 4. Mounts: container root file systems, shm, kubelet volumes and its rshared root, netns.
-netns_mounts() { mounts_under "$NODE_DIR" /var/lib/kubelet /run/containerd; mounts_under /run/netns | grep '^/run/netns/cni-' || true; }
+node_mounts() { mounts_under "$NODE_DIR" /var/lib/kubelet; mounts_under /run/netns | grep '^/run/netns/cni-' || true; }
 deadline=$((SECONDS + 10))
-while [ -n "$(netns_mounts)" ] && [ $SECONDS -lt $deadline ]; do
-  for m in $(netns_mounts | tac); do umount "$m" 2>/dev/null; done
-  [ -z "$(netns_mounts)" ] || sleep 0.2
+while [ -n "$(node_mounts)" ] && [ $SECONDS -lt $deadline ]; do
+  for m in $(node_mounts | tac); do umount "$m" 2>/dev/null; done
+  [ -z "$(node_mounts)" ] || sleep 0.2
 done
-for m in $(netns_mounts | tac); do umount -l "$m" 2>/dev/null; done   # busy: detach at least
+for m in $(node_mounts | tac); do umount -l "$m" 2>/dev/null; done   # busy: detach at least
 rm -f /run/netns/cni-* 2>/dev/null
 
 # 5. Network: veths on the bridge (they go with their netns, normally), then the bridge.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2046  # pid lists are split into arguments on purpose
 # Prints everything a Sendense node (node-up.sh) left on this machine and exits 1 if there is
 # anything: processes, mounts, network devices and namespaces, nftables/iptables rules,
 # conntrack entries, cgroups, changed sysctls, machine paths. Run after node-down.sh. When the
@@ -33,11 +34,12 @@ if [ -n "$other" ]; then
   echo "node leftovers of $STATE_DIR: none (the machine's node belongs to $other and runs)"
   exit 0
 fi
+# (A containerd that is not a Sendense node's, with its shims, is not ours to judge.)
 lines process "$(procs $(pgrep -f -- '/node/(containerd\.toml|kubelet\.yaml|kube-proxy\.yaml)' || true) \
-  $(pgrep -f '^containerd-shim-runc-v2 ' || true) | sort -u)"
+  $(pgrep -f -- "containerd-shim-runc-v2 .*-address (.*/node/run|$NODE_OWNER_DIR)/containerd\.sock( |\$)" || true) | sort -u)"
 cgroups=""
 for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-  for c in "$h"kubepods "$h"kubepods.slice "$h"k8s.io; do
+  for c in "$h"kubepods "$h"kubepods.slice; do
     [ -d "$c" ] || continue
     cgroups+="$c"$'\n'
     lines "process in $c" "$(procs $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null))"
@@ -46,8 +48,7 @@ done
 lines cgroup "${cgroups%$'\n'}"
 
 # Mounts: container root file systems and shm anywhere, kubelet volumes, network namespaces.
-lines mount "$(mounts_under /var/lib/kubelet /run/containerd; mounts_under /run/netns | grep '^/run/netns/cni-'; \
-  awk '$5 ~ /io\.containerd|kubelet\/pods/ {print $5}' /proc/self/mountinfo)"
+lines mount "$(mounts_under /var/lib/kubelet; mounts_under /run/netns | grep '^/run/netns/cni-')"
 lines "network namespace" "$(ls -d /run/netns/cni-* 2>/dev/null)"
 
 # Network devices: the bridge, and CNI veths (named veth + 8 hex digits by the bridge plugin).

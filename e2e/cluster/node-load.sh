@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 owner=$(cat "$NODE_OWNER_DIR/owner" 2>/dev/null || true)
-[ "$owner" = "$STATE_DIR" ] || { echo "no node of $STATE_DIR runs (node-up.sh)${owner:+; the machine's node belongs to $owner}" >&2; exit 1; }
+[ "$owner" = "$STATE_DIR" ] || { echo "no node of $STATE_DIR runs (node-up.sh)${owner:+ (the node here belongs to $owner)}" >&2; exit 1; }
 sock=$(cat "$NODE_OWNER_DIR/socket")
 for archive in "$@"; do
   [ -f "$archive" ] || { echo "no image archive $archive" >&2; exit 1; }
