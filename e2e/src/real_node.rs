@@ -101,31 +101,54 @@ fn is_ready(node: &Node) -> bool {
 }
 
 /// The busybox test image: /bin/busybox (static) with its applets as symlinks, /tmp, and an
-/// /etc/passwd naming root and nobody. Its reference.
+/// /etc/passwd naming root and nobody.
 pub const BUSYBOX_IMAGE: &str = "localhost/sendense/e2e-busybox:1";
+/// The busybox image plus a static kubectl at /bin/kubectl: an in-cluster API client.
+pub const KUBECTL_IMAGE: &str = "localhost/sendense/e2e-kubectl:1";
 const BUSYBOX_APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "env", "hostname", "httpd", "id", "ls", "mkdir", "nc", "sleep", "wget",
+    "sh", "cat", "echo", "env", "hostname", "httpd", "id", "ls", "mkdir", "nc", "sleep", "timeout",
+    "wget",
 ];
 
 /// Builds the busybox image archive (once per test process) from the host's static busybox
 /// and loads it into `node`. Returns the image reference.
 pub fn load_busybox(node: &RealNode) -> Result<&'static str> {
-    static LOADED: Mutex<bool> = Mutex::new(false);
-    let mut loaded = LOADED
-        .lock()
-        .map_err(|_| anyhow::anyhow!("an earlier busybox load panicked"))?;
-    if !*loaded {
-        let dir = std::env::temp_dir().join(format!("sendense-e2e-busybox-{}", std::process::id()));
-        let result = build_busybox(&dir).and_then(|archive| node.load(&[&archive]));
-        let _ = std::fs::remove_dir_all(&dir);
-        result?;
-        *loaded = true;
-    }
-    Ok(BUSYBOX_IMAGE)
+    load_once(node, BUSYBOX_IMAGE, None)
 }
 
-/// Writes the busybox image archive into `dir` (made afresh) and returns its path.
-fn build_busybox(dir: &Path) -> Result<PathBuf> {
+/// Builds the kubectl image (once per test process) with `kubectl` (a static binary, as the
+/// Go-built ones are) and loads it into `node`. Returns the image reference.
+pub fn load_kubectl_image(node: &RealNode, kubectl: &Path) -> Result<&'static str> {
+    load_once(node, KUBECTL_IMAGE, Some(kubectl))
+}
+
+fn load_once(
+    node: &RealNode,
+    reference: &'static str,
+    kubectl: Option<&Path>,
+) -> Result<&'static str> {
+    static LOADED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut loaded = LOADED
+        .lock()
+        .map_err(|_| anyhow::anyhow!("an earlier image load panicked"))?;
+    if !loaded.contains(&reference) {
+        let dir = std::env::temp_dir().join(format!(
+            "sendense-e2e-image-{}-{}",
+            loaded.len(),
+            std::process::id()
+        ));
+        let result =
+            build_test_image(&dir, reference, kubectl).and_then(|archive| node.load(&[&archive]));
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+        loaded.push(reference);
+    }
+    Ok(reference)
+}
+
+/// Writes a busybox image archive (with `kubectl` at /bin/kubectl when given) into `dir`
+/// (made afresh) and returns its path.
+fn build_test_image(dir: &Path, reference: &str, kubectl: Option<&Path>) -> Result<PathBuf> {
     let busybox = Path::new("/bin/busybox");
     if !busybox.is_file() {
         bail!("/bin/busybox is missing: install Debian's busybox-static (e2e/install-deps.sh)");
@@ -139,6 +162,10 @@ fn build_busybox(dir: &Path) -> Result<PathBuf> {
     for applet in BUSYBOX_APPLETS {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
+    if let Some(kubectl) = kubectl {
+        std::fs::copy(kubectl, root.join("bin/kubectl"))
+            .with_context(|| format!("copying {}", kubectl.display()))?;
+    }
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n",
@@ -147,9 +174,8 @@ fn build_busybox(dir: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
 
-    let reference = Reference::parse(BUSYBOX_IMAGE)?;
     let config = ContainerConfig {
-        env: vec!["PATH=/bin".into()],
+        env: vec!["PATH=/bin".into(), "HOME=/tmp".into()],
         cmd: vec!["sh".into()],
         ..Default::default()
     };
@@ -158,9 +184,15 @@ fn build_busybox(dir: &Path) -> Result<PathBuf> {
             path: root.clone(),
             owner: Owner::Root,
         },
-        created_by: "busybox (Debian busybox-static) and its applets".into(),
+        created_by: "busybox (Debian busybox-static), its applets, kubectl for some".into(),
     };
-    let archive = dir.join("busybox.oci.tar");
-    build_image(&reference, &config, 0, &[layer], &archive)?;
+    let archive = dir.join("image.oci.tar");
+    build_image(
+        &Reference::parse(reference)?,
+        &config,
+        0,
+        &[layer],
+        &archive,
+    )?;
     Ok(archive)
 }
