@@ -36,10 +36,11 @@ NODE_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_
   net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables
   net.bridge.bridge-nf-call-arptables net.ipv4.conf.all.route_localnet)
 # Machine paths the node's pieces create whatever their configuration (kubelet: device-plugins
-# and /var/log/containers; containerd: shim sockets in /run/containerd, netns in /run/netns;
-# libcni: its result cache in /var/lib/cni). Removed at node-down unless they existed before.
-NODE_MACHINE_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /run/containerd
+# and /var/log/containers; containerd's CRI: netns in /run/netns; libcni: its result cache
+# /var/lib/cni/results/<network>-*), innermost first. Removed at node-down unless they existed.
+NODE_MACHINE_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /var/lib/cni/results
   /var/lib/cni /run/netns)
+CNI_NETWORK=sendense
 
 # The host's primary IPv4 address (the source of its default route): the apiserver advertises
 # it (the `kubernetes` Service's endpoint) and the node registers it as its InternalIP.

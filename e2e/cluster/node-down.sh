@@ -99,21 +99,29 @@ if [ -f "$saved" ]; then
   done < "$saved"
 fi
 
-# 8. Machine paths the node created (kept when they existed before it).
+# 8. What the node's pieces put in machine paths whatever their configuration: our entries
+# always; the directories only when node-up.sh recorded that they did not exist before (with no
+# record they may well be another runtime's), and /var/lib/kubelet whole (the kubelet's
+# device-plugins directory is fixed there).
+# libcni's result cache: <network>-<sandbox id>-<interface>, for our network and containerd's
+# own loopback network of each of our sandboxes (they were killed, so no CNI DEL removed them).
+rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null
+for sandbox in "$NODE_DIR"/containerd/root/io.containerd.grpc.v1.cri/sandboxes/*/; do
+  [ -d "$sandbox" ] && rm -f /var/lib/cni/results/cni-loopback-"$(basename "$sandbox")"-*
+done
+find /var/log/containers -maxdepth 1 -type l -lname "$NODE_DIR/*" -delete 2>/dev/null
 preexisting=$NODE_OWNER_DIR/preexisting
 [ -f "$preexisting" ] || preexisting=$NODE_DIR/preexisting
-for p in "${NODE_MACHINE_PATHS[@]}"; do
-  if [ -f "$preexisting" ] && grep -qxF "$p" "$preexisting"; then
-    [ "$p" = /var/log/containers ] && find /var/log/containers -maxdepth 1 -type l \
-      -lname "$NODE_DIR/*" -delete 2>/dev/null
-    continue
-  fi
-  if [ "$p" = /run/netns ]; then
-    rmdir /run/netns 2>/dev/null   # only when empty: `ip netns` users share it
-  elif [ -z "$(mounts_under "$p")" ]; then
-    rm -rf "$p"
-  fi
-done
+if [ -f "$preexisting" ]; then
+  for p in "${NODE_MACHINE_PATHS[@]}"; do
+    grep -qxF "$p" "$preexisting" && continue
+    if [ "$p" = /var/lib/kubelet ]; then
+      [ -n "$(mounts_under "$p")" ] || rm -rf "$p"
+    else
+      rmdir "$p" 2>/dev/null   # only when empty: others (`ip netns`, other runtimes) share them
+    fi
+  done
+fi
 
 # 9. The node's state (logs and the saved values stay for reading after the fact).
 if [ -d "$NODE_DIR" ] && [ -z "$(mounts_under "$NODE_DIR")" ]; then

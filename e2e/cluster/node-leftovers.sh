@@ -76,13 +76,15 @@ if [ -f "$NODE_DIR/sysctl.saved" ]; then
   done < "$NODE_DIR/sysctl.saved"
 fi
 
-# Machine paths the node's pieces create (unless they existed before it started).
-for p in "${NODE_MACHINE_PATHS[@]}"; do
-  [ "$p" != /run/netns ] || continue   # shared with `ip netns`; its cni-* entries are checked above
-  if [ -f "$NODE_DIR/preexisting" ] && grep -qxF "$p" "$NODE_DIR/preexisting"; then continue; fi
-  [ ! -e "$p" ] || leftover "path: $p"
-done
-lines "path" "$(find /var/log/containers -maxdepth 1 -type l -lname "$NODE_DIR/*" 2>/dev/null)"
+# Machine paths the node's pieces create (unless node-up.sh recorded that they existed), and
+# the node's entries in them.
+if [ -f "$NODE_DIR/preexisting" ]; then
+  for p in "${NODE_MACHINE_PATHS[@]}"; do
+    grep -qxF "$p" "$NODE_DIR/preexisting" || [ ! -e "$p" ] || leftover "path: $p"
+  done
+fi
+lines "path" "$(find /var/log/containers -maxdepth 1 -type l -lname "$NODE_DIR/*" 2>/dev/null;
+  ls -d /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null)"
 [ ! -e "$NODE_OWNER_DIR" ] || leftover "path: $NODE_OWNER_DIR (owner: ${owner:-none})"
 
 if [ "$found" = 0 ]; then

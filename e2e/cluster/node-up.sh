@@ -23,7 +23,6 @@ for tool in containerd containerd-shim-runc-v2 runc ctr nft ip conntrack sysctl 
     /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run e2e/install-deps.sh"
 done
-"$here/status.sh" >/dev/null || fail "the control plane of $STATE_DIR is not up: run $here/up.sh"
 
 kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" --request-timeout=10s "$@"; }
 pidfile_alive() { local pid; pid=$(cat "$NODE_DIR/run/$1.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; }
@@ -50,6 +49,7 @@ elif [ "$owner" = "$STATE_DIR" ]; then
   echo "node: restarting the half-running node of $STATE_DIR"
   "$here/node-down.sh" >/dev/null || fail "could not stop the half-running node of $STATE_DIR"
 fi
+"$here/status.sh" >/dev/null || fail "the control plane of $STATE_DIR is not up: run $here/up.sh"
 # Machine-wide pieces held by something that is not a Sendense node.
 for port in 10248 10249 10250 10256; do
   in_use=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1)
@@ -124,9 +124,11 @@ kubeconfig "$NODE_DIR/kube-proxy.kubeconfig" kube-proxy
 
 # --- containerd -----------------------------------------------------------------------------
 # Its own root, state, socket and runc root, so it never meets a system containerd. The CRI
-# default spec sets RLIMIT_NOFILE 1024:1024, within this sandbox's hard limit (20000), so no
-# base_runtime_spec is needed. restrict_oom_score_adj: the sandbox forbids lowering a
-# container's oom_score_adj below containerd's own (else "can't get final child's PID").
+# plugin of 1.6 puts no rlimits in a container's spec (checked: `ctr containers info` shows
+# none), so containers inherit containerd's, which never exceed this sandbox's hard limits
+# (nofile 20000): no base_runtime_spec is needed. restrict_oom_score_adj: the sandbox forbids
+# lowering a container's oom_score_adj below containerd's own (else "can't get final child's
+# PID from pipe").
 cat > "$NODE_DIR/containerd.toml" <<TOML
 version = 2
 root = "$NODE_DIR/containerd/root"
@@ -178,7 +180,7 @@ TOML
 cat > "$NODE_DIR/cni/net.d/10-sendense.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
-  "name": "sendense",
+  "name": "$CNI_NETWORK",
   "plugins": [
     {
       "type": "bridge",
