@@ -52,12 +52,18 @@ chart-check:
 	KUBECTL="$$(source $(CLUSTER)/env.sh && echo $$KUBECTL)" KUBECONFIG="$$(source $(CLUSTER)/env.sh && echo $$KUBECONFIG_PATH)" \
 	  bash e2e/chart/check.sh
 
+## cluster-build: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and
+## kube-proxy at the pinned version (only missing ones are built)
 cluster-build:
 	@bash $(CLUSTER)/build.sh
 
+## cluster-up: the local control plane and its real node (containerd, kubelet, kube-proxy as
+## Node "sendense-node"; SENDENSE_NODE=0 leaves the node out); idempotent
 cluster-up:
 	@bash $(CLUSTER)/up.sh
 
+## cluster-down: stops the node (and removes all it changed on the machine, checked by
+## e2e/cluster/node-leftovers.sh), then the control plane
 cluster-down:
 	@bash $(CLUSTER)/down.sh
 

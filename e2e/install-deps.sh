@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what Sendense's demo and tests need on a fresh Debian bookworm machine of this kind,
-# skipping whatever is already there. Go-built tools (the control plane) are built separately,
-# into the cache, by e2e/cluster/build.sh.
+# skipping whatever is already there. Go-built tools (the control plane, kubelet, kube-proxy)
+# are built separately, into the cache, by e2e/cluster/build.sh. The real node needs containerd
+# (1.6, CRI v1), runc, the CNI plugins, nftables (kube-proxy's mode) and conntrack; its tests
+# make a small image from busybox-static.
 set -euo pipefail
 need=()
 for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux \
     qemu-img:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit nbdcopy:libnbd-bin nbdinfo:libnbd-bin python3:python3 \
-    ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus; do
+    ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus \
+    mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci readelf:binutils \
+    containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+    nft:nftables conntrack:conntrack ss:iproute2 sysctl:procps /bin/busybox:busybox-static; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -21,7 +21,16 @@ fi
 export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test
 export SENDENSE_ETCD_PORT=24790 SENDENSE_ETCD_PEER_PORT=24800 SENDENSE_APISERVER_PORT=26443
 export SENDENSE_CONTROLLER_MANAGER_PORT=26457 SENDENSE_SCHEDULER_PORT=26459
-trap 'bash e2e/cluster/down.sh' EXIT
+# Teardown, pass or fail: the node (node-down.sh ends with node-leftovers.sh) and the control
+# plane. Anything the node left on the machine fails the run.
+teardown() {
+  local rc=$?
+  trap - EXIT
+  echo; echo "=== teardown (node and control plane; the node must leave nothing behind) ==="
+  bash e2e/cluster/down.sh || { echo "teardown failed or left something behind (above)" >&2; [ "$rc" -ne 0 ] || rc=1; }
+  exit "$rc"
+}
+trap teardown EXIT
 trap 'exit 130' INT TERM  # so an interrupted run still tears down via the EXIT trap
 
 step() { echo; echo "=== $* ==="; }
@@ -37,7 +46,7 @@ step "vCenter simulator with CBT (Go, over real SOAP)"
   GOFLAGS="-mod=readonly -buildvcs=false" GOTOOLCHAIN=local go test -count=1 ./...)
 test -z "$(gofmt -l e2e/vcsim-cbt)" || { echo "gofmt: $(gofmt -l e2e/vcsim-cbt)" >&2; exit 1; }
 
-step "local control plane"
+step "local control plane and its node (containerd, kubelet, kube-proxy; SENDENSE_NODE=0: none)"
 bash e2e/cluster/up.sh
 source e2e/cluster/env.sh
 export KUBECONFIG=$KUBECONFIG_PATH KUBECTL
@@ -49,3 +58,8 @@ bash e2e/chart/check.sh
 
 step "agent, operator and end-to-end tests (kube-apiserver $K8S_VERSION, qemu-nbd, nbdkit, vcsim-cbt, the chart-installed operator)"
 cargo test --workspace --test '*' --locked
+
+if [ "${SENDENSE_NODE:-1}" != 0 ]; then
+  step "the node stops and leaves nothing on the machine (node-down.sh, node-leftovers.sh)"
+  bash e2e/cluster/node-down.sh
+fi

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Stops every process of the local control plane (SIGTERM, then SIGKILL after 10s) and leaves
-# none behind. Idempotent. The state directory stays for post-mortem reading of the logs.
+# Stops the node (node-down.sh: its pods, containerd, kubelet, kube-proxy and everything they
+# changed on the machine), then every process of the local control plane (SIGTERM, then SIGKILL
+# after 10s), and leaves none behind. Idempotent. The state directory stays for post-mortem
+# reading of the logs.
 set -uo pipefail
-source "$(dirname "$0")/env.sh"
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/env.sh"
+node_rc=0
+"$here/node-down.sh" || node_rc=$?
 # Anchored on our binaries so a shell that merely mentions the path is never matched.
 pids() { pgrep -f -- "^$SENDENSE_CACHE/k8s/[^ ]*/bin/[^ ]* .*$STATE_DIR/" || true; }
 # Stop in reverse order of dependency, so the apiserver is not left talking to a dead etcd.
@@ -21,3 +26,4 @@ if [ -n "$(pids)" ]; then
 fi
 rm -f "$STATE_DIR"/run/*.pid 2>/dev/null
 echo "control plane down"
+exit "$node_rc"

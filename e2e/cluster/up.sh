@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Starts the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler) on 127.0.0.1 with RBAC and service-account keys, and writes an admin
-# kubeconfig. Idempotent: a healthy running control plane is left alone.
+# kube-scheduler) with RBAC, NodeRestriction and service-account keys, writes an admin
+# kubeconfig, then starts the node (node-up.sh; SENDENSE_NODE=0 leaves it out). Idempotent: a
+# healthy running control plane is left alone. The apiserver listens on every address and
+# advertises the host's primary IPv4 address, so pods reach it through the `kubernetes`
+# Service; every kubeconfig still uses 127.0.0.1.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/env.sh"
 
 if "$here/status.sh" >/dev/null 2>&1; then
   echo "control plane already up: export KUBECONFIG=$KUBECONFIG_PATH"
+  [ "$SENDENSE_NODE" = 0 ] || "$here/node-up.sh"
   exit 0
 fi
 # Something half-started (or a crashed run) is cleared before a fresh start.
@@ -25,6 +29,12 @@ for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$CONTROLLER_MANAGE
   fi
 done
 
+host_ip=$(host_ipv4)
+# Never remove a state dir something is still mounted under (a node's containers).
+if grep -q " $STATE_DIR/" /proc/self/mountinfo; then
+  echo "mounts remain under $STATE_DIR (a node not cleaned up?): run $here/node-down.sh" >&2
+  exit 1
+fi
 rm -rf "$STATE_DIR"
 mkdir -p "$STATE_DIR"/{pki,etcd,logs,run}
 pki=$STATE_DIR/pki
@@ -40,11 +50,14 @@ issue() { # name subject [extfile-content]
     -days 3650 -extfile "$pki/$name.ext" -out "$pki/$name.crt" 2>/dev/null
 }
 issue apiserver "/CN=kube-apiserver" \
-  "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+  "subjectAltName=IP:127.0.0.1,IP:$host_ip,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth"
 issue admin "/O=system:masters/CN=sendense-admin" "extendedKeyUsage=clientAuth"
 issue controller-manager "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
 issue scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
+# The apiserver's identity towards kubelets (logs, exec, port-forward): bound below to the
+# built-in system:kubelet-api-admin ClusterRole, which the kubelets' webhook authorizer checks.
+issue apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client" "extendedKeyUsage=clientAuth"
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 
@@ -74,8 +87,7 @@ kubeconfig "$STATE_DIR/scheduler.kubeconfig" scheduler
 
 start() { # name args...  (runs detached in its own session; pid recorded)
   local name=$1; shift
-  setsid "$@" >"$STATE_DIR/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$STATE_DIR/run/$name.pid"
+  start_daemon "$STATE_DIR/logs/$name.log" "$STATE_DIR/run/$name.pid" "$@"
 }
 
 start etcd "$BIN_DIR/etcd" --name=sendense --data-dir="$STATE_DIR/etcd" \
@@ -88,10 +100,14 @@ wait_for "etcd" 60 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
 
 start kube-apiserver "$BIN_DIR/kube-apiserver" \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+  --bind-address=0.0.0.0 --advertise-address="$host_ip" --secure-port="$APISERVER_PORT" \
   --cert-dir="$STATE_DIR/pki" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" \
   --authorization-mode=Node,RBAC --allow-privileged=true \
+  --enable-admission-plugins=NodeRestriction \
+  --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority="$pki/ca.crt" --kubelet-preferred-address-types=InternalIP \
   --service-cluster-ip-range=10.96.0.0/16 \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
@@ -122,5 +138,9 @@ wait_for "kube-scheduler" 60 curl -skf "https://127.0.0.1:$SCHEDULER_PORT/health
 # The default ServiceAccount appearing proves the controller-manager's controllers run.
 wait_for "default ServiceAccount" 60 "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" get serviceaccount default -n default
 
-echo "control plane $K8S_VERSION up on https://127.0.0.1:$APISERVER_PORT"
+"$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" create clusterrolebinding sendense:apiserver-kubelet-client \
+  --clusterrole=system:kubelet-api-admin --user=kube-apiserver-kubelet-client >/dev/null
+
+echo "control plane $K8S_VERSION up on https://127.0.0.1:$APISERVER_PORT (pods: https://$host_ip:$APISERVER_PORT)"
+[ "$SENDENSE_NODE" = 0 ] || "$here/node-up.sh"
 echo "export KUBECONFIG=$KUBECONFIG_PATH"

@@ -165,6 +165,8 @@ impl Drop for TestNamespace {
 }
 
 pub mod node;
+pub mod oci;
+pub mod real_node;
 pub mod standin;
 pub mod vcsim;
 
