@@ -646,18 +646,33 @@ fn the_status_endpoint_serves_progress_while_a_backup_runs() -> Result<()> {
     let direct = hub.prepare_and_serve("s", 2000, 64 * MIB, None)?;
     let upstream = direct.trim_start_matches("nbd+unix:///?socket=").to_owned();
     let (_proxy, url) = slow_proxy_by(&hub.scratch, &upstream, "slow-s", "wdelay=300ms")?;
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.to_string()
-    };
     let result_file = hub.scratch.path("result.json");
+    let log = hub.scratch.path("agent.log");
     let started = Instant::now();
+    // Port 0: the agent binds a free port and logs it (no window for another process to take a
+    // port chosen beforehand).
     let mut child = backup_command(&sim, "s", &[(2000, url)], &[])
-        .args(["--status-addr", &addr, "--request-size", "1048576"])
+        .args(["--status-addr", "127.0.0.1:0", "--request-size", "1048576"])
         .args(["--in-flight", "1", "--connections", "1"])
         .arg("--result-file")
         .arg(&result_file)
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log)?)
         .spawn()?;
+    let addr = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter(|l| l.contains("serving progress"))
+            .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next());
+        if let Some(a) = found {
+            break a.to_owned();
+        }
+        if child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(60) {
+            bail!("the agent did not report its progress address; log:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
 
     let mut reports: Vec<Value> = Vec::new();
     let mut others_checked = false;

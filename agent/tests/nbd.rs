@@ -268,9 +268,9 @@ async fn connect_has_a_deadline_and_names_what_failed() -> Result<()> {
     assert!(started.elapsed() < Duration::from_secs(3));
 
     // Nobody listening: a connect error naming the address.
-    let free = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    // Port 1 (tcpmux): privileged and unused, so nothing listens there, and no other process
+    // can take it the way it can take a port found free a moment earlier.
+    let free = 1;
     let url: NbdUrl = format!("nbd://127.0.0.1:{free}/x").parse()?;
     let err = NbdClient::connect(&url, &o)
         .await

@@ -38,6 +38,67 @@ pub fn scratch_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/tmp"))
 }
 
+/// The port the operator's metrics server bound, read from its log (`log`, where the child's
+/// output goes): the operator is started with `SENDENSE_METRICS_ADDR=127.0.0.1:0`, so the
+/// kernel picks a free port and no other process can take it between a choice and the bind.
+/// Only the log after its first `from` bytes is read (a log appended to by an earlier run of
+/// the operator). Waits at most `within`; fails early when the child exits.
+pub fn bound_metrics_port(
+    child: &mut std::process::Child,
+    log: &Path,
+    from: usize,
+    within: Duration,
+) -> Result<u16> {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = std::fs::read(log).unwrap_or_default();
+        let text = String::from_utf8_lossy(all.get(from..).unwrap_or_default()).into_owned();
+        if let Some(port) = text
+            .lines()
+            .map(strip_ansi)
+            .filter(|l| l.contains("serving /metrics"))
+            .find_map(|l| {
+                let addr = l.split("addr=").nth(1)?.split_whitespace().next()?;
+                addr.rsplit(':').next()?.parse::<u16>().ok()
+            })
+        {
+            return Ok(port);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the operator exited ({status}) before serving its metrics; log {}:\n{text}",
+                log.display()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the operator did not report its metrics address within {within:?}; log {}:\n{text}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `s` without ANSI colour sequences.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The admin kubeconfig of the local control plane: $KUBECONFIG when set, else where
 /// e2e/cluster/up.sh writes it.
 pub fn kubeconfig() -> PathBuf {
@@ -173,4 +234,30 @@ pub mod vcsim;
 pub fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("non-UTF-8 path {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_port_is_read_from_a_coloured_log_line() {
+        let dir = scratch_dir().join(format!("sendense-port-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = dir.join("operator.log");
+        std::fs::write(
+            &log,
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mruntime\u{1b}[0m: serving /metrics, /healthz, /readyz \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:41234\n",
+        )
+        .expect("log");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let port = bound_metrics_port(&mut child, &log, 0, Duration::from_secs(2));
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(port.expect("port"), 41234);
+    }
 }

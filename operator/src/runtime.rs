@@ -70,6 +70,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the metrics and health endpoints to {addr}: {e}"))?;
+    // The bound address, so a port of 0 (chosen by the kernel) is known to whoever reads the log.
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     tokio::spawn(crate::metrics::serve(
         listener,

@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use sendense_crds::SourceNode;
 use sendense_e2e::vcsim::Simulator;
-use sendense_e2e::{TestNamespace, client, install_crds, kubeconfig, kubectl_ok};
+use sendense_e2e::{
+    TestNamespace, bound_metrics_port, client, install_crds, kubeconfig, kubectl_ok, scratch_dir,
+};
 
 struct Operator(Child);
 impl Drop for Operator {
@@ -64,17 +66,20 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
     install_crds()?;
     let sim = Simulator::start(&[]);
     let ns = TestNamespace::create("sourcenode")?;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let _operator = Operator(
+    let log = scratch_dir().join(format!("{}-operator.log", ns.name));
+    let out = std::fs::File::create(&log)?;
+    let mut operator = Operator(
         Command::new(env!("CARGO_BIN_EXE_sendense-operator"))
             .env("KUBECONFIG", kubeconfig())
             .env("SENDENSE_WATCH_NAMESPACE", &ns.name)
             .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
-            .env("SENDENSE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            // Port 0: the operator binds a free port and logs it.
+            .env("SENDENSE_METRICS_ADDR", "127.0.0.1:0")
+            .stdout(out.try_clone()?)
+            .stderr(out)
             .spawn()?,
     );
+    let metrics_port = bound_metrics_port(&mut operator.0, &log, 0, Duration::from_secs(60))?;
     let client = client().await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let nodes: Api<SourceNode> = Api::namespaced(client, &ns.name);

@@ -96,6 +96,10 @@ async fn attempt(args: &BackupArgs, live: &Arc<LiveProgress>) -> Result<BackupRe
                 })?,
         ),
     };
+    if let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        // The bound address: with port 0 the kernel chose it.
+        tracing::info!(%addr, "serving progress on /progress");
+    }
     let serve = async {
         match listener {
             Some(l) => status::serve(l, live.clone()).await,

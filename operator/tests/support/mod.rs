@@ -18,7 +18,9 @@ use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 use sendense_e2e::standin::StandIn;
 use sendense_e2e::vcsim::Simulator;
-use sendense_e2e::{TestNamespace, client, install_crds, kubeconfig, kubectl_ok};
+use sendense_e2e::{
+    TestNamespace, bound_metrics_port, client, install_crds, kubeconfig, kubectl_ok,
+};
 
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -46,7 +48,11 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn start(ns: &str, metrics_port: u16, log: &Path) -> Result<Self> {
+    /// Starts the operator; its metrics port is chosen by the kernel and read from its log.
+    pub fn start(ns: &str, log: &Path) -> Result<(Self, u16)> {
+        let earlier = std::fs::metadata(log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -56,16 +62,18 @@ impl Operator {
             .env("SENDENSE_WATCH_NAMESPACE", ns)
             .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
             .env("SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS", "3600")
-            .env("SENDENSE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("SENDENSE_METRICS_ADDR", "127.0.0.1:0")
             .env("SENDENSE_AGENT_IMAGE", "sendense-agent:e2e")
             .env("RUST_LOG", "info,sendense_operator=debug")
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()?;
-        Ok(Self {
+        let mut operator = Self {
             child,
             log: log.to_path_buf(),
-        })
+        };
+        let port = bound_metrics_port(&mut operator.child, log, earlier, Duration::from_secs(60))?;
+        Ok((operator, port))
     }
 
     pub fn log_tail(&self) -> String {
@@ -185,9 +193,6 @@ spec:
             low = ports.0,
             high = ports.1,
         );
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         let bed = Bed {
             sim,
             standin,
@@ -195,7 +200,7 @@ spec:
             repo_dir,
             work,
             operator: None,
-            metrics_port,
+            metrics_port: 0,
             _pv: pv,
         };
         bed.apply("setup", &manifest)?;
@@ -203,11 +208,10 @@ spec:
     }
 
     pub fn start_operator(&mut self) -> Result<()> {
-        self.operator = Some(Operator::start(
-            &self.ns.name,
-            self.metrics_port,
-            &self.work.join("operator.log"),
-        )?);
+        // A restarted operator binds a new port.
+        let (operator, port) = Operator::start(&self.ns.name, &self.work.join("operator.log"))?;
+        self.operator = Some(operator);
+        self.metrics_port = port;
         Ok(())
     }
 
