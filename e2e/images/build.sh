@@ -120,26 +120,10 @@ if want pause; then
     --label "org.opencontainers.image.title=sendense-pause"
 fi
 
-if want operator || want agent; then
-  # Both together, always: one feature resolution, so neither build invalidates the other.
-  static_build -p sendense-operator -p sendense-agent --bin sendense-operator --bin sendense-agent
-fi
-
-if want operator; then
-  bin=$(static_bin sendense-operator)
-  rm -rf "$stage/operator" && mkdir -p "$stage/operator/usr/local/bin"
-  install -m 0755 "$bin" "$stage/operator/usr/local/bin/sendense-operator"
-  passwd_files "$stage/operator"
-  write_image operator "$operator_ref" "$(sha256sum "$bin" | cut -c1-64)" \
-    --layer "dir:$stage/operator" --created-by "sendense-operator, /etc/passwd, /etc/group" \
-    --user 65532:65532 --entrypoint '["/usr/local/bin/sendense-operator"]' \
-    --env PATH=/usr/local/bin:/usr/bin:/bin "${labels[@]}" \
-    --label "org.opencontainers.image.title=sendense-operator"
-fi
-
-if want agent; then
+# Sets base: the directory of the cached Debian layer (layer.json and its blob).
+agent_base() {
   # The Debian base: packages, mmdebstrap arguments, suite and apt sources make the cache key.
-  suite=bookworm
+  local suite=bookworm packages base_epoch sources f mm_args base_key list_hook start
   packages=qemu-utils,nbdkit,libnbd-bin,ca-certificates
   # A fixed time for the base, so its layer does not change with every commit.
   base_epoch=1747699200 # 2025-05-20, the date of the machine's apt snapshot
@@ -177,6 +161,29 @@ if want agent; then
     sed "s|$base.tmp|$base|" "$base/layer.json.tmp" > "$base/layer.json" && rm "$base/layer.json.tmp"
     log "agent: base layer ready in $((SECONDS - start)) s: $(cat "$base/layer.json")"
   fi
+}
+
+# The Debian layer first: it needs no compiler, and a missing tool shows before a long build.
+if want agent; then agent_base; fi
+
+if want operator || want agent; then
+  # Both together, always: one feature resolution, so neither build invalidates the other.
+  static_build -p sendense-operator -p sendense-agent --bin sendense-operator --bin sendense-agent
+fi
+
+if want operator; then
+  bin=$(static_bin sendense-operator)
+  rm -rf "$stage/operator" && mkdir -p "$stage/operator/usr/local/bin"
+  install -m 0755 "$bin" "$stage/operator/usr/local/bin/sendense-operator"
+  passwd_files "$stage/operator"
+  write_image operator "$operator_ref" "$(sha256sum "$bin" | cut -c1-64)" \
+    --layer "dir:$stage/operator" --created-by "sendense-operator, /etc/passwd, /etc/group" \
+    --user 65532:65532 --entrypoint '["/usr/local/bin/sendense-operator"]' \
+    --env PATH=/usr/local/bin:/usr/bin:/bin "${labels[@]}" \
+    --label "org.opencontainers.image.title=sendense-operator"
+fi
+
+if want agent; then
   bin=$(static_bin sendense-agent)
   rm -rf "$stage/agent" && mkdir -p "$stage/agent/usr/local/bin"
   install -m 0755 "$bin" "$stage/agent/usr/local/bin/sendense-agent"
