@@ -156,9 +156,11 @@ agent_base() {
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*'
     # The runtime provides these; the build host's must not get in.
     --customize-hook='rm -f "$1/etc/resolv.conf" "$1/etc/hostname"'
+    # No apt in the image: debconf's backups go here, apt's download directories below.
+    --customize-hook='rm -f "$1"/var/cache/debconf/*-old'
     --customize-hook='echo "sendense:x:65532:65532:sendense:/nonexistent:/usr/sbin/nologin" >> "$1/etc/passwd"'
     --customize-hook='echo "sendense:x:65532:" >> "$1/etc/group"')
-  base_key=$( { printf '%s\n' "$suite" "$packages" "$base_epoch" "$writer_hash" "${mm_args[@]}"; cat "${sources[@]}"; } | sha256sum | cut -c1-16)
+  base_key=$( { printf '%s\n' "$suite" "$packages" "$base_epoch" "$writer_hash" "${mm_args[@]}" apt-dirs-filtered; cat "${sources[@]}"; } | sha256sum | cut -c1-16)
   base=$SENDENSE_CACHE/images/base/$base_key
   if [ ! -s "$base/layer.json" ]; then
     command -v mmdebstrap >/dev/null || die "mmdebstrap is missing (bash e2e/install-deps.sh)"
@@ -168,8 +170,13 @@ agent_base() {
     # The installed packages and versions, kept beside the layer for reference.
     list_hook="--customize-hook=dpkg-query --admindir=\"\$1/var/lib/dpkg\" -W > \"$base.tmp/packages.txt\""
     SOURCE_DATE_EPOCH=$base_epoch TMPDIR=$base.tmp mmdebstrap "${mm_args[@]}" "$list_hook" \
-      "$suite" "$base.tmp/base.tar" "${sources[@]}" > "$base.tmp/mmdebstrap.log" 2>&1 ||
+      "$suite" "$base.tmp/mmdebstrap.tar" "${sources[@]}" > "$base.tmp/mmdebstrap.log" 2>&1 ||
       { tail -n 40 "$base.tmp/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $base.tmp/mmdebstrap.log)"; }
+    # apt's download directories, which mmdebstrap leaves owned by _apt or root depending on the
+    # run (that alone made two builds differ), go with what they hold.
+    mmtarfilter --path-exclude='/var/lib/apt/lists/*' --path-exclude='/var/cache/apt/*' \
+      < "$base.tmp/mmdebstrap.tar" > "$base.tmp/base.tar"
+    rm -f "$base.tmp/mmdebstrap.tar"
     log "agent: mmdebstrap $((SECONDS - start)) s, $(stat -c %s "$base.tmp/base.tar") bytes"
     "$oci_image" layer --layer "tar:$base.tmp/base.tar" --epoch "$base_epoch" --out-dir "$base.tmp" \
       --created-by "mmdebstrap --variant=essential $suite ($packages)" > "$base.tmp/layer.json.tmp"
