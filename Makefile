@@ -5,7 +5,7 @@ export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
 export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
 CLUSTER := e2e/cluster
 
-.PHONY: bench demo test deps build crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
+.PHONY: bench demo test deps build images crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
 
 ## demo: bring up the local control plane, install the CRDs, apply the samples
 demo: deps
@@ -21,6 +21,12 @@ deps:
 
 build:
 	cargo build --workspace --all-targets
+
+## images: the pause, operator and agent images as archives (OCI layout + docker-archive) in
+## $(SENDENSE_CACHE)/images/<appVersion>/; one "<name> <archive> <reference>" line each
+## (README.md, "Images"). SENDENSE_IMAGE_PROFILE=dev builds the binaries unoptimised.
+images: deps
+	@bash e2e/images/build.sh
 
 ## crds: regenerate the CRD YAML from the types in crds/
 crds:

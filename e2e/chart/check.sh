@@ -2,7 +2,8 @@
 # Static and server-side checks of the install artefacts (charts/sendense, config/), run by the
 # test command against the local control plane (KUBECONFIG and KUBECTL set, as in
 # e2e/run-tests.sh):
-#   helm lint; helm template validated by kubeconform in strict mode against schemas generated
+#   helm lint; the images' references (appVersion tag, global.imageRegistry, digests, pull
+#   policies); helm template validated by kubeconform in strict mode against schemas generated
 #   offline from the control plane's own OpenAPI (pinned Kubernetes version, our CRDs and the
 #   prometheus-operator CRDs included); kubectl apply --dry-run=server of the chart and of
 #   config/; a malformed value refused with its name; config/ applied twice diffs empty;
@@ -43,6 +44,38 @@ if "$HELM" install sendense-bad-value charts/sendense --namespace "$NS" --dry-ru
 fi
 grep -q 'metrics.port' "$W/err" || { echo "the error does not name metrics.port:" >&2; cat "$W/err" >&2; exit 1; }
 ok "helm install refused it: $(grep -m1 'metrics.port' "$W/err" | sed 's/^[ -]*//' | cut -c1-120)"
+
+echo "image references: the chart's appVersion, global.imageRegistry, digests, pull policies"
+app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' charts/sendense/Chart.yaml)
+# Prints "<operator image> <its pull policy> <agent image> <agent pull policy>" of a rendering.
+images_of() {
+  "$HELM" template sendense charts/sendense --namespace "$NS" "$@" | python3 -c '
+import sys, yaml
+for doc in yaml.safe_load_all(sys.stdin):
+    if doc and doc.get("kind") == "Deployment":
+        c = doc["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        print(c["image"], c["imagePullPolicy"], env["SENDENSE_AGENT_IMAGE"], env["SENDENSE_AGENT_IMAGE_PULL_POLICY"])'
+}
+expect_images() { # $1: what is expected, rest: helm arguments
+  local want=$1 got; shift
+  got=$(images_of "$@")
+  [ "$got" = "$want" ] || { echo "helm template $*: images '$got', expected '$want'" >&2; exit 1; }
+}
+expect_images "ghcr.io/sendense/sendense-operator:$app_version IfNotPresent ghcr.io/sendense/sendense-agent:$app_version IfNotPresent"
+expect_images "registry.example:5000/sendense/sendense-operator:$app_version IfNotPresent registry.example:5000/sendense/sendense-agent:$app_version IfNotPresent" \
+  --set global.imageRegistry=registry.example:5000
+expect_images "registry.example:5000/sendense/sendense-operator:$app_version IfNotPresent registry.example:5000/sendense/sendense-agent:$app_version IfNotPresent" \
+  --set global.imageRegistry=registry.example:5000 --set image.registry=quay.io --set agentImage.registry=quay.io
+digest=sha256:$(printf '%064d' 0)
+expect_images "quay.io/team/operator:v9 Always mirror.local/sendense/sendense-agent@$digest Never" \
+  --set image.registry= --set image.repository=quay.io/team/operator --set image.tag=v9 --set image.pullPolicy=Always \
+  --set agentImage.registry=mirror.local --set agentImage.digest=$digest --set agentImage.pullPolicy=Never
+if "$HELM" template sendense charts/sendense --set global.imageRegistry='Not A Registry' >/dev/null 2>"$W/err"; then
+  echo "helm accepted global.imageRegistry='Not A Registry'" >&2; exit 1
+fi
+grep -q 'imageRegistry' "$W/err" || { echo "the error does not name global.imageRegistry:" >&2; cat "$W/err" >&2; exit 1; }
+ok "ghcr.io/sendense/*:$app_version by default; global.imageRegistry moves both images; digests and pull policies pass through"
 
 echo "kubeconform (strict) against the control plane's own schemas"
 k apply --server-side --force-conflicts -k config/crd >/dev/null

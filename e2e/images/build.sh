@@ -11,7 +11,7 @@
 #   pause     localhost/sendense/pause:3.10 — the real node's containerd sandbox_image: a static
 #             Rust pause (e2e/images/pause), user 65535.
 #   operator  ghcr.io/sendense/sendense-operator:<version> — the static sendense-operator,
-#             /etc/passwd and /etc/group with user 65532, nothing else.
+#             /etc/passwd and /etc/group with user 65532, /etc/nsswitch.conf, nothing else.
 #   agent     ghcr.io/sendense/sendense-agent:<version> — Debian bookworm (mmdebstrap, variant
 #             essential: qemu-utils, nbdkit, libnbd-bin, ca-certificates; no docs, no apt) plus
 #             the static /usr/local/bin/sendense-agent; user 65532. The Debian layer is cached
@@ -84,15 +84,30 @@ agent_ref=ghcr.io/sendense/sendense-agent:$version
 labels=(--label "org.opencontainers.image.version=$version" --label "org.opencontainers.image.revision=$revision"
   --label "org.opencontainers.image.licenses=Apache-2.0" --label "org.opencontainers.image.vendor=Sendense")
 
-passwd_files() { # $1: root of a stage directory
+# /etc of the operator image: its user, and nsswitch.conf with "hosts: files dns", as every
+# distribution (and distroless) has it. glibc's documented order without the file is
+# "dns [!UNAVAIL=return] files", under which a name DNS denies (a pod's hostAliases) would
+# never reach /etc/hosts; on this machine both orders resolved, so the file only makes the
+# order explicit. glibc >= 2.34 has the files and dns sources built in, also when linked
+# statically: e2e/images/verify.sh resolves a name from /etc/hosts and one from DNS inside
+# the image.
+etc_files() { # $1: root of a stage directory
   mkdir -p "$1/etc"
+  printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' > "$1/etc/nsswitch.conf"
+  chmod 0644 "$1/etc/nsswitch.conf"
   printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nsendense:x:65532:65532:sendense:/nonexistent:/usr/sbin/nologin\n' > "$1/etc/passwd"
   printf 'root:x:0:\nsendense:x:65532:\n' > "$1/etc/group"
   chmod 0644 "$1/etc/passwd" "$1/etc/group"
 }
 
+# What a stage directory holds (names, types, modes, link targets, contents), for the keys.
+stage_hash() {
+  (cd "$1" && find . -printf '%p %y %m %l\n' | LC_ALL=C sort &&
+    find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -c1-64
+}
+
 # Writes <name>.oci.tar unless an archive of the same inputs is there (its key file says so).
-# $1 name, $2 reference, $3 inputs key material, rest: oci-image build arguments.
+# $1 name, $2 reference, $3 what the layers hold, rest: oci-image build arguments.
 write_image() {
   local name=$1 ref=$2 inputs=$3; shift 3
   local archive=$out/$name.oci.tar
@@ -114,32 +129,16 @@ if want pause; then
   bin=$(static_bin pause)
   rm -rf "$stage/pause" && mkdir -p "$stage/pause"
   install -m 0755 "$bin" "$stage/pause/pause"
-  write_image pause "$pause_ref" "$(sha256sum "$bin" | cut -c1-64)" \
+  write_image pause "$pause_ref" "$(stage_hash "$stage/pause")" \
     --layer "dir:$stage/pause" --created-by "sendense pause (e2e/images/pause)" \
     --user 65535:65535 --entrypoint '["/pause"]' "${labels[@]}" \
     --label "org.opencontainers.image.title=sendense-pause"
 fi
 
-if want operator || want agent; then
-  # Both together, always: one feature resolution, so neither build invalidates the other.
-  static_build -p sendense-operator -p sendense-agent --bin sendense-operator --bin sendense-agent
-fi
-
-if want operator; then
-  bin=$(static_bin sendense-operator)
-  rm -rf "$stage/operator" && mkdir -p "$stage/operator/usr/local/bin"
-  install -m 0755 "$bin" "$stage/operator/usr/local/bin/sendense-operator"
-  passwd_files "$stage/operator"
-  write_image operator "$operator_ref" "$(sha256sum "$bin" | cut -c1-64)" \
-    --layer "dir:$stage/operator" --created-by "sendense-operator, /etc/passwd, /etc/group" \
-    --user 65532:65532 --entrypoint '["/usr/local/bin/sendense-operator"]' \
-    --env PATH=/usr/local/bin:/usr/bin:/bin "${labels[@]}" \
-    --label "org.opencontainers.image.title=sendense-operator"
-fi
-
-if want agent; then
+# Sets base: the directory of the cached Debian layer (layer.json and its blob).
+agent_base() {
   # The Debian base: packages, mmdebstrap arguments, suite and apt sources make the cache key.
-  suite=bookworm
+  local suite=bookworm packages base_epoch sources f mm_args base_key list_hook start
   packages=qemu-utils,nbdkit,libnbd-bin,ca-certificates
   # A fixed time for the base, so its layer does not change with every commit.
   base_epoch=1747699200 # 2025-05-20, the date of the machine's apt snapshot
@@ -148,15 +147,20 @@ if want agent; then
     [ -s "$f" ] && sources+=("$f")
   done
   [ ${#sources[@]} -gt 0 ] || die "no apt sources in /etc/apt"
+  # merged-usr hook: /usr merged by directory symlinks as debootstrap does, instead of the
+  # usrmerge package, which pulls in perl (~20 MB) that nothing in the image uses.
   mm_args=(--variant=essential --include="$packages" --format=tar
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*'
     --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/info/*'
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*'
     # The runtime provides these; the build host's must not get in.
     --customize-hook='rm -f "$1/etc/resolv.conf" "$1/etc/hostname"'
+    # No apt in the image: debconf's backups go here, apt's download directories below.
+    --customize-hook='rm -f "$1"/var/cache/debconf/*-old'
     --customize-hook='echo "sendense:x:65532:65532:sendense:/nonexistent:/usr/sbin/nologin" >> "$1/etc/passwd"'
     --customize-hook='echo "sendense:x:65532:" >> "$1/etc/group"')
-  base_key=$( { printf '%s\n' "$suite" "$packages" "$base_epoch" "$writer_hash" "${mm_args[@]}"; cat "${sources[@]}"; } | sha256sum | cut -c1-16)
+  base_key=$( { printf '%s\n' "$suite" "$packages" "$base_epoch" "$writer_hash" "${mm_args[@]}" apt-dirs-filtered; cat "${sources[@]}"; } | sha256sum | cut -c1-16)
   base=$SENDENSE_CACHE/images/base/$base_key
   if [ ! -s "$base/layer.json" ]; then
     command -v mmdebstrap >/dev/null || die "mmdebstrap is missing (bash e2e/install-deps.sh)"
@@ -165,8 +169,14 @@ if want agent; then
     rm -rf "$base.tmp" && mkdir -p "$base.tmp"
     # The installed packages and versions, kept beside the layer for reference.
     list_hook="--customize-hook=dpkg-query --admindir=\"\$1/var/lib/dpkg\" -W > \"$base.tmp/packages.txt\""
-    SOURCE_DATE_EPOCH=$base_epoch TMPDIR=$base.tmp mmdebstrap --quiet "${mm_args[@]}" "$list_hook" \
-      "$suite" "$base.tmp/base.tar" "${sources[@]}" >&2
+    SOURCE_DATE_EPOCH=$base_epoch TMPDIR=$base.tmp mmdebstrap "${mm_args[@]}" "$list_hook" \
+      "$suite" "$base.tmp/mmdebstrap.tar" "${sources[@]}" > "$base.tmp/mmdebstrap.log" 2>&1 ||
+      { tail -n 40 "$base.tmp/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $base.tmp/mmdebstrap.log)"; }
+    # apt's download directories, which mmdebstrap leaves owned by _apt or root depending on the
+    # run (that alone made two builds differ), go with what they hold.
+    mmtarfilter --path-exclude='/var/lib/apt/lists/*' --path-exclude='/var/cache/apt/*' \
+      < "$base.tmp/mmdebstrap.tar" > "$base.tmp/base.tar"
+    rm -f "$base.tmp/mmdebstrap.tar"
     log "agent: mmdebstrap $((SECONDS - start)) s, $(stat -c %s "$base.tmp/base.tar") bytes"
     "$oci_image" layer --layer "tar:$base.tmp/base.tar" --epoch "$base_epoch" --out-dir "$base.tmp" \
       --created-by "mmdebstrap --variant=essential $suite ($packages)" > "$base.tmp/layer.json.tmp"
@@ -177,10 +187,33 @@ if want agent; then
     sed "s|$base.tmp|$base|" "$base/layer.json.tmp" > "$base/layer.json" && rm "$base/layer.json.tmp"
     log "agent: base layer ready in $((SECONDS - start)) s: $(cat "$base/layer.json")"
   fi
+}
+
+# The Debian layer first: it needs no compiler, and a missing tool shows before a long build.
+if want agent; then agent_base; fi
+
+if want operator || want agent; then
+  # Both together, always: one feature resolution, so neither build invalidates the other.
+  static_build -p sendense-operator -p sendense-agent --bin sendense-operator --bin sendense-agent
+fi
+
+if want operator; then
+  bin=$(static_bin sendense-operator)
+  rm -rf "$stage/operator" && mkdir -p "$stage/operator/usr/local/bin"
+  install -m 0755 "$bin" "$stage/operator/usr/local/bin/sendense-operator"
+  etc_files "$stage/operator"
+  write_image operator "$operator_ref" "$(stage_hash "$stage/operator")" \
+    --layer "dir:$stage/operator" --created-by "sendense-operator, /etc/passwd, /etc/group, /etc/nsswitch.conf" \
+    --user 65532:65532 --entrypoint '["/usr/local/bin/sendense-operator"]' \
+    --env PATH=/usr/local/bin:/usr/bin:/bin "${labels[@]}" \
+    --label "org.opencontainers.image.title=sendense-operator"
+fi
+
+if want agent; then
   bin=$(static_bin sendense-agent)
   rm -rf "$stage/agent" && mkdir -p "$stage/agent/usr/local/bin"
   install -m 0755 "$bin" "$stage/agent/usr/local/bin/sendense-agent"
-  write_image agent "$agent_ref" "$(sha256sum "$bin" | cut -c1-64) $(cat "$base/layer.json")" \
+  write_image agent "$agent_ref" "$(stage_hash "$stage/agent") $(cat "$base/layer.json")" \
     --layer "built:$base/layer.json" \
     --layer "dir:$stage/agent" --created-by "sendense-agent" \
     --user 65532:65532 --cmd '["sendense-agent","--help"]' \

@@ -216,3 +216,62 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
     ])?;
     Ok(())
 }
+
+/// `helm template` only (no cluster): the images are tagged with the chart's appVersion, which
+/// is the crates' version (the operator's default agent image and `make images` use it too),
+/// and `global.imageRegistry` moves both the operator's and the agent's image to a mirror.
+#[test]
+fn global_image_registry_moves_both_images_to_the_mirror() -> Result<()> {
+    let chart = repo_root().join("charts/sendense");
+    let chart_yaml = std::fs::read_to_string(chart.join("Chart.yaml"))?;
+    let app_version = chart_yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .context("no appVersion in Chart.yaml")?;
+    assert_eq!(app_version, env!("CARGO_PKG_VERSION"));
+    let render = |extra: &[&str]| -> Result<String> {
+        let out = Command::new(tool("HELM")?)
+            .args(["template", "sendense"])
+            .arg(&chart)
+            .args(["--show-only", "templates/deployment.yaml"])
+            .args(extra)
+            .output()?;
+        if !out.status.success() {
+            bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let default = render(&[])?;
+    assert!(
+        default.contains(&format!(
+            "image: \"ghcr.io/sendense/sendense-operator:{app_version}\""
+        )),
+        "{default}"
+    );
+    assert!(
+        default.contains(&format!(
+            "value: \"ghcr.io/sendense/sendense-agent:{app_version}\""
+        )),
+        "{default}"
+    );
+    let mirrored = render(&["--set", "global.imageRegistry=registry.example:5000"])?;
+    assert!(
+        mirrored.contains(&format!(
+            "image: \"registry.example:5000/sendense/sendense-operator:{app_version}\""
+        )),
+        "{mirrored}"
+    );
+    assert!(
+        mirrored.contains(&format!(
+            "value: \"registry.example:5000/sendense/sendense-agent:{app_version}\""
+        )),
+        "{mirrored}"
+    );
+    assert!(!mirrored.contains("ghcr.io"), "{mirrored}");
+    assert!(
+        mirrored.contains("imagePullPolicy: IfNotPresent"),
+        "{mirrored}"
+    );
+    Ok(())
+}

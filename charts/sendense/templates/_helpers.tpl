@@ -80,16 +80,28 @@ The operator's ServiceAccount.
 {{- end }}
 
 {{/*
-An image reference from {repository, tag, digest}: the digest wins, the tag defaults to the
-chart's appVersion.
+An image reference from {registry, repository, tag, digest} (Bitnami's convention):
+global.imageRegistry, when set, replaces the image's registry; an empty registry leaves the
+repository as the whole name; the digest wins over the tag; the tag defaults to the chart's
+appVersion.
 */}}
 {{- define "sendense.image" -}}
 {{- $image := index . 0 }}
 {{- $root := index . 1 }}
+{{- $registry := $image.registry | default "" }}
+{{- with $root.Values.global }}
+{{- with .imageRegistry }}
+{{- $registry = . }}
+{{- end }}
+{{- end }}
+{{- $name := $image.repository }}
+{{- if $registry }}
+{{- $name = printf "%s/%s" (trimSuffix "/" $registry) $image.repository }}
+{{- end }}
 {{- if $image.digest }}
-{{- printf "%s@%s" $image.repository $image.digest }}
+{{- printf "%s@%s" $name $image.digest }}
 {{- else }}
-{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- printf "%s:%s" $name (default $root.Chart.AppVersion $image.tag) }}
 {{- end }}
 {{- end }}
 
