@@ -41,7 +41,14 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// The simulator on 127.0.0.1 (for clients on this host only).
     pub fn start(extra: &[&str]) -> Simulator {
+        Self::start_on("127.0.0.1", extra)
+    }
+
+    /// The simulator listening on `host` (an address of this machine): the real node's pods
+    /// reach the host at its InternalIP, not at 127.0.0.1.
+    pub fn start_on(host: &str, extra: &[&str]) -> Simulator {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "sendense-vsphere-{}-{}",
@@ -55,7 +62,13 @@ impl Simulator {
             .arg("serve")
             .arg("-datastore-dir")
             .arg(dir.join("ds"))
-            .args(["-listen", "127.0.0.1:0", "-control-listen", "127.0.0.1:0"])
+            .args([
+                "-listen",
+                &format!("{host}:0"),
+                "-control-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["-tls-host", host])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)

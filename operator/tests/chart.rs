@@ -7,8 +7,6 @@
 //!
 //! Needs `HELM` and `PROMTOOL` (the test command, e2e/run-tests.sh, builds and sets them).
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -20,35 +18,12 @@ use sendense_crds::{Repository, SourceNode};
 use sendense_e2e::{client, kubeconfig, kubectl, repo_root};
 
 mod support;
-use support::{Bed, SERIAL, disk_file, sibling};
+use support::{Bed, SERIAL, disk_file};
 
 fn tool(var: &str) -> Result<String> {
     std::env::var(var).with_context(|| {
         format!("{var} is not set: the test command (make test) builds the chart tools and sets it")
     })
-}
-
-/// The operator's pod runs as a non-root user (the chart's security context), so its binaries
-/// must be readable by anyone: a copy outside root's home.
-struct Binaries(PathBuf);
-impl Binaries {
-    fn copy() -> Result<Self> {
-        let dir =
-            sendense_e2e::scratch_dir().join(format!("sendense-chart-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        for b in ["sendense-operator", "sendense-agent"] {
-            let to = dir.join(b);
-            std::fs::copy(sibling(b)?, &to)?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
-        }
-        Ok(Self(dir))
-    }
-}
-impl Drop for Binaries {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn helm(args: &[&str]) -> Result<String> {
@@ -73,12 +48,10 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
     let _serial = SERIAL.lock().await;
     let promtool = tool("PROMTOOL")?;
     tool("HELM")?;
-    let bins = Binaries::copy()?;
-    let bed = Bed::start_without_operator(1, (10650, 10670), std::slice::from_ref(&bins.0)).await?;
+    // The whole backup in a namespace enforcing the `restricted` Pod Security Standard: the
+    // operator's pod from the chart and every pod it creates are admitted there.
+    let bed = Bed::start_restricted(1, (10650, 10670)).await?;
     let ns = bed.ns.name.clone();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
     let chart = repo_root().join("charts/sendense");
     // A release name of its own: the chart's cluster-scoped objects are named after it, so a
     // failed earlier run cannot block this one.
@@ -91,8 +64,11 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
         &ns,
         "--set",
         &format!("watchNamespace={ns}"),
+        // The images were loaded into the node (e2e/run-tests.sh): never pulled.
         "--set",
-        &format!("metrics.port={port}"),
+        "image.pullPolicy=Never",
+        "--set",
+        "agentImage.pullPolicy=Never",
         "--set",
         "vcenterProbeIntervalSeconds=10",
         "--set",
@@ -165,7 +141,13 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
     assert_eq!(bed.snapshots(vm), 0);
 
     // promtool accepts the live exposition, and the backup is in it.
-    let metrics = support::scrape(port).await?;
+    let ip = pods
+        .get(&operator.metadata.name.clone().unwrap_or_default())
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("the operator pod has no IP")?;
+    let metrics = support::scrape_at(&format!("{ip}:8080")).await?;
     assert!(
         metrics.contains(&format!(
             "sendense_backups_total{{namespace=\"{ns}\",result=\"succeeded\",vm=\"cbt-vm-0\"}} 1"

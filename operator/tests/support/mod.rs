@@ -1,6 +1,8 @@
-//! The test bed of the operator's end-to-end tests: the vCenter simulator, a node stand-in,
-//! a namespace with a SourceNode, a repository volume and a Repository, and (optionally) the
-//! operator as a local process.
+//! The test bed of the operator's end-to-end tests: the vCenter simulator, the real node
+//! (kubelet, containerd; e2e/cluster/node-up.sh) running every pod the operator creates as a
+//! container of the agent image, a namespace with a SourceNode, a repository volume (a `local`
+//! PersistentVolume on the node, owned by the pods through fsGroup) and a Repository, and
+//! (optionally) the operator as a local process.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,7 +18,7 @@ use kube::Api;
 use kube::runtime::watcher;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupJob, Repository, SourceNode};
-use sendense_e2e::standin::StandIn;
+use sendense_e2e::real_node::RealNode;
 use sendense_e2e::vcsim::Simulator;
 use sendense_e2e::{
     TestNamespace, bound_metrics_port, client, install_crds, kubeconfig, kubectl_ok,
@@ -63,7 +65,6 @@ impl Operator {
             .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
             .env("SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS", "3600")
             .env("SENDENSE_METRICS_ADDR", "127.0.0.1:0")
-            .env("SENDENSE_AGENT_IMAGE", "sendense-agent:e2e")
             .env("RUST_LOG", "info,sendense_operator=debug")
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -94,14 +95,22 @@ impl Drop for Operator {
 pub struct Pv(String);
 impl Drop for Pv {
     fn drop(&mut self) {
-        let _ = sendense_e2e::kubectl(&["delete", "pv", &self.0, "--wait=false"]);
+        let ds = format!("{}-ds", self.0);
+        let _ = sendense_e2e::kubectl(&[
+            "delete",
+            "pv",
+            &self.0,
+            &ds,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
     }
 }
 
-/// One scenario's world: simulator, stand-in node, namespace, repository directory, operator.
+/// One scenario's world: simulator, real node, namespace, repository directory, operator.
 pub struct Bed {
     pub sim: Simulator,
-    pub standin: StandIn,
+    pub node: RealNode,
     pub ns: TestNamespace,
     pub repo_dir: PathBuf,
     pub work: PathBuf,
@@ -113,21 +122,44 @@ pub struct Bed {
 impl Bed {
     /// The bed with the operator running as a local process (admin kubeconfig).
     pub async fn start(vms: usize, ports: (i32, i32)) -> Result<Self> {
-        let mut bed = Self::start_without_operator(vms, ports, &[bin_dir()]).await?;
+        let mut bed = Self::start_without_operator(vms, ports).await?;
         bed.start_operator()?;
         Ok(bed)
     }
 
-    /// The bed alone; `search_path`: where the stand-in finds container commands.
-    pub async fn start_without_operator(
-        vms: usize,
-        ports: (i32, i32),
-        search_path: &[PathBuf],
-    ) -> Result<Self> {
+    /// The bed alone. The agent image (ghcr.io/sendense/sendense-agent:<appVersion>, or
+    /// $SENDENSE_AGENT_IMAGE) must be loaded into the node: e2e/run-tests.sh does.
+    pub async fn start_without_operator(vms: usize, ports: (i32, i32)) -> Result<Self> {
+        Self::start_in(vms, ports, false).await
+    }
+
+    /// The bed in a namespace that enforces the `restricted` Pod Security Standard: the
+    /// datastore reaches the agent through a claim (a pod's hostPath volume is not admitted
+    /// there; a PersistentVolume's is).
+    pub async fn start_restricted(vms: usize, ports: (i32, i32)) -> Result<Self> {
+        Self::start_in(vms, ports, true).await
+    }
+
+    async fn start_in(vms: usize, ports: (i32, i32), restricted: bool) -> Result<Self> {
         install_crds()?;
-        let sim = Simulator::start(&["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"]);
-        let standin = StandIn::start(&sibling("node-standin")?, search_path, &[]).await?;
+        let node = RealNode::ready().await?.context(
+            "the operator's end-to-end tests run on the real node (SENDENSE_NODE=0 skips the node)",
+        )?;
+        let host = node.internal_ip().context("the node has no InternalIP")?;
+        let sim = Simulator::start_on(
+            &host,
+            &["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"],
+        );
         let ns = TestNamespace::create("backup")?;
+        if restricted {
+            kubectl_ok(&[
+                "label",
+                "namespace",
+                &ns.name,
+                "pod-security.kubernetes.io/enforce=restricted",
+                "pod-security.kubernetes.io/enforce-version=latest",
+            ])?;
+        }
         let work = sim.dir.join("e2e");
         let repo_dir = work.join("repository");
         std::fs::create_dir_all(&repo_dir)?;
@@ -136,6 +168,40 @@ impl Bed {
             .as_str()
             .context("datastore dir")?
             .to_owned();
+        let (datastore_source, datastore_claim) = if restricted {
+            (
+                "persistentVolumeClaim: {claimName: datastore, readOnly: true}".to_owned(),
+                format!(
+                    r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {pv}-ds}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  hostPath: {{path: "{datastore}"}}
+  claimRef: {{namespace: {ns}, name: datastore}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: datastore, namespace: {ns}}}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: {pv}-ds
+  resources: {{requests: {{storage: 1Gi}}}}
+"#,
+                    pv = pv.0,
+                    ns = ns.name,
+                ),
+            )
+        } else {
+            (
+                format!("hostPath: {{path: \"{datastore}\"}}"),
+                String::new(),
+            )
+        };
         let manifest = format!(
             r#"apiVersion: v1
 kind: Secret
@@ -154,8 +220,9 @@ spec:
   transport:
     type: nfs
     nfs:
-      datastores: [{{name: LocalDS_0, hostPath: {{path: "{datastore}"}}}}]
+      datastores: [{{name: LocalDS_0, {datastore_source}}}]
 ---
+{datastore_claim}---
 apiVersion: v1
 kind: PersistentVolume
 metadata: {{name: {pv}}}
@@ -164,7 +231,11 @@ spec:
   accessModes: [ReadWriteOnce]
   persistentVolumeReclaimPolicy: Retain
   storageClassName: ""
-  hostPath: {{path: "{repo}"}}
+  local: {{path: "{repo}"}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: ["{node}"]}}]
   claimRef: {{namespace: {ns}, name: backups}}
 ---
 apiVersion: v1
@@ -189,13 +260,16 @@ spec:
             url = sim.s("url"),
             tp = sim.s("thumbprint"),
             pv = pv.0,
+            datastore_source = datastore_source,
+            datastore_claim = datastore_claim,
             repo = repo_dir.display(),
+            node = node.name,
             low = ports.0,
             high = ports.1,
         );
         let bed = Bed {
             sim,
-            standin,
+            node,
             ns,
             repo_dir,
             work,
@@ -244,10 +318,50 @@ spec:
                 .as_ref()
                 .map(|o| o.log_tail())
                 .unwrap_or_default(),
-            self.standin.logs(),
+            self.pod_logs(),
             kubectl_ok(&["get", "backupjobs", "-n", &self.ns.name, "-o", "yaml"])
                 .unwrap_or_default()
         )
+    }
+
+    /// The last lines of every container log of this namespace's pods the node still has
+    /// (the kubelet's podLogsDir, beside the admin kubeconfig in the cluster's state directory).
+    pub fn pod_logs(&self) -> String {
+        let dir = kubeconfig()
+            .parent()
+            .map(|d| d.join("node/pod-logs"))
+            .unwrap_or_default();
+        let mut out = String::new();
+        let prefix = format!("{}_", self.ns.name);
+        let mut pods: Vec<_> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        pods.sort();
+        for pod in pods {
+            for container in std::fs::read_dir(&pod).into_iter().flatten().flatten() {
+                for log in std::fs::read_dir(container.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    out += &format!(
+                        "--- {}\n{}\n",
+                        log.path()
+                            .strip_prefix(&dir)
+                            .unwrap_or(&log.path())
+                            .display(),
+                        lines[lines.len().saturating_sub(15)..].join("\n")
+                    );
+                }
+            }
+        }
+        out
     }
 
     pub async fn jobs(&self) -> Result<Api<BackupJob>> {
@@ -428,8 +542,15 @@ spec:
 
 /// The body of an operator's /metrics on 127.0.0.1:`port`.
 pub async fn scrape(port: u16) -> Result<String> {
+    scrape_at(&format!("127.0.0.1:{port}")).await
+}
+
+/// GET /metrics from `addr` (host:port), within 5 s.
+pub async fn scrape_at(addr: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr}"))??;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await?;
     let mut text = String::new();
