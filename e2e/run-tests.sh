@@ -47,9 +47,21 @@ step "vCenter simulator with CBT (Go, over real SOAP)"
 test -z "$(gofmt -l e2e/vcsim-cbt)" || { echo "gofmt: $(gofmt -l e2e/vcsim-cbt)" >&2; exit 1; }
 
 step "local control plane and its node (containerd, kubelet, kube-proxy; SENDENSE_NODE=0: none)"
+# No taint: the operator's pods (hub, agent, probe, cleanup) are scheduled there like on any
+# cluster; the node stand-in's own tests pin their pods to the stand-in.
+export SENDENSE_NODE_TAINT=
 bash e2e/cluster/up.sh
 source e2e/cluster/env.sh
 export KUBECONFIG=$KUBECONFIG_PATH KUBECTL
+
+if [ "${SENDENSE_NODE:-1}" != 0 ]; then
+  step "the operator and agent images of this commit (dev profile), loaded into the node"
+  SENDENSE_IMAGE_PROFILE=${SENDENSE_IMAGE_PROFILE:-dev} bash e2e/images/build.sh operator agent \
+    | while read -r name archive ref; do
+        echo "$name: $ref ($(du -h "$archive" | cut -f1))"
+        bash e2e/cluster/node-load.sh "$archive"
+      done
+fi
 
 step "chart and config/ checks (helm lint, kubeconform strict, server dry-run, GitOps diff, promtool rules, dashboard queries)"
 eval "$(bash e2e/tools/build.sh)"

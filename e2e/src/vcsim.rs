@@ -34,6 +34,9 @@ pub fn simulator_binary() -> &'static Path {
 }
 
 /// A running simulator in its own directory; killed and cleaned up on drop.
+/// The user of the agent image, which owns the test datastores.
+pub const DATASTORE_USER: u32 = 65532;
+
 pub struct Simulator {
     pub child: Child,
     pub dir: PathBuf,
@@ -43,12 +46,19 @@ pub struct Simulator {
 impl Simulator {
     /// The simulator on 127.0.0.1 (for clients on this host only).
     pub fn start(extra: &[&str]) -> Simulator {
-        Self::start_on("127.0.0.1", extra)
+        Self::start_as("127.0.0.1", None, extra)
     }
 
-    /// The simulator listening on `host` (an address of this machine): the real node's pods
-    /// reach the host at its InternalIP, not at 127.0.0.1.
-    pub fn start_on(host: &str, extra: &[&str]) -> Simulator {
+    /// The simulator for the real node's pods: listening on `host` (an address of this
+    /// machine; pods reach the host at its InternalIP, not at 127.0.0.1), and running as
+    /// uid/gid 65532, the agent image's user. Like ESXi, the simulator writes disk files with
+    /// mode 0600; a datastore export squashing every client to one user
+    /// (`all_squash,anonuid=65532,anongid=65532`) looks the same to the agent.
+    pub fn start_for_pods(host: &str, extra: &[&str]) -> Simulator {
+        Self::start_as(host, Some(DATASTORE_USER), extra)
+    }
+
+    fn start_as(host: &str, user: Option<u32>, extra: &[&str]) -> Simulator {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "sendense-vsphere-{}-{}",
@@ -58,7 +68,13 @@ impl Simulator {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let log = std::fs::File::create(dir.join("vcsim.log")).expect("log file");
-        let mut child = Command::new(simulator_binary())
+        let mut cmd = Command::new(simulator_binary());
+        if let Some(id) = user {
+            std::os::unix::fs::chown(&dir, Some(id), Some(id)).expect("chown scratch dir");
+            use std::os::unix::process::CommandExt;
+            cmd.uid(id).gid(id);
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("-datastore-dir")
             .arg(dir.join("ds"))

@@ -146,7 +146,7 @@ impl Bed {
             "the operator's end-to-end tests run on the real node (SENDENSE_NODE=0 skips the node)",
         )?;
         let host = node.internal_ip().context("the node has no InternalIP")?;
-        let sim = Simulator::start_on(
+        let sim = Simulator::start_for_pods(
             &host,
             &["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"],
         );
