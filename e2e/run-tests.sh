@@ -16,7 +16,7 @@ used=$(df --output=pcent "$SENDENSE_CACHE" 2>/dev/null | tail -n 1 | tr -dc '0-9
 if [ "${used:-0}" -ge "${SENDENSE_PRUNE_AT_PERCENT:-60}" ] && [ -d "$CARGO_TARGET_DIR" ]; then
   echo "disk ${used}% full: removing earlier builds of the workspace's crates from $CARGO_TARGET_DIR"
   cargo clean -q -p sendense-crds -p sendense-contract -p sendense-vsphere -p sendense-agent \
-    -p sendense-operator -p sendense-e2e
+    -p sendense-operator -p sendense-e2e -p sendense-pause
 fi
 export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test
 export SENDENSE_ETCD_PORT=24790 SENDENSE_ETCD_PEER_PORT=24800 SENDENSE_APISERVER_PORT=26443
