@@ -71,7 +71,11 @@ impl Simulator {
         let mut cmd = Command::new(simulator_binary());
         if let Some(id) = user {
             std::os::unix::fs::chown(&dir, Some(id), Some(id)).expect("chown scratch dir");
+            // The build cache is under root's home, which the user cannot enter: a copy here.
+            let copy = dir.join("vcsim-cbt");
+            std::fs::copy(simulator_binary(), &copy).expect("copying vcsim-cbt");
             use std::os::unix::process::CommandExt;
+            cmd = Command::new(&copy);
             cmd.uid(id).gid(id);
         }
         let mut child = cmd
