@@ -7,7 +7,8 @@ CLUSTER := e2e/cluster
 
 .PHONY: bench demo test deps build images crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
 
-## demo: bring up the local control plane, install the CRDs, apply the samples
+## demo: the local control plane and node, the CRDs and samples, the images loaded into the node,
+## the chart installed, a full and an incremental backup of a simulated VM, restored and verified
 demo: deps
 	@bash e2e/demo.sh
 
