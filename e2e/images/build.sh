@@ -5,7 +5,7 @@
 #   bash e2e/images/build.sh [pause] [operator] [agent]      # no argument: all three
 #
 # stdout: exactly one line per image, "<name> <archive-path> <image-reference>"; logs go to
-# stderr. Archives: $SENDENSE_CACHE/images/<version>/<name>.oci.tar, <version> being the chart's
+# stderr. Archives: $SENDENSE_CACHE/images/<version>/<profile>/<name>.oci.tar, <version> being the chart's
 # appVersion (the image tag). Idempotent: an image is rewritten only when its inputs changed.
 #
 #   pause     localhost/sendense/pause:3.10 — the real node's containerd sandbox_image: a static
@@ -38,7 +38,8 @@ case $profile in
 esac
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-out=$SENDENSE_CACHE/images/$version
+# Per profile: the test command (dev) and the demo (release) do not overwrite each other's archives.
+out=$SENDENSE_CACHE/images/$version/$profile
 stage=$out/.stage
 mkdir -p "$out"
 # The static binaries get their own target triple directory: the host builds (tests, demo)
