@@ -120,3 +120,35 @@ start_daemon() { # log pidfile command...
   ) &
   echo $! > "$pidfile"
 }
+
+# A key and a certificate NAME.{key,crt} in DIR, signed by the cluster CA ($STATE_DIR/pki);
+# EXT: the content of an openssl extfile (newlines or \n escapes).
+issue_cert() { # dir name subject ext
+  local dir=$1 name=$2 ca=$STATE_DIR/pki
+  openssl req -newkey rsa:2048 -nodes -subj "$3" -keyout "$dir/$name.key" -out "$dir/$name.csr" 2>/dev/null
+  printf '%b\n' "$4" > "$dir/$name.ext"
+  openssl x509 -req -in "$dir/$name.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$dir/$name.ext" -out "$dir/$name.crt" 2>/dev/null
+}
+
+# A kubeconfig FILE for the client certificate NAME in DIR, against the local apiserver.
+write_kubeconfig() { # file dir name
+  cat > "$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: sendense-local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority: $STATE_DIR/pki/ca.crt
+users:
+- name: $3
+  user:
+    client-certificate: $2/$3.crt
+    client-key: $2/$3.key
+contexts:
+- name: sendense-local
+  context: {cluster: sendense-local, user: $3, namespace: default}
+current-context: sendense-local
+KC
+}

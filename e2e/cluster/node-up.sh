@@ -85,12 +85,7 @@ export WAIT_LOG_DIR=$NODE_DIR/logs
 # --- certificates, signed by the control plane's CA ----------------------------------------
 pki=$STATE_DIR/pki
 npki=$NODE_DIR/pki
-issue() { # name subject extfile-content
-  openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$npki/$1.key" -out "$npki/$1.csr" 2>/dev/null
-  printf '%b\n' "$3" > "$npki/$1.ext"
-  openssl x509 -req -in "$npki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$npki/$1.ext" -out "$npki/$1.crt" 2>/dev/null
-}
+issue() { issue_cert "$npki" "$@"; } # name subject extfile-content
 # The Node authorizer and NodeRestriction know the kubelet by this identity.
 issue kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" "extendedKeyUsage=clientAuth"
 # The apiserver verifies the kubelet's serving certificate (--kubelet-certificate-authority)
@@ -99,26 +94,7 @@ issue kubelet-serving "/CN=$NODE_NAME" "subjectAltName=IP:$host_ip,DNS:$NODE_NAM
 # The default RBAC binds system:node-proxier to this user.
 issue kube-proxy "/CN=system:kube-proxy" "extendedKeyUsage=clientAuth"
 
-kubeconfig() { # file cert-name
-  cat > "$1" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: sendense-local
-  cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
-    certificate-authority: $pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $npki/$2.crt
-    client-key: $npki/$2.key
-contexts:
-- name: sendense-local
-  context: {cluster: sendense-local, user: $2}
-current-context: sendense-local
-KC
-}
+kubeconfig() { write_kubeconfig "$1" "$npki" "$2"; } # file cert-name
 kubeconfig "$NODE_DIR/kubelet.kubeconfig" kubelet-client
 kubeconfig "$NODE_DIR/kube-proxy.kubeconfig" kube-proxy
 

@@ -42,13 +42,7 @@ pki=$STATE_DIR/pki
 # --- certificates: one CA; serving cert for the apiserver; client certs per identity ---
 openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sendense-local-ca" \
   -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
-issue() { # name subject [extfile-content]
-  local name=$1 subj=$2 ext=${3:-}
-  openssl req -newkey rsa:2048 -nodes -subj "$subj" -keyout "$pki/$name.key" -out "$pki/$name.csr" 2>/dev/null
-  printf '%s\n' "$ext" > "$pki/$name.ext"
-  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$pki/$name.ext" -out "$pki/$name.crt" 2>/dev/null
-}
+issue() { issue_cert "$pki" "$@"; } # name subject [extfile-content]
 issue apiserver "/CN=kube-apiserver" \
   "subjectAltName=IP:127.0.0.1,IP:$host_ip,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth"
@@ -61,26 +55,7 @@ issue apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client" "extendedKeyU
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 
-kubeconfig() { # file cert-name
-  cat > "$1" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: sendense-local
-  cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
-    certificate-authority: $pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $pki/$2.crt
-    client-key: $pki/$2.key
-contexts:
-- name: sendense-local
-  context: {cluster: sendense-local, user: $2, namespace: default}
-current-context: sendense-local
-KC
-}
+kubeconfig() { write_kubeconfig "$1" "$pki" "$2"; } # file cert-name
 kubeconfig "$KUBECONFIG_PATH" admin
 kubeconfig "$STATE_DIR/controller-manager.kubeconfig" controller-manager
 kubeconfig "$STATE_DIR/scheduler.kubeconfig" scheduler
