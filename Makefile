@@ -5,7 +5,7 @@ export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
 export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
 CLUSTER := e2e/cluster
 
-.PHONY: bench demo test deps build images crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig node-standin vcsim
+.PHONY: bench demo test deps build images crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig vcsim
 
 ## demo: the local control plane and node, the CRDs and samples, the images loaded into the node,
 ## the chart installed, a full and an incremental backup of a simulated VM, restored and verified
@@ -80,13 +80,6 @@ cluster-status:
 ## kubeconfig: print the admin kubeconfig path of the local control plane
 kubeconfig:
 	@source $(CLUSTER)/env.sh && echo "$$KUBECONFIG_PATH"
-
-## node-standin: run the node stand-in (Node "standin-0") against the local control plane, in
-## the foreground; Ctrl-C stops its pods and removes the node
-node-standin:
-	cargo build -q -p sendense-e2e --bin node-standin
-	source $(CLUSTER)/env.sh && "$(CARGO_TARGET_DIR)/debug/node-standin" --kubeconfig "$$KUBECONFIG_PATH" \
-	  --node standin-0 --root "$(SENDENSE_CACHE)/node-standin" --path "$(CARGO_TARGET_DIR)/debug"
 
 ## vcsim: run the vCenter simulator with CBT (one VM, 2 disks) in the foreground; it prints its
 ## URL, credentials, thumbprint and datastore directory as one JSON line

@@ -167,8 +167,7 @@ if k get namespace "$NS" >/dev/null 2>&1; then
     echo "uninstalled the previous run's release $RELEASE"
   fi
   k delete namespace "$NS" --wait=false
-  # Pods of an earlier run on a node that is gone (the node stand-in of older demos) would keep
-  # the namespace terminating.
+  # Pods of an earlier run on a node that is gone would keep the namespace terminating.
   k delete pods -n "$NS" --all --force --grace-period=0 >/dev/null 2>&1 || true
   kw --for=delete namespace/"$NS" --timeout=120s
 fi

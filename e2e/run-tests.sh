@@ -48,7 +48,7 @@ test -z "$(gofmt -l e2e/vcsim-cbt)" || { echo "gofmt: $(gofmt -l e2e/vcsim-cbt)"
 
 step "local control plane and its node (containerd, kubelet, kube-proxy; SENDENSE_NODE=0: none)"
 # No taint: the operator's pods (hub, agent, probe, cleanup) are scheduled there like on any
-# cluster; the node stand-in's own tests pin their pods to the stand-in.
+# cluster.
 export SENDENSE_NODE_TAINT=
 bash e2e/cluster/up.sh
 source e2e/cluster/env.sh

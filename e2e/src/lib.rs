@@ -28,10 +28,9 @@ fn cache_dir() -> PathBuf {
         })
 }
 
-/// Where node stand-ins keep their pods and tests keep files pods run: /var/tmp (or
-/// $SENDENSE_SCRATCH), readable by the pods' non-root users and outside /tmp, which every pod
-/// the operator creates has its own emptyDir over (a stand-in's files under /tmp would be
-/// hidden from its containers).
+/// Where tests keep files that pods or non-root test processes read: /var/tmp (or
+/// $SENDENSE_SCRATCH), outside root's home and private /tmp directories, readable by the pods'
+/// non-root users.
 pub fn scratch_dir() -> PathBuf {
     std::env::var_os("SENDENSE_SCRATCH")
         .map(PathBuf::from)
@@ -225,10 +224,8 @@ impl Drop for TestNamespace {
     }
 }
 
-pub mod node;
 pub mod oci;
 pub mod real_node;
-pub mod standin;
 pub mod vcsim;
 
 pub fn path_str(p: &Path) -> Result<&str> {

@@ -16,7 +16,7 @@ use crate::oci::{ContainerConfig, LayerInput, LayerSource, Owner, Reference, bui
 use crate::{client, repo_root};
 
 /// The taint node-up.sh registers the node with (SENDENSE_NODE_TAINT), so pods that do not
-/// ask for the real node (the node stand-in's) stay off it.
+/// ask for the real node stay off it.
 pub const TAINT_KEY: &str = "sendense.io/real-node";
 
 /// The node's name (SENDENSE_NODE_NAME, as in e2e/cluster/env.sh).

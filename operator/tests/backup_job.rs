@@ -1,10 +1,11 @@
-//! BackupJobs end to end on the real test bed: the local control plane, the node stand-in
-//! running hub and agent pods as processes, the vCenter simulator with CBT, real qemu-nbd. All
+//! BackupJobs end to end on the real test bed: the local control plane, its real node running
+//! hub and agent pods as containers of the agent image, the vCenter simulator with CBT, real
+//! qemu-nbd. All
 //! input goes in through `kubectl apply`; every restore point is read back through its QCOW2
 //! chain and compared with the simulator's checksum of the disk at the backup.
 //!
-//! The scenarios share the machine's network (the stand-in runs pods on the host), so they run
-//! one at a time.
+//! The scenarios run one at a time: each starts and kills its own operator and simulator, and
+//! two at once on 2 cores would make their bounded waits a matter of load.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! The operator as users install it: `helm install` of charts/sendense into the local control
-//! plane; the operator then runs as a pod (on the node stand-in) under the chart's
+//! plane; the operator then runs as a pod (on the real node) under the chart's
 //! ServiceAccount and RBAC only — no admin credentials — and backs up a VM of the simulator
 //! through the same manifests a user applies. Its live /metrics passes `promtool check
 //! metrics`, and the applied manifests diff empty afterwards (the operator writes only status,
