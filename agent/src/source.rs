@@ -37,6 +37,17 @@ pub enum SourceError {
         path: PathBuf,
         reason: String,
     },
+    #[error(
+        "disk {key}: {path} cannot be read by the agent ({who}): the file is {owner}; set the SourceNode's transport.nfs.readAs to a user or group that may read it (for an export squashing all clients, its anonuid)"
+    )]
+    PermissionDenied {
+        key: i32,
+        path: PathBuf,
+        /// The agent's user and groups.
+        who: String,
+        /// The file's owner, group and mode.
+        owner: String,
+    },
     #[error("disk {key}: starting nbdkit: {source}")]
     ScratchDir {
         key: i32,
@@ -162,6 +173,29 @@ impl DiskReader {
                 reason: format!("{} bytes, but the disk holds {}", meta.len(), disk.capacity),
             });
         }
+        // ESXi's files are readable by their owner only: a wrong user shows here, with what
+        // to change, rather than as an nbdkit that exits.
+        if let Err(e) = std::fs::File::open(&path) {
+            use std::os::unix::fs::MetadataExt;
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(SourceError::PermissionDenied {
+                    key: disk.key,
+                    owner: format!(
+                        "owned by uid {} gid {}, mode {:04o}",
+                        meta.uid(),
+                        meta.gid(),
+                        meta.mode() & 0o7777
+                    ),
+                    who: identity(),
+                    path,
+                });
+            }
+            return Err(SourceError::Unreadable {
+                key: disk.key,
+                path,
+                reason: e.to_string(),
+            });
+        }
         Ok(path)
     }
 
@@ -225,6 +259,26 @@ impl DiskSource {
 impl Drop for DiskSource {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// "uid U gid G, groups A,B": who this process is, for a permission error.
+fn identity() -> String {
+    // SAFETY: getuid, getgid and getgroups have no preconditions; the buffer is as long as
+    // the count passed.
+    let (uid, gid, groups) = unsafe {
+        let mut buf = [0 as libc::gid_t; 64];
+        let n = libc::getgroups(buf.len() as libc::c_int, buf.as_mut_ptr());
+        let groups: Vec<String> = buf[..usize::try_from(n).unwrap_or(0)]
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        (libc::getuid(), libc::getgid(), groups)
+    };
+    if groups.is_empty() {
+        format!("uid {uid} gid {gid}")
+    } else {
+        format!("uid {uid} gid {gid}, groups {}", groups.join(","))
     }
 }
 

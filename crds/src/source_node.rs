@@ -191,6 +191,34 @@ pub struct NfsTransport {
     #[schemars(length(min = 1, max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub datastores: Vec<DatastoreMount>,
+    /// The user and groups the agent reads the datastores' files as. ESXi writes disk files
+    /// readable by their owner only, so the agent must be that owner as the export presents
+    /// it: the anonymous user of an export that squashes all clients (`anonuid`), or a group
+    /// the files carry. Unset: the agent image's user, 65532. `user: 0` (an export with
+    /// `no_root_squash`) runs the agent as root, which a namespace enforcing the `restricted`
+    /// Pod Security Standard refuses; prefer an export squashing to a dedicated user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_as: Option<DatastoreReader>,
+}
+
+/// Who the agent is while it reads the datastores.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreReader {
+    /// The agent's user ID (the pod's `runAsUser`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub user: Option<i64>,
+    /// The agent's primary group ID (the pod's `runAsGroup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub group: Option<i64>,
+    /// Further groups the agent belongs to (the pod's `supplementalGroups`), for disk files
+    /// readable by their group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(range(min = 0, max = 2147483647)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub supplemental_groups: Vec<i64>,
 }
 
 /// A datastore and the volume that holds its files.

@@ -58,6 +58,12 @@ impl Simulator {
         Self::start_as(host, Some(DATASTORE_USER), extra)
     }
 
+    /// As `start_for_pods`, with the datastore's files owned by `user` (uid and gid) instead
+    /// of the agent image's user: a datastore the agent may read only as that user.
+    pub fn start_for_pods_owned_by(host: &str, user: u32, extra: &[&str]) -> Simulator {
+        Self::start_as(host, Some(user), extra)
+    }
+
     fn start_as(host: &str, user: Option<u32>, extra: &[&str]) -> Simulator {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(

@@ -490,3 +490,67 @@ spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: wrong-datastore}}, reposi
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_datastore_of_another_user_is_read_as_the_source_node_says() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    // The datastore's disk files are 0600 and owned by 4242, as an export squashing every
+    // client to anonuid 4242 would present them; the agent image's user is 65532.
+    let owner = 4242;
+    let bed = Bed::start_with_datastore_owner(1, (10700, 10720), owner).await?;
+    bed.ready::<SourceNode>("vc").await?;
+    bed.ready::<Repository>("primary").await?;
+    let vm = "cbt-vm-0";
+    bed.guest(&[
+        "fill", "-vm", vm, "-disk", "2000", "-pattern", "random", "-seed", "7", "-count", "64",
+        "-size", "64K",
+    ]);
+
+    // As 65532 the agent cannot open the files: the job fails, naming the field to set.
+    bed.apply(
+        "denied",
+        &Bed::job_yaml("denied", vm, "full", "  retryLimit: 0\n"),
+    )?;
+    let j = bed
+        .finished("denied", Phase::Failed, Duration::from_secs(180))
+        .await?;
+    let failed = j
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .context("no Failed condition")?;
+    for want in [
+        "transport.nfs.readAs",
+        "uid 65532",
+        &format!("owned by uid {owner} gid {owner}, mode 0600"),
+    ] {
+        assert!(failed.message.contains(want), "{want:?} not in {failed:?}");
+    }
+    assert_eq!(bed.snapshots(vm), 0, "no snapshot left");
+
+    // Reading as the owner: the backup succeeds and restores byte-identical.
+    let patch = format!(
+        r#"{{"spec":{{"transport":{{"nfs":{{"readAs":{{"user":{owner},"group":{owner}}}}}}}}}}}"#
+    );
+    kubectl_ok(&[
+        "patch",
+        "sourcenode",
+        "vc",
+        "-n",
+        &bed.ns.name,
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])?;
+    bed.apply("allowed", &Bed::job_yaml("allowed", vm, "full", ""))?;
+    let j = bed
+        .finished("allowed", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    bed.verify(&disk_file(&j, 2000), &bed.checksum(vm, 2000))?;
+    bed.verify(&disk_file(&j, 2001), &bed.checksum(vm, 2001))?;
+    bed.no_pods_remain().await?;
+    Ok(())
+}

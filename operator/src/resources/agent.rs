@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
     ObjectFieldSelector, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
 };
 use kube::ResourceExt;
-use sendense_crds::source_node::{TransportType, VddkMode as CrdVddkMode};
+use sendense_crds::source_node::{DatastoreReader, TransportType, VddkMode as CrdVddkMode};
 use sendense_crds::{BackupJob, SourceNode};
 
 use super::{PodSettings, TERMINATION_LOG, agent_name, harden, labels, owned_meta};
@@ -147,7 +147,7 @@ pub fn agent_pod(
     }
 
     let placement = source.spec.placement.clone().unwrap_or_default();
-    harden(Pod {
+    let pod = harden(Pod {
         metadata: owned_meta(job, agent_name(job), labels(job, "agent")),
         spec: Some(PodSpec {
             containers: vec![Container {
@@ -192,7 +192,34 @@ pub fn agent_pod(
             ..Default::default()
         }),
         status: None,
-    })
+    });
+    let reader = transport.nfs.as_ref().and_then(|n| n.read_as.as_ref());
+    match reader {
+        Some(r) => read_as(pod, r),
+        None => pod,
+    }
+}
+
+/// The agent as the user and groups the SourceNode reads its datastores as
+/// (`transport.nfs.readAs`). The repository is not the agent's to write (the hub writes it), so
+/// `fsGroup` stays; root (`user: 0`) lifts `runAsNonRoot`, and such a pod needs a namespace
+/// that allows it (Pod Security `baseline`).
+fn read_as(mut pod: Pod, reader: &DatastoreReader) -> Pod {
+    if let Some(psc) = pod.spec.as_mut().and_then(|s| s.security_context.as_mut()) {
+        if let Some(user) = reader.user {
+            psc.run_as_user = Some(user);
+            if user == 0 {
+                psc.run_as_non_root = Some(false);
+            }
+        }
+        if let Some(group) = reader.group {
+            psc.run_as_group = Some(group);
+        }
+        if !reader.supplemental_groups.is_empty() {
+            psc.supplemental_groups = Some(reader.supplemental_groups.clone());
+        }
+    }
+    pod
 }
 
 #[cfg(test)]

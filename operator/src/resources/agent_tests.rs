@@ -186,3 +186,50 @@ fn the_agent_pod_meets_the_restricted_standard_unless_a_datastore_is_a_node_or_n
         ["volume datastore-0 of a restricted type"]
     );
 }
+
+#[test]
+fn the_agent_reads_datastores_as_the_user_and_groups_the_source_node_names() {
+    use crate::resources::hardening::restricted_violations;
+    let images = PodSettings {
+        agent: "img".into(),
+        ..Default::default()
+    };
+    let claim_as = |read_as: serde_json::Value| {
+        SourceNode::test().with_spec(serde_json::json!({"transport": {"type": "nfs", "nfs":
+        {"datastores": [{"name": "ds1", "persistentVolumeClaim": {"claimName": "ds1"}}],
+         "readAs": read_as}}}))
+    };
+    let psc = |src: &SourceNode| {
+        agent_pod(&job(), src, Vec::new(), Vec::new(), &images)
+            .spec
+            .and_then(|s| s.security_context)
+            .expect("pod security context")
+    };
+
+    // An export squashing every client to 4242: the agent is 4242, still non-root, and the
+    // pod stays within `restricted`.
+    let squashed =
+        claim_as(serde_json::json!({"user": 4242, "group": 4243, "supplementalGroups": [50, 51]}));
+    let p = psc(&squashed);
+    assert_eq!(p.run_as_user, Some(4242));
+    assert_eq!(p.run_as_group, Some(4243));
+    assert_eq!(p.supplemental_groups, Some(vec![50, 51]));
+    assert_eq!(p.run_as_non_root, Some(true));
+    assert_eq!(p.fs_group, Some(crate::resources::hardening::FS_GROUP));
+    let pod = agent_pod(&job(), &squashed, Vec::new(), Vec::new(), &images);
+    assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+
+    // Only groups: the image's user stays (no runAsUser).
+    let p = psc(&claim_as(serde_json::json!({"supplementalGroups": [50]})));
+    assert_eq!((p.run_as_user, p.run_as_group), (None, None));
+    assert_eq!(p.supplemental_groups, Some(vec![50]));
+
+    // Root (no_root_squash): runAsNonRoot lifted, and `restricted` refuses the pod.
+    let root = claim_as(serde_json::json!({"user": 0}));
+    assert_eq!(psc(&root).run_as_non_root, Some(false));
+    let pod = agent_pod(&job(), &root, Vec::new(), Vec::new(), &images);
+    assert_eq!(
+        restricted_violations(&pod),
+        ["agent: runAsNonRoot != true", "agent: runAsUser 0"]
+    );
+}

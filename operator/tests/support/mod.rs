@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 use sendense_e2e::real_node::RealNode;
-use sendense_e2e::vcsim::Simulator;
+use sendense_e2e::vcsim::{DATASTORE_USER, Simulator};
 use sendense_e2e::{
     TestNamespace, bound_metrics_port, client, install_crds, kubeconfig, kubectl_ok,
 };
@@ -130,24 +130,37 @@ impl Bed {
     /// The bed alone. The agent image (ghcr.io/sendense/sendense-agent:<appVersion>, or
     /// $SENDENSE_AGENT_IMAGE) must be loaded into the node: e2e/run-tests.sh does.
     pub async fn start_without_operator(vms: usize, ports: (i32, i32)) -> Result<Self> {
-        Self::start_in(vms, ports, false).await
+        Self::start_in(vms, ports, false, DATASTORE_USER).await
+    }
+
+    /// The bed (operator running) with the datastore's files owned by `owner`, not by the agent
+    /// image's user: the SourceNode must name who reads them (`transport.nfs.readAs`).
+    pub async fn start_with_datastore_owner(
+        vms: usize,
+        ports: (i32, i32),
+        owner: u32,
+    ) -> Result<Self> {
+        let mut bed = Self::start_in(vms, ports, false, owner).await?;
+        bed.start_operator()?;
+        Ok(bed)
     }
 
     /// The bed in a namespace that enforces the `restricted` Pod Security Standard: the
     /// datastore reaches the agent through a claim (a pod's hostPath volume is not admitted
     /// there; a PersistentVolume's is).
     pub async fn start_restricted(vms: usize, ports: (i32, i32)) -> Result<Self> {
-        Self::start_in(vms, ports, true).await
+        Self::start_in(vms, ports, true, DATASTORE_USER).await
     }
 
-    async fn start_in(vms: usize, ports: (i32, i32), restricted: bool) -> Result<Self> {
+    async fn start_in(vms: usize, ports: (i32, i32), restricted: bool, owner: u32) -> Result<Self> {
         install_crds()?;
         let node = RealNode::ready().await?.context(
             "the operator's end-to-end tests run on the real node (SENDENSE_NODE=0 skips the node)",
         )?;
         let host = node.internal_ip().context("the node has no InternalIP")?;
-        let sim = Simulator::start_for_pods(
+        let sim = Simulator::start_for_pods_owned_by(
             &host,
+            owner,
             &["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"],
         );
         let ns = TestNamespace::create("backup")?;
