@@ -57,7 +57,7 @@ want() { local n; for n in "${images[@]}"; do [ "$n" = "$1" ] && return 0; done;
 log "building the image writer"
 cargo build -q --locked -p sendense-e2e --bin oci-image >&2
 oci_image=$CARGO_TARGET_DIR/debug/oci-image
-writer_hash=$(cat e2e/src/oci/*.rs e2e/src/bin/oci-image.rs | sha256sum | cut -c1-16)
+writer_hash=$(find e2e/src/oci e2e/src/bin/oci-image.rs -name "*.rs" -print0 | LC_ALL=C sort -z | xargs -0 cat | sha256sum | cut -c1-16)
 
 # Static binaries: glibc's own static libc (glibc >= 2.34 resolves host names through its
 # built-in files and dns sources, no NSS module is loaded); checked to have no interpreter.

@@ -208,6 +208,19 @@ impl TestNamespace {
         kubectl_ok(&["label", "namespace", &name, "sendense.io/e2e=true"])?;
         Ok(Self { name })
     }
+
+    /// A namespace enforcing the `restricted` Pod Security Standard (latest version).
+    pub fn create_restricted(prefix: &str) -> Result<Self> {
+        let ns = Self::create(prefix)?;
+        kubectl_ok(&[
+            "label",
+            "namespace",
+            &ns.name,
+            "pod-security.kubernetes.io/enforce=restricted",
+            "pod-security.kubernetes.io/enforce-version=latest",
+        ])?;
+        Ok(ns)
+    }
 }
 
 fn rand_seed() -> u32 {

@@ -289,14 +289,7 @@ async fn a_restricted_namespace_admits_a_compliant_pod_and_rejects_a_privileged_
         return Ok(());
     };
     let image = load_busybox(&node)?;
-    let ns = TestNamespace::create("node-restricted")?;
-    kubectl_ok(&[
-        "label",
-        "namespace",
-        &ns.name,
-        "pod-security.kubernetes.io/enforce=restricted",
-        "pod-security.kubernetes.io/enforce-version=latest",
-    ])?;
+    let ns = TestNamespace::create_restricted("node-restricted")?;
     let pods: Api<Pod> = Api::namespaced(client().await?, &ns.name);
 
     let privileged = serde_json::json!({

@@ -163,16 +163,11 @@ impl Bed {
             owner,
             &["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"],
         );
-        let ns = TestNamespace::create("backup")?;
-        if restricted {
-            kubectl_ok(&[
-                "label",
-                "namespace",
-                &ns.name,
-                "pod-security.kubernetes.io/enforce=restricted",
-                "pod-security.kubernetes.io/enforce-version=latest",
-            ])?;
-        }
+        let ns = if restricted {
+            TestNamespace::create_restricted("backup")?
+        } else {
+            TestNamespace::create("backup")?
+        };
         let work = sim.dir.join("e2e");
         let repo_dir = work.join("repository");
         std::fs::create_dir_all(&repo_dir)?;
