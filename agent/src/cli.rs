@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use sendense_contract::cli::{
-    AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoProbeArgs,
+    AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoCommitArgs,
+    RepoProbeArgs,
 };
+use sendense_contract::manifest::CommitResult;
 use sendense_contract::probe::ProbeResult;
 use sendense_contract::result::{BackupResult, TERMINATION_MESSAGE_LIMIT, compact_json};
 use sendense_contract::{AgentReason, ProbeReason};
@@ -56,10 +58,10 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum HubCommand {
-    /// Create one disk's QCOW2 for a backup (replacing a file left by an earlier attempt).
+    /// Create one disk's QCOW2 for a backup (never over an existing file).
     Prepare(HubPrepareArgs),
-    /// Remove the files a failed backup left (a missing file is fine), and each file's
-    /// directory if that left it empty. Paths with `..` are refused.
+    /// Remove the directories of attempts that did not commit (a missing one is fine); a
+    /// committed restore point's directory, foreign files and paths with `..` are refused.
     Remove(HubRemoveArgs),
 }
 
@@ -69,6 +71,9 @@ pub enum RepoCommand {
     /// capacity, used and available bytes, number and allocated bytes of its *.qcow2 files.
     /// Exits 1 when the probe fails.
     Probe(RepoProbeArgs),
+    /// Make an attempt's directory a committed restore point: read each disk back through its
+    /// chain (SHA-256), flush, write restorepoint.json atomically. Exits 1 when it cannot.
+    Commit(RepoCommitArgs),
 }
 
 /// A command line clap rejects still gets its `--result-file` (the operator reads the reason
@@ -88,6 +93,7 @@ pub fn report_usage_error(e: &clap::Error, args: &[OsString]) {
 enum Answering {
     Backup,
     RepoProbe,
+    RepoCommit,
 }
 
 /// Where a rejected command line's result goes, and what it says; `None` when it has no
@@ -105,6 +111,9 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
     // `--result-file=F` anywhere after it.
     let answering = match args.first().map(|a| a.as_bytes()) {
         Some(b"backup") => Answering::Backup,
+        Some(b"repo") if args.get(1).is_some_and(|a| a.as_bytes() == b"commit") => {
+            Answering::RepoCommit
+        }
         Some(b"repo") => Answering::RepoProbe,
         _ => return None,
     };
@@ -126,6 +135,9 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
         Answering::RepoProbe => {
             serde_json::to_string(&ProbeResult::failed(ProbeReason::InvalidArguments, message))
                 .unwrap_or_default()
+        }
+        Answering::RepoCommit => {
+            serde_json::to_string(&CommitResult::failed(message)).unwrap_or_default()
         }
     };
     Some((file, text))

@@ -21,8 +21,16 @@ pub enum HubError {
     NotQcow2(PathBuf),
     #[error("refusing {0}: the path has a `..` component")]
     ParentComponent(PathBuf),
-    #[error("{0} is a directory, not a backup file")]
-    IsADirectory(PathBuf),
+    #[error(
+        "{0} already exists: a backup file is never replaced (each attempt of a job writes into its own directory)"
+    )]
+    Exists(PathBuf),
+    #[error(
+        "refusing to remove {0}: it holds a committed restore point (restorepoint.json); only retention removes restore points"
+    )]
+    Committed(PathBuf),
+    #[error("refusing to remove {dir}: it holds {entry}, which no backup attempt writes")]
+    Foreign { dir: PathBuf, entry: PathBuf },
     #[error("running qemu-img {args}: {message}")]
     QemuImg { args: String, message: String },
     #[error("{path}: {source}")]
@@ -99,13 +107,11 @@ pub struct Prepared {
     pub size: u64,
     /// Backing file as recorded in the image (relative to it).
     pub backing_file: Option<String>,
-    /// True when an earlier attempt's file was replaced.
-    pub replaced: bool,
 }
 
-/// Creates `file` (a `size`-byte QCOW2), layered on `backing` when given. A file left by an
-/// earlier attempt of the same job is replaced: a retry reads a new snapshot, so nothing the
-/// old attempt wrote may be trusted.
+/// Creates `file` (a `size`-byte QCOW2), layered on `backing` when given. An existing file is
+/// never replaced: it may be a committed restore point's, and an attempt's files are its own
+/// (a retry gets a new directory, and reads a new snapshot).
 pub fn prepare(file: &Path, size: u64, backing: Option<&Path>) -> Result<Prepared, HubError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -144,9 +150,8 @@ pub fn prepare(file: &Path, size: u64, backing: Option<&Path>) -> Result<Prepare
             Some(relative_to(&b, &dir).to_string_lossy().into_owned())
         }
     };
-    let replaced = file.exists();
-    if replaced {
-        std::fs::remove_file(&file).map_err(io(&file))?;
+    if std::fs::symlink_metadata(&file).is_ok() {
+        return Err(HubError::Exists(file));
     }
     let file_s = file.to_string_lossy().into_owned();
     let size_s = size.to_string();
@@ -160,56 +165,73 @@ pub fn prepare(file: &Path, size: u64, backing: Option<&Path>) -> Result<Prepare
         file,
         size,
         backing_file: backing_rel,
-        replaced,
     })
 }
 
 /// What `remove` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Removed {
-    /// Files removed.
+    /// Attempt directories removed, with their files.
     pub removed: Vec<PathBuf>,
-    /// Files that did not exist (already removed: nothing to do).
+    /// Directories that did not exist (already removed: nothing to do).
     pub missing: Vec<PathBuf>,
-    /// Parent directories removed because they became empty.
-    pub removed_dirs: Vec<PathBuf>,
 }
 
-/// Removes the files a failed backup left (idempotent: a missing file is fine), then each
-/// removed file's directory if that left it empty. Paths with a `..` component are refused,
-/// before anything is removed.
-pub fn remove(files: &[PathBuf]) -> Result<Removed, HubError> {
-    for f in files {
-        if f.components().any(|c| c == Component::ParentDir) {
-            return Err(HubError::ParentComponent(f.clone()));
-        }
-    }
+/// True for the files an attempt writes into its directory: QCOW2 images and a manifest's
+/// temporary file (a commit that did not finish).
+fn attempt_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.ends_with(".qcow2") || name.starts_with(".restorepoint.json.")
+}
+
+/// Removes the directories of attempts that did not commit (idempotent: a missing one is
+/// fine). Every directory is checked before anything is removed: one holding a committed
+/// restore point's manifest, a subdirectory or a file no attempt writes, or a path with a `..`
+/// component, refuses the whole removal.
+pub fn remove(dirs: &[PathBuf]) -> Result<Removed, HubError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| HubError::Io { path, source }
+    };
     let mut done = Removed::default();
-    for f in files {
-        match std::fs::symlink_metadata(f) {
+    let mut files = Vec::new();
+    for d in dirs {
+        if d.components().any(|c| c == Component::ParentDir) {
+            return Err(HubError::ParentComponent(d.clone()));
+        }
+        let listing = match std::fs::read_dir(d) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                done.missing.push(f.clone());
+                done.missing.push(d.clone());
                 continue;
             }
-            Ok(m) if m.is_dir() => return Err(HubError::IsADirectory(f.clone())),
-            _ => {}
-        }
-        match std::fs::remove_file(f) {
-            Ok(()) => done.removed.push(f.clone()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.missing.push(f.clone()),
-            Err(source) => {
-                return Err(HubError::Io {
-                    path: f.clone(),
-                    source,
+            other => other.map_err(io(d))?,
+        };
+        for entry in listing {
+            let entry = entry.map_err(io(d))?;
+            let name = entry.file_name();
+            if name == sendense_contract::manifest::MANIFEST_FILE {
+                return Err(HubError::Committed(d.clone()));
+            }
+            let kind = entry.file_type().map_err(io(&entry.path()))?;
+            if !kind.is_file() || !attempt_file(&name) {
+                return Err(HubError::Foreign {
+                    dir: d.clone(),
+                    entry: entry.path(),
                 });
             }
+            files.push(entry.path());
         }
-        // Fails unless the directory is empty, which is the point; errors are ignored.
-        if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty())
-            && !done.removed_dirs.iter().any(|d| d == dir)
-            && std::fs::remove_dir(dir).is_ok()
-        {
-            done.removed_dirs.push(dir.to_owned());
+    }
+    for f in &files {
+        match std::fs::remove_file(f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(f)(e)),
+            _ => {}
+        }
+    }
+    for d in dirs.iter().filter(|d| !done.missing.contains(d)) {
+        match std::fs::remove_dir(d) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(d)(e)),
+            _ => done.removed.push(d.clone()),
         }
     }
     Ok(done)

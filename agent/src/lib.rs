@@ -10,6 +10,7 @@ pub mod backup;
 pub mod checksum;
 pub mod cli;
 pub mod cmd;
+pub mod commit;
 pub mod copy;
 pub mod hub;
 pub mod nbd;

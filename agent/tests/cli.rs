@@ -74,6 +74,19 @@ fn hub_prepare_builds_a_chain_with_relative_backing_files() -> Result<()> {
         .arg(moved.join("nope.qcow2"))
         .output()?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("chain parent is missing"));
+
+    // An existing file is never replaced: it may be a committed restore point's.
+    let before = sha256sum(&moved.join("job-1.qcow2"))?;
+    let out = agent()
+        .args(["hub", "prepare", "--size", "8388608", "--file"])
+        .arg(moved.join("job-1.qcow2"))
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("never replaced"),
+        "{out:?}"
+    );
+    assert_eq!(sha256sum(&moved.join("job-1.qcow2"))?, before);
     Ok(())
 }
 
@@ -281,79 +294,71 @@ fn repo_probe_failures_name_the_directory_and_the_os_error() -> Result<()> {
 }
 
 #[test]
-fn hub_remove_is_idempotent_and_removes_emptied_directories() -> Result<()> {
+fn hub_remove_takes_uncommitted_attempts_and_refuses_committed_ones() -> Result<()> {
     let s = Scratch::new("remove");
-    let a = s.path("repo/ns/vm/2000/job-2.qcow2");
-    let b = s.path("repo/ns/vm/2001/job-2.qcow2");
-    let kept = s.path("repo/ns/vm/2001/job-1.qcow2");
-    for f in [&a, &b, &kept] {
-        std::fs::create_dir_all(f.parent().unwrap_or(&s.0))?;
-        std::fs::write(f, b"partial")?;
+    let a1 = s.path("repo/ns/vm/job-u1-a1");
+    let a2 = s.path("repo/ns/vm/job-u1-a2");
+    let committed = s.path("repo/ns/vm/job-u0-a1");
+    for d in [&a1, &a2, &committed] {
+        std::fs::create_dir_all(d)?;
+        std::fs::write(d.join("2000.qcow2"), b"partial")?;
     }
-    let remove = || {
+    std::fs::write(a2.join(".restorepoint.json.77"), b"{")?;
+    std::fs::write(committed.join("restorepoint.json"), b"{}")?;
+    let remove = |dirs: &[&std::path::Path]| {
         let mut cmd = agent();
-        cmd.args(["hub", "remove", "--file"])
-            .arg(&a)
-            .arg("--file")
-            .arg(&b);
+        cmd.args(["hub", "remove"]);
+        for d in dirs {
+            cmd.arg("--dir").arg(d);
+        }
         cmd
     };
-    let v = json(&run(&mut remove())?)?;
-    let paths = |k: &str| -> Vec<String> {
-        v[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let shown = |p: &std::path::Path| p.display().to_string();
-    assert_eq!(paths("removed"), [shown(&a), shown(&b)], "{v}");
-    assert!(paths("missing").is_empty(), "{v}");
+
+    // A committed restore point among them: refused, and nothing is removed.
+    let out = remove(&[&a1, &committed]).output()?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("committed restore point"), "{err}");
+    assert!(a1.join("2000.qcow2").exists() && committed.join("2000.qcow2").exists());
+
+    // A file no attempt writes: refused too.
+    std::fs::write(a1.join("notes.txt"), b"mine")?;
+    let out = remove(&[&a1]).output()?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("notes.txt"));
+    std::fs::remove_file(a1.join("notes.txt"))?;
+
+    let v = json(&run(&mut remove(&[&a1, &a2]))?)?;
     assert_eq!(
-        paths("removed_dirs"),
-        [shown(&s.path("repo/ns/vm/2000"))],
+        v["removed"],
+        serde_json::json!([shown(&a1), shown(&a2)]),
         "{v}"
     );
-    assert!(!a.exists() && !b.exists());
+    assert!(!a1.exists() && !a2.exists());
     assert!(
-        !s.path("repo/ns/vm/2000").exists(),
-        "the emptied directory is gone"
-    );
-    assert!(
-        kept.exists(),
-        "the other backup in 2001 stays, and so does its directory"
-    );
-    assert!(
-        s.path("repo/ns/vm").exists(),
-        "only the file's own directory is removed"
+        committed.join("2000.qcow2").exists(),
+        "the committed one stays"
     );
 
     // Again: nothing to do, and that is fine.
-    let out = run(&mut remove())?;
-    let v = json(&out)?;
-    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
+    let v = json(&run(&mut remove(&[&a1, &a2]))?)?;
     assert_eq!(
         v["missing"],
-        serde_json::json!([shown(&a), shown(&b)]),
+        serde_json::json!([shown(&a1), shown(&a2)]),
         "{v}"
     );
 
     // `..` is refused, before anything is removed.
-    let sneaky = s.path("repo/ns/vm/2001/../2001/job-1.qcow2");
-    let out = agent()
-        .args(["hub", "remove", "--file"])
-        .arg(&kept)
-        .arg("--file")
-        .arg(&sneaky)
-        .output()?;
+    std::fs::create_dir_all(&a1)?;
+    let sneaky = s.path("repo/ns/vm/x/../job-u0-a1");
+    let out = remove(&[&a1, &sneaky]).output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(".."),
         "{out:?}"
     );
-    assert!(kept.exists());
+    assert!(a1.exists());
     Ok(())
 }
 
@@ -471,5 +476,131 @@ fn backup_writes_its_result_file_when_it_cannot_start() -> Result<()> {
         error.contains("--status-addr") && error.contains(&addr),
         "{error}"
     );
+    Ok(())
+}
+
+/// A manifest for `repo commit`: one disk, 2000, in `dir`, layered on `backing`.
+fn manifest(uid: &str, attempt: i32, dir: &str, backing: Option<&str>) -> String {
+    serde_json::json!({
+        "version": 1,
+        "job": {"namespace": "ns", "name": "web", "uid": uid},
+        "attempt": attempt, "repository": "primary", "sourceNode": "vc",
+        "vcenter": "https://vc.example.com/sdk",
+        "vm": {"name": "web", "instanceUuid": "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a"},
+        "directory": dir,
+        "started": "2026-11-25T10:00:00Z", "completed": "2026-11-25T10:05:00Z",
+        "disks": [{"deviceKey": 2000, "file": format!("{dir}/2000.qcow2"), "backingFile": backing,
+                   "capacityBytes": 16 << 20, "copy": if backing.is_some() {"incremental"} else {"full"},
+                   "changeIdReached": "52 aa/3", "bytesWritten": 65536}]
+    })
+    .to_string()
+}
+
+#[test]
+fn repo_commit_reads_the_chain_back_and_writes_the_manifest_once() -> Result<()> {
+    let s = Scratch::new("commit");
+    let root = s.path("repo");
+    let full_dir = "ns/web/web-u1-a1";
+    let incr_dir = "ns/web/web-u2-a1";
+    let raw = s.path("disk.raw");
+    raw_file(&raw, 16 << 20)?;
+    write_at(&raw, 4096, &pattern(3, 2 << 20))?;
+    std::fs::create_dir_all(root.join(full_dir))?;
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(root.join(full_dir).join("2000.qcow2")))?;
+    let full_sum = sha256sum(&raw)?;
+    // The incremental: an overlay with 64 KiB changed at 1 MiB.
+    run(agent()
+        .args(["hub", "prepare", "--size", "16777216", "--file"])
+        .arg(root.join(incr_dir).join("2000.qcow2"))
+        .arg("--backing")
+        .arg(root.join(full_dir).join("2000.qcow2")))?;
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 64k"])
+        .arg(root.join(incr_dir).join("2000.qcow2")))?;
+    write_at(&raw, 1 << 20, &[0x5a; 64 << 10])?;
+    let incr_sum = sha256sum(&raw)?;
+
+    let commit = |m: &str, result: &std::path::Path| {
+        let mut cmd = agent();
+        cmd.args(["repo", "commit", "--root"])
+            .arg(&root)
+            .args(["--manifest", m, "--result-file"])
+            .arg(result);
+        cmd
+    };
+    let result = s.path("result.json");
+    let v = json(&run(&mut commit(
+        &manifest("u1", 1, full_dir, None),
+        &result,
+    ))?)?;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["disks"][0]["sha256"], full_sum.as_str(), "{v}");
+    assert_eq!(json(&std::fs::read_to_string(&result)?)?, v);
+    let written = json(&std::fs::read_to_string(
+        root.join(full_dir).join("restorepoint.json"),
+    )?)?;
+    assert_eq!(written["disks"][0]["sha256"], full_sum.as_str());
+    assert_eq!(written["job"]["uid"], "u1");
+    let names: Vec<String> = std::fs::read_dir(root.join(full_dir))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+
+    // Again for the same job and attempt (an operator restarted): the same answer.
+    let v = json(&run(&mut commit(
+        &manifest("u1", 1, full_dir, None),
+        &result,
+    ))?)?;
+    assert_eq!(
+        (v["ok"].clone(), v["already"].clone()),
+        (true.into(), true.into()),
+        "{v}"
+    );
+    // Another job, or another attempt, into that directory: refused, the manifest kept.
+    for (uid, attempt) in [("u9", 1), ("u1", 2)] {
+        let out = commit(&manifest(uid, attempt, full_dir, None), &result).output()?;
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let v = json(&std::fs::read_to_string(&result)?)?;
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("never replaced"),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        json(&std::fs::read_to_string(
+            root.join(full_dir).join("restorepoint.json")
+        )?)?,
+        written
+    );
+
+    // The incremental, planned on another parent than its image names: refused.
+    let full_file = format!("{full_dir}/2000.qcow2");
+    let out = commit(
+        &manifest("u2", 1, incr_dir, Some("ns/web/other/2000.qcow2")),
+        &result,
+    )
+    .output()?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(std::fs::read_to_string(&result)?.contains("layered on"));
+    assert!(!root.join(incr_dir).join("restorepoint.json").exists());
+    // On the right one: its digest is the whole disk's, through the chain.
+    let v = json(&run(&mut commit(
+        &manifest("u2", 1, incr_dir, Some(&full_file)),
+        &result,
+    ))?)?;
+    assert_eq!(v["disks"][0]["sha256"], incr_sum.as_str(), "{v}");
+
+    // A missing disk file and a manifest outside the volume are errors, exit 1.
+    let out = commit(&manifest("u3", 1, "ns/web/none", None), &result).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let out = commit(&manifest("u3", 1, "../escape", None), &result).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(std::fs::read_to_string(&result)?.contains("inside the volume"));
     Ok(())
 }

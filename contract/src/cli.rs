@@ -340,8 +340,8 @@ impl BackupArgs {
     }
 }
 
-/// `sendense-agent hub prepare`: create one disk's QCOW2 for a backup (replacing a file left
-/// by an earlier attempt).
+/// `sendense-agent hub prepare`: create one disk's QCOW2 for a backup. An existing file is
+/// never replaced: each attempt of a job writes into a directory of its own.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct HubPrepareArgs {
     /// The QCOW2 file to create.
@@ -365,21 +365,51 @@ impl HubPrepareArgs {
     }
 }
 
-/// `sendense-agent hub remove`: remove the files a failed backup left (a missing file is
-/// fine), and each file's directory if that left it empty. Paths with `..` are refused.
+/// `sendense-agent hub remove`: remove the directories of attempts that did not commit (their
+/// QCOW2 files and a half-written manifest; a missing directory is fine). A directory holding a
+/// committed restore point's manifest is refused, as is anything but such files in it and a
+/// path with `..`.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct HubRemoveArgs {
-    /// A file to remove (repeatable).
-    #[arg(long = "file", required = true)]
-    pub files: Vec<PathBuf>,
+    /// An attempt's directory to remove (repeatable).
+    #[arg(long = "dir", required = true)]
+    pub dirs: Vec<PathBuf>,
 }
 
 impl HubRemoveArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Argv::words(&["hub", "remove"]);
-        for f in &self.files {
-            a.path("--file", Some(f));
+        for d in &self.dirs {
+            a.path("--dir", Some(d));
         }
+        a.0
+    }
+}
+
+/// `sendense-agent repo commit`: make an attempt's directory a committed restore point. Reads
+/// each disk back through its backing chain (the SHA-256 of the disk as it restores), flushes
+/// the files, then writes the manifest atomically (temporary file, fsync, rename, fsync of the
+/// directory). Repeated for the same job and attempt, it reports the manifest already there;
+/// a manifest of another job or attempt is never replaced. Exits 1 when it cannot commit.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RepoCommitArgs {
+    /// The volume's root (the paths in the manifest are relative to it).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The manifest to write (JSON), without digests or commit time.
+    #[arg(long)]
+    pub manifest: String,
+    /// Also write the JSON result here (on failure too).
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+}
+
+impl RepoCommitArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["repo", "commit"]);
+        a.path("--root", Some(&self.root));
+        a.opt("--manifest", &self.manifest);
+        a.path("--result-file", self.result_file.as_ref());
         a.0
     }
 }

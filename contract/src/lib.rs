@@ -6,6 +6,7 @@
 //! silently reading as zero.
 
 pub mod cli;
+pub mod manifest;
 pub mod probe;
 pub mod progress;
 pub mod reason;

@@ -4,7 +4,7 @@
 use clap::Parser;
 use sendense_contract::cli::{
     BackupArgs, DEFAULT_NBD_PING_TIMEOUT_SECONDS, HubPrepareArgs, HubRemoveArgs, NbdPingArgs,
-    RepoProbeArgs, Transport, VddkMode,
+    RepoCommitArgs, RepoProbeArgs, Transport, VddkMode,
 };
 
 use super::*;
@@ -96,7 +96,7 @@ fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
         }
     }
     let remove = HubRemoveArgs {
-        files: vec!["/repository/a".into(), "/repository/b c".into()],
+        dirs: vec!["/repository/a".into(), "/repository/b c".into()],
     };
     match parse(&remove.to_args()) {
         Command::Hub {
@@ -115,6 +115,17 @@ fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
             } => assert_eq!(parsed, probe),
             other => panic!("{other:?}"),
         }
+    }
+    let commit = RepoCommitArgs {
+        root: "/repository".into(),
+        manifest: r#"{"version":1,"job":{"name":"a b"}}"#.into(),
+        result_file: Some("/dev/termination-log".into()),
+    };
+    match parse(&commit.to_args()) {
+        Command::Repo {
+            command: RepoCommand::Commit(parsed),
+        } => assert_eq!(parsed, commit),
+        other => panic!("{other:?}"),
     }
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
         let ping = NbdPingArgs {

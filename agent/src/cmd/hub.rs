@@ -1,5 +1,5 @@
-//! `hub prepare` and `hub remove`: one disk's QCOW2 before a backup, the files of a failed one
-//! after it.
+//! `hub prepare` and `hub remove`: one disk's QCOW2 before a backup, the directories of
+//! attempts that did not commit after it.
 
 use anyhow::Result;
 use sendense_contract::cli::{HubPrepareArgs, HubRemoveArgs};
@@ -14,7 +14,7 @@ pub fn prepare(args: HubPrepareArgs) -> Result<Outcome> {
 }
 
 pub fn remove(args: HubRemoveArgs) -> Result<Outcome> {
-    let removed = hub::remove(&args.files)?;
+    let removed = hub::remove(&args.dirs)?;
     print_json(&removed)?;
     Ok(Outcome::Succeeded)
 }

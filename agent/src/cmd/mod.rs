@@ -42,6 +42,9 @@ pub async fn run(command: Command) -> Result<Outcome> {
         Command::Repo {
             command: RepoCommand::Probe(args),
         } => repo::probe(args),
+        Command::Repo {
+            command: RepoCommand::Commit(args),
+        } => repo::commit(args).await,
         Command::Verify(args) => verify::run(args).await,
         Command::Copy(args) => copy::run(args).await,
         Command::Backup(args) => backup::run(*args).await,

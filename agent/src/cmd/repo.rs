@@ -1,7 +1,9 @@
-//! `repo probe`: the result goes to stdout and, on every outcome, to `--result-file`.
+//! `repo probe` and `repo commit`: the result goes to stdout and, on every outcome, to
+//! `--result-file`.
 
 use anyhow::Result;
-use sendense_contract::cli::RepoProbeArgs;
+use sendense_contract::cli::{RepoCommitArgs, RepoProbeArgs};
+use sendense_contract::manifest::CommitResult;
 
 use super::{Outcome, write_result_file};
 use crate::repo;
@@ -17,4 +19,20 @@ pub fn probe(args: RepoProbeArgs) -> Result<Outcome> {
         eprintln!("sendense-agent: repository probe failed: {e}");
     }
     Ok(Outcome::of(probed.ok))
+}
+
+pub async fn commit(args: RepoCommitArgs) -> Result<Outcome> {
+    let result = match crate::commit::commit(&args.root, &args.manifest).await {
+        Ok(r) => r,
+        Err(e) => CommitResult::failed(e.to_string()),
+    };
+    let text = serde_json::to_string(&result)?;
+    if let Some(f) = &args.result_file {
+        write_result_file(f, &text)?;
+    }
+    println!("{text}");
+    if let Some(e) = &result.error {
+        eprintln!("sendense-agent: commit failed: {e}");
+    }
+    Ok(Outcome::of(result.ok))
 }

@@ -70,7 +70,7 @@ fn hub_repo_and_ping_arguments_round_trip() {
     };
     assert!(matches!(parse(prepare.to_args()), Line::Hub { hub: Hub::Prepare(p) } if p == prepare));
     let remove = HubRemoveArgs {
-        files: vec!["/repository/a".into(), "/repository/b c".into()],
+        dirs: vec!["/repository/a".into(), "/repository/b c".into()],
     };
     assert!(matches!(parse(remove.to_args()), Line::Hub { hub: Hub::Remove(r) } if r == remove));
     let probe = RepoProbeArgs {

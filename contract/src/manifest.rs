@@ -1,0 +1,336 @@
+//! A restore point's manifest: the file that makes a directory of QCOW2 files a committed
+//! restore point. The repository volume is the source of truth: the operator rebuilds its
+//! RestorePoint objects from these files, so a cluster lost is not a backup lost.
+//!
+//! One restore point is one directory, `<layout directory>/<job>-<job UID>-a<attempt>/`,
+//! holding `<device key>.qcow2` per disk and, once the data is flushed and read back,
+//! `restorepoint.json` (this struct), written atomically. A directory without it is an
+//! attempt that never finished; no Sendense process writes into, or removes, a directory that
+//! has it (retention, a later feature, is the exception, through an explicit journalled step).
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest's file name inside a restore point's directory.
+pub const MANIFEST_FILE: &str = "restorepoint.json";
+/// The version this build writes; a reader refuses a newer one rather than misread it.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What one committed restore point holds. Paths are relative to the volume's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub version: u32,
+    /// The BackupJob that made it: its UID is the restore point's identity (a job name can be
+    /// reused; a UID cannot).
+    pub job: JobIdentity,
+    /// The attempt of the job whose files these are.
+    pub attempt: i32,
+    /// The Repository and SourceNode (names in the job's namespace) it was made through.
+    pub repository: String,
+    pub source_node: String,
+    /// The vCenter's SDK URL.
+    pub vcenter: String,
+    pub vm: VmIdentity,
+    /// The snapshot the data was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotIdentity>,
+    /// The restore point the incremental disks are layered on (its job's UID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The restore point's directory.
+    pub directory: String,
+    /// When the job started (RFC 3339).
+    pub started: String,
+    /// When the copy completed: the data was flushed (RFC 3339). The restore point's time.
+    pub completed: String,
+    pub disks: Vec<ManifestDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmIdentity {
+    /// The VM's name in vCenter at the time of the backup.
+    pub name: String,
+    /// vSphere's instance UUID of the VM: which VM this is, whatever its name.
+    pub instance_uuid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotIdentity {
+    pub id: String,
+    pub name: String,
+}
+
+/// Full copy or changes since the parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCopy {
+    Full,
+    Incremental,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestDisk {
+    pub device_key: i32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+    /// This disk's QCOW2 file.
+    pub file: String,
+    /// The parent restore point's file of this disk (the QCOW2 backing file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    pub capacity_bytes: u64,
+    pub copy: DiskCopy,
+    /// The CBT change ID the copy started from (incremental).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id_used: Option<String>,
+    /// The change ID the data is complete up to: the next incremental starts here.
+    pub change_id_reached: String,
+    /// Bytes written into this file (data; zeroed ranges not counted).
+    pub bytes_written: u64,
+    /// SHA-256 (hex) of the whole disk as this restore point restores it (the QCOW2 read
+    /// through its backing chain), computed by the commit from the flushed files.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestError {
+    Json(String),
+    Version(u32),
+    Invalid(String),
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Json(e) => write!(f, "not a restore point manifest: {e}"),
+            Self::Version(v) => write!(
+                f,
+                "manifest version {v} is newer than this build reads ({MANIFEST_VERSION}): upgrade Sendense"
+            ),
+            Self::Invalid(e) => write!(f, "invalid restore point manifest: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// True for a path relative to the volume root that stays inside it.
+fn inside(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+}
+
+impl Manifest {
+    /// Reads and checks a manifest.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        let m: Self = serde_json::from_str(text).map_err(|e| ManifestError::Json(e.to_string()))?;
+        if m.version > MANIFEST_VERSION {
+            return Err(ManifestError::Version(m.version));
+        }
+        m.check()?;
+        Ok(m)
+    }
+
+    /// What every manifest must hold: an identity, a directory inside the volume, and disks
+    /// whose files are in that directory.
+    pub fn check(&self) -> Result<(), ManifestError> {
+        let bad = |e: String| Err(ManifestError::Invalid(e));
+        if self.job.uid.is_empty() {
+            return bad("job.uid is empty".into());
+        }
+        if self.vm.instance_uuid.is_empty() {
+            return bad("vm.instanceUuid is empty".into());
+        }
+        if !inside(&self.directory) {
+            return bad(format!(
+                "directory {:?} is not a relative path inside the volume",
+                self.directory
+            ));
+        }
+        if self.disks.is_empty() {
+            return bad("no disks".into());
+        }
+        for d in &self.disks {
+            let in_dir = d
+                .file
+                .strip_prefix(&self.directory)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|name| !name.is_empty() && !name.contains('/'));
+            if !inside(&d.file) || !in_dir {
+                return bad(format!(
+                    "disk {}: file {:?} is not in the directory {:?}",
+                    d.device_key, d.file, self.directory
+                ));
+            }
+            if let Some(b) = &d.backing_file
+                && !inside(b)
+            {
+                return bad(format!(
+                    "disk {}: backing file {b:?} is not inside the volume",
+                    d.device_key
+                ));
+            }
+            if d.change_id_reached.is_empty() {
+                return bad(format!("disk {}: no change ID reached", d.device_key));
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest's path relative to the volume root.
+    pub fn path(&self) -> String {
+        format!("{}/{MANIFEST_FILE}", self.directory)
+    }
+
+    /// Full when any disk was copied in full, else incremental.
+    pub fn copy(&self) -> DiskCopy {
+        if self.disks.iter().any(|d| d.copy == DiskCopy::Full) {
+            DiskCopy::Full
+        } else {
+            DiskCopy::Incremental
+        }
+    }
+
+    /// Bytes written into the restore point's files.
+    pub fn bytes_written(&self) -> u64 {
+        self.disks.iter().map(|d| d.bytes_written).sum()
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a manifest serialises")
+    }
+}
+
+/// What `sendense-agent repo commit` reports: the digests it computed, per disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CommitResult {
+    pub ok: bool,
+    /// The manifest's path, relative to the volume root.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub manifest: String,
+    /// True when the manifest was already there for this job and attempt (a repeated commit).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub already: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<CommittedDisk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommittedDisk {
+    pub device_key: i32,
+    pub sha256: String,
+}
+
+impl CommitResult {
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self {
+            error: Some(error.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Reads a result (a termination message); `None` when it is not one.
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text.trim()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn sample() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            job: JobIdentity {
+                namespace: "backups".into(),
+                name: "web-1".into(),
+                uid: "0f1e2d3c-0000-4000-8000-000000000001".into(),
+            },
+            attempt: 1,
+            repository: "primary".into(),
+            source_node: "vc".into(),
+            vcenter: "https://vc.example.com/sdk".into(),
+            vm: VmIdentity {
+                name: "web".into(),
+                instance_uuid: "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into(),
+            },
+            snapshot: Some(SnapshotIdentity {
+                id: "snapshot-7".into(),
+                name: "sendense-web-1".into(),
+            }),
+            parent: None,
+            directory: "backups/web/web-1-0f1e2d3c-0000-4000-8000-000000000001-a1".into(),
+            started: "2026-11-25T10:00:00Z".into(),
+            completed: "2026-11-25T10:05:00Z".into(),
+            disks: vec![ManifestDisk {
+                device_key: 2000,
+                label: "Hard disk 1".into(),
+                file: "backups/web/web-1-0f1e2d3c-0000-4000-8000-000000000001-a1/2000.qcow2".into(),
+                backing_file: None,
+                capacity_bytes: 1 << 30,
+                copy: DiskCopy::Full,
+                change_id_used: None,
+                change_id_reached: "52 aa/3".into(),
+                bytes_written: 4096,
+                sha256: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_manifest_round_trips_and_is_checked() {
+        let m = sample();
+        assert_eq!(Manifest::parse(&m.to_json()), Ok(m.clone()));
+        assert!(m.to_json().contains("\"instanceUuid\""));
+        assert_eq!(m.copy(), DiskCopy::Full);
+        assert_eq!(
+            m.path(),
+            "backups/web/web-1-0f1e2d3c-0000-4000-8000-000000000001-a1/restorepoint.json"
+        );
+    }
+
+    #[test]
+    fn a_manifest_naming_files_outside_its_directory_or_newer_is_refused() {
+        let mut m = sample();
+        m.disks[0].file = "backups/web/other/2000.qcow2".into();
+        assert!(
+            matches!(m.check(), Err(ManifestError::Invalid(e)) if e.contains("not in the directory"))
+        );
+        let mut m = sample();
+        m.directory = "../x".into();
+        assert!(m.check().is_err());
+        let mut m = sample();
+        m.disks[0].backing_file = Some("/etc/passwd".into());
+        assert!(m.check().is_err());
+        let mut m = sample();
+        m.disks[0].change_id_reached.clear();
+        assert!(m.check().is_err());
+        let mut m = sample();
+        m.version = MANIFEST_VERSION + 1;
+        assert_eq!(
+            Manifest::parse(&m.to_json()),
+            Err(ManifestError::Version(MANIFEST_VERSION + 1))
+        );
+        assert!(matches!(Manifest::parse("{}"), Err(ManifestError::Json(_))));
+    }
+}
