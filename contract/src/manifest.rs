@@ -34,9 +34,9 @@ pub struct Manifest {
     /// The snapshot the data was read from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotIdentity>,
-    /// The restore point the incremental disks are layered on (its job's UID).
+    /// The restore point the incremental disks are layered on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<String>,
+    pub parent: Option<ParentIdentity>,
     /// The restore point's directory.
     pub directory: String,
     /// When the job started (RFC 3339).
@@ -52,6 +52,14 @@ pub struct JobIdentity {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+}
+
+/// A parent restore point: its RestorePoint name and its directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentIdentity {
+    pub name: String,
+    pub directory: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,6 +29,12 @@ pub const MAX_NAME_LENGTH: usize = 52;
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
     printcolumn(name = "VM", type_ = "string", priority = 1, json_path = ".status.vmName"),
+    printcolumn(
+        name = "Restore Point",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.restorePoint"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -125,6 +131,12 @@ pub struct BackupJobStatus {
     /// The VM's inventory name, resolved from the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_name: Option<String>,
+    /// The VM's instance UUID, resolved from the spec: which VM this is, whatever its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_instance_uuid: Option<String>,
+    /// The RestorePoint this job produced, once its files are committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_point: Option<String>,
     /// One entry per disk, keyed by device key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["deviceKey".into()]))]
@@ -132,7 +144,7 @@ pub struct BackupJobStatus {
     /// The vSphere snapshot all disks were read from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotStatus>,
-    /// The BackupJob whose files this backup's files are layered on (incrementals).
+    /// The RestorePoint this backup's incremental disks are layered on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_parent: Option<String>,
     /// Attempts started so far.
@@ -141,7 +153,7 @@ pub struct BackupJobStatus {
     /// When the first attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
-    /// When the job reached Succeeded or Failed.
+    /// When the copy completed (the restore point's time), or the job failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// Bytes to copy over all disks.
@@ -183,7 +195,7 @@ pub struct DiskStatus {
     /// Hub port the disk's qemu-nbd served on during the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
-    /// QCOW2 file of this backup, relative to the repository volume.
+    /// QCOW2 file of this backup's current attempt, relative to the repository volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     /// QCOW2 file it is layered on (incrementals).
@@ -195,6 +207,9 @@ pub struct DiskStatus {
     /// CBT changeId of the snapshot, recorded only once the data is flushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_id_reached: Option<String>,
+    /// Bytes written into this disk's file (zero runs and holes excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<i64>,
     /// Whether this disk was copied in full or incrementally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyKind>,

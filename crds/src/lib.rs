@@ -13,10 +13,12 @@ pub mod backup_job;
 pub mod common;
 pub mod conditions;
 pub mod repository;
+pub mod restore_point;
 pub mod source_node;
 
 pub use backup_job::{BackupJob, BackupJobSpec, BackupJobStatus};
 pub use repository::{Repository, RepositorySpec, RepositoryStatus};
+pub use restore_point::{RestorePoint, RestorePointSpec};
 pub use source_node::{SourceNode, SourceNodeSpec, SourceNodeStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -29,10 +31,15 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Every CRD Sendense installs, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![SourceNode::crd(), Repository::crd(), BackupJob::crd()]
-        .into_iter()
-        .map(reflow_descriptions)
-        .collect()
+    vec![
+        SourceNode::crd(),
+        Repository::crd(),
+        BackupJob::crd(),
+        RestorePoint::crd(),
+    ]
+    .into_iter()
+    .map(reflow_descriptions)
+    .collect()
 }
 
 /// Doc comments are wrapped at 100 columns in the source; `kubectl explain` wraps again, so the
@@ -110,17 +117,22 @@ mod tests {
     #[test]
     fn every_kind_is_namespaced_in_sendense_io_v1alpha1() {
         for crd in all_crds() {
+            // A RestorePoint is a record: its spec never changes and it has no status.
+            let has_status = crd.spec.names.kind != "RestorePoint";
             assert_eq!(crd.spec.group, GROUP);
             assert_eq!(crd.spec.scope, "Namespaced");
             assert_eq!(crd.spec.versions.len(), 1);
             let v = &crd.spec.versions[0];
             assert_eq!(v.name, VERSION);
             assert!(v.served && v.storage);
-            assert!(
+            assert_eq!(
                 v.subresources
                     .as_ref()
                     .and_then(|s| s.status.as_ref())
-                    .is_some()
+                    .is_some(),
+                has_status,
+                "{}",
+                crd.spec.names.kind
             );
         }
     }

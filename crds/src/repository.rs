@@ -111,20 +111,23 @@ pub enum AccessMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Layout {
-    /// Directory of one disk's chain, relative to the volume root. Placeholders: `{namespace}`,
-    /// `{vm}` (VM name or instance UUID) and `{deviceKey}`; `{vm}` and `{deviceKey}` are required
-    /// so that no two disks share a chain. Each backup adds `<backupjob>.qcow2` in it.
+    /// Directory of one VM's restore points, relative to the volume root. Placeholders:
+    /// `{namespace}` and `{vm}` (the VM's name in vCenter); `{vm}` is required. Each restore
+    /// point is a directory in it, `<backupjob>-<job UID>-a<attempt>`, holding one
+    /// `<device key>.qcow2` per disk and its manifest, `restorepoint.json`.
     #[serde(default = "default_directory")]
     #[schemars(length(min = 1, max = 512))]
-    #[x_kube(validation = Rule::new("self.contains('{vm}') && self.contains('{deviceKey}')")
-        .message("must contain both {vm} and {deviceKey}, so that every disk of every VM gets its own chain"))]
+    #[x_kube(validation = Rule::new("self.contains('{vm}')")
+        .message("must contain {vm}, so that every VM gets its own directory"))]
+    #[x_kube(validation = Rule::new("!self.contains('{deviceKey}')")
+        .message("must not contain {deviceKey}: the disks of one restore point share its directory (each file is named after its device key)"))]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')")
         .message("must be a relative path inside the volume: no leading '/' and no '..'"))]
     pub directory: String,
 }
 
 fn default_directory() -> String {
-    "{namespace}/{vm}/{deviceKey}".into()
+    "{namespace}/{vm}".into()
 }
 
 impl Default for Layout {

@@ -182,6 +182,7 @@ pub fn install_crds() -> Result<()> {
         "sourcenodes.sendense.io",
         "repositories.sendense.io",
         "backupjobs.sendense.io",
+        "restorepoints.sendense.io",
     ] {
         kubectl_ok(&[
             "wait",

@@ -18,6 +18,7 @@ fn crds_install_and_are_listed() -> Result<()> {
         "sourcenodes.sendense.io",
         "repositories.sendense.io",
         "backupjobs.sendense.io",
+        "restorepoints.sendense.io",
     ] {
         assert!(
             out.contains(&format!(

@@ -1,10 +1,13 @@
-//! Chain choice: which earlier backup a new backup of a VM is layered on, and, per disk, a full
-//! or an incremental copy with the reason a person reads in the job's status.
+//! Chain choice: which restore point a new backup of a VM is layered on, and, per disk, a full
+//! or an incremental copy with the reason a person reads in the job's status. Parents are
+//! RestorePoints (what the repository holds), never BackupJobs: deleting or re-creating a job
+//! changes nothing here.
 
 use std::collections::BTreeMap;
 
-use sendense_crds::BackupJob;
-use sendense_crds::backup_job::{BackupMode, Phase};
+use kube::ResourceExt;
+use sendense_crds::backup_job::BackupMode;
+use sendense_crds::{BackupJob, RestorePoint};
 
 /// What one disk of a new backup will be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,9 +15,10 @@ pub enum DiskPlan {
     Full {
         reason: String,
     },
-    /// Layered on `parent_file` (the parent job's QCOW2 of this disk), changes since `change_id`.
+    /// Layered on `parent_file` (the parent restore point's QCOW2 of this disk), changes since
+    /// `change_id`.
     Incremental {
-        parent_job: String,
+        parent: String,
         parent_file: String,
         change_id: String,
     },
@@ -23,7 +27,7 @@ pub enum DiskPlan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
     #[error(
-        "spec.mode is incremental but there is no successful earlier backup of this VM in repository {repository}: use mode auto or full"
+        "spec.mode is incremental but repository {repository} holds no restore point of this VM: use mode auto or full"
     )]
     NoParent { repository: String },
     #[error(
@@ -32,33 +36,29 @@ pub enum ChainError {
     DiskNeedsFull { key: i32, reason: String },
 }
 
-/// The same VM, as the spec names it: by instance UUID when both give one, else by name.
-fn same_vm(a: &BackupJob, b: &BackupJob) -> bool {
-    match (&a.spec.vm.instance_uuid, &b.spec.vm.instance_uuid) {
-        (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
-        (None, None) => a.spec.vm.name == b.spec.vm.name,
-        // Named differently (one by UUID, one by name): not provably the same VM, so no chain.
-        _ => false,
-    }
-}
-
-/// The newest Succeeded backup of the same VM in the same repository and namespace.
-pub fn parent<'a>(job: &BackupJob, candidates: &'a [BackupJob]) -> Option<&'a BackupJob> {
+/// The newest restore point of the VM (by its instance UUID, whatever its name then) in the
+/// job's repository.
+pub fn parent<'a>(
+    job: &BackupJob,
+    vm_instance_uuid: &str,
+    candidates: &'a [RestorePoint],
+) -> Option<&'a RestorePoint> {
     candidates
         .iter()
-        .filter(|c| c.metadata.name != job.metadata.name)
         .filter(|c| c.metadata.namespace == job.metadata.namespace)
         .filter(|c| c.spec.repository_ref.name == job.spec.repository_ref.name)
-        .filter(|c| same_vm(c, job))
-        .filter(|c| c.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded))
+        .filter(|c| {
+            !vm_instance_uuid.is_empty()
+                && c.spec
+                    .vm
+                    .instance_uuid
+                    .eq_ignore_ascii_case(vm_instance_uuid)
+        })
         .max_by(|a, b| {
-            let t = |j: &BackupJob| {
-                j.status
-                    .as_ref()
-                    .and_then(|s| s.completion_time.clone())
-                    .map(|t| t.0)
-            };
-            t(a).cmp(&t(b))
+            a.spec
+                .completed
+                .0
+                .cmp(&b.spec.completed.0)
                 .then_with(|| a.metadata.name.cmp(&b.metadata.name))
         })
 }
@@ -66,7 +66,7 @@ pub fn parent<'a>(job: &BackupJob, candidates: &'a [BackupJob]) -> Option<&'a Ba
 /// Full or incremental for each disk (`disks`: device key -> capacity in bytes now).
 pub fn plan(
     job: &BackupJob,
-    parent: Option<&BackupJob>,
+    parent: Option<&RestorePoint>,
     disks: &BTreeMap<i32, u64>,
 ) -> Result<BTreeMap<i32, DiskPlan>, ChainError> {
     let full = |reason: &str| DiskPlan::Full {
@@ -89,34 +89,24 @@ pub fn plan(
             .map(|k| {
                 (
                     *k,
-                    full("no earlier successful backup of this VM in this repository"),
+                    full("no earlier restore point of this VM in this repository"),
                 )
             })
             .collect());
     };
-    let parent_name = parent.metadata.name.clone().unwrap_or_default();
-    let parent_disks = parent
-        .status
-        .as_ref()
-        .map(|s| s.disks.as_slice())
-        .unwrap_or_default();
+    let parent_name = parent.name_any();
     let mut out = BTreeMap::new();
     for (key, capacity) in disks {
-        let plan = match parent_disks.iter().find(|d| d.device_key == *key) {
-            None => full(&format!("disk {key} was not in backup {parent_name}")),
-            Some(d) if d.capacity_bytes.is_some_and(|c| c as u64 != *capacity) => full(&format!(
-                "disk {key} was resized from {} to {capacity} bytes since backup {parent_name}",
-                d.capacity_bytes.unwrap_or_default()
+        let plan = match parent.spec.disks.iter().find(|d| d.device_key == *key) {
+            None => full(&format!("disk {key} is not in restore point {parent_name}")),
+            Some(d) if d.capacity_bytes as u64 != *capacity => full(&format!(
+                "disk {key} was resized from {} to {capacity} bytes since restore point {parent_name}",
+                d.capacity_bytes
             )),
-            Some(d) => match (&d.file, &d.change_id_reached) {
-                (Some(file), Some(change_id)) => DiskPlan::Incremental {
-                    parent_job: parent_name.clone(),
-                    parent_file: file.clone(),
-                    change_id: change_id.clone(),
-                },
-                _ => full(&format!(
-                    "backup {parent_name} recorded no file or change ID for disk {key}"
-                )),
+            Some(d) => DiskPlan::Incremental {
+                parent: parent_name.clone(),
+                parent_file: d.file.clone(),
+                change_id: d.change_id_reached.clone(),
             },
         };
         if let (BackupMode::Incremental, DiskPlan::Full { reason }) = (job.spec.mode, &plan) {
@@ -135,99 +125,87 @@ mod tests {
     use super::*;
     use crate::fixtures::{Fixture, TestObject};
 
+    const WEB: &str = "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a";
+
     /// A job of namespace `ns` into repository `repo`.
-    fn job(name: &str, vm: serde_json::Value, mode: &str, status: serde_json::Value) -> BackupJob {
+    fn job(name: &str, mode: &str) -> BackupJob {
         BackupJob::test()
             .named(name)
             .in_namespace("ns")
-            .with_spec(
-                serde_json::json!({"vm": vm, "repositoryRef": {"name": "repo"}, "mode": mode}),
-            )
-            .with_status(status)
+            .with_spec(serde_json::json!({"vm": {"name": "web-01"}, "repositoryRef": {"name": "repo"}, "mode": mode}))
     }
 
-    fn done(at: &str, disks: serde_json::Value) -> serde_json::Value {
-        serde_json::json!({"phase": "Succeeded", "completionTime": at, "disks": disks})
+    /// A restore point of VM `uuid` in repository `repo` of namespace `ns`.
+    fn rp(name: &str, uuid: &str, repo: &str, at: &str, disks: serde_json::Value) -> RestorePoint {
+        RestorePoint::test()
+            .named(name)
+            .in_namespace("ns")
+            .with_spec(serde_json::json!({
+                "vm": {"name": "whatever-it-was-called", "instanceUuid": uuid},
+                "repositoryRef": {"name": repo}, "completed": at, "disks": disks
+            }))
     }
 
     fn disk(key: i32, cap: u64, file: &str, change: &str) -> serde_json::Value {
-        serde_json::json!({"deviceKey": key, "capacityBytes": cap, "file": file, "changeIdReached": change})
+        serde_json::json!({"deviceKey": key, "capacityBytes": cap, "file": file, "changeIdReached": change,
+            "copy": "Full", "bytesWritten": 0, "sha256": ""})
     }
 
     #[test]
-    fn the_newest_succeeded_backup_of_the_same_vm_is_the_parent() {
-        let web = serde_json::json!({"name": "web-01"});
-        let new = job("n", web.clone(), "auto", serde_json::json!({}));
-        let jobs = vec![
-            job(
-                "old",
-                web.clone(),
-                "auto",
-                done("2026-11-20T00:00:00Z", serde_json::json!([])),
-            ),
-            job(
+    fn the_newest_restore_point_of_the_same_vm_in_the_repository_is_the_parent() {
+        let new = job("n", "auto");
+        let none = serde_json::json!([]);
+        let rps = vec![
+            rp("old", WEB, "repo", "2026-11-20T00:00:00Z", none.clone()),
+            rp(
                 "newer",
-                web.clone(),
-                "auto",
-                done("2026-11-21T00:00:00Z", serde_json::json!([])),
+                &WEB.to_uppercase(),
+                "repo",
+                "2026-11-21T00:00:00Z",
+                none.clone(),
             ),
-            job(
-                "failed",
-                web.clone(),
-                "auto",
-                serde_json::json!({"phase": "Failed", "completionTime": "2026-11-22T00:00:00Z"}),
+            rp(
+                "other-repo",
+                WEB,
+                "elsewhere",
+                "2026-11-22T00:00:00Z",
+                none.clone(),
             ),
-            job(
+            rp(
                 "other-vm",
-                serde_json::json!({"name": "db-01"}),
-                "auto",
-                done("2026-11-22T00:00:00Z", serde_json::json!([])),
-            ),
-            job(
-                "by-uuid",
-                serde_json::json!({"instanceUuid": "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a"}),
-                "auto",
-                done("2026-11-22T00:00:00Z", serde_json::json!([])),
+                "4129a8f2-0000-4c2e-9a55-3f0b7e0d1c2a",
+                "repo",
+                "2026-11-22T00:00:00Z",
+                none.clone(),
             ),
         ];
         assert_eq!(
-            parent(&new, &jobs)
-                .and_then(|p| p.metadata.name.clone())
-                .as_deref(),
+            parent(&new, WEB, &rps).map(|p| p.name_any()).as_deref(),
             Some("newer")
         );
-        let lonely = job(
-            "x",
-            serde_json::json!({"name": "app-07"}),
-            "auto",
-            serde_json::json!({}),
-        );
-        assert!(parent(&lonely, &jobs).is_none());
+        assert!(parent(&new, "", &rps).is_none(), "no UUID, no chain");
+        assert!(parent(&new, "0000", &rps).is_none());
     }
 
     #[test]
     fn auto_layers_each_disk_on_its_parent_file_or_says_why_not() {
-        let web = serde_json::json!({"name": "web-01"});
-        let p = job(
+        let p = rp(
             "p",
-            web.clone(),
-            "auto",
-            done(
-                "2026-11-21T00:00:00Z",
-                serde_json::json!([
-                    disk(2000, 100, "ns/web-01/2000/p.qcow2", "52 aa/7"),
-                    disk(2001, 50, "f", "c")
-                ]),
-            ),
+            WEB,
+            "repo",
+            "2026-11-21T00:00:00Z",
+            serde_json::json!([
+                disk(2000, 100, "ns/web-01/p-u-a1/2000.qcow2", "52 aa/7"),
+                disk(2001, 50, "f", "c")
+            ]),
         );
-        let new = job("n", web, "auto", serde_json::json!({}));
         let disks = BTreeMap::from([(2000, 100), (2001, 80), (2002, 10)]);
-        let got = plan(&new, Some(&p), &disks).expect("auto never fails");
+        let got = plan(&job("n", "auto"), Some(&p), &disks).expect("auto never fails");
         assert_eq!(
             got[&2000],
             DiskPlan::Incremental {
-                parent_job: "p".into(),
-                parent_file: "ns/web-01/2000/p.qcow2".into(),
+                parent: "p".into(),
+                parent_file: "ns/web-01/p-u-a1/2000.qcow2".into(),
                 change_id: "52 aa/7".into()
             }
         );
@@ -235,34 +213,26 @@ mod tests {
             matches!(&got[&2001], DiskPlan::Full { reason } if reason.contains("resized from 50 to 80"))
         );
         assert!(
-            matches!(&got[&2002], DiskPlan::Full { reason } if reason.contains("was not in backup p"))
+            matches!(&got[&2002], DiskPlan::Full { reason } if reason.contains("is not in restore point p"))
         );
     }
 
     #[test]
     fn full_mode_ignores_the_parent_and_incremental_mode_refuses_to_fall_back() {
-        let web = serde_json::json!({"name": "web-01"});
-        let p = job(
+        let p = rp(
             "p",
-            web.clone(),
-            "auto",
-            done(
-                "2026-11-21T00:00:00Z",
-                serde_json::json!([disk(2000, 100, "f", "c")]),
-            ),
+            WEB,
+            "repo",
+            "2026-11-21T00:00:00Z",
+            serde_json::json!([disk(2000, 100, "f", "c")]),
         );
         let disks = BTreeMap::from([(2000, 100), (2001, 10)]);
-        let full = plan(
-            &job("f", web.clone(), "full", serde_json::json!({})),
-            Some(&p),
-            &disks,
-        )
-        .expect("full");
+        let full = plan(&job("f", "full"), Some(&p), &disks).expect("full");
         assert!(
             full.values()
                 .all(|d| matches!(d, DiskPlan::Full { reason } if reason == "spec.mode is full"))
         );
-        let incr = job("i", web.clone(), "incremental", serde_json::json!({}));
+        let incr = job("i", "incremental");
         assert_eq!(
             plan(&incr, None, &disks).expect_err("no parent"),
             ChainError::NoParent {

@@ -2,7 +2,7 @@
 //! for the shapes unit tests start from; each test states only what it changes.
 
 use kube::api::ObjectMeta;
-use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -47,6 +47,7 @@ pub trait Fixture: Serialize + DeserializeOwned + Sized {
 impl Fixture for BackupJob {}
 impl Fixture for SourceNode {}
 impl Fixture for Repository {}
+impl Fixture for RestorePoint {}
 
 fn parse<T: DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("valid test object")
@@ -100,6 +101,30 @@ impl TestObject for Repository {
             "apiVersion": "sendense.io/v1alpha1", "kind": "Repository",
             "metadata": meta("primary", "r-1"),
             "spec": {"storage": {"persistentVolumeClaim": {"claimName": "backups-data"}}}
+        }))
+    }
+}
+
+impl TestObject for RestorePoint {
+    /// `web-01-b1-0000000b` in `backups`: a full backup of VM `web-01` (one disk, 2000) in
+    /// Repository `primary`, made by job `web-01-b1`.
+    fn test() -> Self {
+        parse(json!({
+            "apiVersion": "sendense.io/v1alpha1", "kind": "RestorePoint",
+            "metadata": meta("web-01-b1-0000000b", "rp-1"),
+            "spec": {
+                "repositoryRef": {"name": "primary"}, "sourceNodeRef": {"name": "vc"},
+                "vcenter": "https://vc.example.com/sdk",
+                "vm": {"name": "web-01", "instanceUuid": "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a"},
+                "job": {"name": "web-01-b1", "uid": "0000000b-0000-4000-8000-000000000001", "attempt": 1},
+                "mode": "Full", "started": "2026-11-20T00:00:00Z", "completed": "2026-11-20T00:05:00Z",
+                "directory": "backups/web-01/web-01-b1-0000000b-0000-4000-8000-000000000001-a1",
+                "manifest": "backups/web-01/web-01-b1-0000000b-0000-4000-8000-000000000001-a1/restorepoint.json",
+                "bytesWritten": 4096, "size": "4.0 KiB",
+                "disks": [{"deviceKey": 2000, "file": "backups/web-01/web-01-b1-0000000b-0000-4000-8000-000000000001-a1/2000.qcow2",
+                           "capacityBytes": 1073741824, "copy": "Full", "changeIdReached": "52 aa/1",
+                           "bytesWritten": 4096, "sha256": ""}]
+            }
         }))
     }
 }

@@ -12,10 +12,10 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, ResourceExt};
 use sendense_contract::probe::ProbeResult;
-use sendense_crds::backup_job::Phase;
+
 use sendense_crds::common::human_bytes;
 use sendense_crds::conditions;
-use sendense_crds::{BackupJob, Repository, RepositoryStatus};
+use sendense_crds::{Repository, RepositoryStatus, RestorePoint};
 
 use crate::children::{
     ApiError, apply, create_if_missing, delete_if_present, ensure_service_account, get, list,
@@ -104,10 +104,10 @@ fn due(status: &RepositoryStatus, interval: Duration, generation: Option<i64>) -
     (left > 0).then(|| Duration::from_millis(left as u64))
 }
 
-fn restore_points(jobs: &[BackupJob], repository: &str) -> i32 {
-    jobs.iter()
-        .filter(|j| j.spec.repository_ref.name == repository)
-        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded))
+fn restore_points(points: &[RestorePoint], repository: &str) -> i32 {
+    points
+        .iter()
+        .filter(|p| p.spec.repository_ref.name == repository)
         .count() as i32
 }
 
@@ -117,10 +117,10 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
     let name = repo.name_any();
     let claim = claim_name(&repo);
     let mut update = StatusUpdate::new(repo.as_ref());
-    let jobs = list::<BackupJob>(&ctx.client, &ns)
+    let points = list::<RestorePoint>(&ctx.client, &ns)
         .await
         .map_err(Error::RestorePoints)?;
-    update.status.restore_points = Some(restore_points(&jobs, &name));
+    update.status.restore_points = Some(restore_points(&points, &name));
     if let Some(pvc) = templated_claim(&repo) {
         create_if_missing(&ctx.client, &ns, &pvc)
             .await

@@ -41,6 +41,7 @@ async fn check_crds(client: &Client) -> anyhow::Result<()> {
         "sourcenodes.sendense.io",
         "repositories.sendense.io",
         "backupjobs.sendense.io",
+        "restorepoints.sendense.io",
     ] {
         if crds.get_opt(name).await?.is_none() {
             return Err(CrdMissing(name).into());

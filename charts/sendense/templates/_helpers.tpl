@@ -117,12 +117,19 @@ config/rbac/role.yaml.
 - apiGroups: ["sendense.io"]
   resources: ["sourcenodes", "repositories", "backupjobs"]
   verbs: ["get", "list", "watch"]
+# RestorePoints: created by the operator (server-side apply: create + patch) once a job's files
+# are committed, from the manifest written next to them; read to choose a new backup's chain
+# parent (list) and counted per Repository. Never deleted by the operator: the volume is the
+# source of truth.
+- apiGroups: ["sendense.io"]
+  resources: ["restorepoints"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Their status is the operator's output (Ready conditions, probe results, phase, per-disk
 # progress), written by server-side apply of the status subresource (PATCH).
 - apiGroups: ["sendense.io"]
   resources: ["sourcenodes/status", "repositories/status", "backupjobs/status"]
   verbs: ["patch"]
-# Hub, agent, repository-probe and cleanup pods. Created by server-side apply (PATCH, which also
+# Hub, agent, repository-probe, commit and cleanup pods. Created by server-side apply (PATCH, which also
 # needs create when the pod does not exist yet), watched for readiness and termination messages
 # (the agent's and probe's results), deleted when a job ends or an attempt is retried.
 - apiGroups: [""]
@@ -168,9 +175,9 @@ The operator's rule on cluster-scoped objects: always in a ClusterRole.
 */}}
 {{- define "sendense.clusterRules" -}}
 # At startup the operator reads Sendense's own CRDs by name and exits with an install hint when
-# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's three.
+# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's four.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io"]
+  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io", "restorepoints.sendense.io"]
   verbs: ["get"]
 {{- end }}

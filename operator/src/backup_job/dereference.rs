@@ -8,7 +8,7 @@ use std::ops::ControlFlow::{self, Break, Continue};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use sendense_crds::conditions;
-use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 use tokio::sync::MutexGuard;
 
 use super::context::Context;
@@ -25,6 +25,8 @@ pub enum Error {
     Refs(#[source] ApiError),
     #[error("reading the jobs of its namespace: {0}")]
     Jobs(#[source] ApiError),
+    #[error("reading the restore points of its namespace: {0}")]
+    RestorePoints(#[source] ApiError),
 }
 
 /// Port allocation is serialized in this process: the guard is held from reading the jobs until
@@ -36,12 +38,15 @@ pub type AllocationGuard<'a> = MutexGuard<'a, ()>;
 pub struct Dereferenced {
     pub source_node: SourceNode,
     pub repository: Repository,
-    /// The VM's inventory name, as vCenter reports it.
+    /// The VM's inventory name and instance UUID, as vCenter reports them.
     pub vm_name: String,
+    pub vm_instance_uuid: String,
     /// Every virtual disk of the VM.
     pub disks: Vec<Disk>,
     /// The jobs of the job's namespace, read under the allocation lock.
     pub jobs: Vec<BackupJob>,
+    /// The restore points of the job's namespace (chain parents).
+    pub restore_points: Vec<RestorePoint>,
 }
 
 /// How the job names its VM, and the words a message uses for it. (The CRD's CEL rule requires
@@ -112,7 +117,7 @@ async fn vm(
     ctx: &Context,
     job: &BackupJob,
     sn: &SourceNode,
-) -> ControlFlow<Wait, (String, Vec<Disk>)> {
+) -> ControlFlow<Wait, (String, String, Vec<Disk>)> {
     let session = match Session::connect(sn, &ctx.client, ctx.vcenter_timeout).await {
         Ok(s) => s,
         Err(p) => {
@@ -125,7 +130,7 @@ async fn vm(
     let found = async {
         let vm = vs.find_vm(&sn.spec.datacenter, &selector).await?;
         let info = vs.vm_info(&vm).await?;
-        Ok::<_, VSphereError>((vm.name, info.disks))
+        Ok::<_, VSphereError>((vm.name, vm.instance_uuid, info.disks))
     }
     .await;
     let outcome = match found {
@@ -159,17 +164,22 @@ pub async fn dereference<'a>(
     let source_node = step!(ready_ref::<SourceNode>(ctx, &ns, sn_name, &SOURCE_NODE).await?);
     let repo_name = &job.spec.repository_ref.name;
     let repository = step!(ready_ref::<Repository>(ctx, &ns, repo_name, &REPOSITORY).await?);
-    let (vm_name, disks) = step!(vm(ctx, job, &source_node).await);
+    let (vm_name, vm_instance_uuid, disks) = step!(vm(ctx, job, &source_node).await);
     let allocation = ctx.allocation.lock().await;
     let jobs = list::<BackupJob>(&ctx.client, &ns)
         .await
         .map_err(Error::Jobs)?;
+    let restore_points = list::<RestorePoint>(&ctx.client, &ns)
+        .await
+        .map_err(Error::RestorePoints)?;
     let refs = Dereferenced {
         source_node,
         repository,
         vm_name,
+        vm_instance_uuid,
         disks,
         jobs,
+        restore_points,
     };
     Ok(Continue((refs, allocation)))
 }

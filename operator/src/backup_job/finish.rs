@@ -1,7 +1,8 @@
-//! The end of an attempt and of a job: success (change IDs recorded, metrics, pods removed), a
-//! failed attempt (pods removed, then a retry or the job fails), the confirmation in vCenter
-//! that no snapshot of the job is left, and, once a job has ended, its pods, Service and (for a
-//! failed job) its partial files removed.
+//! The end of an attempt and of a job: a copy done (change IDs recorded, hub and agent removed,
+//! the commit next), a committed restore point (Succeeded, metrics), a failed attempt (pods
+//! removed, then a retry or the job fails), the confirmation in vCenter that no snapshot of the
+//! job is left, and, once a job has ended, its pods, Service and the directories of its attempts
+//! that did not commit removed.
 
 use std::time::Duration;
 
@@ -10,7 +11,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use sendense_contract::result::BackupResult;
-use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::context::Context;
@@ -19,7 +19,7 @@ use super::outcome::{Failure, FilesRemoved, SnapshotRemoved};
 use super::status::{self, JobUpdate};
 use crate::children::{ApiError, apply, delete_if_present, ensure_service_account, get};
 use crate::pod_state::{self, PodPhase};
-use crate::resources::{agent_name, claim_name, cleanup_name, cleanup_pod, hub_name};
+use crate::resources::{agent_name, claim_name, cleanup_name, cleanup_pod, commit_name, hub_name};
 use crate::status::holding;
 use crate::vcenter::{Session, VSphereError};
 
@@ -35,7 +35,7 @@ pub enum Error {
 
 async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
     let ns = job.namespace().unwrap_or_default();
-    for name in [agent_name(job), hub_name(job)] {
+    for name in [agent_name(job), hub_name(job), commit_name(job)] {
         delete_if_present::<Pod>(&ctx.client, &ns, &name)
             .await
             .map_err(Error::Remove)?;
@@ -53,35 +53,53 @@ fn metric_vm(job: &BackupJob) -> String {
         .unwrap_or_default()
 }
 
-/// The agent succeeded: status, metrics, then its pods go.
-pub async fn succeeded(job: &BackupJob, ctx: &Context, r: &BackupResult) -> Result<Action, Error> {
+/// The agent succeeded: the copy is recorded, then the hub and agent go (the hub's qemu-nbd
+/// closes the images) and the commit follows.
+pub async fn copied(job: &BackupJob, ctx: &Context, r: &BackupResult) -> Result<Action, Error> {
+    let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
     let mut u = JobUpdate::new(job);
-    status::succeeded(&mut u, r);
-    let started = u
-        .status
+    status::copied(&mut u, attempt, r);
+    let vm = u.status.vm_name.clone().unwrap_or_default();
+    let ns = job.namespace().unwrap_or_default();
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    for d in r.disks.iter() {
+        ctx.metrics
+            .bytes_copied
+            .with_label_values(&[&ns, &vm, &d.key.to_string()])
+            .inc_by(d.bytes_to_copy);
+    }
+    delete_job_pods(job, ctx).await?;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// The restore point is committed: Succeeded, metrics, the commit pod goes.
+pub async fn committed(
+    job: &BackupJob,
+    ctx: &Context,
+    restore_point: &str,
+) -> Result<Action, Error> {
+    let mut u = JobUpdate::new(job);
+    status::committed(&mut u, restore_point);
+    let st = u.status.clone();
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    let started = st
         .start_time
         .as_ref()
         .map(|t| t.0)
         .unwrap_or_else(Timestamp::now);
     let seconds = (Timestamp::now().as_millisecond() - started.as_millisecond()) as f64 / 1000.0;
-    let vm = u.status.vm_name.clone().unwrap_or_default();
+    let vm = st.vm_name.clone().unwrap_or_default();
     let ns = job.namespace().unwrap_or_default();
     let m = &ctx.metrics;
-    for d in r.disks.iter() {
-        m.bytes_copied
-            .with_label_values(&[&ns, &vm, &d.key.to_string()])
-            .inc_by(d.bytes_to_copy);
-    }
-    status::write(u, ctx).await.map_err(Error::Status)?;
     m.backups.with_label_values(&[&ns, &vm, "succeeded"]).inc();
     m.backup_duration.observe(seconds.max(0.0));
     m.last_success
         .with_label_values(&[&ns, &vm])
         .set(Timestamp::now().as_second());
-    let copied: u64 = r.disks.iter().map(|d| d.bytes_to_copy).sum();
+    let copied: i64 = st.disks.iter().filter_map(|d| d.bytes_to_copy).sum();
     m.last_throughput
         .with_label_values(&[&ns, &vm])
-        .set(copied as f64 / seconds.max(0.001));
+        .set(copied.max(0) as f64 / seconds.max(0.001));
     delete_job_pods(job, ctx).await?;
     Ok(Action::requeue(Duration::from_secs(2)))
 }
@@ -199,7 +217,8 @@ async fn confirm_snapshot_removed(
     })
 }
 
-/// Succeeded or Failed: no pod of the job remains; a failed job's partial files are removed.
+/// Succeeded or Failed: no pod of the job remains; the directories of its attempts that did not
+/// commit are removed.
 pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     delete_job_pods(job, ctx).await?;
@@ -210,10 +229,10 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let pending_cleanup = FilesRemoved::OUTSTANDING
         .iter()
         .any(|r| holding(&st.conditions, r).is_some());
-    if st.phase != Some(Phase::Failed) || !pending_cleanup {
+    if !pending_cleanup {
         return Ok(Action::await_change());
     }
-    let files: Vec<String> = st.disks.iter().filter_map(|d| d.file.clone()).collect();
+    let files = status::uncommitted_dirs(job);
     let name = cleanup_name(job);
     let pod = get::<Pod>(&ctx.client, &ns, &name)
         .await
@@ -228,13 +247,13 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     match PodPhase::of(&pod) {
         PodPhase::Succeeded => u.set(
             &FilesRemoved::Removed,
-            format!("removed partial files {files:?}"),
+            format!("removed the attempts' directories {files:?}"),
         ),
         PodPhase::Failed => {
             let why = pod_state::failure(&pod).unwrap_or_else(|| "the cleanup pod failed".into());
             u.set(
                 &FilesRemoved::RemovalFailed,
-                format!("partial files {files:?} may remain: {why}"),
+                format!("the attempts' directories {files:?} may remain: {why}"),
             );
         }
         _ => return Ok(Action::requeue(Duration::from_secs(3))),
@@ -246,7 +265,7 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Starts the pod removing the failed job's partial files.
+/// Starts the pod removing the directories of the job's attempts that did not commit.
 async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let repo_name = &job.spec.repository_ref.name;
@@ -257,7 +276,7 @@ async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Resu
         let mut u = JobUpdate::new(job);
         u.set(
             &FilesRemoved::RepositoryNotFound,
-            format!("Repository {repo_name} is gone; partial files {files:?} were not removed"),
+            format!("Repository {repo_name} is gone; the attempts' directories {files:?} were not removed"),
         );
         status::write(u, ctx).await.map_err(Error::Status)?;
         return Ok(Action::await_change());
@@ -279,7 +298,7 @@ async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Resu
             u.set(
                 &FilesRemoved::CleanupPodRejected,
                 format!(
-                    "partial files {files:?} are not removed yet: the API server refused {} {}: {why}",
+                    "the attempts' directories {files:?} are not removed yet: the API server refused {} {}: {why}",
                     e.kind, e.name
                 ),
             );

@@ -42,6 +42,7 @@ macro_rules! proceed {
     };
 }
 
+mod commit;
 mod context;
 mod dereference;
 mod finish;

@@ -89,6 +89,8 @@ pub enum FailureReason {
     Agent(Option<AgentReason>),
     /// The agent ended without a result the operator can read.
     ResultMissing,
+    /// The copied files could not be committed as a restore point.
+    CommitFailed,
 }
 
 impl FailureReason {
@@ -100,6 +102,7 @@ impl FailureReason {
             Self::Agent(Some(r)) => r.as_str(),
             Self::Agent(None) => "AgentFailed",
             Self::ResultMissing => "ResultMissing",
+            Self::CommitFailed => "CommitFailed",
         }
     }
 }
@@ -131,6 +134,7 @@ pub fn retry_backoff(attempt: i32) -> Duration {
 pub enum JobPod {
     Hub,
     Agent,
+    Commit,
 }
 
 /// The `Running` condition.
@@ -142,6 +146,8 @@ pub enum Running {
     /// Security admission, a policy. Tried again periodically.
     Refused(JobPod),
     Copying,
+    /// The copy is flushed; its files are being read back and committed as a restore point.
+    Committing,
     Waiting(WaitReason),
     Retrying,
     /// The Complete condition's Event says it.
@@ -157,7 +163,7 @@ impl ConditionReason for Running {
     fn is_true(&self) -> bool {
         matches!(
             self,
-            Self::HubStarting | Self::AgentStarting | Self::Copying
+            Self::HubStarting | Self::AgentStarting | Self::Copying | Self::Committing
         )
     }
     fn reason(&self) -> &str {
@@ -165,9 +171,11 @@ impl ConditionReason for Running {
             Self::HubStarting => "HubStarting",
             Self::AgentStarting => "AgentStarting",
             Self::Copying => "Copying",
+            Self::Committing => "Committing",
             Self::Waiting(w) => w.as_str(),
             Self::Refused(JobPod::Hub) => "HubPodRejected",
             Self::Refused(JobPod::Agent) => "AgentPodRejected",
+            Self::Refused(JobPod::Commit) => "CommitPodRejected",
             Self::Retrying => "Retrying",
             Self::Completed => "Completed",
             Self::Failed => "Failed",
@@ -175,7 +183,9 @@ impl ConditionReason for Running {
     }
     fn event_type(&self) -> Option<EventType> {
         match self {
-            Self::HubStarting | Self::AgentStarting | Self::Copying => Some(EventType::Normal),
+            Self::HubStarting | Self::AgentStarting | Self::Copying | Self::Committing => {
+                Some(EventType::Normal)
+            }
             Self::Waiting(_) | Self::Refused(_) | Self::Retrying => Some(EventType::Warning),
             Self::Completed | Self::Failed => None,
         }
@@ -261,7 +271,8 @@ impl ConditionReason for SnapshotRemoved {
     }
 }
 
-/// The `PartialFilesRemoved` condition of a failed job.
+/// The `PartialFilesRemoved` condition of a failed job, or of a succeeded one whose earlier
+/// attempts failed: the directories of the attempts that did not commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilesRemoved {
     /// The cleanup pod is to run.

@@ -12,13 +12,14 @@ use super::dereference::{Dereferenced, Disk};
 use super::outcome::{Wait, WaitReason};
 use crate::chain::{self, DiskPlan};
 use crate::ports;
-use crate::resources::disk_file;
+use crate::resources::{attempt_dir, disk_file};
 
 /// Everything decided before any pod exists; recorded in status as one write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub vm_name: String,
-    /// The job the incremental disks are layered on.
+    pub vm_instance_uuid: String,
+    /// The RestorePoint the incremental disks are layered on.
     pub chain_parent: Option<String>,
     /// One entry per disk: capacity, port, file, full or incremental and why.
     pub disks: Vec<DiskStatus>,
@@ -96,28 +97,31 @@ fn disk_status(
     port: Option<i32>,
     plan: Option<&DiskPlan>,
 ) -> DiskStatus {
+    // The first attempt's directory; a retry moves to its own (status::retrying).
+    let dir = attempt_dir(
+        &refs.repository.spec.layout.directory,
+        &job.namespace().unwrap_or_default(),
+        &refs.vm_name,
+        &job.name_any(),
+        &job.uid().unwrap_or_default(),
+        1,
+    );
     let mut s = DiskStatus {
         device_key: d.key,
         label: Some(d.label.clone()),
         capacity_bytes: Some(d.capacity as i64),
         port,
-        file: Some(disk_file(
-            &refs.repository.spec.layout.directory,
-            &job.namespace().unwrap_or_default(),
-            &refs.vm_name,
-            d.key,
-            &job.name_any(),
-        )),
+        file: Some(disk_file(&dir, d.key)),
         ..Default::default()
     };
     match plan {
         Some(DiskPlan::Incremental {
-            parent_job,
+            parent,
             parent_file,
             change_id,
         }) => {
             s.copy = Some(CopyKind::Incremental);
-            s.copy_reason = Some(format!("changes since backup {parent_job}"));
+            s.copy_reason = Some(format!("changes since restore point {parent}"));
             s.backing_file = Some(parent_file.clone());
             s.change_id_used = Some(change_id.clone());
         }
@@ -143,7 +147,7 @@ pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
             ),
         ));
     }
-    let parent = chain::parent(job, &refs.jobs);
+    let parent = chain::parent(job, &refs.vm_instance_uuid, &refs.restore_points);
     let capacities: BTreeMap<i32, u64> = disks.iter().map(|d| (d.key, d.capacity)).collect();
     let plans = chain::plan(job, parent, &capacities)
         .map_err(|e| Wait::new(WaitReason::IncrementalNotPossible, e.to_string()))?;
@@ -158,8 +162,9 @@ pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
     };
     Ok(Plan {
         vm_name: vm.to_owned(),
+        vm_instance_uuid: refs.vm_instance_uuid.clone(),
         chain_parent: plans.values().find_map(|p| match p {
-            DiskPlan::Incremental { parent_job, .. } => Some(parent_job.clone()),
+            DiskPlan::Incremental { parent, .. } => Some(parent.clone()),
             DiskPlan::Full { .. } => None,
         }),
         disks: disks

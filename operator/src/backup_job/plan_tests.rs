@@ -1,6 +1,6 @@
 use super::*;
 use crate::fixtures::{Fixture, TestObject};
-use sendense_crds::{Repository, SourceNode};
+use sendense_crds::{Repository, RestorePoint, SourceNode};
 use serde_json::json;
 
 fn disk(key: i32, capacity: u64) -> Disk {
@@ -19,8 +19,10 @@ fn refs(jobs: Vec<BackupJob>) -> Dereferenced {
         source_node: SourceNode::test(),
         repository: Repository::test(),
         vm_name: "web-01".into(),
+        vm_instance_uuid: "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into(),
         disks: vec![disk(2000, 1 << 30), disk(2001, 1 << 29)],
         jobs,
+        restore_points: Vec::new(),
     }
 }
 
@@ -34,32 +36,43 @@ fn a_first_backup_is_full_on_the_lowest_ports_with_files_from_the_layout() {
     assert_eq!(p.vm_name, "web-01");
     assert_eq!(p.chain_parent, None);
     assert_eq!(p.ports_text(), "2000:10100,2001:10101");
+    assert_eq!(p.vm_instance_uuid, "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a");
     let d = &p.disks[0];
     assert_eq!(d.copy, Some(CopyKind::Full));
+    // The job's own directory: its name, its UID, the attempt.
     assert_eq!(
         d.file.as_deref(),
-        Some("backups/web-01/2000/web-01-b2.qcow2")
+        Some("backups/web-01/web-01-b2-u-2-a1/2000.qcow2")
     );
     assert_eq!(d.capacity_bytes, Some(1 << 30));
 }
 
 #[test]
-fn an_auto_backup_after_a_success_is_incremental_on_its_files() {
-    let parent = BackupJob::test().named("web-01-b1").with_status(json!({
-        "phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z", "disks": [
-            {"deviceKey": 2000, "capacityBytes": 1u64 << 30, "file": "backups/web-01/2000/web-01-b1.qcow2", "changeIdReached": "u/1", "port": 10100},
-            {"deviceKey": 2001, "capacityBytes": 1u64 << 29, "file": "backups/web-01/2001/web-01-b1.qcow2", "changeIdReached": "u/2", "port": 10101}
-        ]}));
-    let p = plan(&BackupJob::test(), &refs(vec![parent])).expect("a plan");
-    assert_eq!(p.chain_parent.as_deref(), Some("web-01-b1"));
+fn an_auto_backup_is_incremental_on_the_vms_newest_restore_point() {
+    let dir = "backups/web-01/web-01-b1-0000000b-0000-4000-8000-000000000001-a1";
+    let parent = RestorePoint::test().with_spec(json!({"disks": [
+        {"deviceKey": 2000, "capacityBytes": 1u64 << 30, "file": format!("{dir}/2000.qcow2"), "changeIdReached": "u/1", "copy": "Full", "bytesWritten": 1, "sha256": ""},
+        {"deviceKey": 2001, "capacityBytes": 1u64 << 29, "file": format!("{dir}/2001.qcow2"), "changeIdReached": "u/2", "copy": "Full", "bytesWritten": 1, "sha256": ""}
+    ]}));
+    // The job that made it is gone or was a namesake: only the restore point counts. A finished
+    // job holds no ports.
+    let finished = BackupJob::test().named("web-01-b1").with_status(json!({
+        "phase": "Succeeded", "disks": [{"deviceKey": 2000, "port": 10100}]}));
+    let mut r = refs(vec![finished]);
+    r.restore_points = vec![parent];
+    let p = plan(&BackupJob::test(), &r).expect("a plan");
+    assert_eq!(p.chain_parent.as_deref(), Some("web-01-b1-0000000b"));
     assert_eq!(p.disks[1].copy, Some(CopyKind::Incremental));
     assert_eq!(p.disks[1].change_id_used.as_deref(), Some("u/2"));
     assert_eq!(
         p.disks[1].backing_file.as_deref(),
-        Some("backups/web-01/2001/web-01-b1.qcow2")
+        Some(format!("{dir}/2001.qcow2").as_str())
     );
-    // A finished job holds no ports.
     assert_eq!(p.ports_text(), "2000:10100,2001:10101");
+    // Another VM's restore point (a different instance UUID, whatever its name) is no parent.
+    r.vm_instance_uuid = "4129a8f2-0000-4c2e-9a55-3f0b7e0d1c2a".into();
+    let p = plan(&BackupJob::test(), &r).expect("a plan");
+    assert_eq!(p.chain_parent, None);
 }
 
 #[test]

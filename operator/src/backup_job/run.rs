@@ -36,6 +36,8 @@ pub enum Error {
     Hub(#[source] ApiError),
     #[error("starting the agent: {0}")]
     Agent(#[source] ApiError),
+    #[error("recording the restore point: {0}")]
+    RestorePoint(#[source] ApiError),
     #[error(transparent)]
     Status(ApiError),
     #[error(transparent)]
@@ -50,11 +52,11 @@ fn requeue(secs: u64) -> Action {
 }
 
 /// The attempt a pod was created for.
-fn attempt_of(pod: &Pod) -> Option<i32> {
+pub(super) fn attempt_of(pod: &Pod) -> Option<i32> {
     pod.labels().get(ATTEMPT_LABEL)?.parse().ok()
 }
 
-fn for_attempt(mut pod: Pod, attempt: i32) -> Pod {
+pub(super) fn for_attempt(mut pod: Pod, attempt: i32) -> Pod {
     pod.metadata
         .labels
         .get_or_insert_with(Default::default)
@@ -100,7 +102,7 @@ const REFUSED_RETRY_SECONDS: u64 = 30;
 /// Security admission, a policy) goes into the Running condition with the API's own message,
 /// and so into a Warning Event; the step is tried again later, when a quota may have freed up
 /// or a policy changed. Any other failure is the reconcile's error (logged, retried).
-async fn refused<T>(
+pub(super) async fn refused<T>(
     job: &BackupJob,
     ctx: &Context,
     attempt: i32,
@@ -320,7 +322,7 @@ async fn observe_agent(
     agent: &Pod,
 ) -> Result<Action, Error> {
     match AgentState::of(agent) {
-        AgentState::Succeeded(r) => Ok(finish::succeeded(job, ctx, &r).await?),
+        AgentState::Succeeded(r) => Ok(finish::copied(job, ctx, &r).await?),
         AgentState::Failed(failure, r) => {
             Ok(finish::attempt_failed(job, ctx, failure, r.as_ref()).await?)
         }
@@ -345,6 +347,9 @@ async fn observe_agent(
 pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
+    if status::is_copied(job) {
+        return super::commit::commit(job, ctx, attempt).await;
+    }
     let hub = read_pod(ctx, &ns, &hub_name(job)).await?;
     let agent = read_pod(ctx, &ns, &agent_name(job)).await?;
     proceed!(clear_stale(ctx, &ns, attempt, [&hub, &agent]).await?);

@@ -14,7 +14,7 @@ use super::outcome::{
 };
 use super::plan::Plan;
 use crate::children::ApiError;
-use crate::resources::HubDisk;
+use crate::resources::{HubDisk, dir_of, disk_file, for_attempt};
 use crate::status::{StatusUpdate, now};
 
 pub type JobUpdate<'a> = StatusUpdate<'a, BackupJob>;
@@ -30,6 +30,7 @@ pub fn started(u: &mut JobUpdate, plan: Plan) {
     let st = &mut u.status;
     st.phase = Some(Phase::Running);
     st.vm_name = Some(plan.vm_name.clone());
+    st.vm_instance_uuid = Some(plan.vm_instance_uuid.clone()).filter(|u| !u.is_empty());
     st.attempts = Some(1);
     st.start_time = Some(now());
     st.chain_parent = plan.chain_parent.clone();
@@ -85,8 +86,10 @@ fn snapshot_status(s: &SnapshotReport) -> SnapshotStatus {
     }
 }
 
-/// The agent reported success: change IDs reached, sizes, the snapshot, Complete.
-pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
+/// The agent reported success: change IDs reached, sizes, the snapshot. The job stays Running
+/// until the files are committed as a restore point; every disk having its change ID reached
+/// is what says the copy is done (`copied`).
+pub fn copied(u: &mut JobUpdate, attempt: i32, result: &BackupResult) {
     let st = &mut u.status;
     let mut total = 0u64;
     let mut written = 0u64;
@@ -98,6 +101,7 @@ pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
             }
             d.bytes_to_copy = Some(r.bytes_to_copy as i64);
             d.bytes_copied = Some(r.bytes_to_copy as i64);
+            d.bytes_written = Some(r.bytes_written as i64);
             d.copy = match r.copy {
                 Some(result::CopyKind::Incremental) => Some(CopyKind::Incremental),
                 Some(result::CopyKind::Full) => Some(CopyKind::Full),
@@ -110,7 +114,7 @@ pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
             written += r.bytes_written;
         }
     }
-    st.phase = Some(Phase::Succeeded);
+    // When the data was complete: the restore point's time.
     st.completion_time = Some(now());
     st.bytes_to_copy = Some(total as i64);
     st.bytes_copied = Some(total as i64);
@@ -119,6 +123,37 @@ pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
     if let Some(s) = &result.snapshot {
         st.snapshot = Some(snapshot_status(s));
     }
+    u.set(
+        &Running::Committing,
+        format!(
+            "attempt {attempt}: copied and flushed ({} read from the snapshot, {} written); reading the files back to commit the restore point",
+            human_bytes(total),
+            human_bytes(written)
+        ),
+    );
+    u.set(
+        &SnapshotRemoved::Removed,
+        "the backup's snapshot was removed",
+    );
+}
+
+/// The copy of the current attempt is complete (every disk has its change ID reached) and
+/// waits to be committed.
+pub fn is_copied(job: &BackupJob) -> bool {
+    job.status.as_ref().is_some_and(|s| {
+        s.phase == Some(Phase::Running)
+            && !s.disks.is_empty()
+            && s.disks.iter().all(|d| d.change_id_reached.is_some())
+    })
+}
+
+/// The restore point is committed: Succeeded, naming it. Earlier attempts' directories are
+/// to be removed when there were any.
+pub fn committed(u: &mut JobUpdate, restore_point: &str) {
+    let st = &mut u.status;
+    st.phase = Some(Phase::Succeeded);
+    st.restore_point = Some(restore_point.to_owned());
+    let attempts = st.attempts.unwrap_or(1);
     let disks = st.disks.len();
     let incremental = st
         .disks
@@ -126,16 +161,38 @@ pub fn succeeded(u: &mut JobUpdate, result: &BackupResult) {
         .filter(|d| d.copy == Some(CopyKind::Incremental))
         .count();
     let summary = format!(
-        "backed up {disks} disk(s) ({incremental} incremental): {} read from the snapshot, {} written",
-        human_bytes(total),
-        human_bytes(written)
+        "backed up {disks} disk(s) ({incremental} incremental) into restore point {restore_point}: {} written",
+        st.size.clone().unwrap_or_default()
     );
     u.set(&Running::Completed, summary.clone());
     u.set(&Complete, summary);
-    u.set(
-        &SnapshotRemoved::Removed,
-        "the backup's snapshot was removed",
-    );
+    if attempts > 1 {
+        u.set(
+            &FilesRemoved::Pending,
+            format!(
+                "removing the directories of the {} attempt(s) that did not commit",
+                attempts - 1
+            ),
+        );
+    }
+}
+
+/// The attempts' directories whose files may go: every attempt of a failed job, the attempts
+/// before the committed one of a succeeded job.
+pub fn uncommitted_dirs(job: &BackupJob) -> Vec<String> {
+    let Some(st) = job.status.as_ref() else {
+        return Vec::new();
+    };
+    let Some(file) = st.disks.iter().find_map(|d| d.file.as_deref()) else {
+        return Vec::new();
+    };
+    let attempts = st.attempts.unwrap_or(1);
+    let last = if st.phase == Some(Phase::Succeeded) {
+        attempts - 1
+    } else {
+        attempts
+    };
+    (1..=last).map(|a| for_attempt(dir_of(file), a)).collect()
 }
 
 /// What the agent said of its snapshot, when it said anything.
@@ -150,6 +207,18 @@ pub fn retrying(u: &mut JobUpdate, attempt: i32, allowed: i32, failure: &Failure
     u.status.attempts = Some(attempt + 1);
     u.status.bytes_copied = None;
     u.status.progress = None;
+    u.status.completion_time = None;
+    // The next attempt writes fresh files into its own directory, from a new snapshot.
+    for d in u.status.disks.iter_mut() {
+        d.change_id_reached = None;
+        d.bytes_written = None;
+        if let Some(f) = d.file.as_deref() {
+            d.file = Some(disk_file(
+                &for_attempt(dir_of(f), attempt + 1),
+                d.device_key,
+            ));
+        }
+    }
     u.set(
         &Running::Retrying,
         format!(
@@ -185,7 +254,7 @@ pub fn failed(
     u.set(&snapshot, snapshot_message);
     u.set(
         &FilesRemoved::Pending,
-        "removing this job's partial QCOW2 files from the repository",
+        "removing the directories of this job's attempts from the repository",
     );
 }
 

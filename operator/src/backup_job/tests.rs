@@ -57,7 +57,7 @@ fn progress_reads_as_percent_and_sizes() {
 }
 
 #[test]
-fn a_successful_result_records_change_ids_sizes_and_conditions() {
+fn a_successful_copy_is_recorded_then_committed_into_a_restore_point() {
     let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
         {"deviceKey": 2000, "port": 10100, "copy": "Incremental", "changeIdUsed": "u/3", "file": "a.qcow2"},
         {"deviceKey": 2001, "port": 10101, "copy": "Incremental", "changeIdUsed": "u/3", "file": "b.qcow2"}
@@ -68,10 +68,20 @@ fn a_successful_result_records_change_ids_sizes_and_conditions() {
                  {"key":2001,"copy":"full","reason":"changeId u/3 is not valid any more","change_id_used":"*","change_id_reached":"v/1","bytes_to_copy":4096,"bytes_written":4096}]}"#,
     )
     .expect("parses");
+    assert!(!status::is_copied(&j));
     let mut u = JobUpdate::new(&j);
-    status::succeeded(&mut u, &r);
-    let st = u.status;
-    assert_eq!(st.phase, Some(Phase::Succeeded));
+    status::copied(&mut u, 1, &r);
+    let st = u.status.clone();
+    // Copied, not yet a restore point: still Running, committing.
+    assert_eq!(st.phase, Some(Phase::Running));
+    assert!(!conditions::is_true(&st.conditions, "Complete"));
+    let running = conditions::find(&st.conditions, "Running").expect("Running");
+    assert_eq!(running.reason, "Committing");
+    assert!(status::is_copied(&job(
+        serde_json::to_value(&st).expect("status")
+    )));
+    assert!(st.completion_time.is_some(), "the restore point's time");
+    assert_eq!(st.disks[0].bytes_written, Some(524288));
     assert_eq!(st.disks[0].change_id_reached.as_deref(), Some("u/5"));
     assert_eq!(st.disks[1].copy, Some(CopyKind::Full));
     assert!(
@@ -83,9 +93,59 @@ fn a_successful_result_records_change_ids_sizes_and_conditions() {
     );
     assert_eq!(st.bytes_copied, Some(1048576 + 4096));
     assert_eq!(st.size.as_deref(), Some("516.0 KiB"));
-    assert!(conditions::is_true(&st.conditions, "Complete"));
     assert!(conditions::is_true(&st.conditions, "SnapshotRemoved"));
     assert_eq!(st.snapshot.as_ref().map(|s| s.removed), Some(true));
+
+    let copied = job(serde_json::to_value(&st).expect("status"));
+    let mut u = JobUpdate::new(&copied);
+    status::committed(&mut u, "web-01-b2-8f14e45f");
+    let st = u.status;
+    assert_eq!(st.phase, Some(Phase::Succeeded));
+    assert_eq!(st.restore_point.as_deref(), Some("web-01-b2-8f14e45f"));
+    assert!(conditions::is_true(&st.conditions, "Complete"));
+    // One attempt: nothing of another attempt to remove.
+    assert!(conditions::find(&st.conditions, "PartialFilesRemoved").is_none());
+}
+
+#[test]
+fn a_retry_writes_into_its_own_directory_and_the_uncommitted_ones_are_removed() {
+    let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
+        {"deviceKey": 2000, "file": "ns/web/b2-u-a1/2000.qcow2", "backingFile": "ns/web/b1-v-a1/2000.qcow2", "changeIdReached": "x"},
+        {"deviceKey": 2001, "file": "ns/web/b2-u-a1/2001.qcow2"}
+    ]}));
+    let mut u = JobUpdate::new(&j);
+    let failure = super::outcome::Failure::new(super::outcome::FailureReason::HubFailed, "gone");
+    status::retrying(&mut u, 1, 3, &failure);
+    let st = u.status.clone();
+    assert_eq!(st.attempts, Some(2));
+    assert_eq!(
+        st.disks[0].file.as_deref(),
+        Some("ns/web/b2-u-a2/2000.qcow2")
+    );
+    assert_eq!(
+        st.disks[1].file.as_deref(),
+        Some("ns/web/b2-u-a2/2001.qcow2")
+    );
+    assert_eq!(
+        st.disks[0].backing_file.as_deref(),
+        Some("ns/web/b1-v-a1/2000.qcow2")
+    );
+    assert_eq!(
+        st.disks[0].change_id_reached, None,
+        "nothing of attempt 1 counts"
+    );
+    // Failed after two attempts: both directories go. Succeeded on the second: the first.
+    let mut failed = st.clone();
+    failed.phase = Some(Phase::Failed);
+    let failed = job(serde_json::to_value(&failed).expect("status"));
+    assert_eq!(
+        status::uncommitted_dirs(&failed),
+        ["ns/web/b2-u-a1", "ns/web/b2-u-a2"]
+    );
+    let mut succeeded = st;
+    succeeded.phase = Some(Phase::Succeeded);
+    let succeeded = job(serde_json::to_value(&succeeded).expect("status"));
+    assert_eq!(status::uncommitted_dirs(&succeeded), ["ns/web/b2-u-a1"]);
 }
 
 #[test]
@@ -283,7 +343,7 @@ mod api {
     }
 
     #[tokio::test]
-    async fn a_successful_agent_is_recorded_then_the_pods_go() {
+    async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
         let (ctx, mut h) = context();
         let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
             {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "f.qcow2", "copy": "Full"}
@@ -313,12 +373,12 @@ mod api {
         )
         .await;
         let patch = expect_status_patch(&mut h, &j).await;
-        assert_eq!(patch["status"]["phase"], "Succeeded");
+        // Copied, to be committed: Running until the restore point exists.
+        assert_eq!(patch["status"]["phase"], "Running");
         assert_eq!(patch["status"]["disks"][0]["changeIdReached"], "u/1");
-        assert_eq!(cond(&patch, "Complete")["status"], "True");
-        // One Event per changed condition: Complete and SnapshotRemoved (Running's end is
-        // said by Complete).
-        for reason in ["BackupSucceeded", "Removed"] {
+        assert_eq!(cond(&patch, "Running")["reason"], "Committing");
+        // One Event per changed condition: Running (Committing) and SnapshotRemoved.
+        for reason in ["Committing", "Removed"] {
             let ev = expect(&mut h, "POST", EVENTS, 201, json!({})).await;
             assert_eq!(
                 (&ev["type"], &ev["reason"]),
@@ -341,6 +401,14 @@ mod api {
             json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "web-01-b2-hub"}}),
         )
         .await;
+        expect(
+            &mut h,
+            "DELETE",
+            "/api/v1/namespaces/backups/pods/web-01-b2-commit",
+            404,
+            not_found(),
+        )
+        .await;
         run.await.expect("joined").expect("reconciled");
     }
 
@@ -361,6 +429,14 @@ mod api {
             &mut h,
             "DELETE",
             "/api/v1/namespaces/backups/pods/web-01-b2-hub",
+            404,
+            not_found(),
+        )
+        .await;
+        expect(
+            &mut h,
+            "DELETE",
+            "/api/v1/namespaces/backups/pods/web-01-b2-commit",
             404,
             not_found(),
         )

@@ -1,5 +1,5 @@
-//! The short pod that removes a failed job's partial QCOW2 files from the repository (only
-//! that job's files: the paths recorded in its status).
+//! The short pod that removes the directories of a job's attempts that did not commit (only
+//! that job's: named after its UID; `hub remove` refuses a committed restore point's).
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use sendense_crds::BackupJob;
@@ -8,10 +8,10 @@ use super::layout::{agent_container, mounted, volume_pod_spec};
 use super::{PodSettings, cleanup_name, harden, labels, owned_meta};
 use sendense_contract::cli::HubRemoveArgs;
 
-/// The cleanup pod: `files` relative to the volume's root, on the repository's `claim`.
-pub fn cleanup_pod(job: &BackupJob, claim: &str, files: &[String], images: &PodSettings) -> Pod {
+/// The cleanup pod: `dirs` relative to the volume's root, on the repository's `claim`.
+pub fn cleanup_pod(job: &BackupJob, claim: &str, dirs: &[String], images: &PodSettings) -> Pod {
     let args = HubRemoveArgs {
-        files: files.iter().map(|f| mounted(f)).collect(),
+        dirs: dirs.iter().map(|f| mounted(f)).collect(),
     };
     let mut remove = agent_container("remove".into(), args.to_args(), images);
     remove.termination_message_policy = Some("FallbackToLogsOnError".into());
@@ -32,13 +32,13 @@ mod tests {
     use crate::fixtures::TestObject;
 
     #[test]
-    fn the_cleanup_pod_removes_only_this_jobs_files() {
+    fn the_cleanup_pod_removes_only_this_jobs_attempts() {
         let j = BackupJob::test();
         let images = PodSettings {
             agent: "agent:1".into(),
             ..Default::default()
         };
-        let pod = cleanup_pod(&j, "data", &["ns/vm/2000/web-01-b2.qcow2".into()], &images);
+        let pod = cleanup_pod(&j, "data", &["ns/vm/web-01-b2-u-2-a1".into()], &images);
         assert_eq!(
             crate::resources::hardening::restricted_violations(&pod),
             Vec::<String>::new()
@@ -52,8 +52,8 @@ mod tests {
                 "sendense-agent",
                 "hub",
                 "remove",
-                "--file",
-                "/repository/ns/vm/2000/web-01-b2.qcow2"
+                "--dir",
+                "/repository/ns/vm/web-01-b2-u-2-a1"
             ]
         );
         assert_eq!(pod.metadata.name.as_deref(), Some("web-01-b2-cleanup"));

@@ -163,13 +163,16 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
     assert_eq!(prepared[1].backing, None);
     assert_eq!(pinged, ["nbd://127.0.0.1:10100/", "nbd://127.0.0.1:10101/"]);
 
-    let files = vec![disks[0].file.clone(), disks[1].file.clone()];
+    let files = vec![
+        "backups/web-01/b2-u-a1".to_owned(),
+        "backups/web-01/b2-u-a2".to_owned(),
+    ];
     let cleanup = cleanup_pod(&job, "backups-data", &files, &images());
     match parse(&command_lines(&cleanup)[0]) {
         Command::Hub {
             command: HubCommand::Remove(r),
         } => assert_eq!(
-            r.files,
+            r.dirs,
             files
                 .iter()
                 .map(|f| std::path::Path::new(REPOSITORY_MOUNT).join(f))

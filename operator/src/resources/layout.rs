@@ -42,19 +42,49 @@ fn path_component(s: &str) -> String {
     }
 }
 
-/// Where a disk's QCOW2 of this job lives, relative to the repository volume's root:
-/// the repository's layout with `{namespace}`, `{vm}` and `{deviceKey}` filled in, then
-/// `<job>.qcow2`.
-pub fn disk_file(layout: &str, namespace: &str, vm: &str, key: i32, job: &str) -> String {
+/// The directory of one attempt of a job, relative to the repository volume's root: the
+/// repository's layout with `{namespace}` and `{vm}` filled in, then
+/// `<job>-<job UID>-a<attempt>`. The UID makes it the job's own whatever its name; the attempt
+/// gives every attempt fresh files.
+pub fn attempt_dir(
+    layout: &str,
+    namespace: &str,
+    vm: &str,
+    job: &str,
+    uid: &str,
+    attempt: i32,
+) -> String {
     let dir = layout
         .replace("{namespace}", &path_component(namespace))
-        .replace("{vm}", &path_component(vm))
-        .replace("{deviceKey}", &key.to_string());
-    let dir: Vec<&str> = dir
+        .replace("{vm}", &path_component(vm));
+    let mut parts: Vec<String> = dir
         .split('/')
         .filter(|p| !p.is_empty() && *p != "." && *p != "..")
+        .map(str::to_owned)
         .collect();
-    format!("{}/{}.qcow2", dir.join("/"), path_component(job))
+    // A name of up to 253 characters, the UID and the attempt stay within 255 bytes.
+    let name: String = path_component(job).chars().take(180).collect();
+    parts.push(format!("{name}-{}-a{attempt}", path_component(uid)));
+    parts.join("/")
+}
+
+/// The same directory for another attempt.
+pub fn for_attempt(dir: &str, attempt: i32) -> String {
+    let base = match dir.rfind("-a") {
+        Some(i) if dir[i + 2..].chars().all(|c| c.is_ascii_digit()) => &dir[..i],
+        _ => dir,
+    };
+    format!("{base}-a{attempt}")
+}
+
+/// A disk's QCOW2 in an attempt's directory.
+pub fn disk_file(dir: &str, key: i32) -> String {
+    format!("{dir}/{key}.qcow2")
+}
+
+/// The directory of a file (relative paths, '/'-separated).
+pub fn dir_of(file: &str) -> &str {
+    file.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
 }
 
 /// A path relative to the volume's root, as hub-side containers see it.
@@ -112,20 +142,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn disk_files_follow_the_layout_and_stay_inside_the_volume() {
+    fn attempt_directories_follow_the_layout_and_stay_inside_the_volume() {
+        let uid = "8f14e45f-ceea-4c8a-9b1c-3a0b5e0d1c2a";
+        let dir = attempt_dir("{namespace}/{vm}", "backups", "web 01/x", "b1", uid, 1);
+        assert_eq!(dir, format!("backups/web_01_x/b1-{uid}-a1"));
+        assert_eq!(disk_file(&dir, 2000), format!("{dir}/2000.qcow2"));
+        assert_eq!(dir_of(&disk_file(&dir, 2000)), dir);
         assert_eq!(
-            disk_file(
-                "{namespace}/{vm}/{deviceKey}",
-                "backups",
-                "web 01/x",
-                2000,
-                "b1"
-            ),
-            "backups/web_01_x/2000/b1.qcow2"
+            attempt_dir("vms/{vm}/", "ns", "..", "j", "u", 3),
+            "vms/_/j-u-a3"
         );
         assert_eq!(
-            disk_file("vms/{vm}/{deviceKey}/", "ns", "..", 2001, "j"),
-            "vms/_/2001/j.qcow2"
+            for_attempt(&dir, 2),
+            format!("backups/web_01_x/b1-{uid}-a2")
         );
+        assert_eq!(for_attempt("a/b-a12", 13), "a/b-a13");
+        let long = attempt_dir("{vm}", "ns", "vm", &"n".repeat(253), uid, 10);
+        assert!(long.rsplit('/').next().unwrap_or_default().len() <= 255);
     }
 }

@@ -5,6 +5,7 @@
 
 mod agent;
 mod cleanup;
+mod commit;
 pub(crate) mod hardening;
 mod hub;
 mod layout;
@@ -21,9 +22,10 @@ pub use agent::{
     AGENT_GRACE_SECONDS, CA_DIR, CREDENTIALS_DIR, DATASTORES_DIR, PROGRESS_PORT, agent_pod,
 };
 pub use cleanup::cleanup_pod;
+pub use commit::commit_pod;
 pub use hardening::harden;
 pub use hub::{HubDisk, NBD_SHARED, hub_pod, hub_service};
-pub use layout::{REPOSITORY_MOUNT, claim_name, disk_file};
+pub use layout::{REPOSITORY_MOUNT, attempt_dir, claim_name, dir_of, disk_file, for_attempt};
 pub use repository::{probe_pod, templated_claim};
 
 /// Label carrying the attempt a job's pod belongs to; pods of an earlier attempt are removed
@@ -118,6 +120,11 @@ pub fn agent_name(job: &BackupJob) -> String {
 /// Deterministic name of the pod removing a failed job's partial files.
 pub fn cleanup_name(job: &BackupJob) -> String {
     format!("{}-cleanup", job.name_any())
+}
+
+/// Deterministic name of the pod committing a job's restore point.
+pub fn commit_name(job: &BackupJob) -> String {
+    format!("{}-commit", job.name_any())
 }
 
 /// Deterministic name of a repository's probe pod.

@@ -1,0 +1,150 @@
+//! The last step of a successful attempt: its copied files become a restore point. The hub and
+//! agent go first (qemu-nbd closes the images); a short pod then runs `repo commit`, which reads
+//! each disk back through its chain and writes the manifest next to the files; the RestorePoint
+//! object is made from that manifest; then the job is Succeeded. A failed commit fails the
+//! attempt like any other failure: the next attempt copies afresh into its own directory.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use sendense_contract::manifest::CommitResult;
+use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
+
+use super::context::Context;
+use super::finish;
+use super::outcome::{Failure, FailureReason, JobPod, Running};
+use super::run::{Error, attempt_of, for_attempt, refused};
+use super::status::{self, JobUpdate};
+use crate::children::{apply, create_if_missing, delete_if_present, ensure_service_account, get};
+use crate::pod_state::{self, PodPhase};
+use crate::resources::{agent_name, claim_name, commit_name, commit_pod, hub_name};
+use crate::restore_point::{from_manifest, manifest};
+
+fn requeue(secs: u64) -> Action {
+    Action::requeue(Duration::from_secs(secs))
+}
+
+async fn fail(job: &BackupJob, ctx: &Context, message: String) -> Result<Action, Error> {
+    let failure = Failure::new(FailureReason::CommitFailed, message);
+    Ok(finish::attempt_failed(job, ctx, failure, None).await?)
+}
+
+/// Commits the copied attempt.
+pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    // The attempt's hub and agent are gone: nothing writes the files any more.
+    for name in [hub_name(job), agent_name(job)] {
+        if let Some(p) = get::<Pod>(&ctx.client, &ns, &name)
+            .await
+            .map_err(Error::Pods)?
+        {
+            if !pod_state::is_terminating(&p) {
+                delete_if_present::<Pod>(&ctx.client, &ns, &name)
+                    .await
+                    .map_err(Error::StalePods)?;
+            }
+            return Ok(requeue(2));
+        }
+    }
+    let sn_name = &job.spec.source_node_ref.name;
+    let vcenter = get::<SourceNode>(&ctx.client, &ns, sn_name)
+        .await
+        .map_err(Error::Pods)?
+        .map(|sn| sn.spec.vcenter.url)
+        .unwrap_or_default();
+    let m = match manifest(job, &vcenter) {
+        Ok(m) => m,
+        Err(e) => return fail(job, ctx, format!("cannot describe the restore point: {e}")).await,
+    };
+    let name = commit_name(job);
+    let pod = get::<Pod>(&ctx.client, &ns, &name)
+        .await
+        .map_err(Error::Pods)?;
+    let Some(pod) = pod else {
+        let repo_name = &job.spec.repository_ref.name;
+        let Some(repo) = get::<Repository>(&ctx.client, &ns, repo_name)
+            .await
+            .map_err(Error::Pods)?
+        else {
+            return Ok(finish::attempt_failed(
+                job,
+                ctx,
+                Failure::new(
+                    FailureReason::RepositoryNotFound,
+                    format!("Repository {repo_name} no longer exists"),
+                ),
+                None,
+            )
+            .await?);
+        };
+        let pod = commit_pod(job, &claim_name(&repo), &m, &ctx.images);
+        let account = ctx.images.hub_service_account.as_deref();
+        let created = async {
+            ensure_service_account(&ctx.client, &ns, account).await?;
+            apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+        }
+        .await;
+        if let Err(e) = created {
+            return refused::<()>(job, ctx, attempt, JobPod::Commit, e, Error::Hub)
+                .await
+                .map(|flow| flow.break_value().unwrap_or_else(|| requeue(30)));
+        }
+        let mut u = JobUpdate::new(job);
+        u.set(
+            &Running::Committing,
+            format!(
+                "attempt {attempt}: reading the files back and writing the manifest {}",
+                m.path()
+            ),
+        );
+        status::write(u, ctx).await.map_err(Error::Status)?;
+        return Ok(requeue(3));
+    };
+    if attempt_of(&pod) != Some(attempt) || pod_state::is_terminating(&pod) {
+        if !pod_state::is_terminating(&pod) {
+            delete_if_present::<Pod>(&ctx.client, &ns, &name)
+                .await
+                .map_err(Error::StalePods)?;
+        }
+        return Ok(requeue(2));
+    }
+    let result = || CommitResult::parse(&pod_state::termination_message(&pod).unwrap_or_default());
+    match PodPhase::of(&pod) {
+        PodPhase::Succeeded => {
+            let Some(r) = result().filter(|r| r.ok) else {
+                return fail(
+                    job,
+                    ctx,
+                    "the commit ended without a readable result".into(),
+                )
+                .await;
+            };
+            let mut m = m;
+            for d in m.disks.iter_mut() {
+                match r.disks.iter().find(|c| c.device_key == d.device_key) {
+                    Some(c) => d.sha256 = c.sha256.clone(),
+                    None => {
+                        let message =
+                            format!("the commit reported no digest of disk {}", d.device_key);
+                        return fail(job, ctx, message).await;
+                    }
+                }
+            }
+            let rp = from_manifest(&m, &ns);
+            create_if_missing::<RestorePoint>(&ctx.client, &ns, &rp)
+                .await
+                .map_err(Error::RestorePoint)?;
+            Ok(finish::committed(job, ctx, &rp.name_any()).await?)
+        }
+        PodPhase::Failed => {
+            let why = result()
+                .and_then(|r| r.error)
+                .or_else(|| pod_state::failure(&pod))
+                .unwrap_or_else(|| "the commit pod failed".into());
+            fail(job, ctx, format!("committing {}: {why}", m.directory)).await
+        }
+        _ => Ok(requeue(3)),
+    }
+}
