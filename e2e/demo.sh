@@ -599,10 +599,15 @@ until [ "$(k get -n "$NS" repository primary -o jsonpath='{.status.restorePoints
   sleep 0.5
 done
 k get -n "$NS" repository primary
+echo "  the RestorePoints the operator made from the manifests on the volume:"
+k get -n "$NS" restorepoints -o wide | sed 's/^/    /'
 echo "  files in the repository volume ($REPO, written by the hub's user 65532, group from fsGroup):"
 (cd "$REPO" && find . -name '*.qcow2' -printf '%P\n' | sort | while IFS= read -r f; do
   backing=$(qemu-img info -U --output=json "$f" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("backing-filename", ""))')
   printf '    %-60s %s %6s on disk%s\n' "$f" "$(stat -c %u:%g "$f")" "$(du -h "$f" | cut -f1)" "${backing:+, backed by $backing}"
+done)
+(cd "$REPO" && find . -name restorepoint.json -printf '%P\n' | sort | while IFS= read -r f; do
+  printf '    %-60s manifest of job %s\n' "$f" "$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["job"]["name"], "uid", m["job"]["uid"], "attempt", m["attempt"])' "$f")"
 done)
 echo "  operator metrics (http://$OPERATOR_IP:8080/metrics):"
 curl -sf --max-time 5 "http://$OPERATOR_IP:8080/metrics" | grep -E '^sendense_backups_total' | sed 's/^/    /' || true

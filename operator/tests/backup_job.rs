@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use kube::Api;
 use sendense_crds::backup_job::{CopyKind, Phase};
-use sendense_crds::{Repository, SourceNode};
+use sendense_crds::{BackupJob, Repository, SourceNode};
 use sendense_e2e::{client, kubectl_ok, wait_until};
 
 mod support;
@@ -93,7 +93,33 @@ async fn a_full_then_an_incremental_backup_restore_byte_identical() -> Result<()
             .all(|d| d.copy == Some(CopyKind::Incremental)),
         "{is:?}"
     );
-    assert_eq!(is.chain_parent.as_deref(), Some("web-full"));
+    // Each job produced a RestorePoint; the incremental is layered on the full's.
+    assert_eq!(is.chain_parent, fs.restore_point);
+    let rps = bed.restore_points().await?;
+    for (job, sums) in [(&fs, &full_sums), (&is, &incr_sums)] {
+        let name = job
+            .restore_point
+            .clone()
+            .context("no restore point named")?;
+        let rp = rps
+            .iter()
+            .find(|r| r.metadata.name.as_deref() == Some(name.as_str()))
+            .with_context(|| format!("RestorePoint {name} missing"))?;
+        for (n, key) in [2000, 2001].into_iter().enumerate() {
+            let d = rp
+                .spec
+                .disks
+                .iter()
+                .find(|d| d.device_key == key)
+                .context("disk")?;
+            // The digest the commit read back is the simulator's of the disk at the backup.
+            assert_eq!(d.sha256, sums[n], "{name} disk {key}");
+        }
+        assert!(
+            bed.repo_dir.join(&rp.spec.manifest).is_file(),
+            "the manifest is on the volume"
+        );
+    }
     for (f, i) in fs.disks.iter().zip(is.disks.iter()) {
         assert_eq!(
             i.backing_file, f.file,
@@ -469,7 +495,13 @@ spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: wrong-datastore}}, reposi
     for d in &st.disks {
         let f = bed.repo_dir.join(d.file.as_deref().unwrap_or_default());
         assert!(!f.exists(), "{} still exists", f.display());
+        let dir = f.parent().context("dir")?;
+        assert!(!dir.exists(), "{} still exists", dir.display());
     }
+    assert!(
+        bed.restore_points().await?.is_empty(),
+        "a failed job commits nothing"
+    );
     bed.no_pods_remain().await?;
     let m = bed.metrics().await?;
     assert!(
@@ -552,5 +584,92 @@ async fn a_datastore_of_another_user_is_read_as_the_source_node_says() -> Result
     bed.verify(&disk_file(&j, 2000), &bed.checksum(vm, 2000))?;
     bed.verify(&disk_file(&j, 2001), &bed.checksum(vm, 2001))?;
     bed.no_pods_remain().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restore_points_outlive_their_jobs_and_a_reused_name_changes_none() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10730, 10750)).await?;
+    bed.ready::<SourceNode>("vc").await?;
+    bed.ready::<Repository>("primary").await?;
+    let vm = "cbt-vm-0";
+    let write = |seed: &str| {
+        bed.guest(&[
+            "fill", "-vm", vm, "-disk", "2000", "-pattern", "random", "-seed", seed, "-count",
+            "32", "-size", "64K",
+        ])
+    };
+    let backup = |name: &'static str, mode: &'static str| {
+        let bed = &bed;
+        async move {
+            bed.apply(name, &Bed::job_yaml(name, vm, mode, ""))?;
+            bed.finished(name, Phase::Succeeded, Duration::from_secs(240))
+                .await
+        }
+    };
+    write("1");
+    let b1 = backup("b1", "full").await?;
+    write("2");
+    let b2 = backup("b2", "auto").await?;
+    let rp = |j: &BackupJob| {
+        j.status
+            .clone()
+            .and_then(|s| s.restore_point)
+            .unwrap_or_default()
+    };
+    let (rp1, rp2) = (rp(&b1), rp(&b2));
+    assert_eq!(
+        b2.status.clone().and_then(|s| s.chain_parent),
+        Some(rp1.clone())
+    );
+
+    // Both jobs deleted, the name b1 used again for a new full backup: a new restore point in
+    // a directory of its own; the old ones and their files stay as they were.
+    kubectl_ok(&[
+        "delete",
+        "backupjob",
+        "b1",
+        "b2",
+        "-n",
+        &bed.ns.name,
+        "--wait=true",
+    ])?;
+    write("3");
+    let b1_again = backup("b1", "full").await?;
+    let rp3 = rp(&b1_again);
+    assert!(
+        ![rp1.as_str(), rp2.as_str()].contains(&rp3.as_str()),
+        "{rp3}"
+    );
+    assert_ne!(disk_file(&b1_again, 2000), disk_file(&b1, 2000));
+    // The next auto backup continues from the newest restore point, whatever made it.
+    write("4");
+    let b3 = backup("b3", "auto").await?;
+    assert_eq!(
+        b3.status.clone().and_then(|s| s.chain_parent),
+        Some(rp3.clone())
+    );
+    let rp4 = rp(&b3);
+
+    // Every restore point still restores to the digest recorded when it was committed.
+    let rps = bed.restore_points().await?;
+    let names: BTreeSet<String> = rps.iter().filter_map(|r| r.metadata.name.clone()).collect();
+    assert_eq!(names, BTreeSet::from([rp1, rp2, rp3, rp4]));
+    for r in &rps {
+        for d in &r.spec.disks {
+            bed.verify(&d.file, &d.sha256)?;
+        }
+    }
+    // The last one is also the disk now.
+    let last = rps
+        .iter()
+        .find(|r| r.metadata.name == b3.status.clone().and_then(|s| s.restore_point))
+        .context("b3's restore point")?;
+    for d in &last.spec.disks {
+        assert_eq!(d.sha256, bed.checksum(vm, d.device_key));
+    }
+    bed.no_pods_remain().await?;
+    assert_eq!(bed.snapshots(vm), 0);
     Ok(())
 }

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::Api;
 use kube::runtime::watcher;
 use sendense_crds::backup_job::Phase;
-use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 use sendense_e2e::real_node::RealNode;
 use sendense_e2e::vcsim::{DATASTORE_USER, Simulator};
 use sendense_e2e::{
@@ -370,6 +370,12 @@ spec:
             }
         }
         out
+    }
+
+    /// The namespace's RestorePoints.
+    pub async fn restore_points(&self) -> Result<Vec<RestorePoint>> {
+        let api: Api<RestorePoint> = Api::namespaced(client().await?, &self.ns.name);
+        Ok(api.list(&Default::default()).await?.items)
     }
 
     pub async fn jobs(&self) -> Result<Api<BackupJob>> {
