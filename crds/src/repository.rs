@@ -207,7 +207,7 @@ pub struct RepositoryStatus {
     /// Used space, human-readable (for `kubectl get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used: Option<String>,
-    /// Restore points held (succeeded backups of all VMs).
+    /// Restore points held: the RestorePoints of this repository, all VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_points: Option<i32>,
     /// When the operator last proved the volume writable and measured it.

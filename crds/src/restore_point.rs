@@ -11,8 +11,8 @@ use crate::common::LocalObjectRef;
 
 /// A committed restore point of a VM: the QCOW2 files of every disk at one snapshot, flushed,
 /// read back and described by `restorepoint.json` in their directory on the repository volume.
-/// The operator creates one for each manifest; its spec never changes. Deleting the object
-/// deletes no data (the repository lists it again from its manifest); removing data is
+/// The operator creates one for each manifest it commits; its spec never changes. Deleting the
+/// object deletes no data (the files and the manifest stay on the volume); removing data is
 /// retention's job.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
