@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sendense_contract::ProbeReason;
+use sendense_contract::manifest::{MANIFEST_FILE, Manifest};
 pub use sendense_contract::probe::ProbeResult;
 
 /// Why a probe step failed.
@@ -59,15 +60,16 @@ fn io_failure(what: String, source: std::io::Error) -> ProbeError {
     ProbeError::Io { what, source }
 }
 
-/// Probes `dir`; never panics, every failure names the directory and the OS error.
-pub fn probe(dir: &Path) -> ProbeResult {
-    match probe_inner(dir) {
+/// Probes `dir`; never panics, every failure names the directory and the OS error. With
+/// `list`, also the restore point manifests found under it.
+pub fn probe(dir: &Path, list: bool) -> (ProbeResult, Vec<Manifest>) {
+    match probe_inner(dir, list) {
         Ok(r) => r,
-        Err(e) => ProbeResult::failed(e.reason(), e.to_string()),
+        Err(e) => (ProbeResult::failed(e.reason(), e.to_string()), Vec::new()),
     }
 }
 
-fn probe_inner(dir: &Path) -> Result<ProbeResult, ProbeError> {
+fn probe_inner(dir: &Path, list: bool) -> Result<(ProbeResult, Vec<Manifest>), ProbeError> {
     let shown = dir.display();
     let meta = std::fs::metadata(dir)
         .map_err(|e| io_failure(format!("repository directory {shown}"), e))?;
@@ -77,16 +79,33 @@ fn probe_inner(dir: &Path) -> Result<ProbeResult, ProbeError> {
     write_read_back(dir)?;
     let (capacity, free, available) =
         statvfs(dir).map_err(|e| io_failure(format!("statvfs of {shown}"), e))?;
-    let (files, bytes) = qcow2_usage(dir)?;
-    Ok(ProbeResult {
+    let (files, bytes, found) = walk(dir)?;
+    let mut manifests = Vec::new();
+    let mut unreadable = Vec::new();
+    if list {
+        for path in found {
+            let read = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| Manifest::parse(&t).map_err(|e| e.to_string()));
+            match read {
+                Ok(m) => manifests.push(m),
+                Err(e) => unreadable.push(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+    unreadable.truncate(10);
+    let result = ProbeResult {
         ok: true,
         capacity_bytes: Some(capacity),
         used_bytes: Some(capacity.saturating_sub(free)),
         available_bytes: Some(available),
         qcow2_files: Some(files),
         qcow2_bytes: Some(bytes),
+        restore_points: list.then_some(manifests.len() as u64),
+        unreadable_manifests: unreadable,
         ..Default::default()
-    })
+    };
+    Ok((result, manifests))
 }
 
 /// Writes 4 KiB to a new, uniquely named file in `dir`, syncs it, reads it back, removes it.
@@ -156,9 +175,11 @@ fn statvfs(dir: &Path) -> std::io::Result<(u64, u64, u64)> {
     ))
 }
 
-/// Number and allocated bytes of `*.qcow2` files under `dir` (symbolic links not followed).
-/// Entries that vanish while walking (a job cleaning up) are skipped.
-fn qcow2_usage(dir: &Path) -> Result<(u64, u64), ProbeError> {
+/// Number and allocated bytes of `*.qcow2` files under `dir` (symbolic links not followed),
+/// and the restore point manifests there. Entries that vanish while walking (a job cleaning
+/// up) are skipped.
+fn walk(dir: &Path) -> Result<(u64, u64, Vec<PathBuf>), ProbeError> {
+    let mut manifests = Vec::new();
     let mut files = 0u64;
     let mut bytes = 0u64;
     let mut pending: Vec<PathBuf> = vec![dir.to_owned()];
@@ -186,10 +207,13 @@ fn qcow2_usage(dir: &Path) -> Result<(u64, u64), ProbeError> {
             {
                 files += 1;
                 bytes += meta.blocks() * 512;
+            } else if meta.is_file() && entry.file_name() == MANIFEST_FILE {
+                manifests.push(entry.path());
             }
         }
     }
-    Ok((files, bytes))
+    manifests.sort();
+    Ok((files, bytes, manifests))
 }
 
 #[cfg(test)]

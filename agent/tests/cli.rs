@@ -602,5 +602,27 @@ fn repo_commit_reads_the_chain_back_and_writes_the_manifest_once() -> Result<()>
     let out = commit(&manifest("u3", 1, "../escape", None), &result).output()?;
     assert_eq!(out.status.code(), Some(1));
     assert!(std::fs::read_to_string(&result)?.contains("inside the volume"));
+
+    // The probe lists the committed restore points, one line each before its result; an
+    // unreadable manifest is named in the result, not listed.
+    std::fs::create_dir_all(root.join("ns/web/broken"))?;
+    std::fs::write(root.join("ns/web/broken/restorepoint.json"), "{not json")?;
+    let out = run(agent()
+        .args(["repo", "probe", "--list-manifests", "--dir"])
+        .arg(&root))?;
+    let lines: Vec<Value> = out.lines().map(json).collect::<Result<_>>()?;
+    let (found, result) = lines.split_at(lines.len() - 1);
+    let uids: Vec<&str> = found
+        .iter()
+        .filter_map(|l| l["restorePoint"]["job"]["uid"].as_str())
+        .collect();
+    assert_eq!(uids, ["u1", "u2"], "{out}");
+    assert_eq!(
+        found[1]["restorePoint"]["disks"][0]["sha256"],
+        incr_sum.as_str()
+    );
+    assert_eq!(result[0]["restore_points"], 2, "{out}");
+    let unreadable = result[0]["unreadable_manifests"].to_string();
+    assert!(unreadable.contains("broken/restorepoint.json"), "{out}");
     Ok(())
 }

@@ -421,6 +421,9 @@ impl RepoCommitArgs {
 pub struct RepoProbeArgs {
     #[arg(long)]
     pub dir: PathBuf,
+    /// Also print every restore point manifest under DIR, one JSON line each, before the result.
+    #[arg(long)]
+    pub list_manifests: bool,
     /// Also write the JSON result here (on failure too).
     #[arg(long)]
     pub result_file: Option<PathBuf>,
@@ -430,6 +433,7 @@ impl RepoProbeArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Argv::words(&["repo", "probe"]);
         a.path("--dir", Some(&self.dir));
+        a.flag("--list-manifests", self.list_manifests);
         a.path("--result-file", self.result_file.as_ref());
         a.0
     }

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::Manifest;
 use crate::reason::ProbeReason;
 
 /// On failure only `ok`, `reason` and `error` are set.
@@ -21,6 +22,12 @@ pub struct ProbeResult {
     /// Space allocated to the QCOW2 files (not their apparent size).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qcow2_bytes: Option<u64>,
+    /// Restore point manifests found (`--list-manifests`; each printed on a line of its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_points: Option<u64>,
+    /// Manifests that could not be read, each with its path and why (at most 10).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_manifests: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<ProbeReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,5 +47,24 @@ impl ProbeResult {
     /// Reads a result (a termination message); `None` when it is not one.
     pub fn parse(text: &str) -> Option<Self> {
         serde_json::from_str(text.trim()).ok()
+    }
+}
+
+/// A line of `repo probe --list-manifests` output (stdout, before the result): one committed
+/// restore point on the volume. The operator reads these from the probe pod's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FoundManifest {
+    pub restore_point: Manifest,
+}
+
+impl FoundManifest {
+    /// The manifests among a log's lines; other lines are skipped.
+    pub fn from_log(log: &str) -> Vec<Manifest> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<FoundManifest>(l.trim()).ok())
+            .map(|f| f.restore_point)
+            .filter(|m| m.check().is_ok())
+            .collect()
     }
 }

@@ -107,7 +107,7 @@ impl ApiError {
     }
 }
 
-fn api<K: Namespaced>(client: &Client, namespace: &str) -> Api<K> {
+pub fn api<K: Namespaced>(client: &Client, namespace: &str) -> Api<K> {
     Api::namespaced(client.clone(), namespace)
 }
 

@@ -8,21 +8,25 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
+use kube::api::LogParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, ResourceExt};
-use sendense_contract::probe::ProbeResult;
+use sendense_contract::manifest::Manifest;
+use sendense_contract::probe::{FoundManifest, ProbeResult};
 
 use sendense_crds::common::human_bytes;
 use sendense_crds::conditions;
 use sendense_crds::{Repository, RepositoryStatus, RestorePoint};
 
 use crate::children::{
-    ApiError, apply, create_if_missing, delete_if_present, ensure_service_account, get, list,
+    ApiError, Verb, api, apply, create_if_missing, delete_if_present, ensure_service_account, get,
+    list,
 };
 use crate::metrics::Metrics;
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{PodSettings, claim_name, probe_name, probe_pod, templated_claim};
+use crate::restore_point::from_manifest;
 use crate::status::{ConditionReason, StatusUpdate, now};
 
 pub struct Context {
@@ -169,8 +173,13 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
             }
             match probe(&repo, &ctx).await.map_err(Error::Probe)? {
                 Probe::Running => return Ok(Action::requeue(Duration::from_secs(2))),
-                Probe::Measured(p) => {
+                Probe::Measured(p, manifests) => {
                     record_measurement(&mut update, &p, &ctx.metrics, &claim);
+                    rediscover(&repo, &ctx, &manifests).await?;
+                    let points = list::<RestorePoint>(&ctx.client, &ns)
+                        .await
+                        .map_err(Error::RestorePoints)?;
+                    update.status.restore_points = Some(restore_points(&points, &name));
                     ctx.probe_interval
                 }
                 Probe::NotWritable(m) => {
@@ -190,6 +199,23 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
         .await
         .map_err(Error::Status)?;
     Ok(Action::requeue(requeue))
+}
+
+/// Every restore point on the volume has its RestorePoint, in this Repository's namespace and
+/// naming this Repository (the volume is the source of truth: a namespace or cluster that was
+/// lost, pointed at the same volume again, gets its restore points back). Existing objects are
+/// left as they are.
+async fn rediscover(repo: &Repository, ctx: &Context, manifests: &[Manifest]) -> Result<(), Error> {
+    let ns = repo.namespace().unwrap_or_default();
+    for m in manifests {
+        let mut m = m.clone();
+        m.repository = repo.name_any();
+        let rp = from_manifest(&m, &ns);
+        create_if_missing(&ctx.client, &ns, &rp)
+            .await
+            .map_err(Error::RestorePoints)?;
+    }
+    Ok(())
 }
 
 /// A successful probe: capacity and usage in status and metrics, Ready=True.
@@ -237,7 +263,8 @@ fn record_measurement(
 enum Probe {
     /// The probe pod was created or still runs.
     Running,
-    Measured(ProbeResult),
+    /// The volume's measures, and the restore point manifests on it.
+    Measured(ProbeResult, Vec<Manifest>),
     /// The probe ran and failed: why.
     NotWritable(String),
     /// The API server refused to create the probe pod: its message.
@@ -283,9 +310,19 @@ async fn probe(repo: &Repository, ctx: &Context) -> Result<Probe, ApiError> {
         )),
         Err(_) => Err(format!("probe pod {name}: {}", msg.trim())),
     };
+    let manifests = match &outcome {
+        Ok(_) => {
+            let log = api::<Pod>(&ctx.client, &ns)
+                .logs(&name, &LogParams::default())
+                .await
+                .map_err(|e| ApiError::new::<Pod>(Verb::Read, &ns, &name, e))?;
+            FoundManifest::from_log(&log)
+        }
+        Err(_) => Vec::new(),
+    };
     delete_if_present::<Pod>(&ctx.client, &ns, &name).await?;
     Ok(match outcome {
-        Ok(p) => Probe::Measured(p),
+        Ok(p) => Probe::Measured(p, manifests),
         Err(m) => Probe::NotWritable(m),
     })
 }

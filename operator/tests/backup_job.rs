@@ -588,7 +588,7 @@ async fn a_datastore_of_another_user_is_read_as_the_source_node_says() -> Result
 }
 
 #[tokio::test]
-async fn restore_points_outlive_their_jobs_and_a_reused_name_changes_none() -> Result<()> {
+async fn restore_points_outlive_their_jobs_their_names_and_their_namespace() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start(1, (10730, 10750)).await?;
     bed.ready::<SourceNode>("vc").await?;
@@ -671,5 +671,67 @@ async fn restore_points_outlive_their_jobs_and_a_reused_name_changes_none() -> R
     }
     bed.no_pods_remain().await?;
     assert_eq!(bed.snapshots(vm), 0);
+
+    // The whole namespace deleted; a new one with a new Repository on the same volume: the
+    // repository's manifests give back the same restore points, and the next backup continues
+    // the chain from the newest of them.
+    let before: Vec<_> = rps
+        .iter()
+        .map(|r| (r.metadata.name.clone(), r.spec.disks.clone()))
+        .collect();
+    let bed = bed.in_a_new_namespace((10760, 10780)).await?;
+    bed.ready::<SourceNode>("vc").await?;
+    bed.ready::<Repository>("primary").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        let found = bed.restore_points().await?;
+        if found.len() == before.len() {
+            break found;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the new Repository listed {} restore points, not {}{}",
+                found.len(),
+                before.len(),
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut after: Vec<_> = found
+        .iter()
+        .map(|r| (r.metadata.name.clone(), r.spec.disks.clone()))
+        .collect();
+    let mut before = before;
+    before.sort_by(|a, b| a.0.cmp(&b.0));
+    after.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        after, before,
+        "the same restore points, the same files and digests"
+    );
+    assert!(
+        found
+            .iter()
+            .all(|r| r.spec.repository_ref.name == "primary")
+    );
+    bed.guest(&[
+        "fill", "-vm", vm, "-disk", "2000", "-pattern", "random", "-seed", "5", "-count", "32",
+        "-size", "64K",
+    ]);
+    bed.apply("b5", &Bed::job_yaml("b5", vm, "incremental", ""))?;
+    let b5 = bed
+        .finished("b5", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    let st = b5.status.clone().context("status")?;
+    assert_eq!(st.chain_parent.as_deref(), last.metadata.name.as_deref());
+    assert!(
+        st.disks
+            .iter()
+            .all(|d| d.copy == Some(CopyKind::Incremental)),
+        "{st:?}"
+    );
+    for key in [2000, 2001] {
+        bed.verify(&disk_file(&b5, key), &bed.checksum(vm, key))?;
+    }
     Ok(())
 }

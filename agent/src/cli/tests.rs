@@ -107,6 +107,7 @@ fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
     for result_file in [Some("/dev/termination-log".into()), None] {
         let probe = RepoProbeArgs {
             dir: "/repository".into(),
+            list_manifests: result_file.is_some(),
             result_file,
         };
         match parse(&probe.to_args()) {

@@ -4,12 +4,19 @@
 use anyhow::Result;
 use sendense_contract::cli::{RepoCommitArgs, RepoProbeArgs};
 use sendense_contract::manifest::CommitResult;
+use sendense_contract::probe::FoundManifest;
 
 use super::{Outcome, write_result_file};
 use crate::repo;
 
 pub fn probe(args: RepoProbeArgs) -> Result<Outcome> {
-    let probed = repo::probe(&args.dir);
+    let (probed, manifests) = repo::probe(&args.dir, args.list_manifests);
+    for m in manifests {
+        println!(
+            "{}",
+            serde_json::to_string(&FoundManifest { restore_point: m })?
+        );
+    }
     let text = serde_json::to_string(&probed)?;
     if let Some(f) = &args.result_file {
         write_result_file(f, &text)?;

@@ -135,6 +135,12 @@ config/rbac/role.yaml.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The repository probe pod's log: it lists the restore point manifests on the volume, one
+# JSON line each (too many for a termination message), from which the operator makes the
+# RestorePoints of a volume a lost namespace or cluster wrote. Read by name only.
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 # The hub's Service, which gives the agent a stable address for the hub's NBD ports: applied
 # (create + patch), watched as an owned object, deleted when the job ends.
 - apiGroups: [""]

@@ -75,6 +75,7 @@ fn hub_repo_and_ping_arguments_round_trip() {
     assert!(matches!(parse(remove.to_args()), Line::Hub { hub: Hub::Remove(r) } if r == remove));
     let probe = RepoProbeArgs {
         dir: "/repository".into(),
+        list_manifests: true,
         result_file: Some("/dev/termination-log".into()),
     };
     assert!(matches!(parse(probe.to_args()), Line::Repo { repo: Repo::Probe(p) } if p == probe));

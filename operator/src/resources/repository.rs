@@ -20,8 +20,11 @@ use sendense_contract::cli::RepoProbeArgs;
 /// The probe pod: writes, reads back and removes a file on the volume, and measures it; its
 /// result is its termination message.
 pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
+    // The manifests go to the pod's log, which the operator reads: the restore points on the
+    // volume, also those a lost cluster made.
     let args = RepoProbeArgs {
         dir: REPOSITORY_MOUNT.into(),
+        list_manifests: true,
         result_file: Some(TERMINATION_LOG.into()),
     };
     let mut probe = agent_container("probe".into(), args.to_args(), images);

@@ -116,7 +116,7 @@ pub struct Bed {
     pub work: PathBuf,
     pub operator: Option<Operator>,
     pub metrics_port: u16,
-    _pv: Pv,
+    pv: Pv,
 }
 
 impl Bed {
@@ -163,14 +163,58 @@ impl Bed {
             owner,
             &["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"],
         );
+        let work = sim.dir.join("e2e");
+        let repo_dir = work.join("repository");
+        std::fs::create_dir_all(&repo_dir)?;
+        Self::in_namespace(sim, node, repo_dir, work, ports, restricted).await
+    }
+
+    /// The bed's namespace deleted whole (its operator stopped, its PersistentVolume released),
+    /// and a new namespace with a new SourceNode, claim and Repository on the same volume and
+    /// simulator, its own operator started: a cluster that lost everything but its storage.
+    pub async fn in_a_new_namespace(mut self, ports: (i32, i32)) -> Result<Self> {
+        self.stop_operator();
+        kubectl_ok(&[
+            "delete",
+            "namespace",
+            &self.ns.name,
+            "--wait=true",
+            "--timeout=120s",
+        ])?;
+        kubectl_ok(&[
+            "delete",
+            "pv",
+            &self.pv.0,
+            &format!("{}-ds", self.pv.0),
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+        ])?;
+        let Bed {
+            sim,
+            node,
+            repo_dir,
+            work,
+            ..
+        } = self;
+        let mut bed = Self::in_namespace(sim, node, repo_dir, work, ports, false).await?;
+        bed.start_operator()?;
+        Ok(bed)
+    }
+
+    async fn in_namespace(
+        sim: Simulator,
+        node: RealNode,
+        repo_dir: PathBuf,
+        work: PathBuf,
+        ports: (i32, i32),
+        restricted: bool,
+    ) -> Result<Self> {
         let ns = if restricted {
             TestNamespace::create_restricted("backup")?
         } else {
             TestNamespace::create("backup")?
         };
-        let work = sim.dir.join("e2e");
-        let repo_dir = work.join("repository");
-        std::fs::create_dir_all(&repo_dir)?;
         let pv = Pv(format!("{}-repo", ns.name));
         let datastore = sim.info["datastores"]["LocalDS_0"]
             .as_str()
@@ -283,7 +327,7 @@ spec:
             work,
             operator: None,
             metrics_port: 0,
-            _pv: pv,
+            pv,
         };
         bed.apply("setup", &manifest)?;
         Ok(bed)
