@@ -11,9 +11,10 @@ use crate::common::LocalObjectRef;
 
 /// A committed restore point of a VM: the QCOW2 files of every disk at one snapshot, flushed,
 /// read back and described by `restorepoint.json` in their directory on the repository volume.
-/// The operator creates one for each manifest it commits; its spec never changes. Deleting the
-/// object deletes no data (the files and the manifest stay on the volume); removing data is
-/// retention's job.
+/// The operator creates one for each manifest it commits, and for each manifest the Repository's
+/// probe finds on the volume (a namespace or cluster lost is not a backup lost); its spec never
+/// changes. Deleting the object deletes no data, and the next probe lists it again; removing
+/// data is retention's job.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "sendense.io",
