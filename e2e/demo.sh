@@ -120,7 +120,7 @@ trap 'exit 130' INT TERM
 header "node $NODE_NAME: real containers (containerd, kubelet), no taint"
 # A node an earlier demo or test left running was registered with the taint (up.sh leaves a
 # healthy node alone, and a taint is only set at registration): removed here.
-if k get node "$NODE_NAME" -o jsonpath='{range .spec.taints[*]}{.key}{"\n"}{end}' | grep -qxF sendense.io/real-node; then
+if grep -qxF sendense.io/real-node <<<"$(k get node "$NODE_NAME" -o jsonpath='{range .spec.taints[*]}{.key}{"\n"}{end}')"; then
   k taint node "$NODE_NAME" sendense.io/real-node- >/dev/null
   echo "removed the taint sendense.io/real-node (the node was started with it)"
 fi

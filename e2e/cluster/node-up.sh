@@ -185,7 +185,9 @@ start containerd containerd --config "$NODE_DIR/containerd.toml"
 wait_for "containerd" 30 ctr_ version
 # Images come from archives (no registry here); image GC is off below, so they stay.
 ctr_ images import "$pause_archive" >/dev/null
-ctr_ images ls -q | grep -qxF "$pause_ref" \
+# The list is read whole before grep: `grep -q` leaving early would make ctr fail on a closed
+# pipe (pipefail), a failure by chance.
+grep -qxF "$pause_ref" <<<"$(ctr_ images ls -q)" \
   || fail "the pause archive $pause_archive did not import as $pause_ref (got: $(ctr_ images ls -q | tr '\n' ' '))"
 
 # --- kubelet --------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ static_build() {
 static_bin() {
   local bin=$CARGO_TARGET_DIR/$target/$profile_dir/$1
   [ -x "$bin" ] || die "$bin was not built"
-  if readelf -l "$bin" | grep -q 'program interpreter'; then die "$bin is not static"; fi
+  if grep -q 'program interpreter' <<<"$(readelf -l "$bin")"; then die "$bin is not static"; fi
   echo "$bin"
 }
 

@@ -101,7 +101,7 @@ while read -r name archive ref <&3; do
   start=$(date +%s%N)
   c images import "$archive" >/dev/null
   log "$name: imported $ref in $((($(date +%s%N) - start) / 1000000)) ms"
-  c images ls -q | grep -qx "$ref" || fail "$name: $ref not in containerd after the import"
+  grep -qx "$ref" <<<"$(c images ls -q)" || fail "$name: $ref not in containerd after the import"
   size=$(c images ls | awk -v r="$ref" '$1 == r {print $4, $5}')
   unpacked=$(du -sb "$D/root/io.containerd.snapshotter.v1.overlayfs/snapshots" | cut -f1)
   log "$name: image size $size; snapshots on disk now $unpacked bytes"
@@ -113,7 +113,7 @@ while read -r name archive ref <&3; do
       pid=$(c tasks ls | awk '$1 == "pause-check" {print $2}')
       grep -q '^Uid:[[:space:]]*65535' "/proc/$pid/status" || fail "pause process is not uid 65535"
       c tasks kill -s SIGTERM pause-check
-      for _ in $(seq 50); do c tasks ls | grep -q 'pause-check.*STOPPED' && break; sleep 0.1; done
+      for _ in $(seq 50); do grep -q 'pause-check.*STOPPED' <<<"$(c tasks ls)" && break; sleep 0.1; done
       status=$(c tasks delete pause-check 2>&1 | sed -n 's/.*exit status \([0-9]*\).*/\1/p')
       c containers rm pause-check >/dev/null
       [ "${status:-0}" = 0 ] || fail "pause exited $status on SIGTERM"
@@ -156,12 +156,12 @@ EOF
         flags=()
         # The innermost cause of the error the operator stopped with.
         msg=$(echo "$out" | sed 's/\x1b\[[0-9;]*m//g' | grep -E '^ +[0-9]+: ' | tail -n 1 | sed 's/^ *//' | cut -c1-200)
-        if echo "$out" | grep -qi -E 'lookup address|dns error|Name or service not known|failed to resolve'; then
+        if grep -qi -E 'lookup address|dns error|Name or service not known|failed to resolve' <<<"$out"; then
           echo "$out" >&2
           fail "operator: $server did not resolve inside the image: $msg"
         fi
         case $server in
-          *sendense-hosts-check*) echo "$out" | grep -qi 'refused' || fail "operator: expected a refused connection to $server: $msg" ;;
+          *sendense-hosts-check*) grep -qi 'refused' <<<"$out" || fail "operator: expected a refused connection to $server: $msg" ;;
         esac
         log "operator: $server resolved; the operator stopped with: $msg"
       done
