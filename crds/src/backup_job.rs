@@ -150,6 +150,11 @@ pub struct BackupJobStatus {
     /// Attempts started so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,
+    /// The pods the current attempt created (hub, agent), by UID. One that disappears, or is
+    /// replaced by another of its name, fails the attempt: its files may be half-written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub pods: Vec<AttemptPod>,
     /// When the first attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
@@ -172,6 +177,14 @@ pub struct BackupJobStatus {
     /// The spec generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A pod of the current attempt.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptPod {
+    pub name: String,
+    pub uid: String,
 }
 
 /// How one disk was backed up.

@@ -139,6 +139,15 @@ pub async fn apply<K: Namespaced>(
     namespace: &str,
     object: &K,
 ) -> Result<(), ApiError> {
+    applied(client, namespace, object).await.map(|_| ())
+}
+
+/// As `apply`, returning the object as the API server stored it (its UID, for one).
+pub async fn applied<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+) -> Result<K, ApiError> {
     let name = object.name_any();
     api::<K>(client, namespace)
         .patch(
@@ -147,7 +156,6 @@ pub async fn apply<K: Namespaced>(
             &Patch::Apply(object),
         )
         .await
-        .map(|_| ())
         .map_err(|e| ApiError::new::<K>(Verb::Apply, namespace, &name, e))
 }
 

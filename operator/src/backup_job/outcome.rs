@@ -91,6 +91,8 @@ pub enum FailureReason {
     ResultMissing,
     /// The copied files could not be committed as a restore point.
     CommitFailed,
+    /// A pod of the attempt disappeared or was replaced while the attempt ran.
+    PodLost,
 }
 
 impl FailureReason {
@@ -103,6 +105,7 @@ impl FailureReason {
             Self::Agent(None) => "AgentFailed",
             Self::ResultMissing => "ResultMissing",
             Self::CommitFailed => "CommitFailed",
+            Self::PodLost => "PodLost",
         }
     }
 }

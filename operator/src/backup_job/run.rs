@@ -18,7 +18,7 @@ use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running, retry_backoff};
 use super::status::{self, JobUpdate};
 use crate::children::{
-    ApiError, Namespaced, apply, delete_if_present, ensure_service_account, get,
+    ApiError, Namespaced, applied, apply, delete_if_present, ensure_service_account, get,
 };
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
@@ -200,11 +200,16 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;
         apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
-        apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+        applied(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }
     .await;
     match created {
-        Ok(()) => Ok(Break(requeue(3))),
+        Ok(pod) => {
+            let mut u = JobUpdate::new(job);
+            status::created_pod(&mut u, &pod);
+            status::write(u, ctx).await.map_err(Error::Status)?;
+            Ok(Break(requeue(3)))
+        }
         Err(e) => refused(job, ctx, attempt, JobPod::Hub, e, Error::Hub).await,
     }
 }
@@ -256,14 +261,21 @@ async fn ensure_agent(
     let account = ctx.images.agent_service_account.as_deref();
     let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;
-        apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
+        applied(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }
     .await;
-    if let Err(e) = created {
-        return refused(job, ctx, attempt, JobPod::Agent, e, Error::Agent).await;
-    }
-    let message = format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent");
-    say(job, ctx, Running::AgentStarting, message).await
+    let pod = match created {
+        Ok(pod) => pod,
+        Err(e) => return refused(job, ctx, attempt, JobPod::Agent, e, Error::Agent).await,
+    };
+    let mut u = JobUpdate::new(job);
+    status::created_pod(&mut u, &pod);
+    u.set(
+        &Running::AgentStarting,
+        format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent"),
+    );
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    Ok(Break(requeue(3)))
 }
 
 /// Where the agent is, read from its pod.
@@ -352,6 +364,12 @@ pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     }
     let hub = read_pod(ctx, &ns, &hub_name(job)).await?;
     let agent = read_pod(ctx, &ns, &agent_name(job)).await?;
+    // A pod of this attempt lost (deleted, evicted, its node gone) is never replaced within
+    // the attempt: the attempt fails, and the next one starts afresh.
+    if let Some(why) = status::lost_pod(job, &[&hub, &agent]) {
+        let failure = Failure::new(FailureReason::PodLost, why);
+        return Ok(finish::attempt_failed(job, ctx, failure, None).await?);
+    }
     proceed!(clear_stale(ctx, &ns, attempt, [&hub, &agent]).await?);
     proceed!(back_off(job, attempt));
     let hub = proceed!(ensure_hub(job, ctx, attempt, hub).await?);

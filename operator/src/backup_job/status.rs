@@ -6,7 +6,7 @@ use sendense_contract::cli::{BaseChangeId, DiskTarget};
 use sendense_contract::progress::{ProgressReport, Stage};
 use sendense_contract::result::{self, BackupResult, SnapshotReport};
 use sendense_crds::BackupJob;
-use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase, SnapshotStatus};
+use sendense_crds::backup_job::{AttemptPod, CopyKind, DiskStatus, Phase, SnapshotStatus};
 use sendense_crds::common::human_bytes;
 
 use super::outcome::{
@@ -114,8 +114,10 @@ pub fn copied(u: &mut JobUpdate, attempt: i32, result: &BackupResult) {
             written += r.bytes_written;
         }
     }
-    // When the data was complete: the restore point's time.
+    // When the data was complete: the restore point's time. The hub and agent go now, on
+    // purpose.
     st.completion_time = Some(now());
+    st.pods.clear();
     st.bytes_to_copy = Some(total as i64);
     st.bytes_copied = Some(total as i64);
     st.progress = Some("100%".into());
@@ -208,6 +210,7 @@ pub fn retrying(u: &mut JobUpdate, attempt: i32, allowed: i32, failure: &Failure
     u.status.bytes_copied = None;
     u.status.progress = None;
     u.status.completion_time = None;
+    u.status.pods.clear();
     // The next attempt writes fresh files into its own directory, from a new snapshot.
     for d in u.status.disks.iter_mut() {
         d.change_id_reached = None;
@@ -306,4 +309,45 @@ fn by_key(job: &BackupJob) -> impl Iterator<Item = &DiskStatus> {
 /// Writes the update (when it changed anything) and its Events.
 pub async fn write(u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
     u.write(&ctx.client, &ctx.recorder).await
+}
+
+/// Records a pod the attempt created (by UID), so that losing it fails the attempt.
+pub fn created_pod(u: &mut JobUpdate, pod: &k8s_openapi::api::core::v1::Pod) {
+    use kube::ResourceExt;
+    let (name, uid) = (pod.name_any(), pod.uid().unwrap_or_default());
+    if uid.is_empty() {
+        return;
+    }
+    u.status.pods.retain(|p| p.name != name);
+    u.status.pods.push(AttemptPod { name, uid });
+}
+
+/// A pod the attempt created that is gone, replaced or being deleted: what happened to it.
+/// `current`: the pods of those names as they are now.
+pub fn lost_pod(
+    job: &BackupJob,
+    current: &[&Option<k8s_openapi::api::core::v1::Pod>],
+) -> Option<String> {
+    use kube::ResourceExt;
+    let st = job.status.as_ref()?;
+    let attempt = st.attempts.unwrap_or(1);
+    for recorded in &st.pods {
+        let now = current
+            .iter()
+            .filter_map(|p| p.as_ref())
+            .find(|p| p.name_any() == recorded.name);
+        let what = match now {
+            None => "disappeared",
+            Some(p) if p.uid().as_deref() != Some(recorded.uid.as_str()) => {
+                "was replaced by another pod of its name"
+            }
+            Some(p) if p.metadata.deletion_timestamp.is_some() => "is being deleted",
+            Some(_) => continue,
+        };
+        return Some(format!(
+            "pod {} of attempt {attempt} {what} while the attempt ran: its files may be half-written, so the attempt is abandoned",
+            recorded.name
+        ));
+    }
+    None
 }

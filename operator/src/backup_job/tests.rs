@@ -453,3 +453,44 @@ mod api {
         assert_eq!(action, Action::await_change());
     }
 }
+
+#[test]
+fn a_pod_of_the_attempt_lost_replaced_or_deleted_is_named() {
+    use k8s_openapi::api::core::v1::Pod;
+    let pod = |name: &str, uid: &str, deleting: bool| -> Option<Pod> {
+        let mut meta = json!({"name": name, "uid": uid});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-11-25T10:00:00Z");
+        }
+        Some(serde_json::from_value(json!({"metadata": meta})).expect("pod"))
+    };
+    let j = job(json!({"phase": "Running", "attempts": 2, "pods": [
+        {"name": "web-01-b2-hub", "uid": "h1"}, {"name": "web-01-b2-agent", "uid": "a1"}]}));
+    let hub = pod("web-01-b2-hub", "h1", false);
+    assert_eq!(
+        status::lost_pod(&j, &[&hub, &pod("web-01-b2-agent", "a1", false)]),
+        None
+    );
+    let gone = status::lost_pod(&j, &[&hub, &None]).expect("lost");
+    assert!(
+        gone.contains("web-01-b2-agent of attempt 2 disappeared"),
+        "{gone}"
+    );
+    let other = status::lost_pod(&j, &[&hub, &pod("web-01-b2-agent", "a2", false)]).expect("lost");
+    assert!(other.contains("replaced"), "{other}");
+    let deleting = status::lost_pod(&j, &[&pod("web-01-b2-hub", "h1", true), &None]).expect("lost");
+    assert!(
+        deleting.contains("web-01-b2-hub of attempt 2 is being deleted"),
+        "{deleting}"
+    );
+    // Nothing recorded (a pod not created yet): nothing lost.
+    assert_eq!(
+        status::lost_pod(&job(json!({"phase": "Running"})), &[&None, &None]),
+        None
+    );
+    // A retry forgets the last attempt's pods.
+    let mut u = JobUpdate::new(&j);
+    let failure = super::outcome::Failure::new(super::outcome::FailureReason::PodLost, gone);
+    status::retrying(&mut u, 2, 3, &failure);
+    assert!(u.status.pods.is_empty());
+}
