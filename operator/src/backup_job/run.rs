@@ -205,9 +205,11 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     .await;
     match created {
         Ok(pod) => {
-            let mut u = JobUpdate::new(job);
-            status::created_pod(&mut u, &pod);
-            status::write(u, ctx).await.map_err(Error::Status)?;
+            if pod.metadata.uid.is_some() {
+                let mut u = JobUpdate::new(job);
+                status::created_pod(&mut u, &pod);
+                status::write(u, ctx).await.map_err(Error::Status)?;
+            }
             Ok(Break(requeue(3)))
         }
         Err(e) => refused(job, ctx, attempt, JobPod::Hub, e, Error::Hub).await,

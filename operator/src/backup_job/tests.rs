@@ -278,7 +278,11 @@ mod api {
             (&ev["type"], &ev["reason"]),
             (&json!("Warning"), &json!("SourceNodeNotFound"))
         );
-        let action = run.await.expect("joined").expect("reconciled");
+        let action = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the reconcile ends within 10 s (no request left unanswered)")
+            .expect("joined")
+            .expect("reconciled");
         assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     }
 
@@ -288,7 +292,7 @@ mod api {
         let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
             {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "backups/web-01/2000/web-01-b2.qcow2", "copy": "Full"}
         ]}));
-        let run = tokio::spawn(reconcile(Arc::new(j), ctx));
+        let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
         expect(
             &mut h,
             "GET",
@@ -329,7 +333,7 @@ mod api {
             "PATCH",
             "/api/v1/namespaces/backups/pods/web-01-b2-hub",
             200,
-            json!({"metadata": {"name": "web-01-b2-hub"}}),
+            json!({"metadata": {"name": "web-01-b2-hub", "uid": "hub-uid-1"}}),
         )
         .await;
         assert_eq!(pod["metadata"]["labels"][ATTEMPT_LABEL], "1");
@@ -338,7 +342,17 @@ mod api {
             "vault"
         );
         assert_eq!(pod["metadata"]["ownerReferences"][0]["name"], "web-01-b2");
-        let action = run.await.expect("joined").expect("reconciled");
+        // The hub's UID is recorded: losing that pod fails the attempt.
+        let patch = expect_status_patch(&mut h, &j).await;
+        assert_eq!(
+            patch["status"]["pods"],
+            json!([{"name": "web-01-b2-hub", "uid": "hub-uid-1"}])
+        );
+        let action = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the reconcile ends within 10 s (no request left unanswered)")
+            .expect("joined")
+            .expect("reconciled");
         assert_eq!(action, Action::requeue(Duration::from_secs(3)));
     }
 
@@ -409,7 +423,11 @@ mod api {
             not_found(),
         )
         .await;
-        run.await.expect("joined").expect("reconciled");
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the reconcile ends within 10 s (no request left unanswered)")
+            .expect("joined")
+            .expect("reconciled");
     }
 
     #[tokio::test]
@@ -449,7 +467,11 @@ mod api {
             not_found(),
         )
         .await;
-        let action = run.await.expect("joined").expect("reconciled");
+        let action = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the reconcile ends within 10 s (no request left unanswered)")
+            .expect("joined")
+            .expect("reconciled");
         assert_eq!(action, Action::await_change());
     }
 }
