@@ -59,8 +59,8 @@ async fn samples_are_accepted_and_defaulted() -> Result<()> {
         "the hub port range defaults to 10100-10200"
     );
     assert_eq!(
-        primary.spec.layout.directory,
-        "{namespace}/{vm}/{deviceKey}"
+        primary.spec.layout.directory, "{namespace}/{vm}",
+        "one directory per VM, holding a directory per restore point"
     );
 
     let nodes: Api<SourceNode> = Api::namespaced(client, &ns.name);
