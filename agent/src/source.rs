@@ -38,7 +38,7 @@ pub enum SourceError {
         reason: String,
     },
     #[error(
-        "disk {key}: {path} cannot be read by the agent ({who}): the file is {owner}; set the SourceNode's transport.nfs.readAs to a user or group that may read it (for an export squashing all clients, its anonuid)"
+        "disk {key}: {path} cannot be read by the agent ({who}): {owner}; set the SourceNode's transport.nfs.readAs to a user or group that may read it (for an export squashing all clients, its anonuid)"
     )]
     PermissionDenied {
         key: i32,
@@ -161,11 +161,25 @@ impl DiskReader {
             mounted: datastores.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
         let path = root.join(flat_extent_path(&rel));
-        let meta = std::fs::metadata(&path).map_err(|e| SourceError::Unreadable {
-            key: disk.key,
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            // A directory on the way the agent may not enter: who owns it says whom to read as.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(SourceError::PermissionDenied {
+                    key: disk.key,
+                    owner: closed_directory(&path),
+                    who: identity(),
+                    path,
+                });
+            }
+            Err(e) => {
+                return Err(SourceError::Unreadable {
+                    key: disk.key,
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
         if meta.len() < disk.capacity {
             return Err(SourceError::Unreadable {
                 key: disk.key,
@@ -181,7 +195,7 @@ impl DiskReader {
                 return Err(SourceError::PermissionDenied {
                     key: disk.key,
                     owner: format!(
-                        "owned by uid {} gid {}, mode {:04o}",
+                        "the file is owned by uid {} gid {}, mode {:04o}",
                         meta.uid(),
                         meta.gid(),
                         meta.mode() & 0o7777
@@ -260,6 +274,37 @@ impl Drop for DiskSource {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The first directory on `path` this process may not enter, with its owner and mode.
+fn closed_directory(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    for dir in path
+        .ancestors()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .skip(1)
+    {
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+            break;
+        };
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+            return match std::fs::metadata(dir) {
+                Ok(m) => format!(
+                    "the directory {} is owned by uid {} gid {}, mode {:04o}",
+                    dir.display(),
+                    m.uid(),
+                    m.gid(),
+                    m.mode() & 0o7777
+                ),
+                Err(_) => format!("the directory {} may not be entered", dir.display()),
+            };
+        }
+    }
+    "a directory on its path may not be entered".into()
 }
 
 /// "uid U gid G, groups A,B": who this process is, for a permission error.

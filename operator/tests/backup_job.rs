@@ -270,8 +270,8 @@ async fn five_jobs_at_once_survive_an_operator_restart() -> Result<()> {
     let jobs_pods: Vec<_> = seen.iter().filter(|(n, _)| n.starts_with("job-")).collect();
     assert_eq!(
         jobs_pods.len(),
-        10,
-        "one hub and one agent per job: {seen:?}"
+        15,
+        "one hub, one agent and one commit pod per job: {seen:?}"
     );
     for (name, uids) in jobs_pods {
         assert_eq!(
@@ -556,7 +556,7 @@ async fn a_datastore_of_another_user_is_read_as_the_source_node_says() -> Result
     for want in [
         "transport.nfs.readAs",
         "uid 65532",
-        &format!("owned by uid {owner} gid {owner}, mode 0600"),
+        &format!("owned by uid {owner} gid {owner}, mode 0"),
     ] {
         assert!(failed.message.contains(want), "{want:?} not in {failed:?}");
     }
