@@ -1,0 +1,314 @@
+//! The API calls of the main reconcile paths, against a scripted API server: each test
+//! states the requests in order and what the server answers.
+
+use super::*;
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::events::Reporter;
+use serde_json::Value;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn context() -> (Arc<Context>, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let ctx = Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        ),
+        metrics: Metrics::new().expect("metrics"),
+        images: PodSettings {
+            agent: "agent:1".into(),
+            ..Default::default()
+        },
+        vcenter_timeout: Duration::from_secs(5),
+        allocation: tokio::sync::Mutex::new(()),
+    };
+    (Arc::new(ctx), handle)
+}
+
+/// Expects `method path` next, answers `status` with `body`; returns the request body.
+/// The job's status write; answers with the job as it was and returns the patch sent.
+async fn expect_status_patch(handle: &mut Handle, job: &BackupJob) -> Value {
+    let path = format!("{JOBS}/{}/status", job.name_any());
+    expect(
+        handle,
+        "PATCH",
+        &path,
+        200,
+        serde_json::to_value(job).expect("json"),
+    )
+    .await
+}
+
+async fn expect(handle: &mut Handle, method: &str, path: &str, status: u16, body: Value) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no request; expected {method} {path}"))
+        .expect("the client is gone");
+    assert_eq!(
+        (req.method().as_str(), req.uri().path()),
+        (method, path),
+        "unexpected request"
+    );
+    let bytes = req.into_body().collect_bytes().await.expect("request body");
+    let sent = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("JSON request body")
+    };
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).expect("json")))
+            .expect("response"),
+    );
+    sent
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+const JOBS: &str = "/apis/sendense.io/v1alpha1/namespaces/backups/backupjobs";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/backups/events";
+
+fn cond<'a>(status: &'a Value, t: &str) -> &'a Value {
+    status["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == t))
+        .unwrap_or_else(|| panic!("no {t} condition in {status}"))
+}
+
+#[tokio::test]
+async fn a_missing_source_node_makes_the_job_wait_with_a_reason_and_an_event() {
+    let (ctx, mut h) = context();
+    let j = job(json!({}));
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
+    expect(
+        &mut h,
+        "GET",
+        "/apis/sendense.io/v1alpha1/namespaces/backups/sourcenodes/vc",
+        404,
+        not_found(),
+    )
+    .await;
+    let patch = expect_status_patch(&mut h, &j).await;
+    assert_eq!(patch["status"]["phase"], "Pending");
+    let c = cond(&patch, "Running");
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("False"), &json!("SourceNodeNotFound"))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spec.sourceNodeRef")
+    );
+    let ev = expect(&mut h, "POST", EVENTS, 201, json!({})).await;
+    assert_eq!(
+        (&ev["type"], &ev["reason"]),
+        (&json!("Warning"), &json!("SourceNodeNotFound"))
+    );
+    let action = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the reconcile ends within 10 s (no request left unanswered)")
+        .expect("joined")
+        .expect("reconciled");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
+    let (ctx, mut h) = context();
+    let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
+        {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "backups/web-01/2000/web-01-b2.qcow2", "copy": "Full"}
+    ]}));
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
+    expect(
+        &mut h,
+        "GET",
+        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        &mut h,
+        "GET",
+        "/api/v1/namespaces/backups/pods/web-01-b2-agent",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        &mut h,
+        "GET",
+        "/apis/sendense.io/v1alpha1/namespaces/backups/repositories/primary",
+        200,
+        json!({"apiVersion": "sendense.io/v1alpha1", "kind": "Repository",
+               "metadata": {"name": "primary", "namespace": "backups"},
+               "spec": {"storage": {"persistentVolumeClaim": {"claimName": "vault"}}}}),
+    )
+    .await;
+    let svc = expect(
+        &mut h,
+        "PATCH",
+        "/api/v1/namespaces/backups/services/web-01-b2-hub",
+        200,
+        json!({"metadata": {"name": "web-01-b2-hub"}}),
+    )
+    .await;
+    assert_eq!(svc["spec"]["ports"][0]["port"], 10100);
+    let pod = expect(
+        &mut h,
+        "PATCH",
+        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
+        200,
+        json!({"metadata": {"name": "web-01-b2-hub", "uid": "hub-uid-1"}}),
+    )
+    .await;
+    assert_eq!(pod["metadata"]["labels"][ATTEMPT_LABEL], "1");
+    assert_eq!(
+        pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "vault"
+    );
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["name"], "web-01-b2");
+    // The hub's UID is recorded: losing that pod fails the attempt.
+    let patch = expect_status_patch(&mut h, &j).await;
+    assert_eq!(
+        patch["status"]["pods"],
+        json!([{"name": "web-01-b2-hub", "uid": "hub-uid-1"}])
+    );
+    let action = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the reconcile ends within 10 s (no request left unanswered)")
+        .expect("joined")
+        .expect("reconciled");
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+}
+
+#[tokio::test]
+async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
+    let (ctx, mut h) = context();
+    let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
+        {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "f.qcow2", "copy": "Full"}
+    ], "conditions": [{"type": "Running", "status": "True", "reason": "Copying", "message": "50%", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}));
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
+    let hub = json!({"metadata": {"name": "web-01-b2-hub", "labels": {ATTEMPT_LABEL: "1"}},
+        "status": {"phase": "Running", "podIP": "10.0.0.5", "conditions": [{"type": "Ready", "status": "True"}]}});
+    let result = json!({"ok": true, "snapshot": {"id": "snapshot-1", "name": "sendense-web-01-b2", "removed": true},
+        "disks": [{"key": 2000, "copy": "full", "reason": "first", "change_id_used": "*", "change_id_reached": "u/1", "bytes_to_copy": 4096, "bytes_written": 4096}]});
+    let agent = json!({"metadata": {"name": "web-01-b2-agent", "labels": {ATTEMPT_LABEL: "1"}},
+        "status": {"phase": "Succeeded", "containerStatuses": [{"name": "agent", "image": "a", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "message": result.to_string()}}}]}});
+    expect(
+        &mut h,
+        "GET",
+        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
+        200,
+        hub,
+    )
+    .await;
+    expect(
+        &mut h,
+        "GET",
+        "/api/v1/namespaces/backups/pods/web-01-b2-agent",
+        200,
+        agent,
+    )
+    .await;
+    let patch = expect_status_patch(&mut h, &j).await;
+    // Copied, to be committed: Running until the restore point exists.
+    assert_eq!(patch["status"]["phase"], "Running");
+    assert_eq!(patch["status"]["disks"][0]["changeIdReached"], "u/1");
+    assert_eq!(cond(&patch, "Running")["reason"], "Committing");
+    // One Event per changed condition: Running (Committing) and SnapshotRemoved.
+    for reason in ["Committing", "Removed"] {
+        let ev = expect(&mut h, "POST", EVENTS, 201, json!({})).await;
+        assert_eq!(
+            (&ev["type"], &ev["reason"]),
+            (&json!("Normal"), &json!(reason))
+        );
+    }
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/pods/web-01-b2-agent",
+        200,
+        json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "web-01-b2-agent"}}),
+    )
+    .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
+        200,
+        json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "web-01-b2-hub"}}),
+    )
+    .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/pods/web-01-b2-commit",
+        404,
+        not_found(),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the reconcile ends within 10 s (no request left unanswered)")
+        .expect("joined")
+        .expect("reconciled");
+}
+
+#[tokio::test]
+async fn a_finished_job_only_makes_sure_its_pods_and_service_are_gone() {
+    let (ctx, mut h) = context();
+    let j = job(json!({"phase": "Succeeded", "disks": [{"deviceKey": 2000, "port": 10100}]}));
+    let run = tokio::spawn(reconcile(Arc::new(j), ctx));
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/pods/web-01-b2-agent",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/pods/web-01-b2-commit",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/services/web-01-b2-hub",
+        404,
+        not_found(),
+    )
+    .await;
+    let action = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the reconcile ends within 10 s (no request left unanswered)")
+        .expect("joined")
+        .expect("reconciled");
+    assert_eq!(action, Action::await_change());
+}
