@@ -1,11 +1,11 @@
 //! The short pod that removes the directories of a job's attempts that did not commit (only
 //! that job's: named after its UID; `hub remove` refuses a committed restore point's).
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use sendense_crds::BackupJob;
 
-use super::layout::{agent_container, mounted, volume_pod_spec};
-use super::{PodSettings, cleanup_name, harden, labels, owned_meta};
+use super::layout::{job_volume_pod, mounted};
+use super::{PodSettings, cleanup_name};
 use sendense_contract::cli::HubRemoveArgs;
 
 /// The cleanup pod: `dirs` relative to the volume's root, on the repository's `claim`.
@@ -13,17 +13,14 @@ pub fn cleanup_pod(job: &BackupJob, claim: &str, dirs: &[String], images: &PodSe
     let args = HubRemoveArgs {
         dirs: dirs.iter().map(|f| mounted(f)).collect(),
     };
-    let mut remove = agent_container("remove".into(), args.to_args(), images);
-    remove.termination_message_policy = Some("FallbackToLogsOnError".into());
-    harden(Pod {
-        metadata: owned_meta(job, cleanup_name(job), labels(job, "cleanup")),
-        spec: Some(PodSpec {
-            containers: vec![remove],
-            termination_grace_period_seconds: Some(10),
-            ..volume_pod_spec(claim, images)
-        }),
-        status: None,
-    })
+    job_volume_pod(
+        job,
+        cleanup_name(job),
+        ("cleanup", "remove"),
+        args.to_args(),
+        claim,
+        images,
+    )
 }
 
 #[cfg(test)]

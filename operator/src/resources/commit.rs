@@ -1,13 +1,13 @@
 //! The short pod that commits a job's copied attempt as a restore point: `repo commit` reads
 //! each disk back through its chain and writes the manifest next to the files.
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use sendense_contract::cli::RepoCommitArgs;
 use sendense_contract::manifest::Manifest;
 use sendense_crds::BackupJob;
 
-use super::layout::{REPOSITORY_MOUNT, agent_container, volume_pod_spec};
-use super::{PodSettings, TERMINATION_LOG, commit_name, harden, labels, owned_meta};
+use super::layout::{REPOSITORY_MOUNT, job_volume_pod};
+use super::{PodSettings, TERMINATION_LOG, commit_name};
 
 /// The commit pod for `manifest` (the attempt's, without digests), on the repository's `claim`.
 pub fn commit_pod(job: &BackupJob, claim: &str, manifest: &Manifest, images: &PodSettings) -> Pod {
@@ -16,17 +16,14 @@ pub fn commit_pod(job: &BackupJob, claim: &str, manifest: &Manifest, images: &Po
         manifest: manifest.to_json(),
         result_file: Some(TERMINATION_LOG.into()),
     };
-    let mut commit = agent_container("commit".into(), args.to_args(), images);
-    commit.termination_message_policy = Some("FallbackToLogsOnError".into());
-    harden(Pod {
-        metadata: owned_meta(job, commit_name(job), labels(job, "commit")),
-        spec: Some(PodSpec {
-            containers: vec![commit],
-            termination_grace_period_seconds: Some(10),
-            ..volume_pod_spec(claim, images)
-        }),
-        status: None,
-    })
+    job_volume_pod(
+        job,
+        commit_name(job),
+        ("commit", "commit"),
+        args.to_args(),
+        claim,
+        images,
+    )
 }
 
 #[cfg(test)]

@@ -118,6 +118,29 @@ pub(super) fn agent_container(name: String, args: Vec<String>, images: &PodSetti
     }
 }
 
+/// A short pod of one job on the repository volume: one container (`component`, `container`)
+/// running `sendense-agent <args>` (its result as the termination message), run once, hardened.
+pub(super) fn job_volume_pod(
+    job: &sendense_crds::BackupJob,
+    name: String,
+    (component, container): (&str, &str),
+    args: Vec<String>,
+    claim: &str,
+    images: &PodSettings,
+) -> k8s_openapi::api::core::v1::Pod {
+    let mut container = agent_container(container.into(), args, images);
+    container.termination_message_policy = Some("FallbackToLogsOnError".into());
+    super::harden(k8s_openapi::api::core::v1::Pod {
+        metadata: super::owned_meta(job, name, super::labels(job, component)),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            termination_grace_period_seconds: Some(10),
+            ..volume_pod_spec(claim, images)
+        }),
+        status: None,
+    })
+}
+
 /// The spec every hub-side pod starts from: the claim as its only volume, run once, as the
 /// hub ServiceAccount without an API token.
 pub(super) fn volume_pod_spec(claim: &str, images: &PodSettings) -> PodSpec {
