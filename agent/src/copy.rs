@@ -25,6 +25,8 @@ pub struct CopyOptions {
     pub max_in_flight: usize,
     /// Zero runs at least this long inside read data are sent as WRITE_ZEROES.
     pub zero_run: usize,
+    /// The bandwidth cap every read from the source waits for (shared by all disks).
+    pub rate: Option<std::sync::Arc<crate::rate::RateLimiter>>,
 }
 
 impl Default for CopyOptions {
@@ -33,6 +35,7 @@ impl Default for CopyOptions {
             request_size: 2 << 20,
             max_in_flight: 32,
             zero_run: 64 << 10,
+            rate: None,
         }
     }
 }
@@ -220,6 +223,9 @@ async fn copy_chunk(
         match seg {
             Segment::Zero(a) => zero(target, a, kind, progress).await?,
             Segment::Data(a) => {
+                if let Some(rate) = &opts.rate {
+                    rate.acquire(a.length).await;
+                }
                 let data = source
                     .read(a.start, a.length as u32)
                     .await

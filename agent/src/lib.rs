@@ -15,6 +15,7 @@ pub mod copy;
 pub mod hub;
 pub mod nbd;
 pub mod qemu_nbd;
+pub mod rate;
 pub mod repo;
 pub mod source;
 pub mod status;

@@ -239,6 +239,10 @@ pub struct BackupArgs {
     /// Seconds the whole backup may take; then it stops and removes its snapshot.
     #[arg(long)]
     pub deadline_seconds: Option<u64>,
+    /// Cap on the data read from the source over all disks, in megabits per second (the
+    /// SourceNode's `spec.limits.maxBandwidthMbps`). Unset: no cap.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_bandwidth_mbps: Option<u32>,
     /// Also hash each disk as read from the snapshot (a full read), for verify.
     #[arg(long)]
     pub checksum: bool,
@@ -281,6 +285,7 @@ impl BackupArgs {
             connections: DEFAULT_CONNECTIONS,
             request_timeout: DEFAULT_REQUEST_TIMEOUT_SECONDS,
             deadline_seconds: None,
+            max_bandwidth_mbps: None,
             checksum: false,
             result_file: None,
             status_addr: None,
@@ -333,6 +338,7 @@ impl BackupArgs {
             DEFAULT_REQUEST_TIMEOUT_SECONDS,
         );
         a.some("--deadline-seconds", self.deadline_seconds);
+        a.some("--max-bandwidth-mbps", self.max_bandwidth_mbps);
         a.flag("--checksum", self.checksum);
         a.path("--result-file", self.result_file.as_ref());
         a.some("--status-addr", self.status_addr.as_ref());

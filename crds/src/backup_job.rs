@@ -67,6 +67,13 @@ pub struct BackupJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 60, max = 2592000))]
     pub active_deadline_seconds: Option<i64>,
+    /// Seconds an attempt may go without progress before it fails (and is retried): no byte
+    /// copied and no step reached (hub Ready, agent started, snapshot taken, ...). It bounds a
+    /// hub that never gets Ready, a pod that cannot be scheduled and a frozen agent. Raise it
+    /// for a VM whose quiesced snapshot takes longer.
+    #[serde(default = "default_progress_deadline_seconds")]
+    #[schemars(range(min = 20, max = 86400))]
+    pub progress_deadline_seconds: i64,
     /// Failed attempts retried before the job is marked Failed.
     #[serde(default = "default_retry_limit")]
     #[schemars(range(min = 0, max = 10))]
@@ -75,6 +82,13 @@ pub struct BackupJobSpec {
 
 fn default_retry_limit() -> i32 {
     3
+}
+
+/// Ten minutes without progress fails an attempt.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: i64 = 600;
+
+fn default_progress_deadline_seconds() -> i64 {
+    DEFAULT_PROGRESS_DEADLINE_SECONDS
 }
 
 /// A VM, by exactly one of its names.
@@ -155,6 +169,10 @@ pub struct BackupJobStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub pods: Vec<AttemptPod>,
+    /// When the current attempt last made progress (a step reached, bytes copied):
+    /// `spec.progressDeadlineSeconds` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
     /// When the first attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,

@@ -103,6 +103,49 @@ pub fn termination_message(pod: &Pod) -> Option<String> {
         .find_map(|cs| cs.state.as_ref()?.terminated.as_ref()?.message.clone())
 }
 
+/// Why the scheduler cannot place the pod, while it cannot (its `PodScheduled` condition is
+/// False for `Unschedulable`): the scheduler's message.
+pub fn unschedulable(pod: &Pod) -> Option<String> {
+    let c = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")?;
+    (c.status != TRUE && c.reason.as_deref() == Some("Unschedulable")).then(|| {
+        c.message
+            .clone()
+            .unwrap_or_else(|| "no node can take it".into())
+    })
+}
+
+/// Why a container of the pod does not start yet, when its state says so (an image that cannot
+/// be pulled, a missing Secret or ConfigMap, a crash loop): "container hub-2000:
+/// ImagePullBackOff: ...".
+pub fn waiting_problem(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|cs| {
+            let w = cs.state.as_ref()?.waiting.as_ref()?;
+            let reason = w.reason.as_deref()?;
+            if matches!(reason, "ContainerCreating" | "PodInitializing") {
+                return None;
+            }
+            let msg = w.message.as_deref().unwrap_or("").trim();
+            Some(format!(
+                "container {}: {reason}{}{}",
+                cs.name,
+                if msg.is_empty() { "" } else { ": " },
+                msg.chars().take(400).collect::<String>()
+            ))
+        })
+}
+
 /// The pod's own status message (`status.message`), if any.
 pub fn message(pod: &Pod) -> Option<String> {
     pod.status.as_ref().and_then(|s| s.message.clone())
@@ -111,6 +154,37 @@ pub fn message(pod: &Pod) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unschedulable_pod_says_why_and_a_waiting_container_too() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x-hub"},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable", "message": "0/1 nodes are available: 1 Insufficient memory."}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            unschedulable(&pod).as_deref(),
+            Some("0/1 nodes are available: 1 Insufficient memory.")
+        );
+        assert_eq!(waiting_problem(&pod), None);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x-hub"},
+            "status": {"phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [
+                    {"name": "a", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                     "state": {"waiting": {"reason": "ContainerCreating"}}},
+                    {"name": "hub-2000", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                     "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]}
+        }))
+        .unwrap();
+        assert_eq!(unschedulable(&pod), None);
+        assert_eq!(
+            waiting_problem(&pod).as_deref(),
+            Some("container hub-2000: ImagePullBackOff: Back-off pulling image")
+        );
+    }
 
     #[test]
     fn pod_failures_name_the_container_and_its_message() {

@@ -57,6 +57,7 @@ fn every_backup_field_set() -> BackupArgs {
         connections: 2,
         request_timeout: 30,
         deadline_seconds: Some(3600),
+        max_bandwidth_mbps: Some(800),
         checksum: true,
         result_file: Some("/dev/termination-log".into()),
         status_addr: Some("$(POD_IP):9090".into()),

@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use sendense_contract::manifest::CommitResult;
+use sendense_contract::manifest::{CommitResult, Manifest};
 use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 
 use super::context::Context;
@@ -92,13 +93,7 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
                 .map(|flow| flow.break_value().unwrap_or_else(|| requeue(30)));
         }
         let mut u = JobUpdate::new(job);
-        u.set(
-            &Running::Committing,
-            format!(
-                "attempt {attempt}: reading the files back and writing the manifest {}",
-                m.path()
-            ),
-        );
+        u.set(&Running::Committing, reading_back(attempt, &m));
         status::write(u, ctx).await.map_err(Error::Status)?;
         return Ok(requeue(3));
     };
@@ -145,6 +140,50 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
                 .unwrap_or_else(|| "the commit pod failed".into());
             fail(job, ctx, format!("committing {}: {why}", m.directory)).await
         }
-        _ => Ok(requeue(3)),
+        PodPhase::Pending => {
+            // A commit pod that does not start within spec.progressDeadlineSeconds fails the
+            // attempt; one that cannot be scheduled says so meanwhile.
+            let age = pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| Timestamp::now().as_second() - t.0.as_second());
+            let limit = job.spec.progress_deadline_seconds;
+            let why = pod_state::unschedulable(&pod)
+                .map(|w| format!("it cannot be scheduled: {w}"))
+                .or_else(|| pod_state::waiting_problem(&pod));
+            if age >= limit {
+                let failure = Failure::new(
+                    FailureReason::ProgressDeadlineExceeded,
+                    format!(
+                        "commit pod {name} did not start within spec.progressDeadlineSeconds ({limit} s){}",
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    ),
+                );
+                return Ok(finish::attempt_failed(job, ctx, failure, None).await?);
+            }
+            if let Some(w) = pod_state::unschedulable(&pod) {
+                let mut u = JobUpdate::new(job);
+                u.set(
+                    &Running::Unschedulable(JobPod::Commit),
+                    format!("attempt {attempt}: commit pod {name} cannot be scheduled: {w}"),
+                );
+                status::write(u, ctx).await.map_err(Error::Status)?;
+            }
+            Ok(requeue(3))
+        }
+        _ => {
+            let mut u = JobUpdate::new(job);
+            u.set(&Running::Committing, reading_back(attempt, &m));
+            status::write(u, ctx).await.map_err(Error::Status)?;
+            Ok(requeue(3))
+        }
     }
+}
+
+fn reading_back(attempt: i32, m: &Manifest) -> String {
+    format!(
+        "attempt {attempt}: reading the files back and writing the manifest {}",
+        m.path()
+    )
 }

@@ -15,7 +15,7 @@ use sendense_crds::{BackupJob, Repository, SourceNode};
 
 use super::context::Context;
 use super::dereference::vm_selector;
-use super::outcome::{Failure, FilesRemoved, SnapshotRemoved};
+use super::outcome::{Failure, FailureClass, FilesRemoved, SnapshotRemoved};
 use super::status::{self, JobUpdate};
 use crate::children::{ApiError, apply, delete_if_present, ensure_service_account, get};
 use crate::pod_state::{self, PodPhase};
@@ -116,12 +116,18 @@ pub async fn attempt_failed(
     delete_job_pods(job, ctx).await?;
     let mut u = JobUpdate::new(job);
     status::record_snapshot(&mut u, result);
-    if attempt < allowed {
-        status::retrying(&mut u, attempt, allowed, &failure);
+    let class = failure.reason.class();
+    if attempt < allowed && class != FailureClass::Fatal {
+        if class == FailureClass::Replan {
+            status::replanning(&mut u, attempt, allowed, &failure);
+        } else {
+            status::retrying(&mut u, attempt, allowed, &failure);
+        }
         status::write(u, ctx).await.map_err(Error::Status)?;
         return Ok(Action::requeue(Duration::from_secs(3)));
     }
-    // The last attempt: confirm no snapshot of this job is left in vCenter.
+    // The last attempt, or one no other attempt could mend: confirm no snapshot of this job is
+    // left in vCenter.
     let (snapshot, message) = confirm_snapshot_removed(job, ctx, result).await;
     status::failed(&mut u, attempt, &failure, snapshot, message);
     status::write(u, ctx).await.map_err(Error::Status)?;

@@ -93,6 +93,23 @@ pub enum FailureReason {
     CommitFailed,
     /// A pod of the attempt disappeared or was replaced while the attempt ran.
     PodLost,
+    /// The attempt made no progress for `spec.progressDeadlineSeconds`.
+    ProgressDeadlineExceeded,
+    /// The job ran longer than `spec.activeDeadlineSeconds`.
+    DeadlineExceeded,
+}
+
+/// What a failed attempt calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The same plan again, in a fresh attempt (network, a pod lost, a stall).
+    Retry,
+    /// The VM changed under the plan (a disk resized, added or removed): plan again, then a
+    /// fresh attempt; a changed disk is copied in full.
+    Replan,
+    /// Another attempt cannot succeed (invalid arguments, CBT cannot be enabled, no time
+    /// left): the job fails at once.
+    Fatal,
 }
 
 impl FailureReason {
@@ -106,6 +123,35 @@ impl FailureReason {
             Self::ResultMissing => "ResultMissing",
             Self::CommitFailed => "CommitFailed",
             Self::PodLost => "PodLost",
+            Self::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
+            Self::DeadlineExceeded => "DeadlineExceeded",
+        }
+    }
+
+    /// Retry, plan again, or fail the job now.
+    pub fn class(self) -> FailureClass {
+        use AgentReason as A;
+        match self {
+            Self::Agent(Some(A::DiskResized | A::DiskNotFound)) => FailureClass::Replan,
+            Self::Agent(Some(
+                A::InvalidArguments
+                | A::CredentialsUnavailable
+                | A::TlsVerificationFailed
+                | A::LoginFailed
+                | A::VmNameNotUnique
+                | A::VmNotFound
+                | A::CbtEnableFailed
+                | A::CbtNotActive,
+            ))
+            | Self::RepositoryNotFound
+            | Self::SourceNodeNotFound
+            | Self::DeadlineExceeded => FailureClass::Fatal,
+            Self::Agent(_)
+            | Self::HubFailed
+            | Self::ResultMissing
+            | Self::CommitFailed
+            | Self::PodLost
+            | Self::ProgressDeadlineExceeded => FailureClass::Retry,
         }
     }
 }
@@ -149,6 +195,9 @@ pub enum Running {
     /// Security admission, a policy. Tried again periodically.
     Refused(JobPod),
     Copying,
+    /// A pod of the attempt cannot be scheduled (the scheduler's message says why). The
+    /// attempt fails when this lasts `spec.progressDeadlineSeconds`.
+    Unschedulable(JobPod),
     /// The copy is flushed; its files are being read back and committed as a restore point.
     Committing,
     Waiting(WaitReason),
@@ -179,6 +228,9 @@ impl ConditionReason for Running {
             Self::Refused(JobPod::Hub) => "HubPodRejected",
             Self::Refused(JobPod::Agent) => "AgentPodRejected",
             Self::Refused(JobPod::Commit) => "CommitPodRejected",
+            Self::Unschedulable(JobPod::Hub) => "HubPodUnschedulable",
+            Self::Unschedulable(JobPod::Agent) => "AgentPodUnschedulable",
+            Self::Unschedulable(JobPod::Commit) => "CommitPodUnschedulable",
             Self::Retrying => "Retrying",
             Self::Completed => "Completed",
             Self::Failed => "Failed",
@@ -189,7 +241,9 @@ impl ConditionReason for Running {
             Self::HubStarting | Self::AgentStarting | Self::Copying | Self::Committing => {
                 Some(EventType::Normal)
             }
-            Self::Waiting(_) | Self::Refused(_) | Self::Retrying => Some(EventType::Warning),
+            Self::Waiting(_) | Self::Refused(_) | Self::Unschedulable(_) | Self::Retrying => {
+                Some(EventType::Warning)
+            }
             Self::Completed | Self::Failed => None,
         }
     }
@@ -327,5 +381,42 @@ mod tests {
         assert_eq!(retry_backoff(2), Duration::from_secs(10));
         assert_eq!(retry_backoff(3), Duration::from_secs(20));
         assert_eq!(retry_backoff(9), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        use FailureClass::*;
+        let cases = [
+            (
+                FailureReason::Agent(Some(AgentReason::HubUnreachable)),
+                Retry,
+            ),
+            (FailureReason::Agent(Some(AgentReason::Unreachable)), Retry),
+            (FailureReason::Agent(Some(AgentReason::Stopped)), Retry),
+            (FailureReason::Agent(None), Retry),
+            (FailureReason::Agent(Some(AgentReason::Unknown)), Retry),
+            (FailureReason::PodLost, Retry),
+            (FailureReason::ProgressDeadlineExceeded, Retry),
+            (FailureReason::CommitFailed, Retry),
+            (FailureReason::Agent(Some(AgentReason::DiskResized)), Replan),
+            (
+                FailureReason::Agent(Some(AgentReason::DiskNotFound)),
+                Replan,
+            ),
+            (
+                FailureReason::Agent(Some(AgentReason::InvalidArguments)),
+                Fatal,
+            ),
+            (
+                FailureReason::Agent(Some(AgentReason::CbtEnableFailed)),
+                Fatal,
+            ),
+            (FailureReason::Agent(Some(AgentReason::LoginFailed)), Fatal),
+            (FailureReason::DeadlineExceeded, Fatal),
+            (FailureReason::RepositoryNotFound, Fatal),
+        ];
+        for (reason, class) in cases {
+            assert_eq!(reason.class(), class, "{}", reason.as_str());
+        }
     }
 }

@@ -228,10 +228,20 @@ async fn hub_ready(job: &BackupJob, ctx: &Context, attempt: i32, hub: &Pod) -> S
     if let (true, Some(ip)) = (pod_state::is_ready(hub), pod_state::ip(hub)) {
         return Ok(Continue(ip));
     }
-    let message = format!(
+    if let Some(why) = pod_state::unschedulable(hub) {
+        let message = format!(
+            "attempt {attempt}: hub pod {} cannot be scheduled: {why}",
+            hub.name_any()
+        );
+        return say(job, ctx, Running::Unschedulable(JobPod::Hub), message).await;
+    }
+    let mut message = format!(
         "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
         hub.name_any()
     );
+    if let Some(why) = pod_state::waiting_problem(hub) {
+        message = format!("{message} ({why})");
+    }
     say(job, ctx, Running::HubStarting, message).await
 }
 
@@ -353,7 +363,31 @@ async fn observe_agent(
             }
             Ok(requeue(3))
         }
-        AgentState::Starting => Ok(requeue(3)),
+        AgentState::Starting => {
+            let (running, message) = match pod_state::unschedulable(agent) {
+                Some(why) => (
+                    Running::Unschedulable(JobPod::Agent),
+                    format!(
+                        "attempt {attempt}: agent pod {} cannot be scheduled: {why}",
+                        agent.name_any()
+                    ),
+                ),
+                None => {
+                    let mut message = format!(
+                        "attempt {attempt}: waiting for agent pod {} to start",
+                        agent.name_any()
+                    );
+                    if let Some(why) = pod_state::waiting_problem(agent) {
+                        message = format!("{message} ({why})");
+                    }
+                    (Running::AgentStarting, message)
+                }
+            };
+            let mut u = JobUpdate::new(job);
+            u.set(&running, message);
+            status::write(u, ctx).await.map_err(Error::Status)?;
+            Ok(requeue(3))
+        }
     }
 }
 
@@ -361,6 +395,11 @@ async fn observe_agent(
 pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
+    // Past the job's deadline, or an attempt without progress (a hub never Ready, a pod never
+    // scheduled, a frozen agent): nothing waits forever.
+    if let Some(failure) = status::overdue(job, Timestamp::now()) {
+        return Ok(finish::attempt_failed(job, ctx, failure, None).await?);
+    }
     if status::is_copied(job) {
         return super::commit::commit(job, ctx, attempt).await;
     }

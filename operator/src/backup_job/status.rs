@@ -9,8 +9,11 @@ use sendense_crds::BackupJob;
 use sendense_crds::backup_job::{AttemptPod, CopyKind, DiskStatus, Phase, SnapshotStatus};
 use sendense_crds::common::human_bytes;
 
+use k8s_openapi::jiff::Timestamp;
+
 use super::outcome::{
-    Complete, Failed, Failure, FilesRemoved, Running, SnapshotRemoved, Wait, retry_backoff,
+    Complete, Failed, Failure, FailureClass, FailureReason, FilesRemoved, JobPod, Running,
+    SnapshotRemoved, Wait, retry_backoff,
 };
 use super::plan::Plan;
 use crate::children::ApiError;
@@ -31,14 +34,22 @@ pub fn started(u: &mut JobUpdate, plan: Plan) {
     st.phase = Some(Phase::Running);
     st.vm_name = Some(plan.vm_name.clone());
     st.vm_instance_uuid = Some(plan.vm_instance_uuid.clone()).filter(|u| !u.is_empty());
-    st.attempts = Some(1);
-    st.start_time = Some(now());
+    // A plan made again after a failed attempt (`replanning`) keeps the attempt count, the
+    // start time and the next attempt's own directory.
+    let attempt = st.attempts.unwrap_or(1);
+    st.attempts = Some(attempt);
+    st.start_time.get_or_insert_with(now);
     st.chain_parent = plan.chain_parent.clone();
     st.disks = plan.disks.clone();
+    for d in st.disks.iter_mut() {
+        if let Some(f) = d.file.as_deref() {
+            d.file = Some(disk_file(&for_attempt(dir_of(f), attempt), d.device_key));
+        }
+    }
     u.set(
         &Running::HubStarting,
         format!(
-            "attempt 1: starting the hub for {} disk(s) on ports {}",
+            "attempt {attempt}: starting the hub for {} disk(s) on ports {}",
             plan.disks.len(),
             plan.ports_text()
         ),
@@ -67,6 +78,15 @@ pub fn progress(u: &mut JobUpdate, attempt: i32, p: &ProgressReport) {
         Stage::Unknown => Stage::Copying.as_str(),
         s => s.as_str(),
     };
+    // A step the agent reached is progress, as are bytes copied (`write`).
+    let step = format!("attempt {attempt}: {stage}");
+    let old_message = crate::status::holding(u.old().conditions.as_slice(), &Running::Copying)
+        .map(|c| c.message.as_str())
+        .unwrap_or_default();
+    if !old_message.starts_with(&step) {
+        u.status.last_progress_time = Some(now());
+    }
+    let st = &mut u.status;
     // Before the copy starts there is nothing to count yet: say what the agent is doing.
     let message = if p.bytes_to_copy == 0 && p.stage.is_preparing() {
         format!("attempt {attempt}: {stage}")
@@ -204,6 +224,26 @@ pub fn record_snapshot(u: &mut JobUpdate, result: Option<&BackupResult>) {
     }
 }
 
+/// An attempt failed because the VM changed under the plan (a disk resized, added or
+/// removed), and another is allowed: the job is planned again (`started` keeps the attempt
+/// count), so a changed disk is copied in full into the next attempt's directory.
+pub fn replanning(u: &mut JobUpdate, attempt: i32, allowed: i32, failure: &Failure) {
+    retrying(u, attempt, allowed, failure);
+    // No disk with a port: `planned` is false, and the next reconcile plans again.
+    u.status.disks.clear();
+    u.status.chain_parent = None;
+    u.status.bytes_to_copy = None;
+    u.set(
+        &Running::Retrying,
+        format!(
+            "attempt {attempt} of {allowed} failed ({}): {}; the VM changed since the plan: planning attempt {} again",
+            failure.reason.as_str(),
+            failure.message,
+            attempt + 1,
+        ),
+    );
+}
+
 /// An attempt failed and another is allowed: it starts after its back-off.
 pub fn retrying(u: &mut JobUpdate, attempt: i32, allowed: i32, failure: &Failure) {
     u.status.attempts = Some(attempt + 1);
@@ -251,7 +291,14 @@ pub fn failed(
     let reason = failure.reason.as_str();
     u.set(
         &Failed(&failure.reason),
-        format!("failed after {attempt} attempt(s): {}", failure.message),
+        if failure.reason.class() == FailureClass::Fatal {
+            format!(
+                "failed in attempt {attempt}, not retried (another attempt cannot succeed): {}",
+                failure.message
+            )
+        } else {
+            format!("failed after {attempt} attempt(s): {}", failure.message)
+        },
     );
     u.set(&Running::Failed, format!("{reason}: {}", failure.message));
     u.set(&snapshot, snapshot_message);
@@ -306,9 +353,79 @@ fn by_key(job: &BackupJob) -> impl Iterator<Item = &DiskStatus> {
     disks.into_iter()
 }
 
-/// Writes the update (when it changed anything) and its Events.
-pub async fn write(u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
+/// Writes the update (when it changed anything) and its Events. A step reached (the Running
+/// reason changed), bytes copied or a new attempt is progress: `lastProgressTime` moves.
+pub async fn write(mut u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
+    mark_progress(&mut u);
     u.write(&ctx.client, &ctx.recorder).await
+}
+
+pub fn mark_progress(u: &mut JobUpdate) {
+    let reason = |s: &sendense_crds::backup_job::BackupJobStatus| {
+        sendense_crds::conditions::find(&s.conditions, "Running").map(|c| c.reason.clone())
+    };
+    let old = u.old();
+    if reason(old) != reason(&u.status)
+        || old.bytes_copied < u.status.bytes_copied
+        || old.attempts != u.status.attempts
+    {
+        u.status.last_progress_time = Some(now());
+    }
+}
+
+/// Running reasons under `spec.progressDeadlineSeconds`: the attempt is meant to move on from
+/// each (not a retry's back-off, not a wait before the plan). `Committing` is bounded by the
+/// commit pod's own start (`commit::commit`) and reads.
+fn under_progress_deadline(reason: &str) -> bool {
+    [
+        Running::HubStarting,
+        Running::AgentStarting,
+        Running::Copying,
+        Running::Refused(JobPod::Hub),
+        Running::Refused(JobPod::Agent),
+        Running::Refused(JobPod::Commit),
+        Running::Unschedulable(JobPod::Hub),
+        Running::Unschedulable(JobPod::Agent),
+    ]
+    .iter()
+    .any(|r| crate::status::ConditionReason::reason(r) == reason)
+}
+
+/// The job past `spec.activeDeadlineSeconds` (fatal), or the attempt without progress for
+/// `spec.progressDeadlineSeconds` (retried): the failure, when either is so at `now`.
+pub fn overdue(job: &BackupJob, now: Timestamp) -> Option<Failure> {
+    let st = job.status.as_ref()?;
+    if let (Some(limit), Some(started)) = (job.spec.active_deadline_seconds, &st.start_time)
+        && now.as_second() - started.0.as_second() >= limit
+    {
+        return Some(Failure::new(
+            FailureReason::DeadlineExceeded,
+            format!(
+                "the job ran longer than spec.activeDeadlineSeconds ({} s)",
+                job.spec.active_deadline_seconds.unwrap_or_default()
+            ),
+        ));
+    }
+    let running = sendense_crds::conditions::find(&st.conditions, "Running")?;
+    if !under_progress_deadline(&running.reason) {
+        return None;
+    }
+    let since = st
+        .last_progress_time
+        .as_ref()
+        .unwrap_or(&running.last_transition_time)
+        .0;
+    let limit = job.spec.progress_deadline_seconds;
+    let idle = now.as_second() - since.as_second();
+    (idle >= limit).then(|| {
+        Failure::new(
+            FailureReason::ProgressDeadlineExceeded,
+            format!(
+                "no progress for {idle} s (spec.progressDeadlineSeconds: {limit}) at: {} ({})",
+                running.message, running.reason
+            ),
+        )
+    })
 }
 
 /// Records a pod the attempt created (by UID), so that losing it fails the attempt.

@@ -43,6 +43,16 @@ fn key_to_path(key: &str, path: &str) -> KeyToPath {
 
 /// The agent pod: `targets`, each disk's hub export; `base_change_ids`, the change ID each
 /// incremental disk starts from.
+/// Seconds left of the job's `spec.activeDeadlineSeconds` at `now`, counted from the start of
+/// its first attempt (at least 1); the whole deadline before it started; None without one.
+pub fn seconds_left(job: &BackupJob, now: k8s_openapi::jiff::Timestamp) -> Option<i64> {
+    let limit = job.spec.active_deadline_seconds?;
+    let Some(started) = job.status.as_ref().and_then(|s| s.start_time.as_ref()) else {
+        return Some(limit);
+    };
+    Some((limit - (now.as_second() - started.0.as_second())).max(1))
+}
+
 pub fn agent_pod(
     job: &BackupJob,
     source: &SourceNode,
@@ -64,10 +74,15 @@ pub fn agent_pod(
     // Progress for the operator, on the pod's own IP.
     args.status_addr = Some(format!("$(POD_IP):{PROGRESS_PORT}"));
     args.quiesce = job.spec.quiesce;
-    args.deadline_seconds = job
+    args.max_bandwidth_mbps = source
         .spec
-        .active_deadline_seconds
-        .and_then(|d| u64::try_from(d).ok());
+        .limits
+        .as_ref()
+        .and_then(|l| l.max_bandwidth_mbps)
+        .and_then(|m| u32::try_from(m).ok());
+    // What is left of the job's deadline (retries included) when the pod is made.
+    let deadline = seconds_left(job, k8s_openapi::jiff::Timestamp::now());
+    args.deadline_seconds = deadline.and_then(|d| u64::try_from(d).ok());
 
     let creds = &vc.credentials_secret_ref;
     let mut volumes = vec![Volume {
@@ -182,10 +197,7 @@ pub fn agent_pod(
             restart_policy: Some("Never".into()),
             service_account_name: images.agent_service_account.clone(),
             automount_service_account_token: Some(false),
-            active_deadline_seconds: job
-                .spec
-                .active_deadline_seconds
-                .map(|d| d + AGENT_GRACE_SECONDS),
+            active_deadline_seconds: deadline.map(|d| d + AGENT_GRACE_SECONDS),
             termination_grace_period_seconds: Some(AGENT_GRACE_SECONDS),
             node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
             tolerations: (!placement.tolerations.is_empty()).then_some(placement.tolerations),

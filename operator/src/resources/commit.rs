@@ -16,14 +16,20 @@ pub fn commit_pod(job: &BackupJob, claim: &str, manifest: &Manifest, images: &Po
         manifest: manifest.to_json(),
         result_file: Some(TERMINATION_LOG.into()),
     };
-    job_volume_pod(
+    let mut pod = job_volume_pod(
         job,
         commit_name(job),
         ("commit", "commit"),
         args.to_args(),
         claim,
         images,
-    )
+    );
+    // The job's deadline bounds the read-back too.
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.active_deadline_seconds =
+            super::seconds_left(job, k8s_openapi::jiff::Timestamp::now());
+    }
+    pod
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use sendense_crds::{BackupJob, Repository};
 
 pub use agent::{
     AGENT_GRACE_SECONDS, CA_DIR, CREDENTIALS_DIR, DATASTORES_DIR, PROGRESS_PORT, agent_pod,
+    seconds_left,
 };
 pub use cleanup::cleanup_pod;
 pub use commit::commit_pod;

@@ -197,9 +197,13 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
 #[tokio::test]
 async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
     let (ctx, mut h) = context();
-    let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
+    // It made progress a moment ago (an attempt idle for 10 minutes would fail instead).
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let j = job(
+        json!({"phase": "Running", "attempts": 1, "lastProgressTime": now, "disks": [
         {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "f.qcow2", "copy": "Full"}
-    ], "conditions": [{"type": "Running", "status": "True", "reason": "Copying", "message": "50%", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}));
+    ], "conditions": [{"type": "Running", "status": "True", "reason": "Copying", "message": "50%", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+    );
     let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
     let hub = json!({"metadata": {"name": "web-01-b2-hub", "labels": {ATTEMPT_LABEL: "1"}},
         "status": {"phase": "Running", "podIP": "10.0.0.5", "conditions": [{"type": "Ready", "status": "True"}]}});

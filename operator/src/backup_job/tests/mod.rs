@@ -196,3 +196,6 @@ fn a_pod_of_the_attempt_lost_replaced_or_deleted_is_named() {
     status::retrying(&mut u, 2, 3, &failure);
     assert!(u.status.pods.is_empty());
 }
+
+#[path = "deadlines.rs"]
+mod deadlines;
