@@ -113,11 +113,21 @@ pub async fn attempt_failed(
 ) -> Result<Action, Error> {
     let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
     let allowed = job.spec.retry_limit.max(0) + 1;
+    // Past the job's deadline no attempt follows, whatever ended this one (the agent stopping
+    // itself at the deadline included).
+    let failure = status::past_deadline(job, Timestamp::now(), failure);
     delete_job_pods(job, ctx).await?;
+    let class = failure.reason.class();
+    let last = attempt >= allowed || class == FailureClass::Fatal;
+    // Before the job fails for good, a still-running agent is given its grace period to stop
+    // and remove its own snapshot; the operator then looks for what is left. The same failure
+    // is found again on the next reconcile.
+    if last && agent_stopping(job, ctx).await? {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let mut u = JobUpdate::new(job);
     status::record_snapshot(&mut u, result);
-    let class = failure.reason.class();
-    if attempt < allowed && class != FailureClass::Fatal {
+    if !last {
         if class == FailureClass::Replan {
             status::replanning(&mut u, attempt, allowed, &failure);
         } else {
@@ -144,6 +154,28 @@ pub async fn attempt_failed(
             .inc();
     }
     Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// True while the job's agent pod, not ended, is still within its grace period of stopping.
+async fn agent_stopping(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let Some(agent) = get::<Pod>(&ctx.client, &ns, &agent_name(job))
+        .await
+        .map_err(Error::Remove)?
+    else {
+        return Ok(false);
+    };
+    if PodPhase::of(&agent).ended() {
+        return Ok(false);
+    }
+    // A pod whose node is gone never finishes terminating: wait no longer than its grace
+    // period and half a minute.
+    let since = agent
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map_or(0, |t| Timestamp::now().as_second() - t.0.as_second());
+    Ok(since < crate::resources::AGENT_GRACE_SECONDS + 30)
 }
 
 /// After the last attempt: is a snapshot of this job left on the VM? Removes it if so.

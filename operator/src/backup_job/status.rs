@@ -391,6 +391,26 @@ fn under_progress_deadline(reason: &str) -> bool {
     .any(|r| crate::status::ConditionReason::reason(r) == reason)
 }
 
+/// `failure`, or DeadlineExceeded (naming it) when the job is past its deadline at `now`.
+pub fn past_deadline(job: &BackupJob, now: Timestamp, failure: Failure) -> Failure {
+    let Some(left) = crate::resources::seconds_left(job, now) else {
+        return failure;
+    };
+    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref());
+    if failure.reason == FailureReason::DeadlineExceeded || started.is_none() || left > 1 {
+        return failure;
+    }
+    Failure::new(
+        FailureReason::DeadlineExceeded,
+        format!(
+            "the job ran longer than spec.activeDeadlineSeconds ({} s); its last attempt ended with {}: {}",
+            job.spec.active_deadline_seconds.unwrap_or_default(),
+            failure.reason.as_str(),
+            failure.message
+        ),
+    )
+}
+
 /// The job past `spec.activeDeadlineSeconds` (fatal), or the attempt without progress for
 /// `spec.progressDeadlineSeconds` (retried): the failure, when either is so at `now`.
 pub fn overdue(job: &BackupJob, now: Timestamp) -> Option<Failure> {

@@ -88,6 +88,22 @@ fn the_job_deadline_counts_from_the_first_attempt_and_is_not_retried() {
         f.reason.class(),
         crate::backup_job::outcome::FailureClass::Fatal
     );
+    // Whatever ends an attempt past the deadline (the agent stopping itself), no retry follows.
+    let stopped = Failure::new(
+        FailureReason::Agent(Some(AgentReason::Stopped)),
+        "deadline reached",
+    );
+    assert_eq!(
+        status::past_deadline(&j, at(1000), stopped.clone()),
+        stopped
+    );
+    let f = status::past_deadline(&j, at(3600), stopped);
+    assert_eq!(f.reason, FailureReason::DeadlineExceeded);
+    assert!(
+        f.message.contains("Stopped: deadline reached"),
+        "{}",
+        f.message
+    );
     // The agent and commit pods get what is left of it.
     assert_eq!(crate::resources::seconds_left(&j, at(600)), Some(3000));
     assert_eq!(crate::resources::seconds_left(&j, at(9000)), Some(1));

@@ -1,0 +1,439 @@
+//! Faults in the middle of a backup, on the real test bed (local control plane, real node,
+//! vCenter simulator, real qemu-nbd): each case ends in a restore point that reads back as the
+//! simulator's disk at its snapshot, or in a clean failure, and either way with no snapshot left
+//! on the VM, no file on the repository volume outside committed restore points, and no pod or
+//! Service of the job left.
+//!
+//! A fault is injected mid-copy, not by luck of timing: the SourceNode's bandwidth cap
+//! (`spec.limits.maxBandwidthMbps`) makes the first attempt copy slowly, the test waits until
+//! its status shows bytes copied, then injects the fault and lifts the cap.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use sendense_crds::BackupJob;
+use sendense_crds::backup_job::Phase;
+use sendense_e2e::{client, kubectl_ok};
+
+mod support;
+use support::{Bed, SERIAL, events_of};
+
+const VM: &str = "cbt-vm-0";
+
+/// About 32 MiB of data over both disks: half a minute at 8 Mbit/s.
+fn write_data(bed: &Bed) {
+    for (disk, count, seed) in [("2000", "24", "11"), ("2001", "8", "12")] {
+        bed.guest(&[
+            "fill",
+            "-vm",
+            VM,
+            "-disk",
+            disk,
+            "-pattern",
+            "sequential",
+            "-seed",
+            seed,
+            "-count",
+            count,
+            "-size",
+            "1M",
+            "-offset",
+            "1M",
+        ]);
+    }
+}
+
+fn cap_bandwidth(bed: &Bed, mbps: Option<u32>) -> Result<()> {
+    let limits = match mbps {
+        Some(m) => format!(r#"{{"maxBandwidthMbps": {m}}}"#),
+        None => "null".into(),
+    };
+    kubectl_ok(&[
+        "patch",
+        "-n",
+        &bed.ns.name,
+        "sourcenode",
+        "vc",
+        "--type",
+        "merge",
+        "-p",
+        &format!(r#"{{"spec": {{"limits": {limits}}}}}"#),
+    ])?;
+    Ok(())
+}
+
+/// Waits until the job's first attempt has copied some bytes (and not all).
+async fn mid_copy(bed: &Bed, name: &str) -> Result<BackupJob> {
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let j = jobs.get(name).await?;
+        let st = j.status.clone().unwrap_or_default();
+        let (copied, total) = (st.bytes_copied.unwrap_or(0), st.bytes_to_copy.unwrap_or(0));
+        if st.attempts == Some(1) && copied > 0 && copied < total {
+            return Ok(j);
+        }
+        if st.attempts != Some(1) || matches!(st.phase, Some(Phase::Succeeded | Phase::Failed)) {
+            bail!(
+                "job {name} left attempt 1 before the test saw it copy: {:?}{}",
+                st.conditions,
+                bed.diagnostics()
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "job {name} never copied: {:?}{}",
+                st.conditions,
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The job's Running condition reaches `reason`; its message.
+async fn running_reason(bed: &Bed, name: &str, reason: &str, within: Duration) -> Result<String> {
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let j = jobs.get(name).await?;
+        let c = j
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Running").cloned());
+        if let Some(c) = &c
+            && c.reason == reason
+        {
+            return Ok(c.message.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "job {name}: Running never became {reason}; last {c:?}{}",
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every file under `dir`, relative to it.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir)?.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// After the job ended: its cleanup done, no snapshot on the VM, no pod or Service of it, and
+/// every file on the volume inside a committed restore point's directory.
+async fn nothing_left(bed: &Bed, name: &str) -> Result<()> {
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = jobs.get(name).await?.status.unwrap_or_default();
+        let pending = st.conditions.iter().any(|c| {
+            c.type_ == "PartialFilesRemoved"
+                && matches!(c.reason.as_str(), "Pending" | "CleanupPodRejected")
+        });
+        if !pending {
+            if let Some(c) = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "PartialFilesRemoved")
+            {
+                assert_eq!(c.status, "True", "cleanup: {c:?}");
+            }
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "cleanup never ended: {:?}{}",
+                st.conditions,
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(bed.snapshots(VM), 0, "no snapshot left on the VM");
+    bed.no_pods_remain().await?;
+    let services: Api<Service> = Api::namespaced(client().await?, &bed.ns.name);
+    let left: Vec<_> = services
+        .list(&kube::api::ListParams::default().labels("sendense.io/backupjob"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert!(left.is_empty(), "Services left: {left:?}");
+    let committed: BTreeSet<PathBuf> = bed
+        .restore_points()
+        .await?
+        .iter()
+        .map(|rp| PathBuf::from(&rp.spec.directory))
+        .collect();
+    for f in files_under(&bed.repo_dir)? {
+        assert!(
+            committed.iter().any(|d| f.starts_with(d)),
+            "{} is outside every committed restore point ({committed:?})",
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+/// The job's single restore point reads back as the simulator's disks now (nothing wrote
+/// to the VM since the backup).
+async fn verified(bed: &Bed, j: &BackupJob) -> Result<()> {
+    let name = j
+        .status
+        .as_ref()
+        .and_then(|s| s.restore_point.clone())
+        .context("no restore point")?;
+    let rps = bed.restore_points().await?;
+    let rp = rps
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(name.as_str()))
+        .with_context(|| format!("RestorePoint {name} missing"))?;
+    for key in [2000, 2001] {
+        let d = rp
+            .spec
+            .disks
+            .iter()
+            .find(|d| d.device_key == key)
+            .context("disk")?;
+        let sum = bed.checksum(VM, key);
+        assert_eq!(d.sha256, sum, "{name} disk {key}: recorded digest");
+        bed.verify(&d.file, &sum)?;
+    }
+    Ok(())
+}
+
+/// The pids of the agent process of job `name` on this machine (the node runs here).
+fn agent_pids(name: &str) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with(b"sendense-agent"));
+        let of_job = args
+            .windows(2)
+            .any(|w| w[0] == b"--job" && w[1] == name.as_bytes());
+        if is_agent && args.get(1) == Some(&&b"backup"[..]) && of_job {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+fn signal(pids: &[i32], sig: &str) {
+    for p in pids {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &p.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn an_agent_force_deleted_mid_copy_fails_its_attempt_and_the_next_one_commits() -> Result<()>
+{
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10600, 10620)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply(
+        "lost",
+        &Bed::job_yaml("lost", VM, "full", "  retryLimit: 1\n"),
+    )?;
+    mid_copy(&bed, "lost").await?;
+    cap_bandwidth(&bed, None)?;
+    kubectl_ok(&[
+        "delete",
+        "pod",
+        "-n",
+        &bed.ns.name,
+        "lost-agent",
+        "--force",
+        "--grace-period=0",
+    ])?;
+    let j = bed
+        .finished("lost", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    let st = j.status.clone().expect("status");
+    assert_eq!(st.attempts, Some(2), "the lost attempt is not resumed");
+    let rp = bed
+        .restore_points()
+        .await?
+        .into_iter()
+        .find(|r| Some(&r.spec.job.uid) == j.metadata.uid.as_ref())
+        .context("restore point")?;
+    assert_eq!(rp.spec.job.attempt, 2, "written by the second attempt");
+    let ev = events_of(&bed.ns.name, "lost").await?;
+    assert!(
+        ev.contains(&("Warning".into(), "Retrying".into())),
+        "{ev:?}"
+    );
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "lost").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_frozen_agent_fails_at_the_progress_deadline_and_the_next_attempt_commits() -> Result<()>
+{
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10630, 10650)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply(
+        "frozen",
+        &Bed::job_yaml(
+            "frozen",
+            VM,
+            "full",
+            "  retryLimit: 1\n  progressDeadlineSeconds: 30\n",
+        ),
+    )?;
+    mid_copy(&bed, "frozen").await?;
+    let pids = agent_pids("frozen")?;
+    assert!(!pids.is_empty(), "the agent process of job frozen");
+    signal(&pids, "-STOP");
+    cap_bandwidth(&bed, None)?;
+    // Frozen, it answers nothing and copies nothing: the attempt fails at the deadline and the
+    // next one starts afresh (the frozen process is killed with its pod).
+    let message = running_reason(&bed, "frozen", "Retrying", Duration::from_secs(120)).await;
+    signal(&pids, "-CONT");
+    let message = message?;
+    assert!(
+        message.contains("ProgressDeadlineExceeded")
+            && message.contains("spec.progressDeadlineSeconds: 30"),
+        "{message}"
+    );
+    let j = bed
+        .finished("frozen", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    assert_eq!(j.status.as_ref().and_then(|s| s.attempts), Some(2));
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "frozen").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_fails_at_once_and_removes_its_snapshot() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10660, 10680)).await?;
+    write_data(&bed);
+    // 32 MiB at 2 Mbit/s take two minutes: past the one-minute deadline.
+    cap_bandwidth(&bed, Some(2))?;
+    bed.apply(
+        "late",
+        &Bed::job_yaml(
+            "late",
+            VM,
+            "full",
+            "  retryLimit: 3\n  activeDeadlineSeconds: 60\n",
+        ),
+    )?;
+    mid_copy(&bed, "late").await?;
+    let j = bed
+        .finished("late", Phase::Failed, Duration::from_secs(240))
+        .await?;
+    let st = j.status.clone().expect("status");
+    assert_eq!(st.attempts, Some(1), "no retry after the deadline");
+    let failed = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .context("Failed condition")?;
+    assert_eq!(failed.reason, "DeadlineExceeded", "{failed:?}");
+    assert!(
+        failed.message.contains("spec.activeDeadlineSeconds (60 s)")
+            && failed.message.contains("not retried"),
+        "{}",
+        failed.message
+    );
+    let snap = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SnapshotRemoved")
+        .context("SnapshotRemoved condition")?;
+    assert_eq!(snap.status, "True", "{snap:?}");
+    assert!(bed.restore_points().await?.is_empty());
+    nothing_left(&bed, "late").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_that_cannot_be_scheduled_says_why_and_fails_at_the_progress_deadline()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10690, 10710)).await?;
+    kubectl_ok(&[
+        "patch",
+        "-n",
+        &bed.ns.name,
+        "sourcenode",
+        "vc",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec": {"placement": {"nodeSelector": {"sendense.io/site": "nowhere"}}}}"#,
+    ])?;
+    bed.apply(
+        "nowhere",
+        &Bed::job_yaml(
+            "nowhere",
+            VM,
+            "full",
+            "  retryLimit: 0\n  progressDeadlineSeconds: 20\n",
+        ),
+    )?;
+    let message = running_reason(
+        &bed,
+        "nowhere",
+        "AgentPodUnschedulable",
+        Duration::from_secs(120),
+    )
+    .await?;
+    assert!(
+        message.contains("cannot be scheduled") && message.contains("node"),
+        "the scheduler's reason: {message}"
+    );
+    let j = bed
+        .finished("nowhere", Phase::Failed, Duration::from_secs(120))
+        .await?;
+    let st = j.status.clone().expect("status");
+    let failed = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .context("Failed condition")?;
+    assert_eq!(failed.reason, "ProgressDeadlineExceeded", "{failed:?}");
+    assert!(
+        failed.message.contains("cannot be scheduled"),
+        "{}",
+        failed.message
+    );
+    // The agent never ran; its Pending pod goes with the job's others.
+    nothing_left(&bed, "nowhere").await?;
+    Ok(())
+}
