@@ -220,9 +220,14 @@ pub struct BackupArgs {
     /// Directory with `username` and `password` files.
     #[arg(long)]
     pub credentials_dir: Option<PathBuf>,
-    /// Name of this backup (BackupJob name): the snapshot is named <prefix><job>.
+    /// Name of this backup (BackupJob name): the snapshot is named <prefix><job>, followed by
+    /// `-<first 8 characters of --job-uid>` when that is given.
     #[arg(long)]
     pub job: String,
+    /// The BackupJob's UID: its snapshot carries it (name and description), so a snapshot
+    /// names the job that took it even when a job of the same name comes later.
+    #[arg(long)]
+    pub job_uid: Option<String>,
     #[arg(long, default_value = DEFAULT_SNAPSHOT_PREFIX)]
     pub snapshot_prefix: String,
     #[arg(long)]
@@ -278,6 +283,7 @@ impl BackupArgs {
             insecure_skip_verify: false,
             credentials_dir: None,
             job: job.into(),
+            job_uid: None,
             snapshot_prefix: DEFAULT_SNAPSHOT_PREFIX.to_owned(),
             quiesce: false,
             request_size: DEFAULT_REQUEST_SIZE,
@@ -337,6 +343,7 @@ impl BackupArgs {
             self.request_timeout,
             DEFAULT_REQUEST_TIMEOUT_SECONDS,
         );
+        a.some("--job-uid", self.job_uid.as_deref());
         a.some("--deadline-seconds", self.deadline_seconds);
         a.some("--max-bandwidth-mbps", self.max_bandwidth_mbps);
         a.flag("--checksum", self.checksum);

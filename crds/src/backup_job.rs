@@ -148,6 +148,10 @@ pub struct BackupJobStatus {
     /// The VM's instance UUID, resolved from the spec: which VM this is, whatever its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_instance_uuid: Option<String>,
+    /// The Lease (in the operator's namespace) that holds the VM for this job while it runs:
+    /// one backup per VM at a time, whatever the namespace or SourceNode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_lease: Option<String>,
     /// The RestorePoint this job produced, once its files are committed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_point: Option<String>,

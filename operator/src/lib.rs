@@ -21,6 +21,7 @@ pub mod settings;
 pub mod source_node;
 pub mod status;
 pub mod vcenter;
+pub mod vm_lease;
 
 #[cfg(test)]
 mod fixtures;

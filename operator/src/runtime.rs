@@ -107,6 +107,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         images,
         vcenter_timeout: VCENTER_TIMEOUT,
+        lease_namespace: settings.lease_namespace(),
         allocation: tokio::sync::Mutex::new(()),
     });
     tracing::info!("sendense-operator started");

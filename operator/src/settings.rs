@@ -89,6 +89,12 @@ pub struct Settings {
     )]
     pub agent_resources: Resources,
 
+    /// Namespace of the Leases that let one backup per VM run at a time, cluster-wide (the
+    /// operator's own namespace in a cluster; the chart sets it). Empty: the watched namespace,
+    /// else `default`.
+    #[arg(long, env = "SENDENSE_LEASE_NAMESPACE", default_value = "")]
+    pub lease_namespace: String,
+
     /// This operator's instance in the Events it publishes (the pod's name in a cluster).
     #[arg(long, env = "HOSTNAME")]
     pub instance: Option<String>,
@@ -185,6 +191,15 @@ impl Settings {
     /// The namespace to watch, if only one.
     pub fn namespace(&self) -> Option<&str> {
         (!self.watch_namespace.is_empty()).then_some(self.watch_namespace.as_str())
+    }
+
+    /// Where the VM Leases live.
+    pub fn lease_namespace(&self) -> String {
+        [self.lease_namespace.as_str(), self.watch_namespace.as_str()]
+            .into_iter()
+            .find(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_owned()
     }
 
     pub fn probe_interval(&self) -> Duration {

@@ -77,7 +77,9 @@ async fn mid_copy(bed: &Bed, name: &str) -> Result<BackupJob> {
         if st.attempts == Some(1) && copied > 0 && copied < total {
             return Ok(j);
         }
-        if st.attempts != Some(1) || matches!(st.phase, Some(Phase::Succeeded | Phase::Failed)) {
+        if st.attempts.is_some_and(|a| a > 1)
+            || matches!(st.phase, Some(Phase::Succeeded | Phase::Failed))
+        {
             bail!(
                 "job {name} left attempt 1 before the test saw it copy: {:?}{}",
                 st.conditions,
@@ -435,5 +437,79 @@ async fn an_agent_that_cannot_be_scheduled_says_why_and_fails_at_the_progress_de
     );
     // The agent never ran; its Pending pod goes with the job's others.
     nothing_left(&bed, "nowhere").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_vm_through_two_source_nodes_is_backed_up_once_at_a_time() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10720, 10740)).await?;
+    // A second SourceNode for the same vCenter: same VM, another name.
+    let nodes: Api<sendense_crds::SourceNode> = Api::namespaced(client().await?, &bed.ns.name);
+    let mut other = nodes.get("vc").await?;
+    other.metadata = kube::api::ObjectMeta {
+        name: Some("vc-again".into()),
+        ..Default::default()
+    };
+    other.status = None;
+    nodes.create(&Default::default(), &other).await?;
+    bed.ready::<sendense_crds::SourceNode>("vc-again").await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply("first", &Bed::job_yaml("first", VM, "full", ""))?;
+    mid_copy(&bed, "first").await?;
+    bed.apply(
+        "second",
+        &Bed::job_yaml("second", VM, "auto", "").replace("name: vc}", "name: vc-again}"),
+    )?;
+    let message = running_reason(&bed, "second", "VMBusy", Duration::from_secs(60)).await?;
+    assert!(
+        message.contains(&format!("{}/first", bed.ns.name)),
+        "names the job holding the VM: {message}"
+    );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client().await?, &bed.ns.name);
+    let held = leases
+        .list(&kube::api::ListParams::default().labels("sendense.io/vm-lease"))
+        .await?
+        .items;
+    assert_eq!(held.len(), 1, "one Lease for the VM: {held:?}");
+    let holder = held[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default();
+    assert!(
+        holder.starts_with(&format!("{}/first/", bed.ns.name)),
+        "{holder}"
+    );
+    cap_bandwidth(&bed, None)?;
+    let first = bed
+        .finished("first", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    verified(&bed, &first).await?;
+    let second = bed
+        .finished("second", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    let st = second.status.clone().expect("status");
+    assert_eq!(
+        st.chain_parent,
+        first.status.as_ref().and_then(|s| s.restore_point.clone()),
+        "the second backup continues the first's chain"
+    );
+    verified(&bed, &second).await?;
+    nothing_left(&bed, "second").await?;
+    let wait = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !leases
+        .list(&kube::api::ListParams::default().labels("sendense.io/vm-lease"))
+        .await?
+        .items
+        .is_empty()
+    {
+        if tokio::time::Instant::now() > wait {
+            bail!("the VM's Lease outlived both jobs");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     Ok(())
 }

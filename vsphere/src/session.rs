@@ -119,6 +119,17 @@ impl VSphere {
         Ok(content.about.full_name)
     }
 
+    /// The server's own identity, `about.instanceUuid` as read at login: one vCenter, whatever
+    /// URL it is reached by. None for a server that reports none.
+    pub fn instance_uuid(&self) -> Option<String> {
+        self.client
+            .service_content()
+            .about
+            .instance_uuid
+            .clone()
+            .filter(|u| !u.is_empty())
+    }
+
     /// Ends the session (best effort, bounded by `call_timeout`). Later calls fail.
     pub async fn logout(&self) {
         self.logged_out.store(true, Ordering::Release);

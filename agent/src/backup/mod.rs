@@ -74,8 +74,15 @@ async fn snapshot_and_copy(
     live.set_stage(Stage::Snapshot);
     result.leftover_snapshots_removed =
         snapshot::remove_leftovers(vs, &vm, &plan.snapshot_prefix).await?;
-    let snapshot =
-        snapshot::create(vs, &vm, &plan.snapshot_prefix, &plan.job, plan.quiesce).await?;
+    let snapshot = snapshot::create(
+        vs,
+        &vm,
+        &plan.snapshot_prefix,
+        &plan.job,
+        plan.job_uid.as_deref(),
+        plan.quiesce,
+    )
+    .await?;
     result.snapshot = Some(SnapshotReport {
         id: snapshot.moref.clone(),
         name: snapshot.name.clone(),

@@ -31,6 +31,8 @@ pub struct BackupPlan {
     pub snapshot_prefix: String,
     /// Name of this backup (goes into the snapshot name and description).
     pub job: String,
+    /// UID of this backup's BackupJob (goes into the snapshot name and description).
+    pub job_uid: Option<String>,
     pub quiesce: bool,
     pub copy: CopyOptions,
     pub connect: ConnectOptions,
@@ -187,6 +189,7 @@ impl BackupPlan {
             reader,
             snapshot_prefix: args.snapshot_prefix.clone(),
             job: args.job.clone(),
+            job_uid: args.job_uid.clone().filter(|u| !u.is_empty()),
             quiesce: args.quiesce,
             copy: CopyOptions {
                 request_size: args.request_size,

@@ -52,6 +52,8 @@ impl SnapshotError {
 failure_from!(SnapshotError);
 
 /// Removes snapshots named `<prefix>*` (left by attempts that could not clean up); their names.
+/// Only jobs that no longer run left them: the operator starts a backup only while its job holds
+/// the VM's Lease, so no other backup of this VM runs now (one backup per VM, cluster-wide).
 pub async fn remove_leftovers(
     vs: &VSphere,
     vm: &VmRef,
@@ -67,16 +69,30 @@ pub async fn remove_leftovers(
     Ok(removed.into_iter().map(|s| s.name).collect())
 }
 
-/// Takes snapshot `<prefix><job>`.
+/// The snapshot's name: `<prefix><job>`, then `-<first 8 characters of the job's UID>`.
+pub fn name(prefix: &str, job: &str, job_uid: Option<&str>) -> String {
+    match job_uid {
+        Some(uid) => format!("{prefix}{job}-{}", uid.chars().take(8).collect::<String>()),
+        None => format!("{prefix}{job}"),
+    }
+}
+
+/// Takes the backup's snapshot (`name`), its description naming the job and its UID.
 pub async fn create(
     vs: &VSphere,
     vm: &VmRef,
     prefix: &str,
     job: &str,
+    job_uid: Option<&str>,
     quiesce: bool,
 ) -> Result<SnapshotRef, SnapshotError> {
-    let name = format!("{prefix}{job}");
-    let description = format!("Sendense backup {job}; removed when the backup ends");
+    let name = name(prefix, job, job_uid);
+    let description = match job_uid {
+        Some(uid) => {
+            format!("Sendense backup {job} (BackupJob UID {uid}); removed when the backup ends")
+        }
+        None => format!("Sendense backup {job}; removed when the backup ends"),
+    };
     let snapshot = vs
         .create_snapshot(vm, &name, &description, quiesce)
         .await
@@ -110,5 +126,24 @@ pub async fn remove(vs: &VSphere, snapshot: &SnapshotRef) -> Result<(), VSphereE
                 attempt += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_snapshot_carries_its_jobs_uid() {
+        assert_eq!(
+            super::name(
+                "sendense-",
+                "nightly",
+                Some("8f14e45f-ceea-4c8a-9b1c-3a0b5e0d1c2a")
+            ),
+            "sendense-nightly-8f14e45f"
+        );
+        assert_eq!(
+            super::name("sendense-", "nightly", None),
+            "sendense-nightly"
+        );
     }
 }

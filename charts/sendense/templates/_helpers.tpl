@@ -124,6 +124,12 @@ config/rbac/role.yaml.
 - apiGroups: ["sendense.io"]
   resources: ["restorepoints"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# One Lease per VM being backed up (sendense-vm-<vCenter>-<VM instance UUID>), so one backup per
+# VM runs at a time whatever the namespace or SourceNode: read, created by a job starting,
+# taken over (update) from a job that ended, deleted when the holder ends.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update", "delete"]
 # Their status is the operator's output (Ready conditions, probe results, phase, per-disk
 # progress), written by server-side apply of the status subresource (PATCH).
 - apiGroups: ["sendense.io"]

@@ -15,6 +15,8 @@ pub struct Context {
     pub images: PodSettings,
     /// Deadline of each vCenter call the operator makes (VM lookup, snapshot confirmation).
     pub vcenter_timeout: Duration,
+    /// Namespace of the VM Leases (one backup per VM at a time, cluster-wide).
+    pub lease_namespace: String,
     /// Serializes port allocation in this process. Across processes and restarts the truth is
     /// the jobs' status, read fresh from the API server under this lock and written before it
     /// is released.

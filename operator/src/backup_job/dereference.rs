@@ -41,6 +41,9 @@ pub struct Dereferenced {
     /// The VM's inventory name and instance UUID, as vCenter reports them.
     pub vm_name: String,
     pub vm_instance_uuid: String,
+    /// Which vCenter this is, whatever URL reaches it: its `about.instanceUuid`, or the URL's
+    /// host when it reports none.
+    pub vcenter_identity: String,
     /// Every virtual disk of the VM.
     pub disks: Vec<Disk>,
     /// The jobs of the job's namespace, read under the allocation lock.
@@ -117,7 +120,7 @@ async fn vm(
     ctx: &Context,
     job: &BackupJob,
     sn: &SourceNode,
-) -> ControlFlow<Wait, (String, String, Vec<Disk>)> {
+) -> ControlFlow<Wait, (String, String, String, Vec<Disk>)> {
     let session = match Session::connect(sn, &ctx.client, ctx.vcenter_timeout).await {
         Ok(s) => s,
         Err(p) => {
@@ -130,7 +133,10 @@ async fn vm(
     let found = async {
         let vm = vs.find_vm(&sn.spec.datacenter, &selector).await?;
         let info = vs.vm_info(&vm).await?;
-        Ok::<_, VSphereError>((vm.name, vm.instance_uuid, info.disks))
+        let vcenter = vs
+            .instance_uuid()
+            .unwrap_or_else(|| url_host(&sn.spec.vcenter.url));
+        Ok::<_, VSphereError>((vm.name, vm.instance_uuid, vcenter, info.disks))
     }
     .await;
     let outcome = match found {
@@ -154,6 +160,18 @@ async fn vm(
     outcome
 }
 
+/// The host of a vCenter URL, lowercased ("https://VC.example.com:443/sdk" -> "vc.example.com").
+pub fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    host.to_ascii_lowercase()
+}
+
 /// Step 1: the SourceNode, the Repository, the VM, then (under the allocation lock) the jobs.
 pub async fn dereference<'a>(
     ctx: &'a Context,
@@ -164,7 +182,8 @@ pub async fn dereference<'a>(
     let source_node = step!(ready_ref::<SourceNode>(ctx, &ns, sn_name, &SOURCE_NODE).await?);
     let repo_name = &job.spec.repository_ref.name;
     let repository = step!(ready_ref::<Repository>(ctx, &ns, repo_name, &REPOSITORY).await?);
-    let (vm_name, vm_instance_uuid, disks) = step!(vm(ctx, job, &source_node).await);
+    let (vm_name, vm_instance_uuid, vcenter_identity, disks) =
+        step!(vm(ctx, job, &source_node).await);
     let allocation = ctx.allocation.lock().await;
     let jobs = list::<BackupJob>(&ctx.client, &ns)
         .await
@@ -177,6 +196,7 @@ pub async fn dereference<'a>(
         repository,
         vm_name,
         vm_instance_uuid,
+        vcenter_identity,
         disks,
         jobs,
         restore_points,

@@ -184,7 +184,11 @@ async fn confirm_snapshot_removed(
     ctx: &Context,
     result: Option<&BackupResult>,
 ) -> (SnapshotRemoved, String) {
-    let wanted = format!("sendense-{}", job.name_any());
+    // The agent names the snapshot after the job and the start of its UID (agents before
+    // that: after the job alone).
+    let uid8: String = job.uid().unwrap_or_default().chars().take(8).collect();
+    let wanted = format!("sendense-{}-{uid8}", job.name_any());
+    let legacy = format!("sendense-{}", job.name_any());
     if let Some(s) = result.and_then(|r| r.snapshot.as_ref())
         && s.removed
     {
@@ -226,7 +230,11 @@ async fn confirm_snapshot_removed(
             Err(e) => return Err(e),
         };
         let info = vs.vm_info(&vm).await?;
-        let left: Vec<_> = info.snapshots.iter().filter(|s| s.name == wanted).collect();
+        let left: Vec<_> = info
+            .snapshots
+            .iter()
+            .filter(|s| s.name == wanted || s.name == legacy)
+            .collect();
         if left.is_empty() {
             return Ok((
                 SnapshotRemoved::NoSnapshot,
@@ -264,6 +272,12 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(Error::Remove)?;
     let st = job.status.clone().unwrap_or_default();
+    // The VM is free for the next backup: its snapshot is dealt with, the pods are going.
+    if let Some(lease) = st.vm_lease.as_deref() {
+        crate::vm_lease::release(&ctx.client, &ctx.lease_namespace, lease, job)
+            .await
+            .map_err(Error::Remove)?;
+    }
     let pending_cleanup = FilesRemoved::OUTSTANDING
         .iter()
         .any(|r| holding(&st.conditions, r).is_some());

@@ -21,6 +21,8 @@ use sendense_crds::BackupJob;
 use sendense_crds::backup_job::Phase;
 
 use crate::children::ApiError;
+use crate::vm_lease;
+use outcome::{Wait, WaitReason};
 
 /// The value of a step that may stop: its output, or return the stop from the calling step.
 macro_rules! step {
@@ -81,6 +83,12 @@ pub enum Error {
         #[source]
         source: ApiError,
     },
+    #[error("BackupJob {job}: the VM's Lease: {source}")]
+    Lease {
+        job: String,
+        #[source]
+        source: ApiError,
+    },
 }
 
 impl Error {
@@ -90,7 +98,8 @@ impl Error {
             Error::Dereference { .. }
             | Error::Run { .. }
             | Error::Finish { .. }
-            | Error::Status { .. } => "kube_api",
+            | Error::Status { .. }
+            | Error::Lease { .. } => "kube_api",
         }
     }
 }
@@ -119,7 +128,29 @@ async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
             }
             Ok(plan) => {
                 let vm = plan.vm_name.clone();
+                // One backup per VM at a time, cluster-wide.
+                let lease = vm_lease::lease_name(&refs.vcenter_identity, &refs.vm_instance_uuid);
+                let held = vm_lease::acquire(&ctx.client, &ctx.lease_namespace, &lease, job, &vm)
+                    .await
+                    .map_err(|source| Error::Lease {
+                        job: name.clone(),
+                        source,
+                    })?;
+                if let Err(vm_lease::HeldBy(other)) = held {
+                    let wait = Wait::new(
+                        WaitReason::VmBusy,
+                        format!(
+                            "BackupJob {other} is backing up VM {vm} (the same VM of the same vCenter); this one starts when it ends"
+                        ),
+                    );
+                    status::waiting(&mut u, &wait);
+                    status::write(u, ctx)
+                        .await
+                        .map_err(|source| Error::Status { job: name, source })?;
+                    return Ok(Action::requeue(wait.reason.retry()));
+                }
                 status::started(&mut u, plan);
+                u.status.vm_lease = Some(lease);
                 status::write(u, ctx)
                     .await
                     .map_err(|source| Error::Status { job: name, source })?;

@@ -74,6 +74,7 @@ pub fn agent_pod(
     // Progress for the operator, on the pod's own IP.
     args.status_addr = Some(format!("$(POD_IP):{PROGRESS_PORT}"));
     args.quiesce = job.spec.quiesce;
+    args.job_uid = job.uid();
     args.max_bandwidth_mbps = source
         .spec
         .limits

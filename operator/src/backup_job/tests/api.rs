@@ -27,6 +27,7 @@ fn context() -> (Arc<Context>, Handle) {
             ..Default::default()
         },
         vcenter_timeout: Duration::from_secs(5),
+        lease_namespace: "sendense-system".into(),
         allocation: tokio::sync::Mutex::new(()),
     };
     (Arc::new(ctx), handle)

@@ -1,0 +1,182 @@
+//! One backup per VM at a time, cluster-wide: before a job's plan is recorded it takes a
+//! `coordination.k8s.io` Lease named after the vCenter's identity and the VM's instance UUID,
+//! so two SourceNodes (or two namespaces) that reach the same VM through different names or
+//! URLs still meet at one Lease. The holder is the job by namespace, name and UID. A job that
+//! finds the Lease held by another job that still runs waits (`VMBusy`); a Lease whose holder
+//! has ended or is gone is taken over, with the API server's optimistic concurrency deciding
+//! between two takers. The holder releases it when it ends, after its snapshot is dealt with.
+//!
+//! There is no renewal and no expiry: a holder's liveness is its BackupJob, which the API
+//! server keeps, not a clock, so an operator that is down for a while loses nothing and a
+//! slow job keeps its VM.
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::{Api, Client, ResourceExt};
+use sendense_crds::BackupJob;
+use sendense_crds::backup_job::Phase;
+
+use crate::children::{ApiError, Verb, get};
+
+/// Label of every VM Lease, for `kubectl get lease -l sendense.io/vm-lease`.
+pub const LEASE_LABEL: &str = "sendense.io/vm-lease";
+
+/// The Lease of a VM: `sendense-vm-<vCenter identity>-<instance UUID>`, lowercased, any
+/// character a name may not hold replaced by `-` (a URL host keeps its dots).
+pub fn lease_name(vcenter: &str, instance_uuid: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    };
+    let mut name = format!("sendense-vm-{}-{}", clean(vcenter), clean(instance_uuid));
+    name.truncate(253);
+    name.trim_end_matches(['-', '.']).to_owned()
+}
+
+/// The holder identity of a job: `<namespace>/<name>/<uid>`.
+pub fn holder(job: &BackupJob) -> String {
+    format!(
+        "{}/{}/{}",
+        job.namespace().unwrap_or_default(),
+        job.name_any(),
+        job.uid().unwrap_or_default()
+    )
+}
+
+/// Who holds the VM instead of this job: its namespace/name, for the wait's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldBy(pub String);
+
+/// Takes the VM's Lease for `job`, or says which running job holds it.
+pub async fn acquire(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    job: &BackupJob,
+    vm: &str,
+) -> Result<Result<(), HeldBy>, ApiError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let me = holder(job);
+    let fresh = || Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some([(LEASE_LABEL.to_owned(), "true".to_owned())].into()),
+            annotations: Some([("sendense.io/vm".to_owned(), vm.to_owned())].into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(me.clone()),
+            acquire_time: Some(MicroTime(Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    let Some(existing) = get::<Lease>(client, namespace, name).await? else {
+        return match api.create(&PostParams::default(), &fresh()).await {
+            Ok(_) => Ok(Ok(())),
+            // Another job took it between the read and the create: the next look says who.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(HeldBy("another job".into()))),
+            Err(e) => Err(ApiError::new::<Lease>(Verb::Create, namespace, name, e)),
+        };
+    };
+    let current = existing
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default();
+    if current == me {
+        return Ok(Ok(()));
+    }
+    if let Some(other) = running_holder(client, &current).await? {
+        return Ok(Err(HeldBy(other)));
+    }
+    // The holder ended or is gone: take over, only if nobody changed the Lease meanwhile.
+    let mut taken = fresh();
+    taken.metadata.resource_version = existing.metadata.resource_version.clone();
+    match api.replace(name, &PostParams::default(), &taken).await {
+        Ok(_) => Ok(Ok(())),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(HeldBy("another job".into()))),
+        Err(e) => Err(ApiError::new::<Lease>(Verb::Apply, namespace, name, e)),
+    }
+}
+
+/// The holder `<namespace>/<name>/<uid>` as `namespace/name` while that job still runs.
+async fn running_holder(client: &Client, holder: &str) -> Result<Option<String>, ApiError> {
+    let mut parts = holder.splitn(3, '/');
+    let (Some(ns), Some(name), Some(uid)) = (parts.next(), parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    let Some(job) = get::<BackupJob>(client, ns, name).await? else {
+        return Ok(None);
+    };
+    let ended = matches!(
+        job.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Succeeded | Phase::Failed)
+    );
+    Ok((job.uid().as_deref() == Some(uid) && !ended).then(|| format!("{ns}/{name}")))
+}
+
+/// Releases the Lease when `job` holds it (a Lease taken over by another job stays).
+pub async fn release(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    job: &BackupJob,
+) -> Result<(), ApiError> {
+    let Some(existing) = get::<Lease>(client, namespace, name).await? else {
+        return Ok(());
+    };
+    let current = existing
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref());
+    if current != Some(holder(job).as_str()) {
+        return Ok(());
+    }
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: existing.metadata.resource_version.clone(),
+            uid: existing.metadata.uid.clone(),
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone, or taken over meanwhile: not ours to remove.
+        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => Ok(()),
+        Err(e) => Err(ApiError::new::<Lease>(Verb::Delete, namespace, name, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_lease_is_named_by_vcenter_and_instance_uuid() {
+        assert_eq!(
+            lease_name(
+                "dbed6e0c-bd88-4ef6-b594-21283e1c677f",
+                "5029A8F2-1B6C-4C2E-9A55-3F0B7E0D1C2A"
+            ),
+            "sendense-vm-dbed6e0c-bd88-4ef6-b594-21283e1c677f-5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a"
+        );
+        assert_eq!(
+            lease_name("VC.example.com", "u_1"),
+            "sendense-vm-vc.example.com-u-1"
+        );
+        let long = lease_name(&"a".repeat(300), "u");
+        assert!(long.len() <= 253 && !long.ends_with('-'));
+    }
+}
