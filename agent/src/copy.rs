@@ -5,11 +5,16 @@
 //! Zeros: in a full copy into a fresh image, areas that read as zeros are skipped (the image
 //! already reads as zeros). In an incremental into an overlay they are written as WRITE_ZEROES,
 //! never skipped: a skipped area would let the parent's old bytes show through.
+//!
+//! Verification (`CopyOptions::verify`): each chunk's content as the source gave it is hashed
+//! while it is copied; after the flush, `verify_written` reads every chunk back from the target
+//! and compares.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use sha2::{Digest, Sha256};
 
 use crate::nbd::{NbdClient, NbdError, proto};
 
@@ -27,6 +32,8 @@ pub struct CopyOptions {
     pub zero_run: usize,
     /// The bandwidth cap every read from the source waits for (shared by all disks).
     pub rate: Option<std::sync::Arc<crate::rate::RateLimiter>>,
+    /// Keep a SHA-256 of each chunk as the source gave it, for `verify_written`.
+    pub verify: bool,
 }
 
 impl Default for CopyOptions {
@@ -36,6 +43,7 @@ impl Default for CopyOptions {
             max_in_flight: 32,
             zero_run: 64 << 10,
             rate: None,
+            verify: false,
         }
     }
 }
@@ -53,15 +61,29 @@ pub struct Progress {
     pub zeroed: AtomicU64,
     /// Bytes skipped (zeros in a full copy).
     pub skipped: AtomicU64,
+    /// Bytes read back from the target and found as the source gave them.
+    pub verified: AtomicU64,
 }
 
 /// What a finished copy did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CopyStats {
     pub total: u64,
     pub data: u64,
     pub zeroed: u64,
     pub skipped: u64,
+    /// With `CopyOptions::verify`: each chunk's digest as read from the source, in offset
+    /// order.
+    pub chunks: Vec<ChunkDigest>,
+}
+
+/// One chunk of a copy and the SHA-256 of its content as the source gave it (zeros where the
+/// source reads as zeros): what the target must read back there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkDigest {
+    pub start: u64,
+    pub length: u32,
+    pub sha256: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +109,16 @@ pub enum CopyError {
     },
     #[error("invalid copy options: {0}")]
     Options(String),
+    #[error(
+        "read back after the flush, the target's {length} bytes at offset {start} differ from what the source gave"
+    )]
+    Mismatch { start: u64, length: u32 },
+    #[error("reading the target back at offset {offset}: {source}")]
+    ReadBack {
+        offset: u64,
+        #[source]
+        source: NbdError,
+    },
 }
 
 /// Sorts and merges overlapping or touching areas, dropping empty ones.
@@ -153,11 +185,14 @@ pub async fn copy_areas(
     let total: u64 = areas.iter().map(|a| a.length).sum();
     progress.total.store(total, Ordering::Relaxed);
 
+    let digests = std::sync::Mutex::new(Vec::new());
     futures::stream::iter(chunks(&areas, opts.request_size).map(Ok))
         .try_for_each_concurrent(opts.max_in_flight, |chunk| {
-            copy_chunk(source, target, chunk, kind, opts, progress)
+            copy_chunk(source, target, chunk, kind, opts, progress, &digests)
         })
         .await?;
+    let mut chunks = digests.into_inner().unwrap_or_else(|p| p.into_inner());
+    chunks.sort_by_key(|c: &ChunkDigest| c.start);
     target
         .flush()
         .await
@@ -167,7 +202,52 @@ pub async fn copy_areas(
         data: progress.data.load(Ordering::Relaxed),
         zeroed: progress.zeroed.load(Ordering::Relaxed),
         skipped: progress.skipped.load(Ordering::Relaxed),
+        chunks,
     })
+}
+
+/// Reads every chunk of a flushed copy back from `target` and compares it with the digest the
+/// source gave; the bytes verified. The first difference is the error.
+pub async fn verify_written(
+    target: &NbdClient,
+    chunks: &[ChunkDigest],
+    max_in_flight: usize,
+    progress: &Progress,
+) -> Result<u64, CopyError> {
+    futures::stream::iter(chunks.iter().map(Ok))
+        .try_for_each_concurrent(max_in_flight.max(1), |c| async move {
+            let data =
+                target
+                    .read(c.start, c.length)
+                    .await
+                    .map_err(|source| CopyError::ReadBack {
+                        offset: c.start,
+                        source,
+                    })?;
+            let got: [u8; 32] = Sha256::digest(&data).into();
+            if got != c.sha256 {
+                return Err(CopyError::Mismatch {
+                    start: c.start,
+                    length: c.length,
+                });
+            }
+            progress
+                .verified
+                .fetch_add(u64::from(c.length), Ordering::Relaxed);
+            Ok(())
+        })
+        .await?;
+    Ok(chunks.iter().map(|c| u64::from(c.length)).sum())
+}
+
+/// Feeds `length` zero bytes to `h`.
+fn hash_zeros(h: &mut Sha256, mut length: u64) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while length > 0 {
+        let n = length.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..n]);
+        length -= n as u64;
+    }
 }
 
 /// One piece of a chunk: data to read, or a range the source says reads as zeros.
@@ -218,10 +298,17 @@ async fn copy_chunk(
     kind: CopyKind,
     opts: &CopyOptions,
     progress: &Progress,
+    digests: &std::sync::Mutex<Vec<ChunkDigest>>,
 ) -> Result<(), CopyError> {
+    let mut hash = opts.verify.then(Sha256::new);
     for seg in segments(source, chunk).await? {
         match seg {
-            Segment::Zero(a) => zero(target, a, kind, progress).await?,
+            Segment::Zero(a) => {
+                if let Some(h) = hash.as_mut() {
+                    hash_zeros(h, a.length);
+                }
+                zero(target, a, kind, progress).await?
+            }
             Segment::Data(a) => {
                 if let Some(rate) = &opts.rate {
                     rate.acquire(a.length).await;
@@ -233,6 +320,9 @@ async fn copy_chunk(
                         offset: a.start,
                         source,
                     })?;
+                if let Some(h) = hash.as_mut() {
+                    h.update(&data);
+                }
                 for (run, is_zero) in zero_runs(&data, opts.zero_run) {
                     let area = ChangedArea {
                         start: a.start + run.start as u64,
@@ -253,6 +343,16 @@ async fn copy_chunk(
                 }
             }
         }
+    }
+    if let Some(h) = hash {
+        digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ChunkDigest {
+                start: chunk.start,
+                length: chunk.length as u32,
+                sha256: h.finalize().into(),
+            });
     }
     progress.done.fetch_add(chunk.length, Ordering::Relaxed);
     Ok(())

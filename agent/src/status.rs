@@ -260,7 +260,7 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"stage": "copying", "bytesToCopy": 1000, "bytesCopied": 250,
-                "disks": [{"key": 2000, "bytesToCopy": 1000, "bytesCopied": 250}]})
+                "disks": [{"key": 2000, "bytesToCopy": 1000, "bytesCopied": 250, "bytesVerified": 0}]})
         );
         let answer = String::from_utf8(response(Route::MethodNotAllowed, &live)).unwrap();
         assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");

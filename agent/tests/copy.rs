@@ -162,3 +162,91 @@ async fn areas_past_the_end_are_refused_before_any_write() -> Result<()> {
     assert!(err.to_string().contains("target"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn verification_reads_every_chunk_back_and_catches_what_differs() -> Result<()> {
+    use sendense_agent::copy::{CopyError, verify_written};
+    let s = Scratch::new("verify");
+    let disk = s.path("disk-flat.vmdk");
+    raw_file(&disk, 16 * MIB)?;
+    write_at(&disk, 0, &pattern(7, 4 * MIB as usize))?;
+    let base = s.path("base.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg((16 * MIB).to_string()))?;
+    // The parent holds data where the source now reads zeros.
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 8M 2M"])
+        .arg(&base))?;
+    let opts_verify = CopyOptions {
+        verify: true,
+        ..CopyOptions::default()
+    };
+    let changed = vec![area(0, 4 * MIB), area(8 * MIB, 2 * MIB)];
+    for (kind, name, right) in [
+        (CopyKind::Incremental, "right.qcow2", true),
+        // A full-copy's zero skipping into an overlay lets the parent's bytes show through.
+        (CopyKind::Full, "wrong.qcow2", false),
+    ] {
+        let top = s.path(name);
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&top))?;
+        let src = nbdkit(
+            &s.path(&format!("{name}.src.sock")),
+            &["file", &format!("file={}", disk.display())],
+        )?;
+        let dst = qemu_nbd(
+            &top,
+            &s.path(&format!("{name}.sock")),
+            "qcow2",
+            &["--shared=8"],
+        )?;
+        let source = NbdClient::connect(&src.url(""), &opts()).await?;
+        let target = NbdClient::connect(&dst.url(""), &opts()).await?;
+        let progress = Progress::default();
+        let stats = copy_areas(
+            &source,
+            &target,
+            changed.clone(),
+            kind,
+            &opts_verify,
+            &progress,
+        )
+        .await?;
+        assert_eq!(
+            stats
+                .chunks
+                .iter()
+                .map(|c| u64::from(c.length))
+                .sum::<u64>(),
+            6 * MIB,
+            "every chunk has its digest"
+        );
+        let verified = verify_written(&target, &stats.chunks, 8, &progress).await;
+        if right {
+            assert_eq!(verified?, 6 * MIB);
+            // Now damage one byte on the hub side: the next read-back catches it.
+            target
+                .write(3 * MIB + 17, bytes::Bytes::from_static(&[0xff]))
+                .await?;
+            target.flush().await?;
+            match verify_written(&target, &stats.chunks, 8, &progress).await {
+                Err(CopyError::Mismatch { start, .. }) => {
+                    assert!(start <= 3 * MIB + 17 && 3 * MIB + 17 < start + 2 * MIB)
+                }
+                other => panic!("a damaged byte went unnoticed: {other:?}"),
+            }
+        } else {
+            match verified {
+                Err(CopyError::Mismatch { start, .. }) => assert!(start >= 8 * MIB),
+                other => panic!("the parent's bytes showing through went unnoticed: {other:?}"),
+            }
+        }
+        source.disconnect().await;
+        target.disconnect().await;
+    }
+    Ok(())
+}

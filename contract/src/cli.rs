@@ -248,6 +248,10 @@ pub struct BackupArgs {
     /// SourceNode's `spec.limits.maxBandwidthMbps`). Unset: no cap.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_bandwidth_mbps: Option<u32>,
+    /// Do not read the copied chunks back from the hub after the flush to compare them with
+    /// what the source gave (they are, by default).
+    #[arg(long)]
+    pub skip_verify: bool,
     /// Also hash each disk as read from the snapshot (a full read), for verify.
     #[arg(long)]
     pub checksum: bool,
@@ -292,6 +296,7 @@ impl BackupArgs {
             request_timeout: DEFAULT_REQUEST_TIMEOUT_SECONDS,
             deadline_seconds: None,
             max_bandwidth_mbps: None,
+            skip_verify: false,
             checksum: false,
             result_file: None,
             status_addr: None,
@@ -347,6 +352,7 @@ impl BackupArgs {
         a.some("--deadline-seconds", self.deadline_seconds);
         a.some("--max-bandwidth-mbps", self.max_bandwidth_mbps);
         a.flag("--checksum", self.checksum);
+        a.flag("--skip-verify", self.skip_verify);
         a.path("--result-file", self.result_file.as_ref());
         a.some("--status-addr", self.status_addr.as_ref());
         a.0

@@ -110,6 +110,10 @@ pub struct ManifestDisk {
     /// through its backing chain), computed by the commit from the flushed files.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// Bytes the agent read back from the hub after the flush and found as the source gave
+    /// them (every chunk it copied); absent when the copy was not verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_verified: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,6 +305,7 @@ mod tests {
                 change_id_reached: "52 aa/3".into(),
                 bytes_written: 4096,
                 sha256: String::new(),
+                bytes_verified: Some(4096),
             }],
         }
     }

@@ -48,6 +48,8 @@ pub struct DiskProgress {
     pub key: i32,
     pub bytes_to_copy: u64,
     pub bytes_copied: u64,
+    /// Read back from the hub after the flush and found as the source gave them.
+    pub bytes_verified: u64,
 }
 
 /// The stage and every disk's counters (camelCase: it goes into Kubernetes status as it is).
@@ -74,12 +76,13 @@ mod tests {
                 key: 2000,
                 bytes_to_copy: 10,
                 bytes_copied: 4,
+                bytes_verified: 0,
             }],
         };
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(
             json,
-            r#"{"stage":"removing-snapshot","bytesToCopy":10,"bytesCopied":4,"disks":[{"key":2000,"bytesToCopy":10,"bytesCopied":4}]}"#
+            r#"{"stage":"removing-snapshot","bytesToCopy":10,"bytesCopied":4,"disks":[{"key":2000,"bytesToCopy":10,"bytesCopied":4,"bytesVerified":0}]}"#
         );
         assert_eq!(serde_json::from_str::<ProgressReport>(&json).unwrap(), r);
         let newer: ProgressReport = serde_json::from_str(r#"{"stage":"verifying"}"#).unwrap();

@@ -36,6 +36,8 @@ pub enum AgentReason {
     CopyFailed,
     HubUnreachable,
     DiskResized,
+    /// Read back after the flush, the hub's image differs from what the source gave.
+    VerificationFailed,
     /// A reason this build does not know (an agent newer than the operator).
     #[serde(other)]
     Unknown,
@@ -64,12 +66,13 @@ impl AgentReason {
             AgentReason::CopyFailed => "CopyFailed",
             AgentReason::HubUnreachable => "HubUnreachable",
             AgentReason::DiskResized => "DiskResized",
+            AgentReason::VerificationFailed => "VerificationFailed",
             AgentReason::Unknown => "Unknown",
         }
     }
 
     /// Every known reason (for tests and documentation).
-    pub const ALL: [AgentReason; 19] = [
+    pub const ALL: [AgentReason; 20] = [
         AgentReason::InvalidArguments,
         AgentReason::CredentialsUnavailable,
         AgentReason::StatusListenFailed,
@@ -89,6 +92,7 @@ impl AgentReason {
         AgentReason::CopyFailed,
         AgentReason::HubUnreachable,
         AgentReason::DiskResized,
+        AgentReason::VerificationFailed,
     ];
 }
 

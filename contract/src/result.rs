@@ -46,6 +46,9 @@ pub struct DiskReport {
     pub bytes_skipped: u64,
     pub seconds: f64,
     pub sha256: Option<String>,
+    /// Bytes read back from the hub after the flush and found as the source gave them (every
+    /// chunk copied); None when not verified.
+    pub bytes_verified: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -171,6 +174,7 @@ pub fn compact_json(result: &BackupResult, limit: usize) -> String {
         "bytes_zeroed",
         "bytes_skipped",
         "seconds",
+        "bytes_verified",
         "error",
     ];
     const ESSENTIAL: &[&str] = &[
@@ -180,6 +184,7 @@ pub fn compact_json(result: &BackupResult, limit: usize) -> String {
         "change_id_reached",
         "bytes_to_copy",
         "bytes_written",
+        "bytes_verified",
         "error",
     ];
     let steps: [&dyn Fn(&mut Value); 6] = [

@@ -74,6 +74,11 @@ pub struct BackupJobSpec {
     #[serde(default = "default_progress_deadline_seconds")]
     #[schemars(range(min = 20, max = 86400))]
     pub progress_deadline_seconds: i64,
+    /// Read every copied chunk back from the hub after the flush and compare it with what the
+    /// source gave; a difference fails the attempt (`VerificationFailed`). The RestorePoint
+    /// records the outcome (`verified`). Costs one read of the changed data on the hub.
+    #[serde(default = "default_verify")]
+    pub verify: bool,
     /// Failed attempts retried before the job is marked Failed.
     #[serde(default = "default_retry_limit")]
     #[schemars(range(min = 0, max = 10))]
@@ -82,6 +87,10 @@ pub struct BackupJobSpec {
 
 fn default_retry_limit() -> i32 {
     3
+}
+
+fn default_verify() -> bool {
+    true
 }
 
 /// Ten minutes without progress fails an attempt.
@@ -242,6 +251,10 @@ pub struct DiskStatus {
     /// CBT changeId of the snapshot, recorded only once the data is flushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_id_reached: Option<String>,
+    /// Bytes the agent read back from the hub after the flush and found as the source gave
+    /// them; unset when the copy was not verified (`spec.verify: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_verified: Option<i64>,
     /// Bytes written into this disk's file (zero runs and holes excluded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_written: Option<i64>,

@@ -29,6 +29,7 @@ use crate::common::LocalObjectRef;
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Size", type_ = "string", json_path = ".spec.size"),
     printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parent.name"),
+    printcolumn(name = "Verified", type_ = "boolean", json_path = ".spec.verified"),
     printcolumn(
         name = "Repository",
         type_ = "string",
@@ -70,6 +71,11 @@ pub struct RestorePointSpec {
     /// Its directory on the volume, and its manifest there.
     pub directory: String,
     pub manifest: String,
+    /// True when every disk's copied data was read back from the hub after the flush and
+    /// found as the source gave it (`disks[].bytesVerified`). Each disk's `sha256` is its
+    /// content read back through the chain at the commit.
+    #[serde(default)]
+    pub verified: bool,
     /// Data written into its files, in bytes and human-readable.
     pub bytes_written: i64,
     pub size: String,
@@ -133,6 +139,9 @@ pub struct RestorePointDisk {
     /// SHA-256 (hex) of the whole disk as this restore point restores it, read back through
     /// its chain when it was committed.
     pub sha256: String,
+    /// Bytes read back from the hub after the flush and found as the source gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_verified: Option<i64>,
 }
 
 /// The name of the RestorePoint of a job: its name and the start of its UID, so that a job

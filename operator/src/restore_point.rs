@@ -70,6 +70,7 @@ pub fn manifest(job: &BackupJob, vcenter: &str) -> Result<Manifest, ManifestBuil
                     .ok_or(ManifestBuildError::Missing("change ID reached"))?,
                 bytes_written: d.bytes_written.unwrap_or_default().max(0) as u64,
                 sha256: String::new(),
+                bytes_verified: d.bytes_verified.map(|b| b.max(0) as u64),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -152,6 +153,7 @@ pub fn from_manifest(m: &Manifest, namespace: &str) -> RestorePoint {
         }),
         directory: m.directory.clone(),
         manifest: m.path(),
+        verified: !m.disks.is_empty() && m.disks.iter().all(|d| d.bytes_verified.is_some()),
         bytes_written: m.bytes_written() as i64,
         size: human_bytes(m.bytes_written()),
         disks: m
@@ -168,6 +170,7 @@ pub fn from_manifest(m: &Manifest, namespace: &str) -> RestorePoint {
                 change_id_reached: d.change_id_reached.clone(),
                 bytes_written: d.bytes_written as i64,
                 sha256: d.sha256.clone(),
+                bytes_verified: d.bytes_verified.map(|b| b as i64),
             })
             .collect(),
     };

@@ -116,6 +116,16 @@ async fn a_full_then_an_incremental_backup_restore_byte_identical() -> Result<()
             assert_eq!(d.sha256, sums[n], "{name} disk {key}");
         }
         assert!(
+            rp.spec.verified
+                && rp
+                    .spec
+                    .disks
+                    .iter()
+                    .all(|d| d.bytes_verified.is_some_and(|b| b > 0)),
+            "every chunk read back after the flush: {:?}",
+            rp.spec
+        );
+        assert!(
             bed.repo_dir.join(&rp.spec.manifest).is_file(),
             "the manifest is on the volume"
         );

@@ -13,7 +13,7 @@ use super::plan::BackupPlan;
 use super::progress::LiveProgress;
 use super::vm::Cbt;
 use crate::checksum;
-use crate::copy::{ChangedArea, CopyError, CopyKind, Progress, copy_areas};
+use crate::copy::{ChangedArea, CopyError, CopyKind, Progress, copy_areas, verify_written};
 use crate::nbd::{Address, NbdClient, NbdError, NbdUrl};
 use crate::source::SourceError;
 
@@ -41,6 +41,8 @@ pub enum DiskError {
     Copy(#[source] CopyError),
     #[error("checksum of the snapshot disk: {0}")]
     Checksum(#[source] NbdError),
+    #[error("verifying the copy: {0}")]
+    Verify(#[source] CopyError),
 }
 
 impl DiskError {
@@ -49,6 +51,7 @@ impl DiskError {
             DiskError::CbtNotActive => AgentReason::CbtNotActive,
             DiskError::HubUnreachable { .. } => AgentReason::HubUnreachable,
             DiskError::Resized { .. } => AgentReason::DiskResized,
+            DiskError::Verify(_) => AgentReason::VerificationFailed,
             DiskError::ChangedAreas(e) => vsphere_reason(e, AgentReason::CopyFailed),
             DiskError::OpenSource(_)
             | DiskError::ConnectSource(_)
@@ -156,6 +159,13 @@ async fn copy_disk(
     r.bytes_written = stats.data;
     r.bytes_zeroed = stats.zeroed;
     r.bytes_skipped = stats.skipped;
+    if plan.copy.verify {
+        // The target is flushed: what the hub now serves is what the image holds.
+        let verified = verify_written(&target, &stats.chunks, plan.copy.max_in_flight, progress)
+            .await
+            .map_err(DiskError::Verify)?;
+        r.bytes_verified = Some(verified);
+    }
     if plan.checksum {
         let sum = checksum::sha256(&src, plan.copy.request_size, plan.copy.max_in_flight)
             .await

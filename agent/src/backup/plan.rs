@@ -194,6 +194,7 @@ impl BackupPlan {
             copy: CopyOptions {
                 request_size: args.request_size,
                 max_in_flight: args.in_flight,
+                verify: !args.skip_verify,
                 rate: args
                     .max_bandwidth_mbps
                     .map(|m| std::sync::Arc::new(crate::rate::RateLimiter::from_mbps(m))),

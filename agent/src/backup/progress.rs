@@ -47,6 +47,7 @@ impl LiveProgress {
                 key: *key,
                 bytes_to_copy: p.total.load(Ordering::Relaxed),
                 bytes_copied: p.done.load(Ordering::Relaxed),
+                bytes_verified: p.verified.load(Ordering::Relaxed),
             })
             .collect();
         ProgressReport {

@@ -58,6 +58,7 @@ fn every_backup_field_set() -> BackupArgs {
         request_timeout: 30,
         deadline_seconds: Some(3600),
         max_bandwidth_mbps: Some(800),
+        skip_verify: true,
         job_uid: Some("8f14e45f-ceea-4c8a-9b1c-3a0b5e0d1c2a".into()),
         checksum: true,
         result_file: Some("/dev/termination-log".into()),

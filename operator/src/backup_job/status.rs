@@ -78,23 +78,21 @@ pub fn progress(u: &mut JobUpdate, attempt: i32, p: &ProgressReport) {
         Stage::Unknown => Stage::Copying.as_str(),
         s => s.as_str(),
     };
-    // A step the agent reached is progress, as are bytes copied (`write`).
-    let step = format!("attempt {attempt}: {stage}");
-    let old_message = crate::status::holding(u.old().conditions.as_slice(), &Running::Copying)
-        .map(|c| c.message.as_str())
-        .unwrap_or_default();
-    if !old_message.starts_with(&step) {
-        u.status.last_progress_time = Some(now());
-    }
-    let st = &mut u.status;
     // Before the copy starts there is nothing to count yet: say what the agent is doing.
-    let message = if p.bytes_to_copy == 0 && p.stage.is_preparing() {
+    let mut message = if p.bytes_to_copy == 0 && p.stage.is_preparing() {
         format!("attempt {attempt}: {stage}")
     } else {
         let text = progress_text(p.bytes_copied, p.bytes_to_copy);
         st.progress = Some(text.split(' ').next().unwrap_or_default().to_owned());
         format!("attempt {attempt}: {stage}: {text}")
     };
+    let verified: u64 = p.disks.iter().map(|d| d.bytes_verified).sum();
+    if verified > 0 {
+        message = format!(
+            "{message}; {} read back and verified",
+            human_bytes(verified)
+        );
+    }
     u.set(&Running::Copying, message);
 }
 
@@ -122,6 +120,7 @@ pub fn copied(u: &mut JobUpdate, attempt: i32, result: &BackupResult) {
             d.bytes_to_copy = Some(r.bytes_to_copy as i64);
             d.bytes_copied = Some(r.bytes_to_copy as i64);
             d.bytes_written = Some(r.bytes_written as i64);
+            d.bytes_verified = r.bytes_verified.map(|b| b as i64);
             d.copy = match r.copy {
                 Some(result::CopyKind::Incremental) => Some(CopyKind::Incremental),
                 Some(result::CopyKind::Full) => Some(CopyKind::Full),
@@ -255,6 +254,7 @@ pub fn retrying(u: &mut JobUpdate, attempt: i32, allowed: i32, failure: &Failure
     for d in u.status.disks.iter_mut() {
         d.change_id_reached = None;
         d.bytes_written = None;
+        d.bytes_verified = None;
         if let Some(f) = d.file.as_deref() {
             d.file = Some(disk_file(
                 &for_attempt(dir_of(f), attempt + 1),
@@ -364,8 +364,14 @@ pub fn mark_progress(u: &mut JobUpdate) {
     let reason = |s: &sendense_crds::backup_job::BackupJobStatus| {
         sendense_crds::conditions::find(&s.conditions, "Running").map(|c| c.reason.clone())
     };
+    let message = |s: &sendense_crds::backup_job::BackupJobStatus| {
+        sendense_crds::conditions::find(&s.conditions, "Running").map(|c| c.message.clone())
+    };
     let old = u.old();
+    // While copying, the message moves only with the agent's stage and counters.
+    let copying = reason(&u.status).as_deref() == Some("Copying");
     if reason(old) != reason(&u.status)
+        || (copying && message(old) != message(&u.status))
         || old.bytes_copied < u.status.bytes_copied
         || old.attempts != u.status.attempts
     {

@@ -75,6 +75,7 @@ pub fn agent_pod(
     args.status_addr = Some(format!("$(POD_IP):{PROGRESS_PORT}"));
     args.quiesce = job.spec.quiesce;
     args.job_uid = job.uid();
+    args.skip_verify = !job.spec.verify;
     args.max_bandwidth_mbps = source
         .spec
         .limits
