@@ -513,3 +513,132 @@ async fn the_same_vm_through_two_source_nodes_is_backed_up_once_at_a_time() -> R
     }
     Ok(())
 }
+
+/// The pids of the hub's qemu-nbd processes serving the files of the job's attempt 1.
+fn hub_qemu_nbd_pids(name: &str, uid: &str) -> Result<Vec<i32>> {
+    let dir = format!("{name}-{uid}-a1/");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmd);
+        let first = text.split('\0').next().unwrap_or_default();
+        if first.ends_with("qemu-nbd") && text.contains(&dir) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+#[tokio::test]
+async fn a_hub_qemu_nbd_killed_mid_copy_fails_its_attempt_and_the_next_one_commits() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10750, 10770)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply(
+        "hubkill",
+        &Bed::job_yaml("hubkill", VM, "full", "  retryLimit: 1\n"),
+    )?;
+    let j = mid_copy(&bed, "hubkill").await?;
+    let uid = j.metadata.uid.clone().context("uid")?;
+    let pids = hub_qemu_nbd_pids("hubkill", &uid)?;
+    assert!(!pids.is_empty(), "the hub's qemu-nbd of attempt 1");
+    cap_bandwidth(&bed, None)?;
+    signal(&pids[..1], "-KILL");
+    let j = bed
+        .finished("hubkill", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    assert_eq!(j.status.as_ref().and_then(|s| s.attempts), Some(2));
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "hubkill").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_killed_mid_copy_and_restarted_finishes_the_same_attempt() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut bed = Bed::start(1, (10780, 10800)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply("orphaned", &Bed::job_yaml("orphaned", VM, "full", ""))?;
+    mid_copy(&bed, "orphaned").await?;
+    // SIGKILL: no chance to write anything on the way out.
+    bed.stop_operator();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cap_bandwidth(&bed, None)?;
+    bed.start_operator()?;
+    let j = bed
+        .finished("orphaned", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    assert_eq!(
+        j.status.as_ref().and_then(|s| s.attempts),
+        Some(1),
+        "the agent went on while the operator was away; the restarted operator takes it up"
+    );
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "orphaned").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_job_deleted_mid_copy_is_cancelled_and_leaves_nothing_behind() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10810, 10830)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply("cancelled", &Bed::job_yaml("cancelled", VM, "full", ""))?;
+    let j = mid_copy(&bed, "cancelled").await?;
+    assert!(
+        j.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == "sendense.io/cleanup"),
+        "a running job carries the finalizer: {:?}",
+        j.metadata.finalizers
+    );
+    assert_eq!(bed.snapshots(VM), 1, "its snapshot exists while it copies");
+    kubectl_ok(&[
+        "delete",
+        "backupjob",
+        "-n",
+        &bed.ns.name,
+        "cancelled",
+        "--wait=false",
+    ])?;
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while jobs.get_opt("cancelled").await?.is_some() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the deleted job never went{}", bed.diagnostics());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(bed.snapshots(VM), 0, "no snapshot left on the VM");
+    bed.no_pods_remain().await?;
+    assert!(bed.restore_points().await?.is_empty());
+    let files = files_under(&bed.repo_dir)?;
+    assert!(files.is_empty(), "files left on the volume: {files:?}");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client().await?, &bed.ns.name);
+    let left = leases
+        .list(&kube::api::ListParams::default().labels("sendense.io/vm-lease"))
+        .await?
+        .items;
+    assert!(left.is_empty(), "the VM's Lease is released: {left:?}");
+    // The VM is free: the next backup runs.
+    cap_bandwidth(&bed, None)?;
+    bed.apply("after", &Bed::job_yaml("after", VM, "auto", ""))?;
+    let after = bed
+        .finished("after", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    verified(&bed, &after).await?;
+    nothing_left(&bed, "after").await?;
+    Ok(())
+}

@@ -113,10 +113,16 @@ config/rbac/role.yaml.
 {{- define "sendense.namespacedRules" -}}
 # SourceNodes, Repositories and BackupJobs: the three controllers watch them (list + watch feed
 # the caches) and read them by name when a BackupJob resolves its references (get). The operator
-# never changes their spec or metadata.
+# never changes their spec.
 - apiGroups: ["sendense.io"]
   resources: ["sourcenodes", "repositories", "backupjobs"]
   verbs: ["get", "list", "watch"]
+# A running BackupJob carries the finalizer sendense.io/cleanup (a JSON patch of
+# metadata.finalizers), so that deleting it mid-run stops its pods, removes its snapshot and
+# partial files, and releases the VM, before it goes.
+- apiGroups: ["sendense.io"]
+  resources: ["backupjobs"]
+  verbs: ["patch"]
 # RestorePoints: created by the operator (server-side apply: create + patch) once a job's files
 # are committed, from the manifest written next to them; read to choose a new backup's chain
 # parent (list) and counted per Repository. Never deleted by the operator: the volume is the

@@ -33,7 +33,7 @@ pub enum Error {
     Status(ApiError),
 }
 
-async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
+pub(super) async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
     let ns = job.namespace().unwrap_or_default();
     for name in [agent_name(job), hub_name(job), commit_name(job)] {
         delete_if_present::<Pod>(&ctx.client, &ns, &name)
@@ -157,7 +157,7 @@ pub async fn attempt_failed(
 }
 
 /// True while the job's agent pod, not ended, is still within its grace period of stopping.
-async fn agent_stopping(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
+pub(super) async fn agent_stopping(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
     let ns = job.namespace().unwrap_or_default();
     let Some(agent) = get::<Pod>(&ctx.client, &ns, &agent_name(job))
         .await
@@ -179,7 +179,7 @@ async fn agent_stopping(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
 }
 
 /// After the last attempt: is a snapshot of this job left on the VM? Removes it if so.
-async fn confirm_snapshot_removed(
+pub(super) async fn confirm_snapshot_removed(
     job: &BackupJob,
     ctx: &Context,
     result: Option<&BackupResult>,
@@ -282,6 +282,10 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .any(|r| holding(&st.conditions, r).is_some());
     if !pending_cleanup {
+        // Nothing left to do for it: it may be deleted at once.
+        super::cancel::release(ctx, job)
+            .await
+            .map_err(Error::Remove)?;
         return Ok(Action::await_change());
     }
     let files = status::uncommitted_dirs(job);
@@ -318,7 +322,11 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Starts the pod removing the directories of the job's attempts that did not commit.
-async fn start_cleanup(job: &BackupJob, ctx: &Context, files: &[String]) -> Result<Action, Error> {
+pub(super) async fn start_cleanup(
+    job: &BackupJob,
+    ctx: &Context,
+    files: &[String],
+) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let repo_name = &job.spec.repository_ref.name;
     let repo = get::<Repository>(&ctx.client, &ns, repo_name)

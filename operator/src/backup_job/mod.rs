@@ -44,6 +44,7 @@ macro_rules! proceed {
     };
 }
 
+mod cancel;
 mod commit;
 mod context;
 mod dereference;
@@ -83,6 +84,12 @@ pub enum Error {
         #[source]
         source: ApiError,
     },
+    #[error("BackupJob {job}: cancelling it: {source}")]
+    Cancel {
+        job: String,
+        #[source]
+        source: cancel::Error,
+    },
     #[error("BackupJob {job}: the VM's Lease: {source}")]
     Lease {
         job: String,
@@ -99,7 +106,8 @@ impl Error {
             | Error::Run { .. }
             | Error::Finish { .. }
             | Error::Status { .. }
-            | Error::Lease { .. } => "kube_api",
+            | Error::Lease { .. }
+            | Error::Cancel { .. } => "kube_api",
         }
     }
 }
@@ -149,6 +157,13 @@ async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
                         .map_err(|source| Error::Status { job: name, source })?;
                     return Ok(Action::requeue(wait.reason.retry()));
                 }
+                // Deleting a running job cancels it cleanly (cancel.rs).
+                cancel::guard(ctx, job)
+                    .await
+                    .map_err(|source| Error::Lease {
+                        job: name.clone(),
+                        source,
+                    })?;
                 status::started(&mut u, plan);
                 u.status.vm_lease = Some(lease);
                 status::write(u, ctx)
@@ -177,7 +192,14 @@ fn planned(job: &BackupJob) -> bool {
 pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("backupjob");
     let name = job.name_any();
-    match job.status.as_ref().and_then(|s| s.phase) {
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    let ended = matches!(phase, Some(Phase::Succeeded | Phase::Failed));
+    if job.metadata.deletion_timestamp.is_some() && !ended {
+        return cancel::deleted(&job, &ctx)
+            .await
+            .map_err(|source| Error::Cancel { job: name, source });
+    }
+    match phase {
         Some(Phase::Succeeded | Phase::Failed) => finish::finished(&job, &ctx)
             .await
             .map_err(|source| Error::Finish { job: name, source }),
