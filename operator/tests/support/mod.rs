@@ -5,6 +5,8 @@
 //! (optionally) the operator as a local process.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -173,6 +175,32 @@ impl Bed {
     /// and a new namespace with a new SourceNode, claim and Repository on the same volume and
     /// simulator, its own operator started: a cluster that lost everything but its storage.
     pub async fn in_a_new_namespace(mut self, ports: (i32, i32)) -> Result<Self> {
+        // A job holds the finalizer sendense.io/cleanup until the operator has finished it;
+        // with the operator gone it would hold the namespace forever.
+        let jobs = self.jobs().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let held: Vec<String> = jobs
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|j| {
+                    j.metadata
+                        .finalizers
+                        .as_ref()
+                        .is_some_and(|f| !f.is_empty())
+                })
+                .filter_map(|j| j.metadata.name)
+                .collect();
+            if held.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("jobs still hold finalizers: {held:?}{}", self.diagnostics());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         self.stop_operator();
         kubectl_ok(&[
             "delete",

@@ -1,0 +1,275 @@
+//! Helpers of the fault tests (faults.rs, random_kills.rs): data to copy, the bandwidth cap
+//! that makes a copy slow enough to hit mid-way, the processes of a job on this machine, and
+//! the checks every fault case ends with.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use sendense_crds::BackupJob;
+use sendense_crds::backup_job::Phase;
+use sendense_e2e::{client, kubectl_ok};
+
+use super::Bed;
+
+pub const VM: &str = "cbt-vm-0";
+
+/// About 32 MiB of data over both disks: half a minute at 8 Mbit/s.
+pub fn write_data(bed: &Bed) {
+    for (disk, count, seed) in [("2000", "24", "11"), ("2001", "8", "12")] {
+        bed.guest(&[
+            "fill",
+            "-vm",
+            VM,
+            "-disk",
+            disk,
+            "-pattern",
+            "sequential",
+            "-seed",
+            seed,
+            "-count",
+            count,
+            "-size",
+            "1M",
+            "-offset",
+            "1M",
+        ]);
+    }
+}
+
+pub fn cap_bandwidth(bed: &Bed, mbps: Option<u32>) -> Result<()> {
+    let limits = match mbps {
+        Some(m) => format!(r#"{{"maxBandwidthMbps": {m}}}"#),
+        None => "null".into(),
+    };
+    kubectl_ok(&[
+        "patch",
+        "-n",
+        &bed.ns.name,
+        "sourcenode",
+        "vc",
+        "--type",
+        "merge",
+        "-p",
+        &format!(r#"{{"spec": {{"limits": {limits}}}}}"#),
+    ])?;
+    Ok(())
+}
+
+/// Waits until the job's first attempt has copied some bytes (and not all).
+pub async fn mid_copy(bed: &Bed, name: &str) -> Result<BackupJob> {
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let j = jobs.get(name).await?;
+        let st = j.status.clone().unwrap_or_default();
+        let (copied, total) = (st.bytes_copied.unwrap_or(0), st.bytes_to_copy.unwrap_or(0));
+        if st.attempts == Some(1) && copied > 0 && copied < total {
+            return Ok(j);
+        }
+        if st.attempts.is_some_and(|a| a > 1)
+            || matches!(st.phase, Some(Phase::Succeeded | Phase::Failed))
+        {
+            bail!(
+                "job {name} left attempt 1 before the test saw it copy: {:?}{}",
+                st.conditions,
+                bed.diagnostics()
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "job {name} never copied: {:?}{}",
+                st.conditions,
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The job's Running condition reaches `reason`; its message.
+pub async fn running_reason(
+    bed: &Bed,
+    name: &str,
+    reason: &str,
+    within: Duration,
+) -> Result<String> {
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let j = jobs.get(name).await?;
+        let c = j
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Running").cloned());
+        if let Some(c) = &c
+            && c.reason == reason
+        {
+            return Ok(c.message.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "job {name}: Running never became {reason}; last {c:?}{}",
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every file under `dir`, relative to it.
+pub fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir)?.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// After the job ended: its cleanup done, no snapshot on the VM, no pod or Service of it, and
+/// every file on the volume inside a committed restore point's directory.
+pub async fn nothing_left(bed: &Bed, name: &str) -> Result<()> {
+    let jobs = bed.jobs().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = jobs.get(name).await?.status.unwrap_or_default();
+        let pending = st.conditions.iter().any(|c| {
+            c.type_ == "PartialFilesRemoved"
+                && matches!(c.reason.as_str(), "Pending" | "CleanupPodRejected")
+        });
+        if !pending {
+            if let Some(c) = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "PartialFilesRemoved")
+            {
+                assert_eq!(c.status, "True", "cleanup: {c:?}");
+            }
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "cleanup never ended: {:?}{}",
+                st.conditions,
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(bed.snapshots(VM), 0, "no snapshot left on the VM");
+    bed.no_pods_remain().await?;
+    let services: Api<Service> = Api::namespaced(client().await?, &bed.ns.name);
+    let left: Vec<_> = services
+        .list(&kube::api::ListParams::default().labels("sendense.io/backupjob"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert!(left.is_empty(), "Services left: {left:?}");
+    let committed: BTreeSet<PathBuf> = bed
+        .restore_points()
+        .await?
+        .iter()
+        .map(|rp| PathBuf::from(&rp.spec.directory))
+        .collect();
+    for f in files_under(&bed.repo_dir)? {
+        assert!(
+            committed.iter().any(|d| f.starts_with(d)),
+            "{} is outside every committed restore point ({committed:?})",
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+/// The job's single restore point reads back as the simulator's disks now (nothing wrote
+/// to the VM since the backup).
+pub async fn verified(bed: &Bed, j: &BackupJob) -> Result<()> {
+    let name = j
+        .status
+        .as_ref()
+        .and_then(|s| s.restore_point.clone())
+        .context("no restore point")?;
+    let rps = bed.restore_points().await?;
+    let rp = rps
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(name.as_str()))
+        .with_context(|| format!("RestorePoint {name} missing"))?;
+    for key in [2000, 2001] {
+        let d = rp
+            .spec
+            .disks
+            .iter()
+            .find(|d| d.device_key == key)
+            .context("disk")?;
+        let sum = bed.checksum(VM, key);
+        assert_eq!(d.sha256, sum, "{name} disk {key}: recorded digest");
+        bed.verify(&d.file, &sum)?;
+    }
+    Ok(())
+}
+
+/// The pids of the agent process of job `name` on this machine (the node runs here).
+pub fn agent_pids(name: &str) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with(b"sendense-agent"));
+        let of_job = args
+            .windows(2)
+            .any(|w| w[0] == b"--job" && w[1] == name.as_bytes());
+        if is_agent && args.get(1) == Some(&&b"backup"[..]) && of_job {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+pub fn signal(pids: &[i32], sig: &str) {
+    for p in pids {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &p.to_string()])
+            .status();
+    }
+}
+
+/// The pids of the hub's qemu-nbd processes serving the files of the job's attempt 1.
+pub fn hub_qemu_nbd_pids(name: &str, uid: &str) -> Result<Vec<i32>> {
+    let dir = format!("{name}-{uid}-a1/");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmd);
+        let first = text.split('\0').next().unwrap_or_default();
+        if first.ends_with("qemu-nbd") && text.contains(&dir) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
