@@ -385,3 +385,69 @@ async fn a_job_deleted_mid_copy_is_cancelled_and_leaves_nothing_behind() -> Resu
     nothing_left(&bed, "after").await?;
     Ok(())
 }
+
+/// A tmpfs of `size` mounted over `dir` for as long as it lives.
+struct SmallVolume(std::path::PathBuf);
+
+impl SmallVolume {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Self> {
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=1777"),
+                "sendense-full",
+            ])
+            .arg(dir)
+            .status()?;
+        if !st.success() {
+            bail!("mount tmpfs on {}: {st}", dir.display());
+        }
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_repository_fails_the_job_cleanly() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10870, 10890)).await?;
+    bed.ready::<sendense_crds::Repository>("primary").await?;
+    // 32 MiB to write into 12 MiB.
+    let _full = SmallVolume::mount(&bed.repo_dir, "12m")?;
+    write_data(&bed);
+    bed.apply(
+        "nospace",
+        &Bed::job_yaml("nospace", VM, "full", "  retryLimit: 0\n"),
+    )?;
+    let j = bed
+        .finished("nospace", Phase::Failed, Duration::from_secs(240))
+        .await?;
+    let st = j.status.clone().expect("status");
+    let failed = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .context("Failed condition")?;
+    assert!(
+        failed.message.contains("no space left on device"),
+        "says the repository is full: {failed:?}"
+    );
+    let snap = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SnapshotRemoved")
+        .context("SnapshotRemoved")?;
+    assert_eq!(snap.status, "True", "{snap:?}");
+    nothing_left(&bed, "nospace").await?;
+    Ok(())
+}
