@@ -38,6 +38,8 @@ pub enum AgentReason {
     DiskResized,
     /// Read back after the flush, the hub's image differs from what the source gave.
     VerificationFailed,
+    /// The hub could not write: the repository volume is full (ENOSPC).
+    RepositoryFull,
     /// A reason this build does not know (an agent newer than the operator).
     #[serde(other)]
     Unknown,
@@ -67,12 +69,13 @@ impl AgentReason {
             AgentReason::HubUnreachable => "HubUnreachable",
             AgentReason::DiskResized => "DiskResized",
             AgentReason::VerificationFailed => "VerificationFailed",
+            AgentReason::RepositoryFull => "RepositoryFull",
             AgentReason::Unknown => "Unknown",
         }
     }
 
     /// Every known reason (for tests and documentation).
-    pub const ALL: [AgentReason; 20] = [
+    pub const ALL: [AgentReason; 21] = [
         AgentReason::InvalidArguments,
         AgentReason::CredentialsUnavailable,
         AgentReason::StatusListenFailed,
@@ -93,6 +96,7 @@ impl AgentReason {
         AgentReason::HubUnreachable,
         AgentReason::DiskResized,
         AgentReason::VerificationFailed,
+        AgentReason::RepositoryFull,
     ];
 }
 

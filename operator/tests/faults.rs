@@ -427,7 +427,7 @@ async fn a_full_repository_fails_the_job_cleanly() -> Result<()> {
     write_data(&bed);
     bed.apply(
         "nospace",
-        &Bed::job_yaml("nospace", VM, "full", "  retryLimit: 0\n"),
+        &Bed::job_yaml("nospace", VM, "full", "  retryLimit: 2\n"),
     )?;
     let j = bed
         .finished("nospace", Phase::Failed, Duration::from_secs(240))
@@ -438,9 +438,15 @@ async fn a_full_repository_fails_the_job_cleanly() -> Result<()> {
         .iter()
         .find(|c| c.type_ == "Failed")
         .context("Failed condition")?;
+    assert_eq!(failed.reason, "RepositoryFull", "{failed:?}");
     assert!(
         failed.message.contains("no space left on device"),
         "says the repository is full: {failed:?}"
+    );
+    assert_eq!(
+        st.attempts,
+        Some(1),
+        "not retried: another attempt cannot fit either"
     );
     let snap = st
         .conditions

@@ -52,6 +52,10 @@ impl DiskError {
             DiskError::HubUnreachable { .. } => AgentReason::HubUnreachable,
             DiskError::Resized { .. } => AgentReason::DiskResized,
             DiskError::Verify(_) => AgentReason::VerificationFailed,
+            DiskError::Copy(CopyError::Target {
+                source: NbdError::Server { errno: 28, .. },
+                ..
+            }) => AgentReason::RepositoryFull,
             DiskError::ChangedAreas(e) => vsphere_reason(e, AgentReason::CopyFailed),
             DiskError::OpenSource(_)
             | DiskError::ConnectSource(_)

@@ -141,7 +141,8 @@ impl FailureReason {
                 | A::VmNameNotUnique
                 | A::VmNotFound
                 | A::CbtEnableFailed
-                | A::CbtNotActive,
+                | A::CbtNotActive
+                | A::RepositoryFull,
             ))
             | Self::RepositoryNotFound
             | Self::SourceNodeNotFound
@@ -412,6 +413,14 @@ mod tests {
                 Fatal,
             ),
             (FailureReason::Agent(Some(AgentReason::LoginFailed)), Fatal),
+            (
+                FailureReason::Agent(Some(AgentReason::RepositoryFull)),
+                Fatal,
+            ),
+            (
+                FailureReason::Agent(Some(AgentReason::VerificationFailed)),
+                Retry,
+            ),
             (FailureReason::DeadlineExceeded, Fatal),
             (FailureReason::RepositoryNotFound, Fatal),
         ];
