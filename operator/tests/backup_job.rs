@@ -745,3 +745,70 @@ async fn restore_points_outlive_their_jobs_their_names_and_their_namespace() -> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn deleting_a_restore_point_object_deletes_no_data_and_the_next_probe_lists_it_again()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10900, 10920)).await?;
+    let vm = "cbt-vm-0";
+    bed.guest(&[
+        "fill", "-vm", vm, "-disk", "2000", "-pattern", "random", "-seed", "5", "-count", "50",
+        "-size", "64K",
+    ]);
+    bed.apply("kept", &Bed::job_yaml("kept", vm, "full", ""))?;
+    let j = bed
+        .finished("kept", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    let name = j
+        .status
+        .as_ref()
+        .and_then(|s| s.restore_point.clone())
+        .context("restore point")?;
+    let before = bed
+        .restore_points()
+        .await?
+        .into_iter()
+        .find(|r| r.metadata.name.as_deref() == Some(name.as_str()))
+        .context("RestorePoint")?;
+    kubectl_ok(&["delete", "restorepoint", "-n", &bed.ns.name, &name])?;
+    assert!(bed.restore_points().await?.is_empty());
+    // Nothing on the volume changed.
+    assert!(bed.repo_dir.join(&before.spec.manifest).is_file());
+    for d in &before.spec.disks {
+        bed.verify(&d.file, &d.sha256)?;
+    }
+    // The next probe of the Repository (here: brought forward by a change of its spec) lists
+    // it again, as it was.
+    kubectl_ok(&[
+        "patch",
+        "-n",
+        &bed.ns.name,
+        "repository",
+        "primary",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec": {"hub": {"portRange": {"low": 10900, "high": 10921}}}}"#,
+    ])?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let back = loop {
+        let found = bed
+            .restore_points()
+            .await?
+            .into_iter()
+            .find(|r| r.metadata.name.as_deref() == Some(name.as_str()));
+        if let Some(rp) = found {
+            break rp;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "RestorePoint {name} never listed again{}",
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(back.spec, before.spec, "the same restore point");
+    Ok(())
+}
