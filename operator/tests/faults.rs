@@ -457,3 +457,102 @@ async fn a_full_repository_fails_the_job_cleanly() -> Result<()> {
     nothing_left(&bed, "nospace").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_disk_resized_after_the_plan_is_planned_again_and_copied_in_full() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (10930, 10950)).await?;
+    let ns = bed.ns.name.clone();
+    write_data(&bed);
+    bed.apply("base", &Bed::job_yaml("base", VM, "full", ""))?;
+    bed.finished("base", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    // A quota of one pod: the next job's hub runs, its agent is refused, so the job waits
+    // between its plan and its snapshot.
+    bed.apply(
+        "quota",
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: one-pod}\nspec: {hard: {pods: \"1\"}}\n",
+    )?;
+    sendense_e2e::wait_until("the quota's status", Duration::from_secs(30), || {
+        let hard = kubectl_ok(&[
+            "get",
+            "resourcequota",
+            "one-pod",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.status.hard.pods}",
+        ])?;
+        if hard.trim() == "1" {
+            Ok(())
+        } else {
+            bail!("status.hard.pods is {hard:?}")
+        }
+    })?;
+    bed.apply(
+        "grown",
+        &Bed::job_yaml("grown", VM, "auto", "  retryLimit: 2\n"),
+    )?;
+    running_reason(&bed, "grown", "AgentPodRejected", Duration::from_secs(120)).await?;
+    let planned = bed.jobs().await?.get("grown").await?;
+    let disk = |j: &sendense_crds::BackupJob, key: i32| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.disks.iter().find(|d| d.device_key == key).cloned())
+            .expect("disk in status")
+    };
+    assert_eq!(
+        disk(&planned, 2001).copy,
+        Some(sendense_crds::backup_job::CopyKind::Incremental)
+    );
+    // The disk grows after the plan, and gets new data in its new tail.
+    bed.guest(&["resize", "-vm", VM, "-disk", "2001", "-capacity", "96M"]);
+    bed.guest(&[
+        "fill",
+        "-vm",
+        VM,
+        "-disk",
+        "2001",
+        "-pattern",
+        "sequential",
+        "-seed",
+        "31",
+        "-count",
+        "4",
+        "-size",
+        "1M",
+        "-offset",
+        "80M",
+    ]);
+    kubectl_ok(&["delete", "resourcequota", "one-pod", "-n", &ns])?;
+    let j = bed
+        .finished("grown", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    let st = j.status.clone().expect("status");
+    assert_eq!(
+        st.attempts,
+        Some(2),
+        "the resized attempt, then the new plan's"
+    );
+    let d = disk(&j, 2001);
+    assert_eq!(
+        (d.copy, d.capacity_bytes),
+        (
+            Some(sendense_crds::backup_job::CopyKind::Full),
+            Some(96 << 20)
+        ),
+        "{d:?}"
+    );
+    assert_eq!(
+        disk(&j, 2000).copy,
+        Some(sendense_crds::backup_job::CopyKind::Incremental)
+    );
+    let ev = events_of(&ns, "grown").await?;
+    assert!(
+        ev.contains(&("Warning".into(), "Retrying".into())),
+        "{ev:?}"
+    );
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "grown").await?;
+    Ok(())
+}
