@@ -184,12 +184,25 @@ pub fn install_crds() -> Result<()> {
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
     ] {
-        kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{crd}"),
-        ])?;
+        // Read the condition rather than `kubectl wait`, which errors out ("accessor error")
+        // on a CRD created a moment ago whose status has no conditions yet.
+        wait_until(
+            &format!("CRD {crd} Established"),
+            Duration::from_secs(60),
+            || {
+                let status = kubectl_ok(&[
+                    "get",
+                    &format!("crd/{crd}"),
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                ])?;
+                if status.trim() == "True" {
+                    Ok(())
+                } else {
+                    anyhow::bail!("Established is {status:?}")
+                }
+            },
+        )?;
     }
     Ok(())
 }
