@@ -65,9 +65,10 @@ async fn twenty_seeded_random_kills_leave_every_restore_point_verified() -> Resu
             bail!("ten jobs ended before twenty kills landed: {kills:?}");
         }
         let name = format!("chain-{n}");
-        // New data for each backup: 8 MiB at a random place on each (32 MiB) disk.
-        for disk in ["2000", "2001"] {
-            let offset = format!("{}M", rng.between(0, 24));
+        // New data for each backup: 8 MiB at a random place on each disk.
+        // The simulator's disks: 2000 has 32 MiB, 2001 16 MiB.
+        for (disk, mib) in [("2000", 32), ("2001", 16)] {
+            let offset = format!("{}M", rng.between(0, mib - 8 + 1));
             let seed = rng.between(1, 1_000_000).to_string();
             bed.guest(&[
                 "fill",
