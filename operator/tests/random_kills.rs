@@ -20,6 +20,8 @@ use support::{Bed, SERIAL};
 const KILLS: usize = 20;
 /// Pod kills per job at most: each costs a retry and its back-off (10 s, 20 s, ...).
 const POD_KILLS_PER_JOB: usize = 2;
+/// Kills per job at most, so that the chain grows to three restore points or more.
+const KILLS_PER_JOB: usize = 7;
 
 /// xorshift64*: small, seedable, the same sequence everywhere.
 struct Rng(u64);
@@ -91,7 +93,8 @@ async fn twenty_seeded_random_kills_leave_every_restore_point_verified() -> Resu
         let mode = if n == 0 { "full" } else { "auto" };
         bed.apply(&name, &Bed::job_yaml(&name, VM, mode, "  retryLimit: 6\n"))?;
         let mut pod_kills = 0;
-        loop {
+        let mut job_kills = 0;
+        while job_kills < KILLS_PER_JOB {
             tokio::time::sleep(Duration::from_millis(rng.between(500, 6000))).await;
             let j = jobs.get(&name).await?;
             let st = j.status.clone().unwrap_or_default();
@@ -136,6 +139,7 @@ async fn twenty_seeded_random_kills_leave_every_restore_point_verified() -> Resu
                 }
             };
             if landed {
+                job_kills += 1;
                 if !matches!(kind, Kill::Operator) {
                     pod_kills += 1;
                 }
