@@ -19,8 +19,9 @@ pub struct ChangedArea {
 }
 
 impl ChangedArea {
+    /// One past the last byte (saturating: a server's area may not overflow it).
     pub fn end(&self) -> u64 {
-        self.start + self.length
+        self.start.saturating_add(self.length)
     }
 }
 
@@ -159,6 +160,10 @@ impl Pages {
     }
 
     /// Takes one page. Refuses a page that does not move past the requested offset.
+    ///
+    /// vCenter lists a page's areas by start, but the API does not promise it: the page's
+    /// areas are clipped to what it may report, sorted and joined before they are added, so an
+    /// unsorted, overlapping or repeating page loses nothing and reports nothing twice.
     fn add(&mut self, page: &DiskChangeInfo) -> Result<(), String> {
         let end = page.start_offset.saturating_add(page.length);
         if page.start_offset > self.next || end <= self.next {
@@ -167,22 +172,27 @@ impl Pages {
                 self.next, page.start_offset, end
             ));
         }
-        let covered_until = self.areas.last().map_or(0, ChangedArea::end);
-        for area in &page.areas {
-            // Clip to what this page may report and to what earlier pages did not.
-            let start = area.start.max(self.next).max(covered_until);
-            let stop = area.end().min(end).min(self.capacity);
-            if stop <= start {
-                continue;
-            }
-            match self.areas.last_mut() {
-                Some(last) if last.end() >= start => {
-                    last.length = stop.max(last.end()) - last.start
-                }
-                _ => self.areas.push(ChangedArea {
+        // Earlier pages reported nothing at or past `self.next`: clipping to it also keeps
+        // an area repeated from the previous page from being reported twice.
+        let mut areas: Vec<ChangedArea> = page
+            .areas
+            .iter()
+            .filter_map(|area| {
+                let start = area.start.max(self.next);
+                let stop = area.end().min(end).min(self.capacity);
+                (start < stop).then(|| ChangedArea {
                     start,
                     length: stop - start,
-                }),
+                })
+            })
+            .collect();
+        areas.sort_unstable();
+        for area in areas {
+            match self.areas.last_mut() {
+                Some(last) if last.end() >= area.start => {
+                    last.length = area.end().max(last.end()) - last.start
+                }
+                _ => self.areas.push(area),
             }
         }
         self.next = end;
@@ -247,6 +257,91 @@ mod tests {
         p.add(&page(400, 600, &[(350, 100), (990, 100)]))
             .expect("page");
         assert_eq!(p.into_areas(), areas(&[(100, 200), (350, 100), (990, 10)]));
+    }
+
+    #[test]
+    fn an_unsorted_page_loses_no_area() {
+        let mut p = Pages::new(1000);
+        p.add(&page(0, 600, &[(500, 10), (100, 10), (300, 50), (0, 5)]))
+            .expect("page");
+        p.add(&page(600, 400, &[(900, 100), (600, 10)]))
+            .expect("page");
+        assert_eq!(
+            p.into_areas(),
+            areas(&[
+                (0, 5),
+                (100, 10),
+                (300, 50),
+                (500, 10),
+                (600, 10),
+                (900, 100)
+            ])
+        );
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_areas_of_a_page_join_in_any_order() {
+        let mut p = Pages::new(1000);
+        // (200, 100) overlaps (250, 100); (350, 50) touches it; (100, 50) stands alone.
+        p.add(&page(
+            0,
+            1000,
+            &[(350, 50), (100, 50), (250, 100), (200, 100)],
+        ))
+        .expect("page");
+        assert_eq!(p.into_areas(), areas(&[(100, 50), (200, 200)]));
+        // An area inside another, listed after it or before it.
+        for order in [[(10, 500), (100, 20)], [(100, 20), (10, 500)]] {
+            let mut p = Pages::new(1000);
+            p.add(&page(0, 1000, &order)).expect("page");
+            assert_eq!(p.into_areas(), areas(&[(10, 500)]), "{order:?}");
+        }
+    }
+
+    #[test]
+    fn an_area_listed_twice_is_reported_once() {
+        let mut p = Pages::new(1000);
+        p.add(&page(
+            0,
+            1000,
+            &[(700, 64), (100, 64), (700, 64), (100, 64)],
+        ))
+        .expect("page");
+        assert_eq!(p.into_areas(), areas(&[(100, 64), (700, 64)]));
+    }
+
+    #[test]
+    fn unsorted_areas_outside_the_page_or_the_disk_are_clipped() {
+        let mut p = Pages::new(1000);
+        p.add(&page(0, 300, &[(250, 100), (50, 10)])).expect("page");
+        // Listed first: an area ending past the disk; then ones before the page, straddling
+        // its start, and wholly past it.
+        p.add(&page(
+            300,
+            700,
+            &[(950, 500), (0, 100), (280, 40), (1200, 10)],
+        ))
+        .expect("page");
+        assert_eq!(p.next_offset(), None);
+        assert_eq!(p.into_areas(), areas(&[(50, 10), (250, 70), (950, 50)]));
+    }
+
+    #[test]
+    fn zero_length_areas_are_dropped_wherever_they_are() {
+        let mut p = Pages::new(1000);
+        p.add(&page(0, 500, &[(400, 0), (100, 10), (0, 0), (110, 0)]))
+            .expect("page");
+        p.add(&page(500, 500, &[(500, 0), (999, 0), (u64::MAX, 0)]))
+            .expect("page");
+        assert_eq!(p.into_areas(), areas(&[(100, 10)]));
+    }
+
+    #[test]
+    fn an_area_whose_end_overflows_is_clipped_to_the_disk() {
+        let mut p = Pages::new(1000);
+        p.add(&page(0, 1000, &[(900, u64::MAX), (10, 10)]))
+            .expect("page");
+        assert_eq!(p.into_areas(), areas(&[(10, 10), (900, 100)]));
     }
 
     #[test]
