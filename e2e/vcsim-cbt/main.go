@@ -42,7 +42,8 @@ const usage = `usage:
                       [-offset N] [-length N] [-stride N] [-align N]
   vcsim-cbt zero      -vm VM -disk KEY -offset N -length N
   vcsim-cbt resize    -vm VM -disk KEY -capacity SZ
-  vcsim-cbt cbt       -vm VM (-enable | -disable | -reset [-disk KEY])
+  vcsim-cbt add-disk  -vm VM -capacity SZ           prints the new disk (its device key: "key")
+  vcsim-cbt cbt       -vm VM (-enable | -disable | -reset [-disk KEY] | -unsorted[=false])
   vcsim-cbt checksum  -vm VM -disk KEY [-snapshot MOREF|NAME]
 client commands take -control URL (default $VCSIM_CBT_CONTROL) and print JSON.
 VM is a name, moref or instance UUID (default $VCSIM_CBT_VM or cbt-vm-0); sizes take K/M/G/T (binary) suffixes.
@@ -159,7 +160,7 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		data, hexData, file, pattern, snapshot string
 		seed                                   uint64
 		count                                  int
-		enable, disable, reset                 bool
+		enable, disable, reset, unsorted       bool
 	)
 	switch cmd {
 	case "info", "vms", "vm", "snapshots":
@@ -182,10 +183,14 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		fs.Var(sizeFlag{&length}, "length", "bytes to zero")
 	case "resize":
 		fs.Var(sizeFlag{&capacity}, "capacity", "new capacity (grow only)")
+	case "add-disk":
+		capacity = 64 << 20
+		fs.Var(sizeFlag{&capacity}, "capacity", "capacity of the new disk")
 	case "cbt":
 		fs.BoolVar(&enable, "enable", false, "enable change tracking")
 		fs.BoolVar(&disable, "disable", false, "disable change tracking")
 		fs.BoolVar(&reset, "reset", false, "reset change tracking (all disks, or -disk)")
+		fs.BoolVar(&unsorted, "unsorted", false, "QueryChangedDiskAreas lists each page's areas out of order (-unsorted=false: in order again)")
 	case "checksum":
 		fs.StringVar(&snapshot, "snapshot", "", "snapshot moref or name (default: the live disk)")
 	default:
@@ -201,8 +206,8 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 	if *control == "" {
 		return errors.New("no control URL: pass -control or set VCSIM_CBT_CONTROL")
 	}
-	diskSet := false
-	fs.Visit(func(f *flag.Flag) { diskSet = diskSet || f.Name == "disk" })
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	key := int32(*disk)
 	c := cbtsim.NewClient(*control)
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
@@ -247,6 +252,8 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		out, err = c.Zero(ctx, *vm, key, offset, length)
 	case "resize":
 		out, err = c.Resize(ctx, *vm, key, capacity)
+	case "add-disk":
+		out, err = c.AddDisk(ctx, *vm, capacity)
 	case "cbt":
 		req := cbtsim.CBTRequest{Reset: reset}
 		switch {
@@ -258,8 +265,11 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 			off := false
 			req.Enabled = &off
 		}
-		if diskSet {
+		if set["disk"] {
 			req.Disk = &key
+		}
+		if set["unsorted"] {
+			req.Unsorted = &unsorted
 		}
 		out, err = c.CBT(ctx, *vm, req)
 	case "checksum":

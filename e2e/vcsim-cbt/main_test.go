@@ -137,6 +137,27 @@ func TestServeAndCLI(t *testing.T) {
 	if st, err := os.Stat(vm.Disks[1].FlatFile); err != nil || st.Size() != 64<<20 {
 		t.Fatalf("flat file after resize: %v %v", err, st)
 	}
+	must(&vmInfo, "", "cbt", "-unsorted")
+	if !vmInfo.UnsortedPages {
+		t.Fatalf("after cbt -unsorted: %+v", vmInfo)
+	}
+	must(&vmInfo, "", "cbt", "-unsorted=false")
+	if vmInfo.UnsortedPages {
+		t.Fatalf("after cbt -unsorted=false: %+v", vmInfo)
+	}
+	var added cbtsim.DiskInfo
+	must(&added, "", "add-disk", "-capacity", "8M")
+	if added.Key != 2002 || added.Capacity != 8<<20 || added.ChangeID == "" {
+		t.Fatalf("add-disk: %+v", added)
+	}
+	if st, err := os.Stat(added.FlatFile); err != nil || st.Size() != 8<<20 {
+		t.Fatalf("added disk's flat file: %v %v", err, st)
+	}
+	must(&wr, "", "write", "-disk", "2002", "-offset", "1M", "-data", "new disk")
+	must(&cs, "", "checksum", "-disk", "2002")
+	if sum := sha256.Sum256(readFile(t, added.FlatFile)); cs.SHA256 != hex.EncodeToString(sum[:]) {
+		t.Fatalf("checksum of the added disk %+v, file sha256 %x", cs, sum)
+	}
 	var snaps []cbtsim.SnapshotInfo
 	must(&snaps, "", "snapshots")
 	if len(snaps) != 0 {

@@ -26,14 +26,15 @@ type Info struct {
 
 // VMInfo describes one VM, its live disks and its snapshots.
 type VMInfo struct {
-	Name         string         `json:"name"`
-	Moref        string         `json:"moref"`
-	InstanceUUID string         `json:"instance_uuid"`
-	UUID         string         `json:"uuid"`
-	PowerState   string         `json:"power_state"`
-	CBT          bool           `json:"cbt"`
-	Disks        []DiskInfo     `json:"disks"`
-	Snapshots    []SnapshotInfo `json:"snapshots"`
+	Name          string         `json:"name"`
+	Moref         string         `json:"moref"`
+	InstanceUUID  string         `json:"instance_uuid"`
+	UUID          string         `json:"uuid"`
+	PowerState    string         `json:"power_state"`
+	CBT           bool           `json:"cbt"`
+	UnsortedPages bool           `json:"unsorted_pages"` // QueryChangedDiskAreas pages out of order (CBTRequest.Unsorted)
+	Disks         []DiskInfo     `json:"disks"`
+	Snapshots     []SnapshotInfo `json:"snapshots"`
 }
 
 // DiskInfo describes a live or frozen disk.
@@ -97,10 +98,25 @@ type ResizeRequest struct {
 
 // CBTRequest switches change tracking (Enabled) and/or resets it (Reset: every changeId
 // issued so far becomes invalid) for all disks, or only Disk when set.
+//
+// Unsorted, when set, switches how QueryChangedDiskAreas orders each page's areas for every
+// disk of the VM (Disk does not narrow it): true lists them in a shuffled order (the same
+// for the same page, never sorted when the page has two or more areas), false in order of
+// start, as vCenter does. The areas themselves and the paging do not change: a client that
+// relies on the order loses or misjoins areas.
 type CBTRequest struct {
-	Enabled *bool  `json:"enabled,omitempty"`
-	Reset   bool   `json:"reset,omitempty"`
-	Disk    *int32 `json:"disk,omitempty"`
+	Enabled  *bool  `json:"enabled,omitempty"`
+	Reset    bool   `json:"reset,omitempty"`
+	Disk     *int32 `json:"disk,omitempty"`
+	Unsorted *bool  `json:"unsorted,omitempty"`
+}
+
+// AddDiskRequest adds a thin flat disk of Capacity bytes (at least 1 MiB, a multiple of
+// 1 KiB) to a VM, as ReconfigVM_Task with a device "add" and file operation "create" would:
+// the next free device key and unit of the VM's SCSI controller, a new file in the VM's
+// directory, CBT on it when the VM has CBT on (a new uuid). The answer is its DiskInfo.
+type AddDiskRequest struct {
+	Capacity int64 `json:"capacity"`
 }
 
 // WriteResult reports a guest write operation: the extents written, in order.

@@ -99,6 +99,12 @@ func (c *Client) CBT(ctx context.Context, vm string, req CBTRequest) (*VMInfo, e
 	return &out, c.Do(ctx, http.MethodPost, vmPath(vm)+"/cbt", req, &out)
 }
 
+// AddDisk adds a disk of capacity bytes to a VM; the answer describes the new disk.
+func (c *Client) AddDisk(ctx context.Context, vm string, capacity int64) (*DiskInfo, error) {
+	var out DiskInfo
+	return &out, c.Do(ctx, http.MethodPost, vmPath(vm)+"/disks", AddDiskRequest{Capacity: capacity}, &out)
+}
+
 // Write writes bytes at an offset of a live disk.
 func (c *Client) Write(ctx context.Context, vm string, key int32, offset int64, data []byte) (*WriteResult, error) {
 	var out WriteResult

@@ -16,6 +16,7 @@ import (
 //	GET  /v1/vms                                         []VMInfo
 //	GET  /v1/vms/{vm}                                    VMInfo ({vm}: name, moref or instance UUID)
 //	POST /v1/vms/{vm}/cbt                                CBTRequest -> VMInfo
+//	POST /v1/vms/{vm}/disks                              AddDiskRequest -> DiskInfo of the new disk
 //	POST /v1/vms/{vm}/disks/{key}/write                  WriteRequest -> WriteResult
 //	POST /v1/vms/{vm}/disks/{key}/fill                   FillRequest -> WriteResult
 //	POST /v1/vms/{vm}/disks/{key}/zero                   ZeroRequest -> WriteResult
@@ -48,6 +49,14 @@ func (s *Server) controlHandler() http.Handler {
 			return
 		}
 		info, err := t.SetCBT(r.PathValue("vm"), req)
+		reply(w, info, err)
+	})
+	mux.HandleFunc("POST /v1/vms/{vm}/disks", func(w http.ResponseWriter, r *http.Request) {
+		var req AddDiskRequest
+		if !decode(w, r, &req) {
+			return
+		}
+		info, err := s.AddDisk(r.Context(), r.PathValue("vm"), req)
 		reply(w, info, err)
 	})
 	mux.HandleFunc("POST /v1/vms/{vm}/disks/{key}/write", func(w http.ResponseWriter, r *http.Request) {

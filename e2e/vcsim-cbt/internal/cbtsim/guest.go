@@ -295,8 +295,8 @@ func (t *tracker) Resize(vmID string, key int32, req ResizeRequest) (info *VMInf
 // changeTrackingEnabled would) and/or resets it.
 func (t *tracker) SetCBT(vmID string, req CBTRequest) (info *VMInfo, err error) {
 	err = t.withVM(vmID, func(ctx *simulator.Context, vm *simulator.VirtualMachine, st *vmState) error {
-		if req.Enabled == nil && !req.Reset {
-			return errorf(http.StatusBadRequest, "nothing to do: set enabled and/or reset")
+		if req.Enabled == nil && !req.Reset && req.Unsorted == nil {
+			return errorf(http.StatusBadRequest, "nothing to do: set enabled, reset and/or unsorted")
 		}
 		if req.Enabled != nil {
 			vm.Config.ChangeTrackingEnabled = types.NewBool(*req.Enabled)
@@ -318,6 +318,9 @@ func (t *tracker) SetCBT(vmID string, req CBTRequest) (info *VMInfo, err error) 
 			if req.Disk != nil && st.disks[*req.Disk] == nil {
 				return errorf(http.StatusNotFound, "vm %s has no virtual disk with key %d", vm.Name, *req.Disk)
 			}
+		}
+		if req.Unsorted != nil {
+			st.unsorted = *req.Unsorted
 		}
 		info = t.vmInfo(vm, st)
 		return nil
@@ -420,12 +423,13 @@ func (t *tracker) VMs() ([]VMInfo, error) {
 
 func (t *tracker) vmInfo(vm *simulator.VirtualMachine, st *vmState) *VMInfo {
 	info := &VMInfo{
-		Name:       vm.Name,
-		Moref:      vm.Self.Value,
-		PowerState: string(vm.Runtime.PowerState),
-		CBT:        st.cbt,
-		Disks:      []DiskInfo{},
-		Snapshots:  []SnapshotInfo{},
+		Name:          vm.Name,
+		Moref:         vm.Self.Value,
+		PowerState:    string(vm.Runtime.PowerState),
+		CBT:           st.cbt,
+		UnsortedPages: st.unsorted,
+		Disks:         []DiskInfo{},
+		Snapshots:     []SnapshotInfo{},
 	}
 	if vm.Config != nil {
 		info.InstanceUUID = vm.Config.InstanceUuid

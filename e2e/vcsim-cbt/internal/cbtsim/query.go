@@ -1,8 +1,11 @@
 package cbtsim
 
 import (
+	"cmp"
 	"fmt"
+	"math/rand/v2"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -148,6 +151,9 @@ func (t *tracker) query(ctx *simulator.Context, vm *simulator.VirtualMachine, re
 		changed = func(b int64) bool { return fd.lastWrite[b] > since }
 	}
 	areas, length := changedAreas(fd.capacity, t.blockSize, req.StartOffset, t.pageSize, changed)
+	if st.unsorted {
+		unsort(areas, req.StartOffset)
+	}
 	return &types.DiskChangeInfo{StartOffset: req.StartOffset, Length: length, ChangedArea: areas}, nil
 }
 
@@ -189,4 +195,16 @@ func changedAreas(capacity, blockSize, start int64, limit int, changed func(b in
 		b = e
 	}
 	return areas, capacity - start
+}
+
+// unsort puts a page's areas in an order that is not by start, for clients that must not
+// rely on it: a shuffle seeded by the page's start (the same page, the same order), and when
+// that leaves two or more areas sorted, the first and last swapped.
+func unsort(areas []types.DiskChangeExtent, seed int64) {
+	rng := rand.New(rand.NewPCG(uint64(seed), 0x0dd0de7))
+	rng.Shuffle(len(areas), func(i, j int) { areas[i], areas[j] = areas[j], areas[i] })
+	sorted := slices.IsSortedFunc(areas, func(a, b types.DiskChangeExtent) int { return cmp.Compare(a.Start, b.Start) })
+	if n := len(areas); n >= 2 && sorted {
+		areas[0], areas[n-1] = areas[n-1], areas[0]
+	}
 }

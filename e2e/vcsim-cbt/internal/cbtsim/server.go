@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/vmware/govmomi/find"
@@ -83,6 +84,7 @@ type Server struct {
 	ctlLn   net.Listener
 	tracker *tracker
 	info    Info
+	adding  sync.Mutex // one AddDisk at a time: each picks a free key, unit and file
 }
 
 // Start builds the inventory, starts the SOAP (TLS) and control endpoints and returns
@@ -372,29 +374,9 @@ func (s *Server) vmSpec(i int) types.VirtualMachineConfigSpec {
 		}
 		file := fmt.Sprintf("[%s] %s/%s.vmdk", DatastoreName, name, name)
 		if j > 0 {
-			file = fmt.Sprintf("[%s] %s/%s_%d.vmdk", DatastoreName, name, name, j)
+			file = diskFileName(name, j)
 		}
-		u := unit
-		disk := &types.VirtualDisk{
-			VirtualDevice: types.VirtualDevice{
-				Key:           FirstDiskKey + int32(j),
-				DeviceInfo:    &types.Description{Label: fmt.Sprintf("Hard disk %d", j+1)}, // as vSphere labels them
-				ControllerKey: ControllerKey,
-				UnitNumber:    &u,
-				Backing: &types.VirtualDiskFlatVer2BackingInfo{
-					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: file},
-					DiskMode:                     string(types.VirtualDiskModePersistent),
-					ThinProvisioned:              types.NewBool(true),
-				},
-			},
-			CapacityInBytes: size,
-			CapacityInKB:    size / 1024,
-		}
-		spec.DeviceChange = append(spec.DeviceChange, &types.VirtualDeviceConfigSpec{
-			Operation:     types.VirtualDeviceConfigSpecOperationAdd,
-			FileOperation: types.VirtualDeviceConfigSpecFileOperationCreate,
-			Device:        disk,
-		})
+		spec.DeviceChange = append(spec.DeviceChange, diskDevice(FirstDiskKey+int32(j), unit, j+1, file, size))
 		unit++
 	}
 	return spec

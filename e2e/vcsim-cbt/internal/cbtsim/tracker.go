@@ -45,11 +45,12 @@ type tracker struct {
 }
 
 type vmState struct {
-	mu    sync.Mutex
-	ref   types.ManagedObjectReference
-	cbt   bool
-	disks map[int32]*diskState
-	snaps map[types.ManagedObjectReference]*snapState
+	mu       sync.Mutex
+	ref      types.ManagedObjectReference
+	cbt      bool
+	unsorted bool // QueryChangedDiskAreas shuffles each page's areas (CBTRequest.Unsorted)
+	disks    map[int32]*diskState
+	snaps    map[types.ManagedObjectReference]*snapState
 }
 
 // diskState is the live disk.
