@@ -146,6 +146,49 @@ impl Simulator {
         serde_json::from_slice(&out.stdout).expect("JSON answer")
     }
 
+    /// Adds a thin disk of `capacity` (bytes, or with a K/M/G suffix: "8M") to `vm`, as a
+    /// vSphere client's ReconfigVM_Task would; the new disk's device key.
+    pub fn add_disk(&self, vm: &str, capacity: &str) -> i32 {
+        let disk = self.cli(&["add-disk", "-vm", vm, "-capacity", capacity]);
+        disk["key"]
+            .as_i64()
+            .and_then(|k| i32::try_from(k).ok())
+            .unwrap_or_else(|| panic!("add-disk answered no device key: {disk}"))
+    }
+
+    /// Grows disk `key` of `vm` to `capacity` (bytes or "24M"); this resets the disk's CBT.
+    pub fn resize(&self, vm: &str, key: i32, capacity: &str) {
+        self.cli(&[
+            "resize",
+            "-vm",
+            vm,
+            "-disk",
+            &key.to_string(),
+            "-capacity",
+            capacity,
+        ]);
+    }
+
+    /// QueryChangedDiskAreas lists each page's areas of `vm`'s disks out of order (`true`) or
+    /// sorted by start, as vCenter does (`false`).
+    pub fn unsorted_pages(&self, vm: &str, unsorted: bool) {
+        let vm_info = self.cli(&["cbt", "-vm", vm, &format!("-unsorted={unsorted}")]);
+        assert_eq!(
+            vm_info["unsorted_pages"],
+            Value::Bool(unsorted),
+            "{vm_info}"
+        );
+    }
+
+    /// SHA-256 of disk `key` of `vm` as it is now, over its whole capacity.
+    pub fn checksum(&self, vm: &str, key: i32) -> String {
+        let sum = self.cli(&["checksum", "-vm", vm, "-disk", &key.to_string()]);
+        sum["sha256"]
+            .as_str()
+            .unwrap_or_else(|| panic!("checksum answered no sha256: {sum}"))
+            .to_owned()
+    }
+
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))

@@ -154,17 +154,38 @@ impl Bed {
         Self::start_in(vms, ports, true, DATASTORE_USER).await
     }
 
+    /// The bed (operator running) with the simulator started with more flags, e.g.
+    /// `["-page-size", "8"]` (e2e/vcsim-cbt/README.md lists them).
+    pub async fn start_with_simulator_flags(
+        vms: usize,
+        ports: (i32, i32),
+        flags: &[&str],
+    ) -> Result<Self> {
+        let mut bed = Self::start_in_with(vms, ports, false, DATASTORE_USER, flags).await?;
+        bed.start_operator()?;
+        Ok(bed)
+    }
+
     async fn start_in(vms: usize, ports: (i32, i32), restricted: bool, owner: u32) -> Result<Self> {
+        Self::start_in_with(vms, ports, restricted, owner, &[]).await
+    }
+
+    async fn start_in_with(
+        vms: usize,
+        ports: (i32, i32),
+        restricted: bool,
+        owner: u32,
+        flags: &[&str],
+    ) -> Result<Self> {
         install_crds()?;
         let node = RealNode::ready().await?.context(
             "the operator's end-to-end tests run on the real node (SENDENSE_NODE=0 skips the node)",
         )?;
         let host = node.internal_ip().context("the node has no InternalIP")?;
-        let sim = Simulator::start_for_pods_owned_by(
-            &host,
-            owner,
-            &["-vms", &vms.to_string(), "-disk-size", "32MiB,16MiB"],
-        );
+        let vms = vms.to_string();
+        let mut args = vec!["-vms", &vms, "-disk-size", "32MiB,16MiB"];
+        args.extend_from_slice(flags);
+        let sim = Simulator::start_for_pods_owned_by(&host, owner, &args);
         let work = sim.dir.join("e2e");
         let repo_dir = work.join("repository");
         std::fs::create_dir_all(&repo_dir)?;
