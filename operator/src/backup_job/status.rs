@@ -121,14 +121,18 @@ pub fn copied(u: &mut JobUpdate, attempt: i32, result: &BackupResult) {
             d.bytes_copied = Some(r.bytes_to_copy as i64);
             d.bytes_written = Some(r.bytes_written as i64);
             d.bytes_verified = r.bytes_verified.map(|b| b as i64);
-            d.copy = match r.copy {
+            let copy = match r.copy {
                 Some(result::CopyKind::Incremental) => Some(CopyKind::Incremental),
                 Some(result::CopyKind::Full) => Some(CopyKind::Full),
                 None => d.copy,
             };
-            if !r.reason.is_empty() {
+            // The plan's reason names the restore point and why a disk is copied in full (new,
+            // resized); the agent knows neither. Its reason replaces the plan's only where it
+            // departed from the plan (a change ID vCenter no longer accepts).
+            if !r.reason.is_empty() && (copy != d.copy || d.copy_reason.is_none()) {
                 d.copy_reason = Some(r.reason.clone());
             }
+            d.copy = copy;
             total += r.bytes_to_copy;
             written += r.bytes_written;
         }

@@ -108,6 +108,53 @@ fn a_successful_copy_is_recorded_then_committed_into_a_restore_point() {
 }
 
 #[test]
+fn the_plans_reason_stays_unless_the_agent_departed_from_the_plan() {
+    let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
+        {"deviceKey": 2000, "copy": "Incremental", "copyReason": "changes since restore point rp-1", "changeIdUsed": "u/3"},
+        {"deviceKey": 2001, "copy": "Full", "copyReason": "disk 2001 was resized from 16 to 24 bytes since restore point rp-1"},
+        {"deviceKey": 2002, "copy": "Full", "copyReason": "disk 2002 is not in restore point rp-1"},
+        {"deviceKey": 2003, "copy": "Incremental", "copyReason": "changes since restore point rp-1", "changeIdUsed": "w/2"}
+    ]}));
+    let r = BackupResult::parse(
+        r#"{"ok":true,"disks":[
+        {"key":2000,"copy":"incremental","reason":"changes since the previous backup","change_id_used":"u/3","change_id_reached":"u/5","bytes_to_copy":1,"bytes_written":1},
+        {"key":2001,"copy":"full","reason":"no previous backup of this disk","change_id_used":"*","change_id_reached":"v/1","bytes_to_copy":1,"bytes_written":1},
+        {"key":2002,"copy":"full","reason":"no previous backup of this disk","change_id_used":"*","change_id_reached":"x/1","bytes_to_copy":1,"bytes_written":1},
+        {"key":2003,"copy":"full","reason":"full copy: vCenter no longer accepts change ID w/2","change_id_used":"*","change_id_reached":"y/1","bytes_to_copy":1,"bytes_written":1}]}"#,
+    )
+    .expect("parses");
+    let mut u = JobUpdate::new(&j);
+    status::copied(&mut u, 1, &r);
+    let reasons: Vec<_> = u
+        .status
+        .disks
+        .iter()
+        .map(|d| (d.copy, d.copy_reason.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (
+                Some(CopyKind::Incremental),
+                "changes since restore point rp-1".to_owned()
+            ),
+            (
+                Some(CopyKind::Full),
+                "disk 2001 was resized from 16 to 24 bytes since restore point rp-1".to_owned()
+            ),
+            (
+                Some(CopyKind::Full),
+                "disk 2002 is not in restore point rp-1".to_owned()
+            ),
+            (
+                Some(CopyKind::Full),
+                "full copy: vCenter no longer accepts change ID w/2".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
 fn a_retry_writes_into_its_own_directory_and_the_uncommitted_ones_are_removed() {
     let j = job(json!({"phase": "Running", "attempts": 1, "disks": [
         {"deviceKey": 2000, "file": "ns/web/b2-u-a1/2000.qcow2", "backingFile": "ns/web/b1-v-a1/2000.qcow2", "changeIdReached": "x"},
