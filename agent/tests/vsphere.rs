@@ -411,6 +411,16 @@ async fn changed_areas_match_guest_writes_across_pages() {
         .await
         .expect("changed areas");
     assert_eq!(changed, expected);
+    // Pages listing their areas out of order (vCenter sorts them; nothing promises it) give
+    // the same areas, none dropped or joined wrongly.
+    sim.unsorted_pages(VM, true);
+    let unsorted = vs
+        .changed_areas(&vm, &next, &next_disk, &base_id)
+        .await
+        .expect("changed areas from unsorted pages");
+    assert_eq!(unsorted.len(), expected.len(), "areas from unsorted pages");
+    assert!(unsorted == expected, "areas from unsorted pages differ");
+    sim.unsorted_pages(VM, false);
     let allocated = vs
         .changed_areas(&vm, &next, &next_disk, "*")
         .await
