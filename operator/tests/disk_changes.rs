@@ -90,7 +90,7 @@ fn fill(bed: &Bed, key: i32, args: &str) {
 async fn cbt_pages_listing_their_areas_out_of_order_lose_no_change() -> Result<()> {
     let _serial = SERIAL.lock().await;
     // At most 8 areas a page: the writes below take several pages of each disk.
-    let bed = Bed::start_with_simulator_flags(1, (10800, 10820), &["-page-size", "8"]).await?;
+    let bed = Bed::start_with_simulator_flags(1, (11000, 11020), &["-page-size", "8"]).await?;
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
     fill(&bed, 2000, "-pattern random -seed 1 -count 64 -size 64K");
@@ -142,7 +142,7 @@ async fn cbt_pages_listing_their_areas_out_of_order_lose_no_change() -> Result<(
 #[tokio::test]
 async fn a_disk_grown_between_backups_is_copied_whole_and_the_other_incrementally() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start(1, (10830, 10850)).await?;
+    let bed = Bed::start(1, (11030, 11050)).await?;
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
     fill(&bed, 2000, "-pattern random -seed 1 -count 32 -size 64K");
@@ -224,7 +224,7 @@ async fn a_disk_grown_between_backups_is_copied_whole_and_the_other_incrementall
 async fn a_disk_added_between_backups_is_copied_whole_and_listed_in_the_restore_point() -> Result<()>
 {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start(1, (10860, 10880)).await?;
+    let bed = Bed::start(1, (11060, 11080)).await?;
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
     fill(&bed, 2000, "-pattern random -seed 1 -count 32 -size 64K");
