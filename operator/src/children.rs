@@ -192,6 +192,24 @@ pub async fn delete_if_present<K: Namespaced>(
     }
 }
 
+/// Deletes an object at once, without waiting for its kubelet (grace period 0): for a pod whose
+/// node no longer answers, which would otherwise stay Terminating for good.
+pub async fn force_delete<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::background()
+    };
+    match api::<K>(client, namespace).delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(ApiError::new::<K>(Verb::Delete, namespace, name, e)),
+    }
+}
+
 /// Creates the ServiceAccount hub-side or agent pods run as when it is missing (`None`: the
 /// pods use the namespace's default account, nothing to create).
 pub async fn ensure_service_account(

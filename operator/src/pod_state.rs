@@ -60,6 +60,15 @@ pub fn is_terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
+/// True when a pod being deleted is still there a minute past its deletion time (which is its
+/// grace period's end): its kubelet does not answer, as when its node is gone.
+pub fn kubelet_gone(pod: &Pod, now: k8s_openapi::jiff::Timestamp) -> bool {
+    pod.metadata
+        .deletion_timestamp
+        .as_ref()
+        .is_some_and(|t| now.as_second() - t.0.as_second() > 60)
+}
+
 /// Why a pod failed, when it did: the pod's phase Failed, or any container (init containers
 /// included) that terminated with a non-zero code.
 pub fn failure(pod: &Pod) -> Option<String> {
@@ -154,6 +163,18 @@ pub fn message(pod: &Pod) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_terminating_a_minute_past_its_deletion_time_has_lost_its_kubelet() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x-agent", "deletionTimestamp": "2026-11-26T10:00:00Z"}
+        }))
+        .unwrap();
+        let at = |s: &str| s.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+        assert!(!kubelet_gone(&pod, at("2026-11-26T10:01:00Z")));
+        assert!(kubelet_gone(&pod, at("2026-11-26T10:01:01Z")));
+        assert!(!kubelet_gone(&Pod::default(), at("2030-01-01T00:00:00Z")));
+    }
 
     #[test]
     fn an_unschedulable_pod_says_why_and_a_waiting_container_too() {

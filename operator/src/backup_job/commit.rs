@@ -18,7 +18,9 @@ use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running};
 use super::run::{Error, attempt_of, for_attempt, refused};
 use super::status::{self, JobUpdate};
-use crate::children::{apply, create_if_missing, delete_if_present, ensure_service_account, get};
+use crate::children::{
+    apply, create_if_missing, delete_if_present, ensure_service_account, force_delete, get,
+};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{agent_name, claim_name, commit_name, commit_pod, hub_name};
 use crate::restore_point::{from_manifest, manifest};
@@ -43,6 +45,12 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
         {
             if !pod_state::is_terminating(&p) {
                 delete_if_present::<Pod>(&ctx.client, &ns, &name)
+                    .await
+                    .map_err(Error::StalePods)?;
+            } else if pod_state::kubelet_gone(&p, Timestamp::now()) {
+                // Its node no longer answers; its qemu-nbd, if it still runs out there, holds
+                // files this commit only reads.
+                force_delete::<Pod>(&ctx.client, &ns, &name)
                     .await
                     .map_err(Error::StalePods)?;
             }

@@ -18,7 +18,8 @@ use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running, retry_backoff};
 use super::status::{self, JobUpdate};
 use crate::children::{
-    ApiError, Namespaced, applied, apply, delete_if_present, ensure_service_account, get,
+    ApiError, Namespaced, applied, apply, delete_if_present, ensure_service_account, force_delete,
+    get,
 };
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
@@ -148,6 +149,14 @@ async fn clear_stale(
             stale = true;
             if !pod_state::is_terminating(p) {
                 delete_if_present::<Pod>(&ctx.client, ns, &p.name_any())
+                    .await
+                    .map_err(Error::StalePods)?;
+            } else if pod_state::kubelet_gone(p, Timestamp::now()) {
+                // Its node no longer answers (gone, cut off): the pod would stay Terminating
+                // for good. The next attempt writes other files from another snapshot, so
+                // nothing of it can be harmed by a container still running out there.
+                tracing::warn!(pod = %p.name_any(), "force-deleting a pod whose kubelet does not confirm its deletion");
+                force_delete::<Pod>(&ctx.client, ns, &p.name_any())
                     .await
                     .map_err(Error::StalePods)?;
             }
