@@ -153,17 +153,10 @@ async fn an_agent_that_cannot_be_scheduled_says_why_and_fails_at_the_progress_de
 -> Result<()> {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start(1, (10690, 10710)).await?;
-    kubectl_ok(&[
-        "patch",
-        "-n",
-        &bed.ns.name,
-        "sourcenode",
-        "vc",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec": {"placement": {"nodeSelector": {"sendense.io/site": "nowhere"}}}}"#,
-    ])?;
+    patch_source_node(
+        &bed,
+        r#"{"placement": {"nodeSelector": {"sendense.io/site": "nowhere"}}}"#,
+    )?;
     bed.apply(
         "nowhere",
         &Bed::job_yaml(
@@ -290,7 +283,7 @@ async fn a_hub_qemu_nbd_killed_mid_copy_fails_its_attempt_and_the_next_one_commi
     )?;
     let j = mid_copy(&bed, "hubkill").await?;
     let uid = j.metadata.uid.clone().context("uid")?;
-    let pids = hub_qemu_nbd_pids("hubkill", &uid)?;
+    let pids = hub_qemu_nbd_pids("hubkill", &uid, 1)?;
     assert!(!pids.is_empty(), "the hub's qemu-nbd of attempt 1");
     cap_bandwidth(&bed, None)?;
     signal(&pids[..1], "-KILL");

@@ -133,7 +133,7 @@ async fn twenty_seeded_random_kills_leave_every_restore_point_verified() -> Resu
                 .is_ok(),
                 Kill::HubQemuNbd => {
                     let uid = j.metadata.uid.clone().unwrap_or_default();
-                    let pids = pids_with(&format!("{name}-{uid}-a{attempt}/"))?;
+                    let pids = hub_qemu_nbd_pids(&name, &uid, attempt)?;
                     signal(&pids[..pids.len().min(1)], "-KILL");
                     !pids.is_empty()
                 }
@@ -203,29 +203,4 @@ async fn twenty_seeded_random_kills_leave_every_restore_point_verified() -> Resu
     bed.stop_operator();
     eprintln!("{} kills over {n} jobs: {kills:?}", kills.len());
     Ok(())
-}
-
-/// Pids of qemu-nbd processes whose command line mentions `needle`.
-fn pids_with(needle: &str) -> Result<Vec<i32>> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc")? {
-        let e = e?;
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&cmd);
-        if text
-            .split('\0')
-            .next()
-            .unwrap_or_default()
-            .ends_with("qemu-nbd")
-            && text.contains(needle)
-        {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
 }

@@ -40,11 +40,8 @@ pub fn write_data(bed: &Bed) {
     }
 }
 
-pub fn cap_bandwidth(bed: &Bed, mbps: Option<u32>) -> Result<()> {
-    let limits = match mbps {
-        Some(m) => format!(r#"{{"maxBandwidthMbps": {m}}}"#),
-        None => "null".into(),
-    };
+/// Merges `spec` (JSON) into the spec of the bed's SourceNode `vc`.
+pub fn patch_source_node(bed: &Bed, spec: &str) -> Result<()> {
     kubectl_ok(&[
         "patch",
         "-n",
@@ -54,9 +51,17 @@ pub fn cap_bandwidth(bed: &Bed, mbps: Option<u32>) -> Result<()> {
         "--type",
         "merge",
         "-p",
-        &format!(r#"{{"spec": {{"limits": {limits}}}}}"#),
+        &format!(r#"{{"spec": {spec}}}"#),
     ])?;
     Ok(())
+}
+
+pub fn cap_bandwidth(bed: &Bed, mbps: Option<u32>) -> Result<()> {
+    let limits = match mbps {
+        Some(m) => format!(r#"{{"maxBandwidthMbps": {m}}}"#),
+        None => "null".into(),
+    };
+    patch_source_node(bed, &format!(r#"{{"limits": {limits}}}"#))
 }
 
 /// Waits until the job's first attempt has copied some bytes (and not all).
@@ -253,9 +258,9 @@ pub fn signal(pids: &[i32], sig: &str) {
     }
 }
 
-/// The pids of the hub's qemu-nbd processes serving the files of the job's attempt 1.
-pub fn hub_qemu_nbd_pids(name: &str, uid: &str) -> Result<Vec<i32>> {
-    let dir = format!("{name}-{uid}-a1/");
+/// The pids of the hub's qemu-nbd processes serving the files of the job's attempt `attempt`.
+pub fn hub_qemu_nbd_pids(name: &str, uid: &str, attempt: u64) -> Result<Vec<i32>> {
+    let dir = format!("{name}-{uid}-a{attempt}/");
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc")? {
         let e = e?;
