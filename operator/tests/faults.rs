@@ -125,11 +125,7 @@ async fn a_job_past_its_deadline_fails_at_once_and_removes_its_snapshot() -> Res
         .await?;
     let st = j.status.clone().expect("status");
     assert_eq!(st.attempts, Some(1), "no retry after the deadline");
-    let failed = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Failed")
-        .context("Failed condition")?;
+    let failed = condition(&st, "Failed")?;
     assert_eq!(failed.reason, "DeadlineExceeded", "{failed:?}");
     assert!(
         failed.message.contains("spec.activeDeadlineSeconds (60 s)")
@@ -137,11 +133,7 @@ async fn a_job_past_its_deadline_fails_at_once_and_removes_its_snapshot() -> Res
         "{}",
         failed.message
     );
-    let snap = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "SnapshotRemoved")
-        .context("SnapshotRemoved condition")?;
+    let snap = condition(&st, "SnapshotRemoved")?;
     assert_eq!(snap.status, "True", "{snap:?}");
     assert!(bed.restore_points().await?.is_empty());
     nothing_left(&bed, "late").await?;
@@ -181,11 +173,7 @@ async fn an_agent_that_cannot_be_scheduled_says_why_and_fails_at_the_progress_de
         .finished("nowhere", Phase::Failed, Duration::from_secs(120))
         .await?;
     let st = j.status.clone().expect("status");
-    let failed = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Failed")
-        .context("Failed condition")?;
+    let failed = condition(&st, "Failed")?;
     assert_eq!(failed.reason, "ProgressDeadlineExceeded", "{failed:?}");
     assert!(
         failed.message.contains("cannot be scheduled"),
@@ -426,11 +414,7 @@ async fn a_full_repository_fails_the_job_cleanly() -> Result<()> {
         .finished("nospace", Phase::Failed, Duration::from_secs(240))
         .await?;
     let st = j.status.clone().expect("status");
-    let failed = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Failed")
-        .context("Failed condition")?;
+    let failed = condition(&st, "Failed")?;
     assert_eq!(failed.reason, "RepositoryFull", "{failed:?}");
     assert!(
         failed.message.contains("no space left on device"),
@@ -441,11 +425,7 @@ async fn a_full_repository_fails_the_job_cleanly() -> Result<()> {
         Some(1),
         "not retried: another attempt cannot fit either"
     );
-    let snap = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "SnapshotRemoved")
-        .context("SnapshotRemoved")?;
+    let snap = condition(&st, "SnapshotRemoved")?;
     assert_eq!(snap.status, "True", "{snap:?}");
     nothing_left(&bed, "nospace").await?;
     Ok(())

@@ -278,3 +278,14 @@ pub fn hub_qemu_nbd_pids(name: &str, uid: &str, attempt: u64) -> Result<Vec<i32>
     }
     Ok(pids)
 }
+
+/// The job status's condition of this type.
+pub fn condition<'a>(
+    st: &'a sendense_crds::backup_job::BackupJobStatus,
+    type_: &str,
+) -> Result<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .with_context(|| format!("no {type_} condition: {:?}", st.conditions))
+}
