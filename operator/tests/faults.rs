@@ -284,6 +284,77 @@ async fn a_hub_qemu_nbd_killed_mid_copy_fails_its_attempt_and_the_next_one_commi
     Ok(())
 }
 
+/// The hub's node gone mid-copy: its kubelet and the job's processes on it stop (SIGSTOP, as a
+/// machine that lost power or network looks from the API server). The stalled attempt fails,
+/// its pods stay Terminating because no kubelet confirms their deletion, and the operator
+/// force-deletes them a minute past their grace period instead of waiting forever. The next
+/// attempt's hub then has no node to go to, and says so. When a node is back, the next attempt
+/// commits, and the first attempt's snapshot is gone.
+#[tokio::test]
+async fn the_hubs_node_gone_mid_copy_its_pods_are_force_deleted_and_a_later_attempt_commits()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (11100, 11120)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply(
+        "nodegone",
+        &Bed::job_yaml(
+            "nodegone",
+            VM,
+            "full",
+            "  retryLimit: 3\n  progressDeadlineSeconds: 30\n",
+        ),
+    )?;
+    let j = mid_copy(&bed, "nodegone").await?;
+    let uid = j.metadata.uid.clone().context("uid")?;
+    let kubelet = kubelet_pids()?;
+    assert_eq!(kubelet.len(), 1, "the node's kubelet: {kubelet:?}");
+    let mut pids = kubelet;
+    pids.extend(agent_pids("nodegone")?);
+    pids.extend(hub_qemu_nbd_pids("nodegone", &uid, 1)?);
+    assert!(pids.len() >= 3, "kubelet, agent and hub qemu-nbd: {pids:?}");
+    let node = Frozen::new(pids);
+    cap_bandwidth(&bed, None)?;
+    nodes_ready("Unknown", Duration::from_secs(120)).await?;
+    // Attempt 2 starts only once attempt 1's pods are gone from the API; with the kubelet
+    // stopped, only a forced deletion removes them.
+    let message = running_reason(
+        &bed,
+        "nodegone",
+        "HubPodUnschedulable",
+        Duration::from_secs(420),
+    )
+    .await?;
+    let st = bed
+        .jobs()
+        .await?
+        .get("nodegone")
+        .await?
+        .status
+        .unwrap_or_default();
+    assert!(st.attempts.is_some_and(|a| a >= 2), "{:?}", st.attempts);
+    assert!(
+        message.contains("unreachable") || message.contains("not-ready"),
+        "the scheduler's message names the node's state: {message}"
+    );
+    drop(node);
+    nodes_ready("True", Duration::from_secs(120)).await?;
+    let j = bed
+        .finished("nodegone", Phase::Succeeded, Duration::from_secs(420))
+        .await?;
+    let rp = j.status.as_ref().and_then(|s| s.restore_point.clone());
+    assert!(rp.is_some(), "a restore point");
+    let ev = events_of(&bed.ns.name, "nodegone").await?;
+    assert!(
+        ev.contains(&("Warning".into(), "Retrying".into())),
+        "{ev:?}"
+    );
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "nodegone").await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_operator_killed_mid_copy_and_restarted_finishes_the_same_attempt() -> Result<()> {
     let _serial = SERIAL.lock().await;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::Api;
 use sendense_crds::BackupJob;
 use sendense_crds::backup_job::Phase;
@@ -227,8 +227,9 @@ pub async fn verified(bed: &Bed, j: &BackupJob) -> Result<()> {
     Ok(())
 }
 
-/// The pids of the agent process of job `name` on this machine (the node runs here).
-pub fn agent_pids(name: &str) -> Result<Vec<i32>> {
+/// The pids of this machine's processes whose command line (argv) satisfies `pick` (the node
+/// of the test bed runs here).
+fn pids_where(pick: impl Fn(&[String]) -> bool) -> Result<Vec<i32>> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc")? {
         let e = e?;
@@ -238,16 +239,41 @@ pub fn agent_pids(name: &str) -> Result<Vec<i32>> {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        let is_agent = args.first().is_some_and(|a| a.ends_with(b"sendense-agent"));
-        let of_job = args
-            .windows(2)
-            .any(|w| w[0] == b"--job" && w[1] == name.as_bytes());
-        if is_agent && args.get(1) == Some(&&b"backup"[..]) && of_job {
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if pick(&args) {
             pids.push(pid);
         }
     }
     Ok(pids)
+}
+
+/// The pids of the agent process of job `name`.
+pub fn agent_pids(name: &str) -> Result<Vec<i32>> {
+    pids_where(|args| {
+        args.first().is_some_and(|a| a.ends_with("sendense-agent"))
+            && args.get(1).is_some_and(|a| a == "backup")
+            && args.windows(2).any(|w| w[0] == "--job" && w[1] == name)
+    })
+}
+
+/// The pids of the hub's qemu-nbd processes serving the files of the job's attempt `attempt`.
+pub fn hub_qemu_nbd_pids(name: &str, uid: &str, attempt: u64) -> Result<Vec<i32>> {
+    let dir = format!("{name}-{uid}-a{attempt}/");
+    pids_where(|args| {
+        args.first().is_some_and(|a| a.ends_with("qemu-nbd"))
+            && args.iter().any(|a| a.contains(&dir))
+    })
+}
+
+/// The pid of the node's kubelet (e2e/cluster/node-up.sh starts it as `kubelet --config=...`).
+pub fn kubelet_pids() -> Result<Vec<i32>> {
+    pids_where(|args| {
+        args.first().is_some_and(|a| a.ends_with("/kubelet"))
+            && args.get(1).is_some_and(|a| a.starts_with("--config="))
+    })
 }
 
 pub fn signal(pids: &[i32], sig: &str) {
@@ -258,25 +284,49 @@ pub fn signal(pids: &[i32], sig: &str) {
     }
 }
 
-/// The pids of the hub's qemu-nbd processes serving the files of the job's attempt `attempt`.
-pub fn hub_qemu_nbd_pids(name: &str, uid: &str, attempt: u64) -> Result<Vec<i32>> {
-    let dir = format!("{name}-{uid}-a{attempt}/");
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc")? {
-        let e = e?;
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&cmd);
-        let first = text.split('\0').next().unwrap_or_default();
-        if first.ends_with("qemu-nbd") && text.contains(&dir) {
-            pids.push(pid);
-        }
+/// Processes stopped (SIGSTOP) until this is dropped (SIGCONT), on every way out of a test.
+pub struct Frozen(Vec<i32>);
+
+impl Frozen {
+    pub fn new(pids: Vec<i32>) -> Self {
+        signal(&pids, "-STOP");
+        Self(pids)
     }
-    Ok(pids)
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(&self.0, "-CONT");
+    }
+}
+
+/// Waits until the Ready condition of every Node is `status` ("True", "Unknown", ...).
+pub async fn nodes_ready(status: &str, within: Duration) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client().await?);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let seen: Vec<String> = nodes
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .map(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                    .map(|c| c.status.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if !seen.is_empty() && seen.iter().all(|s| s == status) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("Nodes never became Ready={status}: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The job status's condition of this type.
