@@ -335,8 +335,8 @@ async fn the_hubs_node_gone_mid_copy_its_pods_are_force_deleted_and_a_later_atte
         .unwrap_or_default();
     assert!(st.attempts.is_some_and(|a| a >= 2), "{:?}", st.attempts);
     assert!(
-        message.contains("unreachable") || message.contains("not-ready"),
-        "the scheduler's message names the node's state: {message}"
+        message.contains("untolerated taint"),
+        "the scheduler's message says why (the node's unreachable taint): {message}"
     );
     drop(node);
     nodes_ready("True", Duration::from_secs(120)).await?;
