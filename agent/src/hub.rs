@@ -179,7 +179,7 @@ pub struct Removed {
 
 /// True for the files an attempt writes into its directory: QCOW2 images and a manifest's
 /// temporary file (a commit that did not finish).
-fn attempt_file(name: &std::ffi::OsStr) -> bool {
+pub(crate) fn attempt_file(name: &std::ffi::OsStr) -> bool {
     let name = name.to_string_lossy();
     name.ends_with(".qcow2") || name.starts_with(".restorepoint.json.")
 }

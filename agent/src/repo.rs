@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use sendense_contract::ProbeReason;
 use sendense_contract::manifest::{MANIFEST_FILE, Manifest};
 pub use sendense_contract::probe::ProbeResult;
+use sendense_contract::probe::UncommittedDir;
 
 /// Why a probe step failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,16 +61,40 @@ fn io_failure(what: String, source: std::io::Error) -> ProbeError {
     ProbeError::Io { what, source }
 }
 
+/// What a probe found besides its measures.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The restore point manifests (with `list`).
+    pub manifests: Vec<Manifest>,
+    /// Directories with an attempt's files and no manifest (with `list`).
+    pub uncommitted: Vec<UncommittedDir>,
+}
+
+/// Orphaned attempt directories to remove before measuring: relative to the volume's root,
+/// each removed only when nothing in it changed for `min_idle`.
+#[derive(Debug, Default)]
+pub struct Orphans<'a> {
+    pub remove: &'a [String],
+    pub min_idle: std::time::Duration,
+}
+
 /// Probes `dir`; never panics, every failure names the directory and the OS error. With
-/// `list`, also the restore point manifests found under it.
-pub fn probe(dir: &Path, list: bool) -> (ProbeResult, Vec<Manifest>) {
-    match probe_inner(dir, list) {
+/// `list`, also the restore point manifests and the uncommitted attempt directories under it.
+pub fn probe(dir: &Path, list: bool, orphans: &Orphans<'_>) -> (ProbeResult, Found) {
+    match probe_inner(dir, list, orphans) {
         Ok(r) => r,
-        Err(e) => (ProbeResult::failed(e.reason(), e.to_string()), Vec::new()),
+        Err(e) => (
+            ProbeResult::failed(e.reason(), e.to_string()),
+            Found::default(),
+        ),
     }
 }
 
-fn probe_inner(dir: &Path, list: bool) -> Result<(ProbeResult, Vec<Manifest>), ProbeError> {
+fn probe_inner(
+    dir: &Path,
+    list: bool,
+    orphans: &Orphans<'_>,
+) -> Result<(ProbeResult, Found), ProbeError> {
     let shown = dir.display();
     let meta = std::fs::metadata(dir)
         .map_err(|e| io_failure(format!("repository directory {shown}"), e))?;
@@ -77,9 +102,15 @@ fn probe_inner(dir: &Path, list: bool) -> Result<(ProbeResult, Vec<Manifest>), P
         return Err(ProbeError::NotADirectory(dir.to_owned()));
     }
     write_read_back(dir)?;
+    let (removed_orphans, kept_orphans) = remove_orphans(dir, orphans);
     let (capacity, free, available) =
         statvfs(dir).map_err(|e| io_failure(format!("statvfs of {shown}"), e))?;
-    let (files, bytes, found) = walk(dir)?;
+    let Walked {
+        files,
+        bytes,
+        manifests: found,
+        uncommitted,
+    } = walk(dir)?;
     let mut manifests = Vec::new();
     let mut unreadable = Vec::new();
     if list {
@@ -103,9 +134,85 @@ fn probe_inner(dir: &Path, list: bool) -> Result<(ProbeResult, Vec<Manifest>), P
         qcow2_bytes: Some(bytes),
         restore_points: list.then_some(manifests.len() as u64),
         unreadable_manifests: unreadable,
+        removed_orphans,
+        kept_orphans,
         ..Default::default()
     };
-    Ok((result, manifests))
+    let uncommitted = if list { uncommitted } else { Vec::new() };
+    Ok((
+        result,
+        Found {
+            manifests,
+            uncommitted,
+        },
+    ))
+}
+
+/// Removes the orphaned attempt directories asked for: (removed, kept with why). A directory
+/// is kept when its path leaves the volume, when something in it changed within the idle
+/// time (a writer may still be at work), or when `hub remove` refuses it (a manifest, a file
+/// no attempt writes). A directory already gone counts as removed.
+fn remove_orphans(root: &Path, orphans: &Orphans<'_>) -> (Vec<String>, Vec<String>) {
+    let (mut removed, mut kept) = (Vec::new(), Vec::new());
+    for rel in orphans.remove {
+        let path = Path::new(rel);
+        if path.is_absolute()
+            || path
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            kept.push(format!("{rel}: not a plain path inside the volume"));
+            continue;
+        }
+        let full = root.join(path);
+        match idle(&full) {
+            Ok(Some(idle)) if idle < orphans.min_idle => {
+                kept.push(format!(
+                    "{rel}: changed {} s ago, less than the {} s an orphan must be left unchanged",
+                    idle.as_secs(),
+                    orphans.min_idle.as_secs()
+                ));
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                kept.push(format!("{rel}: {e}"));
+                continue;
+            }
+        }
+        match crate::hub::remove(std::slice::from_ref(&full)) {
+            Ok(_) => removed.push(rel.clone()),
+            Err(e) => kept.push(format!("{rel}: {e}")),
+        }
+    }
+    (removed, kept)
+}
+
+/// Time since the directory or any entry in it was last modified (a qemu-nbd writing, a file
+/// created or removed); `None` when it does not exist.
+fn idle(dir: &Path) -> std::io::Result<Option<std::time::Duration>> {
+    let newest = |m: &std::fs::Metadata| m.mtime();
+    let meta = match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other?,
+    };
+    let mut latest = newest(&meta);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Ok(m) = entry.path().symlink_metadata() {
+            latest = latest.max(newest(&m));
+        }
+    }
+    Ok(Some(since(latest)))
+}
+
+/// Time from `secs` (seconds since the epoch) to now; zero for a time in the future.
+fn since(secs: i64) -> std::time::Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    std::time::Duration::from_secs(now.saturating_sub(secs).max(0) as u64)
 }
 
 /// Writes 4 KiB to a new, uniquely named file in `dir`, syncs it, reads it back, removes it.
@@ -175,13 +282,26 @@ fn statvfs(dir: &Path) -> std::io::Result<(u64, u64, u64)> {
     ))
 }
 
-/// Number and allocated bytes of `*.qcow2` files under `dir` (symbolic links not followed),
-/// and the restore point manifests there. Entries that vanish while walking (a job cleaning
+/// What a walk of the volume found.
+struct Walked {
+    /// Number and allocated bytes of `*.qcow2` files.
+    files: u64,
+    bytes: u64,
+    /// The restore point manifests.
+    manifests: Vec<PathBuf>,
+    /// Directories holding an attempt's files and no manifest.
+    uncommitted: Vec<UncommittedDir>,
+}
+
+/// Walks `dir` (symbolic links not followed). Entries that vanish while walking (a job cleaning
 /// up) are skipped.
-fn walk(dir: &Path) -> Result<(u64, u64, Vec<PathBuf>), ProbeError> {
-    let mut manifests = Vec::new();
-    let mut files = 0u64;
-    let mut bytes = 0u64;
+fn walk(dir: &Path) -> Result<Walked, ProbeError> {
+    let mut out = Walked {
+        files: 0,
+        bytes: 0,
+        manifests: Vec::new(),
+        uncommitted: Vec::new(),
+    };
     let mut pending: Vec<PathBuf> = vec![dir.to_owned()];
     while let Some(d) = pending.pop() {
         let entries = match std::fs::read_dir(&d) {
@@ -189,6 +309,8 @@ fn walk(dir: &Path) -> Result<(u64, u64, Vec<PathBuf>), ProbeError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
             Err(e) => return Err(io_failure(format!("listing {}", d.display()), e)),
         };
+        let (mut attempt_files, mut attempt_bytes, mut committed) = (false, 0u64, false);
+        let mut latest = d.symlink_metadata().map(|m| m.mtime()).unwrap_or(0);
         for entry in entries {
             let entry = entry.map_err(|e| io_failure(format!("listing {}", d.display()), e))?;
             let meta = match entry.path().symlink_metadata() {
@@ -198,22 +320,36 @@ fn walk(dir: &Path) -> Result<(u64, u64, Vec<PathBuf>), ProbeError> {
                     return Err(io_failure(format!("{}", entry.path().display()), e));
                 }
             };
+            latest = latest.max(meta.mtime());
+            let name = entry.file_name();
             if meta.is_dir() {
                 pending.push(entry.path());
-            } else if meta.is_file()
-                && Path::new(&entry.file_name())
-                    .extension()
-                    .is_some_and(|e| e == "qcow2")
-            {
-                files += 1;
-                bytes += meta.blocks() * 512;
-            } else if meta.is_file() && entry.file_name() == MANIFEST_FILE {
-                manifests.push(entry.path());
+            } else if meta.is_file() && name == MANIFEST_FILE {
+                out.manifests.push(entry.path());
+                committed = true;
+            } else if meta.is_file() && crate::hub::attempt_file(&name) {
+                attempt_files = true;
+                attempt_bytes += meta.blocks() * 512;
+                if Path::new(&name).extension().is_some_and(|e| e == "qcow2") {
+                    out.files += 1;
+                    out.bytes += meta.blocks() * 512;
+                }
             }
         }
+        if attempt_files
+            && !committed
+            && let Ok(rel) = d.strip_prefix(dir)
+        {
+            out.uncommitted.push(UncommittedDir {
+                dir: rel.to_string_lossy().into_owned(),
+                idle_seconds: since(latest).as_secs(),
+                bytes: attempt_bytes,
+            });
+        }
     }
-    manifests.sort();
-    Ok((files, bytes, manifests))
+    out.manifests.sort();
+    out.uncommitted.sort_by(|a, b| a.dir.cmp(&b.dir));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -214,6 +214,110 @@ fn repo_probe_measures_a_writable_repository() -> Result<()> {
     Ok(())
 }
 
+/// Sets the modification time of `path` (a file or a directory) to `ago` in the past.
+fn age(path: &std::path::Path, ago: std::time::Duration) -> Result<()> {
+    let when = std::time::SystemTime::now() - ago;
+    std::fs::File::open(path)?.set_modified(when)?;
+    Ok(())
+}
+
+#[test]
+fn repo_probe_lists_uncommitted_attempts_and_removes_only_idle_orphans() -> Result<()> {
+    let s = Scratch::new("probe-orphans");
+    let repo = s.path("repo");
+    let hour = std::time::Duration::from_secs(3600);
+    // Three uncommitted attempts: idle for two hours, written to just now, and one with a
+    // file no attempt writes; and a committed restore point.
+    for (dir, idle) in [
+        ("ns/vm/gone-u1-a1", Some(2 * hour)),
+        ("ns/vm/busy-u2-a1", None),
+        ("ns/vm/odd-u3-a1", Some(2 * hour)),
+        ("ns/vm/kept-u4-a1", Some(2 * hour)),
+    ] {
+        std::fs::create_dir_all(repo.join(dir))?;
+        std::fs::write(repo.join(dir).join("2000.qcow2"), pattern(3, 1 << 16))?;
+        if dir.contains("odd") {
+            std::fs::write(repo.join(dir).join("notes.txt"), b"mine")?;
+        }
+        if dir.contains("kept") {
+            std::fs::write(repo.join(dir).join("restorepoint.json"), b"{}")?;
+        }
+        if let Some(idle) = idle {
+            for e in std::fs::read_dir(repo.join(dir))? {
+                age(&e?.path(), idle)?;
+            }
+            age(&repo.join(dir), idle)?;
+        }
+    }
+    let probe = |remove: &[&str]| -> Result<(Vec<Value>, Value)> {
+        let mut cmd = agent();
+        cmd.args(["repo", "probe", "--list-manifests", "--dir"])
+            .arg(&repo);
+        for r in remove {
+            cmd.args(["--remove-orphan", r]);
+        }
+        let out = run(&mut cmd)?;
+        let mut lines: Vec<Value> = out.lines().map(json).collect::<Result<_>>()?;
+        let result = lines.pop().context("result")?;
+        let uncommitted = lines
+            .into_iter()
+            .filter_map(|l| l.get("uncommitted").cloned())
+            .collect();
+        Ok((uncommitted, result))
+    };
+    let (uncommitted, _) = probe(&[])?;
+    let dirs: Vec<&str> = uncommitted
+        .iter()
+        .filter_map(|u| u["dir"].as_str())
+        .collect();
+    assert_eq!(
+        dirs,
+        ["ns/vm/busy-u2-a1", "ns/vm/gone-u1-a1", "ns/vm/odd-u3-a1"],
+        "a committed directory is not listed"
+    );
+    let idle: Vec<u64> = uncommitted
+        .iter()
+        .filter_map(|u| u["idleSeconds"].as_u64())
+        .collect();
+    assert!(
+        idle[0] < 600 && idle[1] >= 7000 && idle[2] >= 7000,
+        "{uncommitted:?}"
+    );
+    assert!(uncommitted[1]["bytes"].as_u64().is_some_and(|b| b > 0));
+
+    let (uncommitted, result) = probe(&[
+        "ns/vm/gone-u1-a1",
+        "ns/vm/busy-u2-a1",
+        "ns/vm/odd-u3-a1",
+        "ns/vm/kept-u4-a1",
+        "../escape",
+        "ns/vm/never-was-a1",
+    ])?;
+    assert_eq!(
+        result["removed_orphans"],
+        serde_json::json!(["ns/vm/gone-u1-a1", "ns/vm/never-was-a1"]),
+        "{result}"
+    );
+    let kept = result["kept_orphans"].to_string();
+    for why in [
+        "busy-u2-a1: changed",
+        "odd-u3-a1",
+        "kept-u4-a1",
+        "../escape: not a plain path",
+    ] {
+        assert!(kept.contains(why), "{why} in {kept}");
+    }
+    assert!(!repo.join("ns/vm/gone-u1-a1").exists());
+    for d in ["busy-u2-a1", "odd-u3-a1", "kept-u4-a1"] {
+        assert!(
+            repo.join("ns/vm").join(d).join("2000.qcow2").exists(),
+            "{d}"
+        );
+    }
+    assert_eq!(uncommitted.len(), 2, "{uncommitted:?}");
+    Ok(())
+}
+
 /// Runs `repo probe` on `dir`; (exit code, stdout JSON, result file JSON).
 fn failed_probe(dir: &std::path::Path, result_file: &std::path::Path) -> Result<(i32, Value)> {
     let out = agent()

@@ -446,13 +446,32 @@ pub struct RepoProbeArgs {
     /// Also write the JSON result here (on failure too).
     #[arg(long)]
     pub result_file: Option<PathBuf>,
+    /// First remove this orphaned attempt directory (relative to DIR; repeated): only when it
+    /// holds no manifest, only attempt files, and nothing in it changed for
+    /// --orphan-min-idle-seconds.
+    #[arg(long = "remove-orphan")]
+    pub remove_orphans: Vec<String>,
+    #[arg(long, default_value_t = DEFAULT_ORPHAN_MIN_IDLE_SECONDS)]
+    pub orphan_min_idle_seconds: u64,
 }
+
+/// How long an attempt directory of a job that no longer exists must have been left unchanged
+/// before it is removed.
+pub const DEFAULT_ORPHAN_MIN_IDLE_SECONDS: u64 = 3600;
 
 impl RepoProbeArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Argv::words(&["repo", "probe"]);
         a.path("--dir", Some(&self.dir));
         a.flag("--list-manifests", self.list_manifests);
+        for d in &self.remove_orphans {
+            a.opt("--remove-orphan", d);
+        }
+        a.not_default(
+            "--orphan-min-idle-seconds",
+            self.orphan_min_idle_seconds,
+            DEFAULT_ORPHAN_MIN_IDLE_SECONDS,
+        );
         a.path("--result-file", self.result_file.as_ref());
         a.0
     }

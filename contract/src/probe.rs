@@ -28,6 +28,12 @@ pub struct ProbeResult {
     /// Manifests that could not be read, each with its path and why (at most 10).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable_manifests: Vec<String>,
+    /// Orphaned attempt directories removed (`--remove-orphan`), relative to the volume's root.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed_orphans: Vec<String>,
+    /// Orphaned attempt directories asked for and not removed, each with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept_orphans: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<ProbeReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +71,35 @@ impl FoundManifest {
             .filter_map(|l| serde_json::from_str::<FoundManifest>(l.trim()).ok())
             .map(|f| f.restore_point)
             .filter(|m| m.check().is_ok())
+            .collect()
+    }
+}
+
+/// A line of `repo probe --list-manifests` output: a directory holding an attempt's files and
+/// no manifest (an attempt that did not commit, or one still running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FoundUncommitted {
+    pub uncommitted: UncommittedDir,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UncommittedDir {
+    /// Relative to the volume's root.
+    pub dir: String,
+    /// Seconds since anything in it (or the directory itself) was last modified.
+    pub idle_seconds: u64,
+    /// Space its files take.
+    pub bytes: u64,
+}
+
+impl FoundUncommitted {
+    /// The uncommitted directories among a log's lines; other lines are skipped.
+    pub fn from_log(log: &str) -> Vec<UncommittedDir> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<FoundUncommitted>(l.trim()).ok())
+            .map(|f| f.uncommitted)
             .collect()
     }
 }

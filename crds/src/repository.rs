@@ -216,4 +216,9 @@ pub struct RepositoryStatus {
     /// The spec generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Attempt directories (relative to the volume's root) of BackupJobs that no longer exist,
+    /// holding no restore point and left unchanged for the operator's orphan idle time (one
+    /// hour by default): the next probe, which follows at once, removes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphaned_attempts: Vec<String>,
 }

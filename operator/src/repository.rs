@@ -3,6 +3,7 @@
 //! Succeeded BackupJobs stored in it. The outcome is the Ready condition, with a reason a person
 //! can act on, and an Event when it changes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,14 +11,14 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::LogParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder};
-use kube::{Client, ResourceExt};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
 use sendense_contract::manifest::Manifest;
-use sendense_contract::probe::{FoundManifest, ProbeResult};
+use sendense_contract::probe::{FoundManifest, FoundUncommitted, ProbeResult, UncommittedDir};
 
 use sendense_crds::common::human_bytes;
 use sendense_crds::conditions;
-use sendense_crds::{Repository, RepositoryStatus, RestorePoint};
+use sendense_crds::{BackupJob, Repository, RepositoryStatus, RestorePoint};
 
 use crate::children::{
     ApiError, Verb, api, apply, create_if_missing, delete_if_present, ensure_service_account, get,
@@ -25,7 +26,9 @@ use crate::children::{
 };
 use crate::metrics::Metrics;
 use crate::pod_state::{self, PodPhase};
-use crate::resources::{PodSettings, claim_name, probe_name, probe_pod, templated_claim};
+use crate::resources::{
+    PodSettings, attempt_uid, claim_name, namespace_prefix, probe_name, probe_pod, templated_claim,
+};
 use crate::restore_point::from_manifest;
 use crate::status::{ConditionReason, StatusUpdate, now};
 
@@ -36,6 +39,11 @@ pub struct Context {
     pub images: PodSettings,
     /// Time between probes of a Ready repository.
     pub probe_interval: Duration,
+    /// How long an attempt directory of a BackupJob that no longer exists must be left
+    /// unchanged before the probe removes it.
+    pub orphan_min_idle: Duration,
+    /// The one namespace watched (a namespaced install); `None`: every namespace.
+    pub watch_namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,8 @@ pub enum Error {
     Claim(#[source] ApiError),
     #[error("running the probe pod: {0}")]
     Probe(#[source] ApiError),
+    #[error("listing BackupJobs to find orphaned attempts: {0}")]
+    Jobs(#[source] ApiError),
     #[error(transparent)]
     Status(ApiError),
 }
@@ -54,9 +64,11 @@ impl Error {
     /// The `error` label of the failure metric: every step fails only on the API server.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::RestorePoints(_) | Error::Claim(_) | Error::Probe(_) | Error::Status(_) => {
-                "kube_api"
-            }
+            Error::RestorePoints(_)
+            | Error::Claim(_)
+            | Error::Probe(_)
+            | Error::Jobs(_)
+            | Error::Status(_) => "kube_api",
         }
     }
 }
@@ -96,11 +108,11 @@ impl ConditionReason for Ready {
     }
 }
 
-/// Time left until the next probe is due; None when it is due now (never probed, or the spec
-/// changed since).
+/// Time left until the next probe is due; None when it is due now (never probed, the spec
+/// changed since, or orphaned attempts wait to be removed).
 fn due(status: &RepositoryStatus, interval: Duration, generation: Option<i64>) -> Option<Duration> {
     let last = status.last_probe_time.as_ref()?;
-    if status.observed_generation != generation {
+    if status.observed_generation != generation || !status.orphaned_attempts.is_empty() {
         return None;
     }
     let age = Timestamp::now().as_millisecond() - last.0.as_millisecond();
@@ -173,14 +185,22 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
             }
             match probe(&repo, &ctx).await.map_err(Error::Probe)? {
                 Probe::Running => return Ok(Action::requeue(Duration::from_secs(2))),
-                Probe::Measured(p, manifests) => {
+                Probe::Measured(p, manifests, uncommitted) => {
                     record_measurement(&mut update, &p, &ctx.metrics, &claim);
                     rediscover(&repo, &ctx, &manifests).await?;
                     let points = list::<RestorePoint>(&ctx.client, &ns)
                         .await
                         .map_err(Error::RestorePoints)?;
                     update.status.restore_points = Some(restore_points(&points, &name));
-                    ctx.probe_interval
+                    report_removals(&repo, &ctx, &p).await;
+                    let orphaned = orphaned_attempts(&repo, &ctx, &uncommitted, &p).await?;
+                    let removal_due = !orphaned.is_empty();
+                    update.status.orphaned_attempts = orphaned;
+                    if removal_due {
+                        Duration::from_secs(2)
+                    } else {
+                        ctx.probe_interval
+                    }
                 }
                 Probe::NotWritable(m) => {
                     update.status.last_probe_time = Some(now());
@@ -263,8 +283,9 @@ fn record_measurement(
 enum Probe {
     /// The probe pod was created or still runs.
     Running,
-    /// The volume's measures, and the restore point manifests on it.
-    Measured(ProbeResult, Vec<Manifest>),
+    /// The volume's measures, the restore point manifests on it, and its attempt directories
+    /// without one.
+    Measured(Box<ProbeResult>, Vec<Manifest>, Vec<UncommittedDir>),
     /// The probe ran and failed: why.
     NotWritable(String),
     /// The API server refused to create the probe pod: its message.
@@ -279,7 +300,8 @@ async fn probe(repo: &Repository, ctx: &Context) -> Result<Probe, ApiError> {
         let created = async {
             let account = ctx.images.hub_service_account.as_deref();
             ensure_service_account(&ctx.client, &ns, account).await?;
-            apply(&ctx.client, &ns, &probe_pod(repo, &ctx.images)).await
+            let pod = probe_pod(repo, &ctx.images, ctx.orphan_min_idle.as_secs());
+            apply(&ctx.client, &ns, &pod).await
         }
         .await;
         return match created {
@@ -310,21 +332,116 @@ async fn probe(repo: &Repository, ctx: &Context) -> Result<Probe, ApiError> {
         )),
         Err(_) => Err(format!("probe pod {name}: {}", msg.trim())),
     };
-    let manifests = match &outcome {
-        Ok(_) => {
-            let log = api::<Pod>(&ctx.client, &ns)
-                .logs(&name, &LogParams::default())
-                .await
-                .map_err(|e| ApiError::new::<Pod>(Verb::Read, &ns, &name, e))?;
-            FoundManifest::from_log(&log)
-        }
-        Err(_) => Vec::new(),
+    let log = match &outcome {
+        Ok(_) => api::<Pod>(&ctx.client, &ns)
+            .logs(&name, &LogParams::default())
+            .await
+            .map_err(|e| ApiError::new::<Pod>(Verb::Read, &ns, &name, e))?,
+        Err(_) => String::new(),
     };
     delete_if_present::<Pod>(&ctx.client, &ns, &name).await?;
     Ok(match outcome {
-        Ok(p) => Probe::Measured(p, manifests),
+        Ok(p) => Probe::Measured(
+            Box::new(p),
+            FoundManifest::from_log(&log),
+            FoundUncommitted::from_log(&log),
+        ),
         Err(m) => Probe::NotWritable(m),
     })
+}
+
+/// Events for the orphaned attempt directories the probe removed, and for those it did not.
+async fn report_removals(repo: &Repository, ctx: &Context, p: &ProbeResult) {
+    let mut events = Vec::new();
+    if !p.removed_orphans.is_empty() {
+        events.push((
+            EventType::Normal,
+            "OrphanedAttemptsRemoved",
+            format!(
+                "removed {} attempt directories of BackupJobs that no longer exist (no restore point in them): {}",
+                p.removed_orphans.len(),
+                p.removed_orphans.join(", ")
+            ),
+        ));
+    }
+    if !p.kept_orphans.is_empty() {
+        events.push((
+            EventType::Warning,
+            "OrphanedAttemptsKept",
+            format!(
+                "did not remove {} attempt directories of BackupJobs that no longer exist (tried again at the next probe): {}",
+                p.kept_orphans.len(),
+                p.kept_orphans.join("; ")
+            ),
+        ));
+    }
+    for (type_, reason, note) in events {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Probe".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &repo.object_ref(&())).await {
+            tracing::warn!(repository = %repo.name_any(), "publishing event {reason}: {e}");
+        }
+    }
+}
+
+/// The attempt directories on the volume that the next probe removes: no restore point in
+/// them, named after a BackupJob UID that no BackupJob this operator can see has (UIDs are
+/// never reused, so such a job is gone for good), and left unchanged for the orphan idle time.
+/// A namespaced install only judges the directories of its own namespace (the layout's part
+/// up to `{namespace}`; none when the layout has no such part): other namespaces' jobs are
+/// not visible to it. Directories the probe just failed to remove wait for the next probe.
+async fn orphaned_attempts(
+    repo: &Repository,
+    ctx: &Context,
+    found: &[UncommittedDir],
+    p: &ProbeResult,
+) -> Result<Vec<String>, Error> {
+    let scope = match &ctx.watch_namespace {
+        None => Some(String::new()),
+        Some(ns) => namespace_prefix(&repo.spec.layout.directory, ns),
+    };
+    let Some(scope) = scope else {
+        return Ok(Vec::new());
+    };
+    let candidates = candidates(found, &scope, ctx.orphan_min_idle, &p.kept_orphans);
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jobs = match &ctx.watch_namespace {
+        Some(ns) => list::<BackupJob>(&ctx.client, ns).await,
+        None => Api::<BackupJob>::all(ctx.client.clone())
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .map_err(|e| ApiError::new::<BackupJob>(Verb::List, "", "*", e)),
+    }
+    .map_err(Error::Jobs)?;
+    let live: BTreeSet<String> = jobs.into_iter().filter_map(|j| j.metadata.uid).collect();
+    Ok(candidates
+        .into_iter()
+        .filter(|dir| attempt_uid(dir).is_some_and(|uid| !live.contains(uid)))
+        .collect())
+}
+
+/// The uncommitted directories in `scope` (a prefix), idle long enough, and not among those the
+/// probe just kept.
+fn candidates(
+    found: &[UncommittedDir],
+    scope: &str,
+    min_idle: Duration,
+    kept: &[String],
+) -> Vec<String> {
+    found
+        .iter()
+        .filter(|u| u.dir.starts_with(scope) && u.idle_seconds >= min_idle.as_secs())
+        .filter(|u| !kept.iter().any(|k| k.starts_with(&format!("{}: ", u.dir))))
+        .map(|u| u.dir.clone())
+        .collect()
 }
 
 pub fn error_policy(repo: Arc<Repository>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -350,5 +467,34 @@ mod tests {
         assert!(due(&st, Duration::from_secs(300), Some(2)).is_none());
         st.last_probe_time = None;
         assert!(due(&st, Duration::from_secs(300), Some(1)).is_none());
+        st.last_probe_time = Some(Time(Timestamp::now()));
+        st.orphaned_attempts = vec!["ns/vm/j-u-a1".into()];
+        assert!(
+            due(&st, Duration::from_secs(300), Some(1)).is_none(),
+            "orphans to remove: at once"
+        );
+    }
+
+    #[test]
+    fn orphan_candidates_are_in_scope_idle_and_not_just_refused() {
+        let uid = "8f14e45f-ceea-4c8a-9b1c-3a0b5e0d1c2a";
+        let dir = |d: &str, idle_seconds| UncommittedDir {
+            dir: d.into(),
+            idle_seconds,
+            bytes: 1,
+        };
+        let found = [
+            dir(&format!("prod/web/b1-{uid}-a1"), 4000),
+            dir(&format!("prod/web/b1-{uid}-a2"), 10),
+            dir(&format!("prod/db/b2-{uid}-a1"), 4000),
+            dir(&format!("test/web/b3-{uid}-a1"), 4000),
+        ];
+        let hour = Duration::from_secs(3600);
+        let kept = [format!("prod/db/b2-{uid}-a1: holds notes.txt")];
+        assert_eq!(
+            candidates(&found, "prod/", hour, &kept),
+            [format!("prod/web/b1-{uid}-a1")]
+        );
+        assert_eq!(candidates(&found, "", hour, &[]).len(), 3);
     }
 }

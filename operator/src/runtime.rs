@@ -100,6 +100,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         images: images.clone(),
         probe_interval: settings.repository_probe_interval(),
+        orphan_min_idle: Duration::from_secs(settings.orphan_min_idle_seconds),
+        watch_namespace: settings.namespace().map(str::to_owned),
     });
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),

@@ -59,6 +59,16 @@ pub struct Settings {
     )]
     pub repository_probe_interval_seconds: u64,
 
+    /// Seconds an attempt directory of a BackupJob that no longer exists must be left unchanged
+    /// before a repository probe removes it (above any job's progress deadline, when several
+    /// clusters or namespaced installs share a volume).
+    #[arg(
+        long,
+        env = "SENDENSE_ORPHAN_MIN_IDLE_SECONDS",
+        default_value_t = sendense_contract::cli::DEFAULT_ORPHAN_MIN_IDLE_SECONDS
+    )]
+    pub orphan_min_idle_seconds: u64,
+
     /// imagePullPolicy of the pods the operator creates.
     #[arg(
         long,

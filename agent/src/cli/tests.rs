@@ -111,6 +111,12 @@ fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
         let probe = RepoProbeArgs {
             dir: "/repository".into(),
             list_manifests: result_file.is_some(),
+            remove_orphans: if result_file.is_some() {
+                vec!["ns/vm/j-u-a1".into(), "a b".into()]
+            } else {
+                vec![]
+            },
+            orphan_min_idle_seconds: if result_file.is_some() { 60 } else { 3600 },
             result_file,
         };
         match parse(&probe.to_args()) {

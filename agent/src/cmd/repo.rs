@@ -4,17 +4,27 @@
 use anyhow::Result;
 use sendense_contract::cli::{RepoCommitArgs, RepoProbeArgs};
 use sendense_contract::manifest::CommitResult;
-use sendense_contract::probe::FoundManifest;
+use sendense_contract::probe::{FoundManifest, FoundUncommitted};
 
 use super::{Outcome, write_result_file};
 use crate::repo;
 
 pub fn probe(args: RepoProbeArgs) -> Result<Outcome> {
-    let (probed, manifests) = repo::probe(&args.dir, args.list_manifests);
-    for m in manifests {
+    let orphans = repo::Orphans {
+        remove: &args.remove_orphans,
+        min_idle: std::time::Duration::from_secs(args.orphan_min_idle_seconds),
+    };
+    let (probed, found) = repo::probe(&args.dir, args.list_manifests, &orphans);
+    for m in found.manifests {
         println!(
             "{}",
             serde_json::to_string(&FoundManifest { restore_point: m })?
+        );
+    }
+    for u in found.uncommitted {
+        println!(
+            "{}",
+            serde_json::to_string(&FoundUncommitted { uncommitted: u })?
         );
     }
     let text = serde_json::to_string(&probed)?;

@@ -77,6 +77,8 @@ fn hub_repo_and_ping_arguments_round_trip() {
         dir: "/repository".into(),
         list_manifests: true,
         result_file: Some("/dev/termination-log".into()),
+        remove_orphans: vec!["ns/vm/j-u-a1".into()],
+        orphan_min_idle_seconds: 7200,
     };
     assert!(matches!(parse(probe.to_args()), Line::Repo { repo: Repo::Probe(p) } if p == probe));
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {

@@ -181,14 +181,23 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
         other => panic!("{other:?}"),
     }
 
-    let probe = probe_pod(&Repository::test(), &images());
+    let mut repo = Repository::test();
+    repo.status = Some(sendense_crds::RepositoryStatus {
+        orphaned_attempts: vec!["ns/vm/gone-u-a1".into(), "ns/vm/b c-u-a2".into()],
+        ..Default::default()
+    });
+    let probe = probe_pod(&repo, &images(), 600);
     match parse(&command_lines(&probe)[0]) {
         Command::Repo {
             command: RepoCommand::Probe(p),
-        } => assert_eq!(
-            p.result_file.as_deref(),
-            Some(std::path::Path::new(TERMINATION_LOG))
-        ),
+        } => {
+            assert_eq!(
+                p.result_file.as_deref(),
+                Some(std::path::Path::new(TERMINATION_LOG))
+            );
+            assert_eq!(p.remove_orphans, ["ns/vm/gone-u-a1", "ns/vm/b c-u-a2"]);
+            assert_eq!(p.orphan_min_idle_seconds, 600);
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -68,6 +68,46 @@ pub fn attempt_dir(
     parts.join("/")
 }
 
+/// The job UID an attempt directory is named after (`.../<job>-<UID>-a<attempt>`); `None` for a
+/// directory not named like one.
+pub fn attempt_uid(dir: &str) -> Option<&str> {
+    let last = dir.rsplit('/').next()?;
+    let (rest, attempt) = last.rsplit_once("-a")?;
+    if attempt.is_empty() || !attempt.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let start = rest.len().checked_sub(36)?;
+    let (name, uid) = (rest.get(..start)?, rest.get(start..)?);
+    let shaped = uid.char_indices().all(|(i, c)| match i {
+        8 | 13 | 18 | 23 => c == '-',
+        _ => c.is_ascii_hexdigit(),
+    });
+    (shaped && name.len() > 1 && name.ends_with('-')).then_some(uid)
+}
+
+/// The part of the volume that holds the attempt directories of jobs in `namespace` alone, as
+/// a prefix ending in '/': the layout up to its `{namespace}` component. `None` when the layout
+/// mixes namespaces (no `{namespace}` component, or `{vm}` before it).
+pub fn namespace_prefix(layout: &str, namespace: &str) -> Option<String> {
+    let mut prefix = String::new();
+    for part in layout
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != "." && *p != "..")
+    {
+        if part == "{namespace}" {
+            prefix.push_str(&path_component(namespace));
+            prefix.push('/');
+            return Some(prefix);
+        }
+        if part.contains('{') {
+            return None;
+        }
+        prefix.push_str(part);
+        prefix.push('/');
+    }
+    None
+}
+
 /// The same directory for another attempt.
 pub fn for_attempt(dir: &str, attempt: i32) -> String {
     let base = match dir.rfind("-a") {
@@ -180,6 +220,26 @@ mod tests {
             format!("backups/web_01_x/b1-{uid}-a2")
         );
         assert_eq!(for_attempt("a/b-a12", 13), "a/b-a13");
+        assert_eq!(attempt_uid(&dir), Some(uid));
+        assert_eq!(attempt_uid(&for_attempt(&dir, 12)), Some(uid));
+        for other in [
+            "backups/vm/b1-x-a1",
+            "b1-a1",
+            &format!("{uid}-a1"),
+            &format!("a/b1-{uid}-ax"),
+        ] {
+            assert_eq!(attempt_uid(other), None, "{other}");
+        }
+        assert_eq!(
+            namespace_prefix("{namespace}/{vm}", "prod").as_deref(),
+            Some("prod/")
+        );
+        assert_eq!(
+            namespace_prefix("/sendense/{namespace}/vms/{vm}", "a b").as_deref(),
+            Some("sendense/a_b/")
+        );
+        assert_eq!(namespace_prefix("{vm}/{namespace}", "prod"), None);
+        assert_eq!(namespace_prefix("vms/{vm}", "prod"), None);
         let long = attempt_dir("{vm}", "ns", "vm", &"n".repeat(253), uid, 10);
         assert!(long.rsplit('/').next().unwrap_or_default().len() <= 255);
     }

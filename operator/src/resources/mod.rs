@@ -26,7 +26,10 @@ pub use cleanup::cleanup_pod;
 pub use commit::commit_pod;
 pub use hardening::harden;
 pub use hub::{HubDisk, NBD_SHARED, hub_pod, hub_service};
-pub use layout::{REPOSITORY_MOUNT, attempt_dir, claim_name, dir_of, disk_file, for_attempt};
+pub use layout::{
+    REPOSITORY_MOUNT, attempt_dir, attempt_uid, claim_name, dir_of, disk_file, for_attempt,
+    namespace_prefix,
+};
 pub use repository::{probe_pod, templated_claim};
 
 /// Label carrying the attempt a job's pod belongs to; pods of an earlier attempt are removed

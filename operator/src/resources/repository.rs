@@ -17,15 +17,22 @@ use super::{
 };
 use sendense_contract::cli::RepoProbeArgs;
 
-/// The probe pod: writes, reads back and removes a file on the volume, and measures it; its
-/// result is its termination message.
-pub fn probe_pod(repo: &Repository, images: &PodSettings) -> Pod {
+/// The probe pod: removes the orphaned attempt directories named in the repository's status
+/// (each only if still left unchanged for `orphan_min_idle_seconds`), writes, reads back and
+/// removes a file on the volume, and measures it; its result is its termination message.
+pub fn probe_pod(repo: &Repository, images: &PodSettings, orphan_min_idle_seconds: u64) -> Pod {
     // The manifests go to the pod's log, which the operator reads: the restore points on the
-    // volume, also those a lost cluster made.
+    // volume, also those a lost cluster made, and the attempt directories without one.
     let args = RepoProbeArgs {
         dir: REPOSITORY_MOUNT.into(),
         list_manifests: true,
         result_file: Some(TERMINATION_LOG.into()),
+        remove_orphans: repo
+            .status
+            .as_ref()
+            .map(|s| s.orphaned_attempts.clone())
+            .unwrap_or_default(),
+        orphan_min_idle_seconds,
     };
     let mut probe = agent_container("probe".into(), args.to_args(), images);
     probe.termination_message_policy = Some("FallbackToLogsOnError".into());

@@ -12,6 +12,7 @@ fn the_probe_pod_mounts_the_claim_and_reports_through_its_termination_message() 
             agent: "agent:1".into(),
             ..Default::default()
         },
+        3600,
     );
     assert_eq!(
         crate::resources::hardening::restricted_violations(&pod),
