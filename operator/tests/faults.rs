@@ -381,6 +381,108 @@ async fn the_operator_killed_mid_copy_and_restarted_finishes_the_same_attempt() 
     Ok(())
 }
 
+/// The operator uninstalled while a job runs, the job's finalizer removed by hand and the job
+/// deleted: nothing cleans its attempt up then. Reinstalled, the operator's repository probe
+/// finds the directory of a BackupJob that no longer exists and, once nothing changed in it for
+/// the orphan idle time, removes it; the directory of a job that still exists is kept however
+/// old. The next backup of the VM removes the abandoned snapshot.
+#[tokio::test]
+async fn an_attempt_abandoned_with_the_operator_uninstalled_is_swept_from_the_volume() -> Result<()>
+{
+    let _serial = SERIAL.lock().await;
+    let mut bed = Bed::start(1, (11130, 11150)).await?;
+    write_data(&bed);
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply("abandoned", &Bed::job_yaml("abandoned", VM, "full", ""))?;
+    let j = mid_copy(&bed, "abandoned").await?;
+    let uid = j.metadata.uid.clone().context("uid")?;
+    bed.stop_operator();
+    cap_bandwidth(&bed, None)?;
+    kubectl_ok(&[
+        "patch",
+        "backupjob",
+        "abandoned",
+        "-n",
+        &bed.ns.name,
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])?;
+    kubectl_ok(&["delete", "backupjob", "abandoned", "-n", &bed.ns.name])?;
+    // Its pods go with it (owner references); the agent's and hub's processes end.
+    bed.no_pods_remain().await?;
+    let vm_dir = bed.repo_dir.join(&bed.ns.name).join(VM);
+    let abandoned = vm_dir.join(format!("abandoned-{uid}-a1"));
+    assert!(
+        abandoned.join("2000.qcow2").exists(),
+        "the abandoned attempt's files"
+    );
+    // A job that still exists, with an old attempt directory of its own: never swept. (It
+    // names a SourceNode that does not exist, so it never runs.)
+    bed.apply(
+        "alive",
+        &Bed::job_yaml("alive", VM, "full", "").replace("{name: vc}", "{name: absent}"),
+    )?;
+    let alive_uid = bed
+        .jobs()
+        .await?
+        .get("alive")
+        .await?
+        .metadata
+        .uid
+        .context("uid")?;
+    let alive = vm_dir.join(format!("alive-{alive_uid}-a1"));
+    std::fs::create_dir_all(&alive)?;
+    std::fs::write(alive.join("2000.qcow2"), b"partial")?;
+    // Both left unchanged for two hours, as far as the probe can tell.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for dir in [&abandoned, &alive] {
+        for e in std::fs::read_dir(dir)? {
+            std::fs::File::open(e?.path())?.set_modified(two_hours_ago)?;
+        }
+        std::fs::File::open(dir)?.set_modified(two_hours_ago)?;
+    }
+    bed.start_operator_with(&[("SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS", "5")])?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while abandoned.exists() {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{} was never swept{}",
+                abandoned.display(),
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ev = events_of(&bed.ns.name, "primary").await?;
+    assert!(
+        ev.contains(&("Normal".into(), "OrphanedAttemptsRemoved".into())),
+        "{ev:?}"
+    );
+    // Several probes later, the living job's directory is still there.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(
+        alive.join("2000.qcow2").exists(),
+        "a job that exists keeps its directory"
+    );
+    // Once that job is gone too, its directory goes.
+    kubectl_ok(&["delete", "backupjob", "alive", "-n", &bed.ns.name])?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while alive.exists() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("{} was never swept{}", alive.display(), bed.diagnostics());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bed.apply("next", &Bed::job_yaml("next", VM, "full", ""))?;
+    let j = bed
+        .finished("next", Phase::Succeeded, Duration::from_secs(300))
+        .await?;
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "next").await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_job_deleted_mid_copy_is_cancelled_and_leaves_nothing_behind() -> Result<()> {
     let _serial = SERIAL.lock().await;

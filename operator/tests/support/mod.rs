@@ -53,7 +53,7 @@ pub struct Operator {
 
 impl Operator {
     /// Starts the operator; its metrics port is chosen by the kernel and read from its log.
-    pub fn start(ns: &str, log: &Path) -> Result<(Self, u16)> {
+    pub fn start(ns: &str, log: &Path, env: &[(&str, &str)]) -> Result<(Self, u16)> {
         let earlier = std::fs::metadata(log)
             .map(|m| m.len() as usize)
             .unwrap_or(0);
@@ -68,6 +68,7 @@ impl Operator {
             .env("SENDENSE_REPOSITORY_PROBE_INTERVAL_SECONDS", "3600")
             .env("SENDENSE_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info,sendense_operator=debug")
+            .envs(env.iter().copied())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()?;
@@ -383,8 +384,14 @@ spec:
     }
 
     pub fn start_operator(&mut self) -> Result<()> {
+        self.start_operator_with(&[])
+    }
+
+    /// The operator with these environment variables (settings) added.
+    pub fn start_operator_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
         // A restarted operator binds a new port.
-        let (operator, port) = Operator::start(&self.ns.name, &self.work.join("operator.log"))?;
+        let log = self.work.join("operator.log");
+        let (operator, port) = Operator::start(&self.ns.name, &log, env)?;
         self.operator = Some(operator);
         self.metrics_port = port;
         Ok(())
