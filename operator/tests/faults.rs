@@ -454,11 +454,21 @@ async fn an_attempt_abandoned_with_the_operator_uninstalled_is_swept_from_the_vo
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let ev = events_of(&bed.ns.name, "primary").await?;
-    assert!(
-        ev.contains(&("Normal".into(), "OrphanedAttemptsRemoved".into())),
-        "{ev:?}"
-    );
+    // The probe pod removed it; the operator says so once it has read the pod's result.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = events_of(&bed.ns.name, "primary").await?;
+        if ev.contains(&("Normal".into(), "OrphanedAttemptsRemoved".into())) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "no OrphanedAttemptsRemoved Event: {ev:?}{}",
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     // Several probes later, the living job's directory is still there.
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert!(
