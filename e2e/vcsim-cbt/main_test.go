@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/url"
 	"os"
@@ -328,6 +329,7 @@ func TestStoppedAndResumedProcessAnswersRepeatedRemovals(t *testing.T) {
 	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	waitStopped(t, cmd.Process.Pid) // kill(2) returns before the threads have stopped
 	short, cancelShort := context.WithTimeout(ctx, time.Second)
 	_, err = methods.RemoveSnapshot_Task(short, clients[0], remove)
 	cancelShort()
@@ -413,6 +415,30 @@ func TestStoppedAndResumedProcessAnswersRepeatedRemovals(t *testing.T) {
 	}
 	if strings.Contains(stderr.String(), cbtsim.PanicMarker) {
 		t.Fatalf("the simulator logged a panic:\n%s", stderr.String())
+	}
+}
+
+// waitStopped waits until every thread of process pid is stopped ("T" in /proc).
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		stopped := true
+		stats, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		for _, stat := range stats {
+			b, err := os.ReadFile(stat)
+			// "<tid> (<comm>) <state> ...": the state follows the last ')'
+			if i := bytes.LastIndexByte(b, ')'); err == nil && (i < 0 || i+2 >= len(b) || b[i+2] != 'T') {
+				stopped = false
+			}
+		}
+		if stopped && len(stats) > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d not stopped 10s after SIGSTOP", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
