@@ -145,6 +145,19 @@ func expectBusy(t *testing.T, what string, o outcome, running types.ManagedObjec
 	}
 }
 
+// expectGone: the other requests a client may send about a snapshot fault
+// ManagedObjectNotFound too (reading its properties, exporting, renaming it).
+func expectGone(e *env, ref types.ManagedObjectReference) {
+	e.t.Helper()
+	var m mo.VirtualMachineSnapshot
+	err := property.DefaultCollector(e.c).RetrieveOne(e.ctx, ref, []string{"config.hardware.device"}, &m)
+	expectFault(e.t, "reading config.hardware.device of "+ref.Value, err, "ManagedObjectNotFound", "")
+	_, err = methods.ExportSnapshot(e.ctx, e.c, &types.ExportSnapshot{This: ref})
+	expectFault(e.t, "ExportSnapshot of "+ref.Value, err, "ManagedObjectNotFound", "")
+	_, err = methods.RenameSnapshot(e.ctx, e.c, &types.RenameSnapshot{This: ref, Name: "renamed"})
+	expectFault(e.t, "RenameSnapshot of "+ref.Value, err, "ManagedObjectNotFound", "")
+}
+
 // snapshotTree is the VM's snapshot tree as names, e.g. "s1(s2 s3)"; "" without snapshots.
 // It reads the VM: never call it while a task holds the VM.
 func (e *env) snapshotTree() string {
@@ -240,7 +253,8 @@ func (e *env) concurrently(n int, call func(i int) outcome) []outcome {
 }
 
 // A removed snapshot is gone for every request: removing it again (as a client does after
-// its first call timed out), with or without children, and reverting to it.
+// its first call timed out), with or without children, reverting to it, querying its
+// changed areas, reading its properties, exporting or renaming it.
 func TestRequestsOnARemovedSnapshotAreManagedObjectNotFound(t *testing.T) {
 	e := start(t, nil)
 	s1 := e.snapshot("s1")
@@ -253,6 +267,7 @@ func TestRequestsOnARemovedSnapshotAreManagedObjectNotFound(t *testing.T) {
 	if !strings.Contains(err.Error(), "'vim.vm.Snapshot:"+s1.Value+"' has already been deleted") {
 		t.Fatalf("QueryChangedDiskAreas: message %q is not vCenter's", err)
 	}
+	expectGone(e, s1)
 	e.expectTree("after the removal", "")
 	e.stillServes()
 }
@@ -271,6 +286,7 @@ func TestRemovedChildrenAreGoneToo(t *testing.T) {
 	for _, ref := range []types.ManagedObjectReference{s2, s3} {
 		expectNotFound(t, "RemoveSnapshot_Task of "+ref.Value, e.finish(e.callRemove(ref, false)), ref)
 		expectNotFound(t, "RevertToSnapshot_Task to "+ref.Value, e.finish(e.callRevert(ref)), ref)
+		expectGone(e, ref)
 	}
 	s4 := e.snapshot("s4")
 	e.expectTree("a new snapshot after the removal", "s1(s4)")
