@@ -88,7 +88,7 @@ func (m *cbtMethods) QueryChangedDiskAreas(ctx *simulator.Context, req *types.Qu
 	var fault *soap.Fault
 	ctx.WithLock(vm, func() {
 		// recovered here, inside the lock, so that a bug never leaves the VM locked
-		if f := m.t.net.recoverCall("QueryChangedDiskAreas on "+vm.Self.Value, func() { info, fault = m.t.query(ctx, vm, req) }); f != nil {
+		if f := m.t.panics.recoverCall("QueryChangedDiskAreas on "+vm.Self.Value, func() { info, fault = m.t.query(ctx, vm, req) }); f != nil {
 			fault = simulator.Fault("A general system error occurred: "+f.Reason, f)
 		}
 	})

@@ -84,7 +84,7 @@ type Server struct {
 	ctlLn   net.Listener
 	tracker *tracker
 	guard   *snapshotGuard
-	net     *panicNet
+	panics  *panicNet
 	info    Info
 	adding  sync.Mutex // one AddDisk at a time: each picks a free key, unit and file
 }
@@ -177,11 +177,11 @@ func Start(cfg Config) (_ *Server, err error) {
 		}
 	}()
 	reg := model.Map()
-	s.net = newPanicNet(cfg.Logger)
+	s.panics = newPanicNet(cfg.Logger)
 	s.tracker = newTracker(reg, cfg.BlockSize, cfg.PageSize, cfg.Logger)
-	s.tracker.net = s.net
+	s.tracker.panics = s.panics
 	s.tracker.install()
-	s.guard = newSnapshotGuard(reg, s.net)
+	s.guard = newSnapshotGuard(reg, s.panics)
 	s.guard.install()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -193,7 +193,7 @@ func Start(cfg Config) (_ *Server, err error) {
 
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	model.Service.Listen = &url.URL{Host: cfg.Listen, User: url.UserPassword(cfg.Username, cfg.Password)}
-	if s.soap, err = newSOAPServer(model.Service, s.net); err != nil {
+	if s.soap, err = newSOAPServer(model.Service, s.panics); err != nil {
 		return nil, err
 	}
 	soapURL := *s.soap.URL
@@ -202,7 +202,7 @@ func Start(cfg Config) (_ *Server, err error) {
 	if s.ctlLn, err = net.Listen("tcp", cfg.ControlListen); err != nil {
 		return nil, fmt.Errorf("control listener: %w", err)
 	}
-	s.control = &http.Server{Handler: s.net.handler("control API", s.controlHandler(), jsonInternalError), ReadHeaderTimeout: 10 * time.Second}
+	s.control = &http.Server{Handler: s.panics.handler("control API", s.controlHandler(), jsonInternalError), ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := s.control.Serve(s.ctlLn); err != nil && !errors.Is(err, http.ErrServerClosed) && cfg.Logger != nil {
 			cfg.Logger.Printf("vcsim-cbt: control server: %v", err)
@@ -260,7 +260,7 @@ func validate(cfg *Config) error {
 // handler for those paths on its ServeMux when the server starts, without a method; the
 // net's "POST <path>" patterns, registered first, are more specific and win (net/http's
 // ServeMux precedence), and call the same handler.
-func newSOAPServer(svc *simulator.Service, net *panicNet) (srv *simulator.Server, err error) {
+func newSOAPServer(svc *simulator.Service, panics *panicNet) (srv *simulator.Server, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("soap listener: %v", r)
@@ -269,7 +269,7 @@ func newSOAPServer(svc *simulator.Service, net *panicNet) (srv *simulator.Server
 	if svc.ServeMux == nil {
 		svc.ServeMux = http.NewServeMux()
 	}
-	sdk := net.handler("SOAP call", http.HandlerFunc(svc.ServeSDK), soapSystemError)
+	sdk := panics.handler("SOAP call", http.HandlerFunc(svc.ServeSDK), soapSystemError)
 	path := svc.Context.Map.Path // "/sdk"; NewServer adds the alias "/sdk/vimService"
 	svc.ServeMux.Handle("POST "+path, sdk)
 	svc.ServeMux.Handle("POST "+path+"/vimService", sdk)
@@ -402,7 +402,7 @@ func (s *Server) vmSpec(i int) types.VirtualMachineConfigSpec {
 
 // Panics is the number of panics the server survived (each logged with PanicMarker). Any
 // is a bug: tests assert none.
-func (s *Server) Panics() int64 { return s.net.count.Load() }
+func (s *Server) Panics() int64 { return s.panics.count.Load() }
 
 // Info is what the server printed at startup (VMs as they were then).
 func (s *Server) Info() Info { return s.info }
@@ -440,7 +440,7 @@ func (s *Server) Close() {
 		select {
 		case <-closed:
 		case <-time.After(closeTimeout):
-			s.net.logger.Printf("vcsim-cbt: SOAP calls still running %s after close (waiting for a lock a panic left held?); leaving them", closeTimeout)
+			s.panics.logger.Printf("vcsim-cbt: SOAP calls still running %s after close (waiting for a lock a panic left held?); leaving them", closeTimeout)
 			s.soap.CloseClientConnections()
 		}
 	}

@@ -35,8 +35,8 @@ import (
 // before the task's goroutine, and wraps the task's body: that body re-checks the snapshot
 // (the VM is locked by then) and frees the VM for the next operation when it ends.
 type snapshotGuard struct {
-	reg *simulator.Registry
-	net *panicNet
+	reg    *simulator.Registry
+	panics *panicNet
 
 	mu    sync.Mutex
 	bound *sync.Cond                                   // signalled when an operation learns its task or ends
@@ -89,8 +89,8 @@ var guardedMethods = map[string]map[string]bool{
 	"VirtualMachineSnapshot": {"RemoveSnapshot_Task": true, "RevertToSnapshot_Task": true},
 }
 
-func newSnapshotGuard(reg *simulator.Registry, net *panicNet) *snapshotGuard {
-	g := &snapshotGuard{reg: reg, net: net, busy: map[types.ManagedObjectReference]*snapshotOp{}}
+func newSnapshotGuard(reg *simulator.Registry, panics *panicNet) *snapshotGuard {
+	g := &snapshotGuard{reg: reg, panics: panics, busy: map[types.ManagedObjectReference]*snapshotOp{}}
 	g.bound = sync.NewCond(&g.mu)
 	return g
 }
@@ -287,7 +287,7 @@ func (g *snapshotGuard) run(ctx *simulator.Context, vm *simulator.VirtualMachine
 			fault = managedObjectNotFound(*op.snapshot)
 			return
 		}
-		if f := g.net.recoverCall(op.method+" on "+op.vm.Value, func() { res = start() }); f != nil {
+		if f := g.panics.recoverCall(op.method+" on "+op.vm.Value, func() { res = start() }); f != nil {
 			fault = simulator.Fault("A general system error occurred: "+f.Reason, f)
 		}
 	})
@@ -362,7 +362,7 @@ func (g *snapshotGuard) PutObject(_ *simulator.Context, obj mo.Reference) {
 			g.guardBody(o, op)
 		}
 		g.mu.Unlock()
-		g.net.guardTask(o)
+		g.panics.guardTask(o)
 	case *simulator.VirtualMachineSnapshot:
 		if hook := g.hook().snapshotPut; hook != nil {
 			hook(o.Vm, o.Self)
