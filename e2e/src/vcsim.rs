@@ -199,10 +199,73 @@ impl Simulator {
     }
 }
 
+/// Starts the simulator's log line for every panic it survived (`cbtsim.PanicMarker`): always
+/// a simulator bug, where vCenter would have answered with a fault.
+pub const PANIC_MARKER: &str = "SIMULATOR PANIC:";
+
 impl Drop for Simulator {
+    /// Also fails the test when the simulator logged a panic, even if everything else passed.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let log = self.log();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(at) = log.find(PANIC_MARKER) {
+            let panic: String = log[at..].chars().take(4000).collect();
+            let message = format!("vcsim-cbt logged a panic (a simulator bug):\n{panic}");
+            // A second panic while the test is already failing would abort the whole binary.
+            if std::thread::panicking() {
+                eprintln!("{message}");
+            } else {
+                panic!("{message}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulator stand-in: a `sleep` child and a directory holding `log` as vcsim.log.
+    fn simulator_with_log(name: &str, log: &str) -> Simulator {
+        let dir =
+            std::env::temp_dir().join(format!("sendense-vcsim-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("vcsim.log"), log).expect("log");
+        let child = Command::new("sleep").arg("60").spawn().expect("sleep");
+        Simulator {
+            child,
+            dir,
+            info: Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_panic_the_simulator_survived_fails_the_test_at_teardown() {
+        let sim = simulator_with_log(
+            "panicked",
+            "12:00:00 vcsim-cbt: started\n12:00:01 SIMULATOR PANIC: task VirtualMachine.removeSnapshot (task-71) on vm-62: boom\ngoroutine 7 [running]:\n",
+        );
+        let dir = sim.dir.clone();
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(sim)));
+        let message = dropped.expect_err("dropping the simulator must fail the test");
+        let message = message
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert!(
+            message.contains("SIMULATOR PANIC: task VirtualMachine.removeSnapshot")
+                && message.contains("goroutine 7"),
+            "{message}"
+        );
+        assert!(!dir.exists(), "the directory is removed all the same");
+    }
+
+    #[test]
+    fn a_simulator_without_panics_drops_quietly() {
+        let sim = simulator_with_log("clean", "12:00:00 vcsim-cbt: shutting down\n");
+        let dir = sim.dir.clone();
+        drop(sim);
+        assert!(!dir.exists());
     }
 }

@@ -1,7 +1,10 @@
 package cbtsim_test
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"log"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -9,12 +12,14 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
 	"github.com/vmware/govmomi/session"
+	"github.com/vmware/govmomi/task"
 	"github.com/vmware/govmomi/vim25"
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
@@ -32,16 +37,23 @@ const testTimeout = 90 * time.Second
 type env struct {
 	t    *testing.T
 	ctx  context.Context
+	srv  *cbtsim.Server
+	logs *syncBuffer // the server's log
 	info cbtsim.Info
 	ctl  *cbtsim.Client
 	c    *vim25.Client
 	vm   *object.VirtualMachine
+	// expectPanics is the number of panics the test provokes on purpose; any other number
+	// of panics the server survived fails the test.
+	expectPanics int64
 }
 
 func start(t *testing.T, mod func(*cbtsim.Config)) *env {
 	t.Helper()
 	cfg := cbtsim.DefaultConfig()
 	cfg.DatastoreDir = t.TempDir()
+	logs := &syncBuffer{}
+	cfg.Logger = log.New(logs, "", log.Lmicroseconds)
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -52,7 +64,16 @@ func start(t *testing.T, mod func(*cbtsim.Config)) *env {
 	t.Cleanup(srv.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	t.Cleanup(cancel)
-	e := &env{t: t, ctx: ctx, info: srv.Info(), ctl: cbtsim.NewClient(srv.Info().ControlURL)}
+	e := &env{t: t, ctx: ctx, srv: srv, logs: logs, info: srv.Info(), ctl: cbtsim.NewClient(srv.Info().ControlURL)}
+	// Any panic the simulator survived is a bug, even when the test's own checks passed.
+	t.Cleanup(func() {
+		if n := srv.Panics(); n != e.expectPanics {
+			t.Errorf("the simulator survived %d panics, expected %d; its log:\n%s", n, e.expectPanics, logs.String())
+		}
+		if got := int64(strings.Count(logs.String(), cbtsim.PanicMarker)); got != e.expectPanics {
+			t.Errorf("%d %q lines in the simulator's log, expected %d:\n%s", got, cbtsim.PanicMarker, e.expectPanics, logs.String())
+		}
+	})
 	e.c = e.login(e.info.Username, e.info.Password)
 	vm, err := object.NewSearchIndex(e.c).FindByUuid(ctx, nil, e.info.VMs[0].InstanceUUID, true, types.NewBool(true))
 	if err != nil || vm == nil {
@@ -370,4 +391,38 @@ func cbtUUID(t *testing.T, changeID string) string {
 		t.Fatalf("changeId %q is not in vCenter's \"<uuid>/<n>\" form", changeID)
 	}
 	return changeID[:strings.LastIndexByte(changeID, '/')]
+}
+
+// taskFault returns the fault a task failed with (nil if err is not a task's error).
+func taskFault(err error) types.BaseMethodFault {
+	var te task.Error
+	if errors.As(err, &te) && te.LocalizedMethodFault != nil {
+		return te.Fault()
+	}
+	return nil
+}
+
+func typeName(v any) string {
+	if v == nil {
+		return ""
+	}
+	return reflect.Indirect(reflect.ValueOf(v)).Type().Name()
+}
+
+// syncBuffer is a bytes.Buffer safe for the server's logger and the test to share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

@@ -2,9 +2,7 @@ package cbtsim
 
 import (
 	"cmp"
-	"fmt"
 	"math/rand/v2"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -83,19 +81,16 @@ func (m *cbtMethods) QueryChangedDiskAreas(ctx *simulator.Context, req *types.Qu
 	body := &methods.QueryChangedDiskAreasBody{}
 	vm, ok := ctx.Map.Get(req.This).(*simulator.VirtualMachine)
 	if !ok {
-		body.Fault_ = simulator.Fault("", &types.ManagedObjectNotFound{Obj: req.This})
+		body.Fault_ = managedObjectNotFound(req.This)
 		return body
 	}
 	var info *types.DiskChangeInfo
 	var fault *soap.Fault
 	ctx.WithLock(vm, func() {
-		defer func() {
-			if r := recover(); r != nil { // never leave the VM locked
-				fault = simulator.Fault(fmt.Sprintf("internal error: %v", r), &types.RuntimeFault{})
-				m.t.logf("vcsim-cbt: panic in QueryChangedDiskAreas: %v\n%s", r, debug.Stack())
-			}
-		}()
-		info, fault = m.t.query(ctx, vm, req)
+		// recovered here, inside the lock, so that a bug never leaves the VM locked
+		if f := m.t.panics.recoverCall("QueryChangedDiskAreas on "+vm.Self.Value, func() { info, fault = m.t.query(ctx, vm, req) }); f != nil {
+			fault = simulator.Fault("A general system error occurred: "+f.Reason, f)
+		}
 	})
 	if fault != nil {
 		body.Fault_ = fault
@@ -110,8 +105,7 @@ func (t *tracker) query(ctx *simulator.Context, vm *simulator.VirtualMachine, re
 		return nil, invalidArgument("snapshot")
 	}
 	if ctx.Map.Get(*req.Snapshot) == nil {
-		return nil, simulator.Fault(fmt.Sprintf("The object '%s' has already been deleted or has not been completely created", req.Snapshot.Value),
-			&types.ManagedObjectNotFound{Obj: *req.Snapshot})
+		return nil, managedObjectNotFound(*req.Snapshot)
 	}
 	st := t.state(vm.Self)
 	st.mu.Lock()

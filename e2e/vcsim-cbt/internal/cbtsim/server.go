@@ -83,6 +83,8 @@ type Server struct {
 	control *http.Server
 	ctlLn   net.Listener
 	tracker *tracker
+	guard   *snapshotGuard
+	panics  *panicNet
 	info    Info
 	adding  sync.Mutex // one AddDisk at a time: each picks a free key, unit and file
 }
@@ -175,8 +177,12 @@ func Start(cfg Config) (_ *Server, err error) {
 		}
 	}()
 	reg := model.Map()
+	s.panics = newPanicNet(cfg.Logger)
 	s.tracker = newTracker(reg, cfg.BlockSize, cfg.PageSize, cfg.Logger)
+	s.tracker.panics = s.panics
 	s.tracker.install()
+	s.guard = newSnapshotGuard(reg, s.panics)
+	s.guard.install()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -187,7 +193,7 @@ func Start(cfg Config) (_ *Server, err error) {
 
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	model.Service.Listen = &url.URL{Host: cfg.Listen, User: url.UserPassword(cfg.Username, cfg.Password)}
-	if s.soap, err = newSOAPServer(model.Service); err != nil {
+	if s.soap, err = newSOAPServer(model.Service, s.panics); err != nil {
 		return nil, err
 	}
 	soapURL := *s.soap.URL
@@ -196,7 +202,7 @@ func Start(cfg Config) (_ *Server, err error) {
 	if s.ctlLn, err = net.Listen("tcp", cfg.ControlListen); err != nil {
 		return nil, fmt.Errorf("control listener: %w", err)
 	}
-	s.control = &http.Server{Handler: s.controlHandler(), ReadHeaderTimeout: 10 * time.Second}
+	s.control = &http.Server{Handler: s.panics.handler("control API", s.controlHandler(), jsonInternalError), ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := s.control.Serve(s.ctlLn); err != nil && !errors.Is(err, http.ErrServerClosed) && cfg.Logger != nil {
 			cfg.Logger.Printf("vcsim-cbt: control server: %v", err)
@@ -249,12 +255,24 @@ func validate(cfg *Config) error {
 
 // newSOAPServer starts the simulator's https server; NewServer panics when it cannot
 // listen, which becomes an error here.
-func newSOAPServer(svc *simulator.Service) (srv *simulator.Server, err error) {
+//
+// SOAP calls (POST to the SDK paths) go through the panic net. The simulator registers its
+// handler for those paths on its ServeMux when the server starts, without a method; the
+// net's "POST <path>" patterns, registered first, are more specific and win (net/http's
+// ServeMux precedence), and call the same handler.
+func newSOAPServer(svc *simulator.Service, panics *panicNet) (srv *simulator.Server, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("soap listener: %v", r)
 		}
 	}()
+	if svc.ServeMux == nil {
+		svc.ServeMux = http.NewServeMux()
+	}
+	sdk := panics.handler("SOAP call", http.HandlerFunc(svc.ServeSDK), soapSystemError)
+	path := svc.Context.Map.Path // "/sdk"; NewServer adds the alias "/sdk/vimService"
+	svc.ServeMux.Handle("POST "+path, sdk)
+	svc.ServeMux.Handle("POST "+path+"/vimService", sdk)
 	return svc.NewServer(), nil
 }
 
@@ -382,6 +400,10 @@ func (s *Server) vmSpec(i int) types.VirtualMachineConfigSpec {
 	return spec
 }
 
+// Panics is the number of panics the server survived (each logged with PanicMarker). Any
+// is a bug: tests assert none.
+func (s *Server) Panics() int64 { return s.panics.count.Load() }
+
 // Info is what the server printed at startup (VMs as they were then).
 func (s *Server) Info() Info { return s.info }
 
@@ -395,6 +417,9 @@ func (s *Server) currentInfo() (Info, error) {
 	return info, nil
 }
 
+// closeTimeout bounds how long Close waits for SOAP calls in progress.
+const closeTimeout = 10 * time.Second
+
 // Close stops both endpoints. It removes nothing from the datastore directory.
 func (s *Server) Close() {
 	if s.control != nil {
@@ -405,7 +430,19 @@ func (s *Server) Close() {
 		_ = s.ctlLn.Close()
 	}
 	if s.soap != nil {
-		s.soap.Close()
+		// Close waits for the calls in progress, and a call can wait forever for a lock
+		// that a recovered panic left held (see panicNet): wait a while, not forever.
+		closed := make(chan struct{})
+		go func() {
+			s.soap.Close()
+			close(closed)
+		}()
+		select {
+		case <-closed:
+		case <-time.After(closeTimeout):
+			s.panics.logger.Printf("vcsim-cbt: SOAP calls still running %s after close (waiting for a lock a panic left held?); leaving them", closeTimeout)
+			s.soap.CloseClientConnections()
+		}
 	}
 	if s.model != nil {
 		s.model.Remove() // the simulator's own (empty) temporary directory, not ours

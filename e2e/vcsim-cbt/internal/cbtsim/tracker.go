@@ -38,6 +38,7 @@ type tracker struct {
 	blockSize int64
 	pageSize  int
 	logf      func(format string, args ...any)
+	panics    *panicNet
 
 	mu        sync.Mutex
 	vms       map[types.ManagedObjectReference]*vmState
