@@ -285,6 +285,56 @@ async fn snapshot_create_read_remove() {
     }
 }
 
+/// Removal is safe to repeat: a snapshot already gone is success, and so is one whose removal
+/// another session asked for at the same time (the simulator answers the later request with
+/// vCenter's TaskInProgress; a look afterwards decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensuring_a_snapshot_removed_is_idempotent_and_survives_a_concurrent_removal() {
+    use sendense_vsphere::Removal;
+    let sim = Sim::start(&[]);
+    let vs = sim.connect().await;
+    let other = sim.connect().await;
+    let vm = vm(&vs).await;
+    let snap = vs
+        .create_snapshot(&vm, "sendense-idem", "", false)
+        .await
+        .expect("create_snapshot");
+    assert_eq!(
+        vs.ensure_snapshot_removed(&vm, &snap).await.expect("first"),
+        Removal::Removed
+    );
+    assert_eq!(
+        vs.ensure_snapshot_removed(&vm, &snap).await.expect("again"),
+        Removal::AlreadyGone
+    );
+    assert!(!vs.has_snapshot(&vm, &snap).await.expect("has_snapshot"));
+
+    for round in 0..5 {
+        let snap = vs
+            .create_snapshot(&vm, &format!("sendense-race-{round}"), "", false)
+            .await
+            .expect("create_snapshot");
+        let (a, b) = tokio::join!(
+            other.remove_snapshot(&snap),
+            vs.ensure_snapshot_removed(&vm, &snap)
+        );
+        // Each request either removed it, found it gone, or was refused while the other ran.
+        for r in [a.map(|()| Removal::Removed), b] {
+            match r {
+                Ok(_) | Err(VSphereError::NotFound(_)) => {}
+                Err(e) => assert!(
+                    e.to_string().contains("TaskInProgress"),
+                    "round {round}: {e}"
+                ),
+            }
+        }
+        // Asked once more, whatever happened: it is gone.
+        let again = vs.ensure_snapshot_removed(&vm, &snap).await;
+        assert!(again.is_ok(), "round {round}: {again:?}");
+        assert!(vs.vm_info(&vm).await.expect("vm_info").snapshots.is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_leftovers_by_prefix_keeps_other_snapshots() {
     let sim = Sim::start(&[]);

@@ -28,6 +28,11 @@ pub const MAX_NAME_LENGTH: usize = 52;
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
+    printcolumn(
+        name = "Snapshot",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"SnapshotRemoved\")].reason"
+    ),
     printcolumn(name = "VM", type_ = "string", priority = 1, json_path = ".status.vmName"),
     printcolumn(
         name = "Restore Point",
@@ -286,4 +291,11 @@ pub struct SnapshotStatus {
     /// True once the snapshot has been removed from the VM.
     #[serde(default)]
     pub removed: bool,
+    /// Times the operator tried to remove it after the agent could not (the condition
+    /// `SnapshotRemoved=False` while it keeps trying, with back-off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_attempts: Option<i32>,
+    /// When the operator last tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_removal_attempt: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }

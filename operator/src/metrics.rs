@@ -48,6 +48,9 @@ pub struct Metrics {
     pub last_throughput: prometheus::GaugeVec,
     /// 1 when the SourceNode's last vCenter probe succeeded, else 0.
     pub vcenter_up: IntGaugeVec,
+    /// Finished BackupJobs whose snapshot is still on the VM (the operator keeps removing it),
+    /// by namespace and VM.
+    pub snapshots_pending_removal: IntGaugeVec,
 }
 
 impl Metrics {
@@ -163,6 +166,14 @@ impl Metrics {
             ),
             &["namespace", "sourcenode"],
         )?;
+        let snapshots_pending_removal = IntGaugeVec::new(
+            Opts::new(
+                "sendense_snapshots_pending_removal",
+                "Finished BackupJobs whose vSphere snapshot is still on the VM while the operator keeps removing it",
+            ),
+            &["namespace", "vm"],
+        )?;
+        registry.register(Box::new(snapshots_pending_removal.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(last_throughput.clone()))?;
         registry.register(Box::new(vcenter_up.clone()))?;
@@ -199,6 +210,7 @@ impl Metrics {
             last_success,
             last_throughput,
             vcenter_up,
+            snapshots_pending_removal,
         })
     }
 

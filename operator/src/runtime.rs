@@ -180,6 +180,7 @@ async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<R
         let mut by_phase: BTreeMap<(String, &str), i64> = BTreeMap::new();
         let mut ports: BTreeMap<(String, String), i64> = BTreeMap::new();
         let mut last_success: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut pending_snapshots: BTreeMap<(String, String), i64> = BTreeMap::new();
         for j in jobs.state() {
             let ns = j.metadata.namespace.clone().unwrap_or_default();
             let phase = match j.status.as_ref().and_then(|s| s.phase) {
@@ -201,6 +202,12 @@ async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<R
                 let t = last_success.entry((ns.clone(), vm.clone())).or_default();
                 *t = (*t).max(done.0.as_second());
             }
+            if backup_job::snapshot_pending_removal(&j) {
+                let vm = j.status.as_ref().and_then(|s| s.vm_name.clone());
+                *pending_snapshots
+                    .entry((ns.clone(), vm.unwrap_or_default()))
+                    .or_default() += 1;
+            }
             if phase == "Running" {
                 let held = j
                     .status
@@ -215,6 +222,13 @@ async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<R
         metrics.last_success.reset();
         for ((ns, vm), t) in last_success {
             metrics.last_success.with_label_values(&[&ns, &vm]).set(t);
+        }
+        metrics.snapshots_pending_removal.reset();
+        for ((ns, vm), n) in pending_snapshots {
+            metrics
+                .snapshots_pending_removal
+                .with_label_values(&[&ns, &vm])
+                .set(n);
         }
         metrics.jobs.reset();
         for ((ns, phase), n) in by_phase {

@@ -26,5 +26,5 @@ pub use error::VSphereError;
 pub use inventory::{VmInfo, VmRef, VmSelector};
 pub use paths::{flat_extent_path, parse_datastore_path};
 pub use session::VSphere;
-pub use snapshots::SnapshotRef;
+pub use snapshots::{Removal, SnapshotRef};
 pub use tls::{sha1_thumbprint, sha256_thumbprint};

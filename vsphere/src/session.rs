@@ -133,7 +133,10 @@ impl VSphere {
     /// Ends the session (best effort, bounded by `call_timeout`). Later calls fail.
     pub async fn logout(&self) {
         self.logged_out.store(true, Ordering::Release);
-        match tokio::time::timeout(self.call_timeout, self.client.close()).await {
+        // Best effort (an abandoned session expires on its own): an unresponsive vCenter does
+        // not hold the caller for a whole call timeout.
+        let limit = self.call_timeout.min(std::time::Duration::from_secs(10));
+        match tokio::time::timeout(limit, self.client.close()).await {
             Ok(Ok(())) => tracing::debug!(server = %self.server, "logged out of vCenter"),
             Ok(Err(e)) => tracing::debug!(server = %self.server, error = %e, "vCenter logout"),
             Err(_) => tracing::debug!(server = %self.server, "vCenter logout timed out"),

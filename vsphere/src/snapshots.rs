@@ -23,6 +23,15 @@ impl SnapshotRef {
     }
 }
 
+/// How [`VSphere::ensure_snapshot_removed`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// This request removed it.
+    Removed,
+    /// It was not there any more.
+    AlreadyGone,
+}
+
 /// `VirtualMachineConfigSpec` has some eighty optional fields and vim_rs builds `Default` only
 /// behind a heavy feature: build the one-field spec from its wire form instead.
 fn cbt_on_spec() -> Result<VirtualMachineConfigSpec, VSphereError> {
@@ -115,6 +124,47 @@ impl VSphere {
         .await?;
         tracing::info!(snapshot = %snapshot.moref, name = %snapshot.name, "removed snapshot");
         Ok(())
+    }
+
+    /// Removes the snapshot so that asking again is always safe: the VM's snapshot tree is looked
+    /// up first, and a snapshot not in it is gone (an earlier request completed, perhaps after
+    /// its answer was lost). A request that fails (a timeout, a `TaskInProgress` or
+    /// `InvalidState` fault while another removal of it runs) is followed by another look: gone
+    /// then is success too. Only a snapshot still there after a failed request is an error.
+    pub async fn ensure_snapshot_removed(
+        &self,
+        vm: &VmRef,
+        snapshot: &SnapshotRef,
+    ) -> Result<Removal, VSphereError> {
+        if !self.has_snapshot(vm, snapshot).await? {
+            return Ok(Removal::AlreadyGone);
+        }
+        match self.remove_snapshot(snapshot).await {
+            Ok(()) => Ok(Removal::Removed),
+            Err(VSphereError::NotFound(_)) => Ok(Removal::AlreadyGone),
+            Err(e) => match self.has_snapshot(vm, snapshot).await {
+                Ok(false) => {
+                    tracing::info!(snapshot = %snapshot.moref, error = %e,
+                        "the removal request failed, but the snapshot is gone");
+                    Ok(Removal::Removed)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Whether the VM's snapshot tree holds this snapshot (by its managed object id). A VM
+    /// that no longer exists holds none.
+    pub async fn has_snapshot(
+        &self,
+        vm: &VmRef,
+        snapshot: &SnapshotRef,
+    ) -> Result<bool, VSphereError> {
+        match self.vm_info(vm).await {
+            Ok(info) => Ok(info.snapshots.iter().any(|s| s.moref == snapshot.moref)),
+            Err(VSphereError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes the VM's snapshots whose name starts with `prefix` (leftovers of earlier runs)

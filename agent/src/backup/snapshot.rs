@@ -14,6 +14,9 @@ use super::failure::{Failure, failure_from, vsphere_reason};
 /// Attempts at removing the snapshot; the wait after attempt n is 2n seconds.
 const REMOVAL_ATTEMPTS: u64 = 3;
 
+/// The most the agent spends removing its snapshot at the end of a backup.
+pub const REMOVAL_BUDGET: Duration = Duration::from_secs(90);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("removing leftover {prefix}* snapshots before a new one: {source}")]
@@ -30,12 +33,6 @@ pub enum SnapshotError {
     },
     #[error("reading the snapshot's disks: {0}")]
     Disks(#[source] VSphereError),
-    #[error("the data was copied, but snapshot {moref} could not be removed: {source}")]
-    NotRemoved {
-        moref: String,
-        #[source]
-        source: VSphereError,
-    },
 }
 
 impl SnapshotError {
@@ -44,7 +41,6 @@ impl SnapshotError {
             SnapshotError::Leftovers { source, .. }
             | SnapshotError::Create { source, .. }
             | SnapshotError::Disks(source) => vsphere_reason(source, AgentReason::SnapshotFailed),
-            SnapshotError::NotRemoved { .. } => AgentReason::SnapshotRemovalFailed,
         }
     }
 }
@@ -107,25 +103,40 @@ pub async fn disks(vs: &VSphere, snapshot: &SnapshotRef) -> Result<Vec<Disk>, Sn
         .map_err(SnapshotError::Disks)
 }
 
-/// Removes the snapshot (one already gone is fine), with its own attempts; the last error.
-pub async fn remove(vs: &VSphere, snapshot: &SnapshotRef) -> Result<(), VSphereError> {
-    let mut attempt = 1;
-    loop {
-        match vs.remove_snapshot(snapshot).await {
-            Ok(()) => {
-                info!(snapshot = %snapshot.moref, "snapshot removed");
-                return Ok(());
-            }
-            Err(VSphereError::NotFound(_)) => return Ok(()),
-            Err(e) => {
-                warn!(snapshot = %snapshot.moref, attempt, "removing snapshot: {e}");
-                tokio::time::sleep(Duration::from_secs(2 * attempt)).await;
-                if attempt == REMOVAL_ATTEMPTS {
-                    return Err(e);
+/// Removes the snapshot (one already gone is fine, so every attempt is safe to repeat), with
+/// its own attempts, all within `budget`; the last error. The agent does not wait longer for an
+/// unresponsive vCenter: the copy is complete, and the operator keeps hunting the snapshot.
+pub async fn remove(
+    vs: &VSphere,
+    vm: &VmRef,
+    snapshot: &SnapshotRef,
+    budget: Duration,
+) -> Result<(), VSphereError> {
+    let attempts = async {
+        let mut attempt = 1;
+        loop {
+            match vs.ensure_snapshot_removed(vm, snapshot).await {
+                Ok(how) => {
+                    info!(snapshot = %snapshot.moref, ?how, "snapshot removed");
+                    return Ok(());
                 }
-                attempt += 1;
+                Err(e) => {
+                    warn!(snapshot = %snapshot.moref, attempt, "removing snapshot: {e}");
+                    if attempt == REMOVAL_ATTEMPTS {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_secs(2 * attempt)).await;
+                    attempt += 1;
+                }
             }
         }
+    };
+    match tokio::time::timeout(budget, attempts).await {
+        Ok(r) => r,
+        Err(_) => Err(VSphereError::Timeout {
+            what: format!("removing snapshot {:?} ({})", snapshot.name, snapshot.moref),
+            after: budget,
+        }),
     }
 }
 

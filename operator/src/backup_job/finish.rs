@@ -230,10 +230,16 @@ pub(super) async fn confirm_snapshot_removed(
             Err(e) => return Err(e),
         };
         let info = vs.vm_info(&vm).await?;
+        // By the id the agent reported, and by name (an agent that could not report it).
+        let id = job
+            .status
+            .as_ref()
+            .and_then(|s| s.snapshot.as_ref())
+            .and_then(|s| s.id.clone());
         let left: Vec<_> = info
             .snapshots
             .iter()
-            .filter(|s| s.name == wanted || s.name == legacy)
+            .filter(|s| s.name == wanted || s.name == legacy || Some(&s.moref) == id.as_ref())
             .collect();
         if left.is_empty() {
             return Ok((
@@ -241,8 +247,9 @@ pub(super) async fn confirm_snapshot_removed(
                 format!("vCenter shows no snapshot {wanted} on VM {}", vm.name),
             ));
         }
+        // Safe to repeat: one already gone (an earlier request completed late) is success.
         for s in &left {
-            vs.remove_snapshot(s).await?;
+            vs.ensure_snapshot_removed(&vm, s).await?;
         }
         Ok((
             SnapshotRemoved::RemovedByOperator,
@@ -263,8 +270,91 @@ pub(super) async fn confirm_snapshot_removed(
     })
 }
 
+/// Back-off between the operator's attempts at removing a snapshot left on the VM: 15 s after
+/// the first, doubling, at most 10 minutes.
+pub fn hunt_backoff(attempts: i32) -> Duration {
+    Duration::from_secs((15u64 << attempts.clamp(0, 6)).min(600))
+}
+
+/// Where the hunt for a job's snapshot is.
+enum Hunt {
+    /// Nothing to hunt: the snapshot is gone (or the job is being deleted and its SourceNode
+    /// is gone, so vCenter cannot be asked any more).
+    Done,
+    /// The next attempt is due in this long.
+    Wait(Duration),
+    /// An attempt was made and recorded; the next reconcile reads it.
+    Attempted,
+}
+
+/// A finished job whose snapshot is still on the VM (`SnapshotRemoved=False` with a hunted
+/// reason): at each back-off the snapshot is looked up in vCenter and removed, until vCenter
+/// confirms it gone; then the condition turns True. The attempts are counted in status, so
+/// an operator restart resumes the hunt where it was. No agent pod is needed.
+async fn hunt_snapshot(job: &BackupJob, ctx: &Context) -> Result<Hunt, Error> {
+    let st = job.status.clone().unwrap_or_default();
+    let Some(hunted) = SnapshotRemoved::HUNTED
+        .into_iter()
+        .find(|r| holding(&st.conditions, r).is_some())
+    else {
+        return Ok(Hunt::Done);
+    };
+    let snap = st.snapshot.clone().unwrap_or_default();
+    let attempts = snap.removal_attempts.unwrap_or(0);
+    if let Some(last) = &snap.last_removal_attempt {
+        let due = last.0.as_millisecond() + hunt_backoff(attempts).as_millis() as i64;
+        let left = due - Timestamp::now().as_millisecond();
+        if left > 0 {
+            return Ok(Hunt::Wait(Duration::from_millis(left as u64)));
+        }
+    }
+    if job.metadata.deletion_timestamp.is_some() {
+        let ns = job.namespace().unwrap_or_default();
+        let sn = &job.spec.source_node_ref.name;
+        if get::<SourceNode>(&ctx.client, &ns, sn)
+            .await
+            .map_err(Error::Remove)?
+            .is_none()
+        {
+            tracing::warn!(job = %job.name_any(), snapshot = ?snap.name,
+                "deleted, and its SourceNode is gone: no longer removing its snapshot (the next backup of the VM removes it)");
+            return Ok(Hunt::Done);
+        }
+    }
+    let (outcome, message) = confirm_snapshot_removed(job, ctx, None).await;
+    let attempt = attempts + 1;
+    let mut u = JobUpdate::new(job);
+    let s = u.status.snapshot.get_or_insert_with(Default::default);
+    s.removal_attempts = Some(attempt);
+    s.last_removal_attempt = Some(crate::status::now());
+    if crate::status::ConditionReason::is_true(&outcome) {
+        s.removed = true;
+        u.set(
+            &outcome,
+            format!("{message} (the operator's attempt {attempt})"),
+        );
+    } else {
+        // A complete backup's snapshot stays "RemovalPending" until it is gone.
+        let reason = if hunted == SnapshotRemoved::RemovalPending {
+            hunted
+        } else {
+            outcome
+        };
+        u.set(
+            &reason,
+            format!(
+                "{message} (the operator's attempt {attempt}; the next in {} s)",
+                hunt_backoff(attempt).as_secs()
+            ),
+        );
+    }
+    status::write(u, ctx).await.map_err(Error::Status)?;
+    Ok(Hunt::Attempted)
+}
+
 /// Succeeded or Failed: no pod of the job remains; the directories of its attempts that did not
-/// commit are removed.
+/// commit are removed; a snapshot still on the VM is hunted. The finalizer goes once all that
+/// is done.
 pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     delete_job_pods(job, ctx).await?;
@@ -278,15 +368,24 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
             .await
             .map_err(Error::Remove)?;
     }
+    let hunt = match hunt_snapshot(job, ctx).await? {
+        Hunt::Attempted => return Ok(Action::requeue(Duration::from_secs(1))),
+        Hunt::Wait(d) => Some(d),
+        Hunt::Done => None,
+    };
+    // What is left to do, once the cleanup is: the next hunt, or nothing.
+    let idle = || hunt.map_or_else(Action::await_change, Action::requeue);
     let pending_cleanup = FilesRemoved::OUTSTANDING
         .iter()
         .any(|r| holding(&st.conditions, r).is_some());
     if !pending_cleanup {
-        // Nothing left to do for it: it may be deleted at once.
-        super::cancel::release(ctx, job)
-            .await
-            .map_err(Error::Remove)?;
-        return Ok(Action::await_change());
+        if hunt.is_none() {
+            // Nothing left to do for it: it may be deleted at once.
+            super::cancel::release(ctx, job)
+                .await
+                .map_err(Error::Remove)?;
+        }
+        return Ok(idle());
     }
     let files = status::uncommitted_dirs(job);
     let name = cleanup_name(job);
@@ -318,7 +417,7 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     delete_if_present::<Pod>(&ctx.client, &ns, &name)
         .await
         .map_err(Error::Cleanup)?;
-    Ok(Action::await_change())
+    Ok(idle())
 }
 
 /// Starts the pod removing the directories of the job's attempts that did not commit.

@@ -58,6 +58,17 @@ mod tests;
 
 pub use context::Context;
 
+/// True while a finished job's snapshot is still on the VM and the operator keeps removing it.
+pub fn snapshot_pending_removal(job: &BackupJob) -> bool {
+    let Some(st) = job.status.as_ref() else {
+        return false;
+    };
+    matches!(st.phase, Some(Phase::Succeeded | Phase::Failed))
+        && outcome::SnapshotRemoved::HUNTED
+            .iter()
+            .any(|r| crate::status::holding(&st.conditions, r).is_some())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("BackupJob {job}: {source}")]

@@ -299,6 +299,14 @@ pub enum SnapshotRemoved {
     /// vCenter could not be asked.
     Unverified,
     RemovalFailed,
+    /// The copy completed, the snapshot is still there: the operator keeps removing it.
+    RemovalPending,
+}
+
+impl SnapshotRemoved {
+    /// The reasons of a snapshot the operator keeps hunting, with back-off, until vCenter
+    /// confirms it gone.
+    pub const HUNTED: [Self; 3] = [Self::RemovalPending, Self::RemovalFailed, Self::Unverified];
 }
 
 impl ConditionReason for SnapshotRemoved {
@@ -318,6 +326,7 @@ impl ConditionReason for SnapshotRemoved {
             Self::RemovedByOperator => "RemovedByOperator",
             Self::Unverified => "Unverified",
             Self::RemovalFailed => "SnapshotRemovalFailed",
+            Self::RemovalPending => "RemovalPending",
         }
     }
     fn event_type(&self) -> Option<EventType> {

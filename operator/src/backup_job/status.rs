@@ -101,6 +101,7 @@ fn snapshot_status(s: &SnapshotReport) -> SnapshotStatus {
         id: Some(s.id.clone()),
         name: Some(s.name.clone()),
         removed: s.removed,
+        ..Default::default()
     }
 }
 
@@ -156,10 +157,21 @@ pub fn copied(u: &mut JobUpdate, attempt: i32, result: &BackupResult) {
             human_bytes(written)
         ),
     );
-    u.set(
-        &SnapshotRemoved::Removed,
-        "the backup's snapshot was removed",
-    );
+    match &result.snapshot {
+        Some(s) if !s.removed => u.set(
+            &SnapshotRemoved::RemovalPending,
+            format!(
+                "the copy is complete and flushed, but snapshot {} ({}) is still on the VM: {}; the operator keeps removing it",
+                s.name,
+                s.id,
+                s.removal_error.as_deref().unwrap_or("the agent could not remove it")
+            ),
+        ),
+        _ => u.set(
+            &SnapshotRemoved::Removed,
+            "the backup's snapshot was removed",
+        ),
+    }
 }
 
 /// The copy of the current attempt is complete (every disk has its change ID reached) and
