@@ -434,6 +434,12 @@ async fn an_attempt_abandoned_with_the_operator_uninstalled_is_swept_from_the_vo
     let alive = vm_dir.join(format!("alive-{alive_uid}-a1"));
     std::fs::create_dir_all(&alive)?;
     std::fs::write(alive.join("2000.qcow2"), b"partial")?;
+    // Owned as the hub's pods own what they write (this test runs as root).
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&vm_dir)?);
+    let group = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&vm_dir)?);
+    for p in [alive.clone(), alive.join("2000.qcow2")] {
+        std::os::unix::fs::chown(&p, Some(owner), Some(group))?;
+    }
     // Both left unchanged for two hours, as far as the probe can tell.
     let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
     for dir in [&abandoned, &alive] {
