@@ -80,7 +80,13 @@ fi
 # the node's entries in them.
 if [ -f "$NODE_DIR/preexisting" ]; then
   for p in "${NODE_MACHINE_PATHS[@]}"; do
-    grep -qxF "$p" "$NODE_DIR/preexisting" || [ ! -e "$p" ] || leftover "path: $p"
+    grep -qxF "$p" "$NODE_DIR/preexisting" || [ ! -e "$p" ] && continue
+    # /run/netns is shared with `ip netns` (the benchmarks make their own there): it is the
+    # node's only while it holds the node's cni-* namespaces (listed above).
+    if [ "$p" = /run/netns ] && [ -z "$(ls -d /run/netns/cni-* 2>/dev/null)" ]; then
+      continue
+    fi
+    leftover "path: $p"
   done
 fi
 lines "path" "$(find /var/log/containers -maxdepth 1 -type l -lname "$NODE_DIR/*" 2>/dev/null;
