@@ -152,3 +152,35 @@ async fn vcenter_frozen_mid_copy_keeps_the_restore_point_and_the_snapshot_is_hun
     assert!(j.metadata.finalizers.unwrap_or_default().is_empty());
     Ok(())
 }
+
+/// vCenter stops answering as the agent starts, before any snapshot: the attempt fails with a
+/// reason naming vCenter, the next attempt (once vCenter is back) commits, and no snapshot is
+/// left, not even one whose creation was asked while vCenter was frozen.
+#[tokio::test]
+async fn vcenter_frozen_before_the_snapshot_fails_the_attempt_clearly_and_the_next_one_commits()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (11190, 11210)).await?;
+    write_data(&bed);
+    bed.apply(
+        "early",
+        &Bed::job_yaml("early", VM, "full", "  retryLimit: 3\n"),
+    )?;
+    running_reason(&bed, "early", "AgentStarting", Duration::from_secs(180)).await?;
+    let vcenter = Frozen::new(vec![bed.sim.child.id() as i32]);
+    let message = running_reason(&bed, "early", "Retrying", Duration::from_secs(300)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(vcenter);
+    let message = message?;
+    assert!(
+        message.contains("attempt 1") && message.to_lowercase().contains("vcenter"),
+        "the reason names vCenter: {message}"
+    );
+    let j = bed
+        .finished("early", Phase::Succeeded, Duration::from_secs(420))
+        .await?;
+    assert!(j.status.as_ref().and_then(|s| s.attempts).unwrap_or(0) >= 2);
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "early").await?;
+    Ok(())
+}
