@@ -286,8 +286,17 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBoo
         let ready = ready.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                // The request may come in several segments: read to the end of its head (a
+                // response to a partial request, and the close after it, would reset the
+                // connection while the client still writes).
                 let mut buf = [0u8; 2048];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = match path {
@@ -313,6 +322,29 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBoo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_in_several_segments_is_answered_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let m = Metrics::new().expect("metrics");
+        tokio::spawn(serve(listener, m, Arc::new(AtomicBool::new(true))));
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /rea").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"dyz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"\r\n")
+            .await
+            .expect("write the end of the head");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.ends_with("ok\n"), "{out}");
+    }
 
     #[test]
     fn reconciles_are_counted_and_timed() {
