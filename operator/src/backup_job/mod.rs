@@ -51,6 +51,7 @@ mod dereference;
 mod finish;
 mod outcome;
 mod plan;
+mod pod_inputs;
 mod run;
 mod status;
 #[cfg(test)]

@@ -1,12 +1,11 @@
 //! The job's status transitions, pure over a `StatusUpdate`: waiting, started with its plan,
-//! progress, success, a failed attempt (retry or the end), and reading the recorded plan back
-//! as the hub's and agent's inputs.
+//! progress, success, a failed attempt (retry or the end). Reading the recorded plan back as
+//! the hub's and agent's inputs is in `pod_inputs`.
 
-use sendense_contract::cli::{BaseChangeId, DiskTarget};
 use sendense_contract::progress::{ProgressReport, Stage};
 use sendense_contract::result::{self, BackupResult, SnapshotReport};
 use sendense_crds::BackupJob;
-use sendense_crds::backup_job::{AttemptPod, CopyKind, DiskStatus, Phase, SnapshotStatus};
+use sendense_crds::backup_job::{AttemptPod, CopyKind, Phase, SnapshotStatus};
 use sendense_crds::common::human_bytes;
 
 use k8s_openapi::jiff::Timestamp;
@@ -16,8 +15,9 @@ use super::outcome::{
     SnapshotRemoved, Wait, retry_backoff,
 };
 use super::plan::Plan;
+pub use super::pod_inputs::{base_change_ids, hub_disks, targets};
 use crate::children::ApiError;
-use crate::resources::{HubDisk, dir_of, disk_file, for_attempt};
+use crate::resources::{dir_of, disk_file, for_attempt};
 use crate::status::{StatusUpdate, now};
 
 pub type JobUpdate<'a> = StatusUpdate<'a, BackupJob>;
@@ -322,51 +322,6 @@ pub fn failed(
         &FilesRemoved::Pending,
         "removing the directories of this job's attempts from the repository",
     );
-}
-
-/// The hub's disks as recorded in status, in status order.
-pub fn hub_disks(job: &BackupJob) -> Vec<HubDisk> {
-    job.status
-        .iter()
-        .flat_map(|s| s.disks.iter())
-        .map(|d| HubDisk {
-            key: d.device_key,
-            port: d.port.unwrap_or_default(),
-            file: d.file.clone().unwrap_or_default(),
-            size: d.capacity_bytes.unwrap_or_default().max(0) as u64,
-            backing: d.backing_file.clone(),
-        })
-        .collect()
-}
-
-/// Targets of the agent: each disk's export on the hub pod.
-pub fn targets(job: &BackupJob, hub_ip: &str) -> Vec<DiskTarget> {
-    by_key(job)
-        .map(|d| DiskTarget {
-            key: d.device_key,
-            url: format!("nbd://{hub_ip}:{}/", d.port.unwrap_or_default()),
-        })
-        .collect()
-}
-
-/// Change IDs the incremental disks start from.
-pub fn base_change_ids(job: &BackupJob) -> Vec<BaseChangeId> {
-    by_key(job)
-        .filter(|d| d.copy == Some(CopyKind::Incremental))
-        .filter_map(|d| {
-            d.change_id_used.clone().map(|c| BaseChangeId {
-                key: d.device_key,
-                change_id: c,
-            })
-        })
-        .collect()
-}
-
-/// The disks of the recorded plan, in device-key order (as the agent's flags list them).
-fn by_key(job: &BackupJob) -> impl Iterator<Item = &DiskStatus> {
-    let mut disks: Vec<_> = job.status.iter().flat_map(|s| s.disks.iter()).collect();
-    disks.sort_by_key(|d| d.device_key);
-    disks.into_iter()
 }
 
 /// Writes the update (when it changed anything) and its Events. A step reached (the Running
