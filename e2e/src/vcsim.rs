@@ -180,6 +180,26 @@ impl Simulator {
         );
     }
 
+    /// Every later QueryChangedDiskAreas call on `vm` waits `delay` before it is answered
+    /// (zero: at once); lowering it releases the calls already waiting.
+    pub fn query_delay(&self, vm: &str, delay: std::time::Duration) {
+        let ms = delay.as_millis();
+        let vm_info = self.cli(&["cbt", "-vm", vm, &format!("-query-delay={ms}ms")]);
+        assert_eq!(
+            vm_info["query_delay_ms"].as_u64(),
+            Some(ms as u64),
+            "{vm_info}"
+        );
+    }
+
+    /// How many QueryChangedDiskAreas calls on `vm` are waiting out its query delay now.
+    pub fn queries_held(&self, vm: &str) -> u64 {
+        let vm_info = self.cli(&["vm", "-vm", vm]);
+        vm_info["queries_held"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("vm answered no queries_held: {vm_info}"))
+    }
+
     /// SHA-256 of disk `key` of `vm` as it is now, over its whole capacity.
     pub fn checksum(&self, vm: &str, key: i32) -> String {
         let sum = self.cli(&["checksum", "-vm", vm, "-disk", &key.to_string()]);

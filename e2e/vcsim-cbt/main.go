@@ -43,7 +43,7 @@ const usage = `usage:
   vcsim-cbt zero      -vm VM -disk KEY -offset N -length N
   vcsim-cbt resize    -vm VM -disk KEY -capacity SZ
   vcsim-cbt add-disk  -vm VM -capacity SZ           prints the new disk (its device key: "key")
-  vcsim-cbt cbt       -vm VM (-enable | -disable | -reset [-disk KEY] | -unsorted[=false])
+  vcsim-cbt cbt       -vm VM (-enable | -disable | -reset [-disk KEY] | -unsorted[=false] | -query-delay D)
   vcsim-cbt checksum  -vm VM -disk KEY [-snapshot MOREF|NAME]
 client commands take -control URL (default $VCSIM_CBT_CONTROL) and print JSON.
 VM is a name, moref or instance UUID (default $VCSIM_CBT_VM or cbt-vm-0); sizes take K/M/G/T (binary) suffixes.
@@ -160,6 +160,7 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		data, hexData, file, pattern, snapshot string
 		seed                                   uint64
 		count                                  int
+		queryDelay                             time.Duration
 		enable, disable, reset, unsorted       bool
 	)
 	switch cmd {
@@ -191,6 +192,7 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		fs.BoolVar(&disable, "disable", false, "disable change tracking")
 		fs.BoolVar(&reset, "reset", false, "reset change tracking (all disks, or -disk)")
 		fs.BoolVar(&unsorted, "unsorted", false, "QueryChangedDiskAreas lists each page's areas out of order (-unsorted=false: in order again)")
+		fs.DurationVar(&queryDelay, "query-delay", 0, "each QueryChangedDiskAreas call waits this long before it is answered (0: at once)")
 	case "checksum":
 		fs.StringVar(&snapshot, "snapshot", "", "snapshot moref or name (default: the live disk)")
 	default:
@@ -270,6 +272,10 @@ func client(ctx context.Context, cmd string, args []string, stdin io.Reader, std
 		}
 		if set["unsorted"] {
 			req.Unsorted = &unsorted
+		}
+		if set["query-delay"] {
+			ms := queryDelay.Milliseconds()
+			req.QueryDelayMs = &ms
 		}
 		out, err = c.CBT(ctx, *vm, req)
 	case "checksum":

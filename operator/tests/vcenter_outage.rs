@@ -184,3 +184,60 @@ async fn vcenter_frozen_before_the_snapshot_fails_the_attempt_clearly_and_the_ne
     nothing_left(&bed, "early").await?;
     Ok(())
 }
+
+/// vCenter stops answering while the agent asks it for the changed areas (the simulator holds
+/// QueryChangedDiskAreas, and is frozen once a call is inside it): the query times out, the
+/// attempt fails with a reason naming the query and vCenter, its snapshot cannot be removed
+/// while vCenter is away, and the next attempt, with vCenter back, removes that leftover and
+/// commits.
+#[tokio::test]
+async fn vcenter_frozen_while_changed_areas_are_queried_fails_the_attempt_clearly_and_the_next_one_commits()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start(1, (11220, 11240)).await?;
+    write_data(&bed);
+    bed.sim.query_delay(VM, Duration::from_secs(3600));
+    bed.apply(
+        "query",
+        &Bed::job_yaml("query", VM, "full", "  retryLimit: 1\n"),
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    while bed.sim.queries_held(VM) == 0 {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the agent never asked for changed areas{}",
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        bed.snapshots(VM),
+        1,
+        "the query runs on the backup's snapshot"
+    );
+    let vcenter = Frozen::new(vec![bed.sim.child.id() as i32]);
+    // The agent's vCenter call deadline (120 s) and its snapshot removal budget (90 s) pass.
+    let message = running_reason(&bed, "query", "Retrying", Duration::from_secs(420)).await;
+    drop(vcenter);
+    bed.sim.query_delay(VM, Duration::ZERO);
+    let message = message?;
+    assert!(
+        message.contains("attempt 1")
+            && message.contains("querying changed areas")
+            && message.to_lowercase().contains("vcenter"),
+        "the reason names the query and vCenter: {message}"
+    );
+    let j = bed
+        .finished("query", Phase::Succeeded, Duration::from_secs(420))
+        .await?;
+    assert_eq!(j.status.as_ref().and_then(|s| s.attempts), Some(2));
+    let ev = events_of(&bed.ns.name, "query").await?;
+    assert!(
+        ev.contains(&("Warning".into(), "Retrying".into())),
+        "the history tells the story: {ev:?}"
+    );
+    verified(&bed, &j).await?;
+    nothing_left(&bed, "query").await?;
+    Ok(())
+}

@@ -33,6 +33,8 @@ type VMInfo struct {
 	PowerState    string         `json:"power_state"`
 	CBT           bool           `json:"cbt"`
 	UnsortedPages bool           `json:"unsorted_pages"` // QueryChangedDiskAreas pages out of order (CBTRequest.Unsorted)
+	QueryDelayMs  int64          `json:"query_delay_ms"` // each QueryChangedDiskAreas call waits this long first (CBTRequest.QueryDelayMs)
+	QueriesHeld   int            `json:"queries_held"`   // QueryChangedDiskAreas calls waiting out the delay now
 	Disks         []DiskInfo     `json:"disks"`
 	Snapshots     []SnapshotInfo `json:"snapshots"`
 }
@@ -104,11 +106,17 @@ type ResizeRequest struct {
 // for the same page, never sorted when the page has two or more areas), false in order of
 // start, as vCenter does. The areas themselves and the paging do not change: a client that
 // relies on the order loses or misjoins areas.
+//
+// QueryDelayMs, when set, makes every later QueryChangedDiskAreas call on the VM wait that
+// many milliseconds before it is answered (0: at once again), as a vCenter busy with a large
+// disk does; lowering it releases the calls already waiting, and VMInfo.QueriesHeld counts
+// them. A test uses it to act (freeze the simulator) while a client is inside the query.
 type CBTRequest struct {
-	Enabled  *bool  `json:"enabled,omitempty"`
-	Reset    bool   `json:"reset,omitempty"`
-	Disk     *int32 `json:"disk,omitempty"`
-	Unsorted *bool  `json:"unsorted,omitempty"`
+	Enabled      *bool  `json:"enabled,omitempty"`
+	Reset        bool   `json:"reset,omitempty"`
+	Disk         *int32 `json:"disk,omitempty"`
+	Unsorted     *bool  `json:"unsorted,omitempty"`
+	QueryDelayMs *int64 `json:"query_delay_ms,omitempty"`
 }
 
 // AddDiskRequest adds a thin flat disk of Capacity bytes (at least 1 MiB, a multiple of

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmware/govmomi/vim25/types"
 
@@ -185,3 +186,68 @@ func TestAddDisk(t *testing.T) {
 		t.Fatalf("a disk for an unknown VM: %v", err)
 	}
 }
+
+// With a query delay set, QueryChangedDiskAreas is answered only once the delay is lifted;
+// meanwhile the call is counted as held and the control API still answers. The answer is the
+// one given without a delay.
+func TestQueryDelayHoldsTheCallUntilLifted(t *testing.T) {
+	e := start(t, func(c *cbtsim.Config) { c.DisksPerVM = 1 })
+	vm := e.vmName()
+	e.setCBT(true)
+	snap := e.snapshot("held")
+	want, err := e.query(&snap, disk, 0, "*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.ctl.CBT(e.ctx, vm, cbtsim.CBTRequest{QueryDelayMs: ptr(int64(-1))}); err == nil || !strings.Contains(err.Error(), "negative") {
+		t.Fatalf("a negative delay: %v", err)
+	}
+	info, err := e.ctl.CBT(e.ctx, vm, cbtsim.CBTRequest{QueryDelayMs: ptr(int64(10 * 60 * 1000))})
+	if err != nil || info.QueryDelayMs != 10*60*1000 || info.QueriesHeld != 0 {
+		t.Fatalf("delay on: %+v %v", info, err)
+	}
+	type answer struct {
+		info types.DiskChangeInfo
+		err  error
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		got, err := e.query(&snap, disk, 0, "*")
+		answered <- answer{got, err}
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		info, err := e.ctl.VM(e.ctx, vm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.QueriesHeld == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the query was never held: %+v", info)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	select {
+	case a := <-answered:
+		t.Fatalf("answered while held: %+v %v", a.info, a.err)
+	default:
+	}
+	if info, err := e.ctl.CBT(e.ctx, vm, cbtsim.CBTRequest{QueryDelayMs: ptr(int64(0))}); err != nil || info.QueryDelayMs != 0 {
+		t.Fatalf("delay off: %+v %v", info, err)
+	}
+	select {
+	case a := <-answered:
+		if a.err != nil || a.info.Length != want.Length || !slices.Equal(a.info.ChangedArea, want.ChangedArea) {
+			t.Fatalf("held answer %+v %v, without a delay %+v", a.info, a.err, want)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the held query was not released when the delay was lifted")
+	}
+	if info, err := e.ctl.VM(e.ctx, vm); err != nil || info.QueriesHeld != 0 {
+		t.Fatalf("after the answer: %+v %v", info, err)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

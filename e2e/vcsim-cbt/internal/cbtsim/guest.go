@@ -295,8 +295,11 @@ func (t *tracker) Resize(vmID string, key int32, req ResizeRequest) (info *VMInf
 // changeTrackingEnabled would) and/or resets it.
 func (t *tracker) SetCBT(vmID string, req CBTRequest) (info *VMInfo, err error) {
 	err = t.withVM(vmID, func(ctx *simulator.Context, vm *simulator.VirtualMachine, st *vmState) error {
-		if req.Enabled == nil && !req.Reset && req.Unsorted == nil {
-			return errorf(http.StatusBadRequest, "nothing to do: set enabled, reset and/or unsorted")
+		if req.Enabled == nil && !req.Reset && req.Unsorted == nil && req.QueryDelayMs == nil {
+			return errorf(http.StatusBadRequest, "nothing to do: set enabled, reset, unsorted and/or query_delay_ms")
+		}
+		if req.QueryDelayMs != nil && *req.QueryDelayMs < 0 {
+			return errorf(http.StatusBadRequest, "query_delay_ms %d is negative", *req.QueryDelayMs)
 		}
 		if req.Enabled != nil {
 			vm.Config.ChangeTrackingEnabled = types.NewBool(*req.Enabled)
@@ -321,6 +324,9 @@ func (t *tracker) SetCBT(vmID string, req CBTRequest) (info *VMInfo, err error) 
 		}
 		if req.Unsorted != nil {
 			st.unsorted = *req.Unsorted
+		}
+		if req.QueryDelayMs != nil {
+			st.queryDelayMs.Store(*req.QueryDelayMs)
 		}
 		info = t.vmInfo(vm, st)
 		return nil
@@ -428,6 +434,8 @@ func (t *tracker) vmInfo(vm *simulator.VirtualMachine, st *vmState) *VMInfo {
 		PowerState:    string(vm.Runtime.PowerState),
 		CBT:           st.cbt,
 		UnsortedPages: st.unsorted,
+		QueryDelayMs:  st.queryDelayMs.Load(),
+		QueriesHeld:   int(st.queriesHeld.Load()),
 		Disks:         []DiskInfo{},
 		Snapshots:     []SnapshotInfo{},
 	}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -84,6 +85,7 @@ func (m *cbtMethods) QueryChangedDiskAreas(ctx *simulator.Context, req *types.Qu
 		body.Fault_ = managedObjectNotFound(req.This)
 		return body
 	}
+	m.t.holdQuery(m.t.state(vm.Self))
 	var info *types.DiskChangeInfo
 	var fault *soap.Fault
 	ctx.WithLock(vm, func() {
@@ -98,6 +100,21 @@ func (m *cbtMethods) QueryChangedDiskAreas(ctx *simulator.Context, req *types.Qu
 	}
 	body.Res = &types.QueryChangedDiskAreasResponse{Returnval: *info}
 	return body
+}
+
+// holdQuery waits out the VM's query delay (CBTRequest.QueryDelayMs), holding no lock, so
+// that the control API and other calls go on meanwhile. The delay is read again as it
+// passes: lowering it releases the calls already held.
+func (t *tracker) holdQuery(st *vmState) {
+	if st.queryDelayMs.Load() <= 0 {
+		return
+	}
+	st.queriesHeld.Add(1)
+	defer st.queriesHeld.Add(-1)
+	start := time.Now()
+	for time.Since(start) < time.Duration(st.queryDelayMs.Load())*time.Millisecond {
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func (t *tracker) query(ctx *simulator.Context, vm *simulator.VirtualMachine, req *types.QueryChangedDiskAreas) (*types.DiskChangeInfo, *soap.Fault) {

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -50,8 +51,12 @@ type vmState struct {
 	ref      types.ManagedObjectReference
 	cbt      bool
 	unsorted bool // QueryChangedDiskAreas shuffles each page's areas (CBTRequest.Unsorted)
-	disks    map[int32]*diskState
-	snaps    map[types.ManagedObjectReference]*snapState
+	// QueryChangedDiskAreas waits this long (ms) before answering (CBTRequest.QueryDelayMs);
+	// atomic, read before any lock is taken.
+	queryDelayMs atomic.Int64
+	queriesHeld  atomic.Int32 // calls waiting out queryDelayMs now
+	disks        map[int32]*diskState
+	snaps        map[types.ManagedObjectReference]*snapState
 }
 
 // diskState is the live disk.
