@@ -244,14 +244,14 @@ impl VSphere {
         let after = self.call_timeout;
         match tokio::time::timeout(after, op()).await {
             Err(_) => Attempt::Done(Err(VSphereError::Timeout {
-                what: format!("{method} on {}", self.server),
+                what: format!("{method} on vCenter {}", self.server),
                 after,
             })),
             Ok(Ok(v)) => Attempt::Done(Ok(v)),
             Ok(Err(e)) if is_not_authenticated(&e) => Attempt::NotAuthenticated,
             Ok(Err(e)) => Attempt::Done(Err(timeout_or(
                 e,
-                &format!("{method} on {}", self.server),
+                &format!("{method} on vCenter {}", self.server),
                 after,
                 method,
                 &self.rejections,
