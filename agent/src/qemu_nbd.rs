@@ -96,6 +96,7 @@ impl ReadOnlyExport {
         NbdUrl {
             address: crate::nbd::Address::Unix(self.dir.join("nbd.sock")),
             export: String::new(),
+            tls: None,
         }
     }
 }

@@ -266,6 +266,7 @@ impl DiskSource {
         NbdUrl {
             address: Address::Unix(self.dir.join("nbd.sock")),
             export: String::new(),
+            tls: None,
         }
     }
 }

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::handshake::{Negotiated, negotiate};
+use super::handshake::{Negotiated, greet, negotiate, negotiate_export, start_tls};
 use super::inflight::{Command, InFlight, Queued, Reply};
 use super::reader::{Reader, read_loop};
 use super::writer::{Writer, write_loop};
@@ -60,13 +60,85 @@ impl<R: AsyncRead + Unpin> AsyncRead for QuickAck<R> {
     }
 }
 
+impl<W: AsyncWrite + Unpin> AsyncWrite for QuickAck<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Negotiates over TLS: the greeting and STARTTLS in the clear, the TLS handshake (the server
+/// proves the name `server_name`, the client presents its certificate), then the export over
+/// the encrypted stream, which is split into the connection's reader and writer.
+async fn tls_session<S>(
+    mut stream: S,
+    addr: &str,
+    server_name: &str,
+    url: &NbdUrl,
+    opts: &ConnectOptions,
+) -> Result<(Reader, Writer, Negotiated), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let fail = |reason: String| NbdError::Negotiation {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let tls = opts.tls.as_ref().ok_or_else(|| {
+        fail("an nbds:// URL needs client certificates (the agent's --tls-dir)".into())
+    })?;
+    let no_zeroes = greet(&mut stream, addr).await?;
+    start_tls(&mut stream, addr).await?;
+    let name = super::tls::server_name(server_name).map_err(fail)?;
+    let mut stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|e| fail(format!("TLS handshake as {server_name:?}: {e}")))?;
+    // With TLS 1.3 the server judges the client certificate after the client's handshake is
+    // done: a refused certificate shows as the connection closing at the first read.
+    let negotiated = match negotiate_export(
+        &mut stream,
+        addr,
+        &url.export,
+        opts.block_status,
+        no_zeroes,
+    )
+    .await
+    {
+        Err(NbdError::Io(e)) => {
+            return Err(fail(format!(
+                "the server closed the TLS session ({e}): it did not accept this client \
+                     certificate (tls-authz), or its CA is not the one that signed it"
+            )));
+        }
+        r => r?,
+    };
+    let (r, w) = tokio::io::split(stream);
+    Ok((Box::new(r), Box::new(w), negotiated))
+}
+
 impl Conn {
     /// Connects and negotiates, all within `opts.connect_timeout`.
     pub async fn open(url: &NbdUrl, opts: &ConnectOptions) -> Result<Conn, NbdError> {
         let addr = url.address.to_string();
         let attempt = async {
-            let (mut reader, mut writer): (Reader, Writer) = match &url.address {
-                Address::Tcp { host, port } => {
+            let (mut reader, mut writer): (Reader, Writer) = match (&url.address, &url.tls) {
+                (Address::Tcp { host, port }, tls) => {
                     let s = TcpStream::connect((host.as_str(), *port))
                         .await
                         .map_err(|source| NbdError::Connect {
@@ -75,10 +147,14 @@ impl Conn {
                         })?;
                     s.set_nodelay(true)?;
                     let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+                    if let Some(name) = tls {
+                        let s = QuickAck { inner: s, fd };
+                        return tls_session(s, &addr, name, url, opts).await;
+                    }
                     let (r, w) = s.into_split();
                     (Box::new(QuickAck { inner: r, fd }), Box::new(w))
                 }
-                Address::Unix(path) => {
+                (Address::Unix(path), tls) => {
                     let s =
                         UnixStream::connect(path)
                             .await
@@ -86,6 +162,9 @@ impl Conn {
                                 addr: addr.clone(),
                                 source,
                             })?;
+                    if let Some(name) = tls {
+                        return tls_session(s, &addr, name, url, opts).await;
+                    }
                     let (r, w) = s.into_split();
                     (Box::new(r), Box::new(w))
                 }

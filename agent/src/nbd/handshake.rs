@@ -1,4 +1,5 @@
-//! Fixed-newstyle negotiation: structured replies, `base:allocation`, then NBD_OPT_GO with a
+//! Fixed-newstyle negotiation: the greeting, STARTTLS first when TLS is wanted (the stream is
+//! then wrapped by the caller), structured replies, `base:allocation`, then NBD_OPT_GO with a
 //! block-size request (falling back to NBD_OPT_EXPORT_NAME for servers without GO).
 
 use bytes::Buf;
@@ -44,6 +45,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Neg<'_, S> {
         let mut h = [0u8; 20];
         self.stream.read_exact(&mut h).await?;
         let h = proto::parse_option_reply_header(&h).map_err(|e| self.fail(e))?;
+        if h.reply_type == proto::REP_ERR_TLS_REQD {
+            return Err(self.fail(
+                "the server requires TLS: connect with an nbds:// URL and the job's client certificate",
+            ));
+        }
         if h.option != option {
             return Err(self.fail(format!(
                 "reply for option {} while waiting for {option}",
@@ -72,14 +78,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Neg<'_, S> {
     }
 }
 
-/// Negotiates `export` on a freshly connected stream.
-pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+/// Reads the server's greeting on a freshly connected stream and answers it; whether the
+/// server leaves out the 124 zero bytes of an old-style export reply (NO_ZEROES).
+pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     addr: &str,
-    export: &str,
-    want_block_status: bool,
-) -> Result<Negotiated, NbdError> {
-    let mut n = Neg { stream, addr };
+) -> Result<bool, NbdError> {
+    let n = Neg { stream, addr };
     let mut greeting = [0u8; 18];
     n.stream.read_exact(&mut greeting).await?;
     let mut g = &greeting[..];
@@ -98,7 +103,46 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     let client_flags =
         u32::from(proto::FLAG_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_NO_ZEROES } else { 0 });
     n.stream.write_all(&client_flags.to_be_bytes()).await?;
+    Ok(no_zeroes)
+}
 
+/// Asks for TLS (NBD_OPT_STARTTLS, the first option); on success the caller runs the TLS
+/// handshake on the same stream and negotiates the rest over it.
+pub async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: &str,
+) -> Result<(), NbdError> {
+    let mut n = Neg { stream, addr };
+    n.send_option(proto::OPT_STARTTLS, &[]).await?;
+    match n.reply(proto::OPT_STARTTLS).await? {
+        (proto::REP_ACK, _) => Ok(()),
+        (t, data) if t & proto::REP_FLAG_ERROR != 0 => {
+            Err(n.option_error("the server does not offer TLS (STARTTLS)", t, &data))
+        }
+        (t, _) => Err(n.fail(format!("unexpected reply {t} to STARTTLS"))),
+    }
+}
+
+/// Negotiates `export` on a freshly connected stream, without TLS.
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: &str,
+    export: &str,
+    want_block_status: bool,
+) -> Result<Negotiated, NbdError> {
+    let no_zeroes = greet(stream, addr).await?;
+    negotiate_export(stream, addr, export, want_block_status, no_zeroes).await
+}
+
+/// Negotiates `export` after the greeting (and after STARTTLS, over TLS).
+pub async fn negotiate_export<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: &str,
+    export: &str,
+    want_block_status: bool,
+    no_zeroes: bool,
+) -> Result<Negotiated, NbdError> {
+    let mut n = Neg { stream, addr };
     n.send_option(proto::OPT_STRUCTURED_REPLY, &[]).await?;
     let (t, _) = n.reply(proto::OPT_STRUCTURED_REPLY).await?;
     let structured_replies = t == proto::REP_ACK;

@@ -10,12 +10,14 @@ mod handshake;
 mod inflight;
 pub mod proto;
 mod reader;
+mod tls;
 mod writer;
 
 use std::time::Duration;
 
 pub use client::NbdClient;
 pub use proto::{BlockSize, Extent};
+pub use tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsClient, TlsError};
 
 /// What went wrong talking NBD.
 #[derive(Debug, thiserror::Error)]
@@ -51,11 +53,15 @@ pub enum NbdError {
     Io(#[from] std::io::Error),
 }
 
-/// Where an export is: `nbd://host:port/name` or `nbd+unix:///name?socket=/path`.
+/// Where an export is: `nbd://host:port/name` or `nbd+unix:///name?socket=/path`; `nbds://`
+/// and `nbds+unix://` for TLS, optionally with `?tls-hostname=NAME`, the name the server's
+/// certificate must carry when it is not the host connected to (as in libnbd's URIs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUrl {
     pub address: Address,
     pub export: String,
+    /// `Some` for TLS: the server name to verify (`tls-hostname`, else the host).
+    pub tls: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +90,14 @@ impl std::str::FromStr for NbdUrl {
         let u = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
         let export = u.path().strip_prefix('/').unwrap_or(u.path());
         let export = percent_decode(export);
-        match u.scheme() {
-            "nbd" => {
+        let param = |name: &str| {
+            u.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        let tls = matches!(u.scheme(), "nbds" | "nbds+unix");
+        let (address, default_name) = match u.scheme() {
+            "nbd" | "nbds" => {
                 let host = u
                     .host_str()
                     .filter(|h| !h.is_empty())
@@ -94,28 +106,35 @@ impl std::str::FromStr for NbdUrl {
                     .trim_start_matches('[')
                     .trim_end_matches(']')
                     .to_owned();
-                Ok(NbdUrl {
-                    address: Address::Tcp {
-                        host,
-                        port: u.port().unwrap_or(10809),
+                let port = u.port().unwrap_or(10809);
+                (
+                    Address::Tcp {
+                        host: host.clone(),
+                        port,
                     },
-                    export,
-                })
+                    Some(host),
+                )
             }
-            "nbd+unix" => {
-                let socket = u
-                    .query_pairs()
-                    .find(|(k, _)| k == "socket")
-                    .map(|(_, v)| v.into_owned())
-                    .ok_or_else(|| bad("nbd+unix needs ?socket=/path"))?;
-                Ok(NbdUrl {
-                    address: Address::Unix(socket.into()),
-                    export,
-                })
+            "nbd+unix" | "nbds+unix" => {
+                let socket = param("socket").ok_or_else(|| bad("nbd+unix needs ?socket=/path"))?;
+                (Address::Unix(socket.into()), None)
             }
-            "nbds" | "nbds+unix" => Err(bad("TLS (nbds) is not supported yet")),
-            other => Err(bad(&format!("scheme {other} is not nbd or nbd+unix"))),
-        }
+            other => {
+                return Err(bad(&format!(
+                    "scheme {other} is not nbd, nbds, nbd+unix or nbds+unix"
+                )));
+            }
+        };
+        let tls = match (tls, param("tls-hostname").or(default_name)) {
+            (false, _) => None,
+            (true, Some(name)) => Some(name),
+            (true, None) => return Err(bad("nbds+unix needs ?tls-hostname=NAME")),
+        };
+        Ok(NbdUrl {
+            address,
+            export,
+            tls,
+        })
     }
 }
 
@@ -138,6 +157,8 @@ pub struct ConnectOptions {
     pub connections: usize,
     /// Ask for `base:allocation` block status.
     pub block_status: bool,
+    /// Certificates for `nbds://` URLs (a plain `nbd://` URL never uses TLS).
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for ConnectOptions {
@@ -148,6 +169,7 @@ impl Default for ConnectOptions {
             max_in_flight: 64,
             connections: 4,
             block_status: true,
+            tls: None,
         }
     }
 }
@@ -192,6 +214,14 @@ mod tests {
         let u: NbdUrl = "nbd://[::1]:10100/a%20b".parse().expect("valid");
         assert_eq!(u.address.to_string(), "[::1]:10100");
         assert_eq!(u.export, "a b");
+        assert_eq!(u.tls, None);
+        let u: NbdUrl = "nbds://10.0.0.5:10100/?tls-hostname=web-hub.ns.svc"
+            .parse()
+            .expect("valid");
+        assert_eq!(u.address.to_string(), "10.0.0.5:10100");
+        assert_eq!(u.tls.as_deref(), Some("web-hub.ns.svc"));
+        let u: NbdUrl = "nbds://hub.example:1/".parse().expect("valid");
+        assert_eq!(u.tls.as_deref(), Some("hub.example"));
     }
 
     #[test]
@@ -199,7 +229,7 @@ mod tests {
         for (url, why) in [
             ("http://x/y", "scheme"),
             ("nbd+unix:///x", "socket"),
-            ("nbds://x/y", "TLS"),
+            ("nbds+unix:///y?socket=/s", "tls-hostname"),
             ("nbd:///y", "host"),
         ] {
             let e = url.parse::<NbdUrl>().expect_err(url).to_string();

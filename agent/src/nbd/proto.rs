@@ -17,6 +17,7 @@ pub const FLAG_NO_ZEROES: u16 = 2;
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
@@ -26,6 +27,7 @@ pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 
 // NBD_INFO types.
 pub const INFO_EXPORT: u16 = 0;
