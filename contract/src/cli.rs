@@ -262,6 +262,9 @@ pub struct BackupArgs {
     /// Serve `GET /progress` (JSON) on HOST:PORT (or :PORT) while the backup runs.
     #[arg(long, value_name = "HOST:PORT")]
     pub status_addr: Option<String>,
+    /// Certificates for nbds:// targets: ca-cert.pem, client-cert.pem, client-key.pem.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl BackupArgs {
@@ -300,6 +303,7 @@ impl BackupArgs {
             checksum: false,
             result_file: None,
             status_addr: None,
+            tls_dir: None,
         }
     }
 
@@ -355,6 +359,7 @@ impl BackupArgs {
         a.flag("--skip-verify", self.skip_verify);
         a.path("--result-file", self.result_file.as_ref());
         a.some("--status-addr", self.status_addr.as_ref());
+        a.path("--tls-dir", self.tls_dir.as_ref());
         a.0
     }
 }
@@ -482,17 +487,26 @@ impl RepoProbeArgs {
 /// serves the export).
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct NbdPingArgs {
-    /// nbd://host:port/export or nbd+unix:///export?socket=/path
+    /// nbd[s]://host:port/export or nbd[s]+unix:///export?socket=/path
     pub url: String,
     /// Seconds allowed for connecting and negotiating.
     #[arg(long, default_value_t = DEFAULT_NBD_PING_TIMEOUT_SECONDS)]
     pub timeout: u64,
+    /// Certificates for an nbds:// URL: ca-cert.pem, client-cert.pem, client-key.pem.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Connect to the address in this environment variable instead of the URL's host (a
+    /// probe reaching the pod's own IP, which the export is bound to).
+    #[arg(long, value_name = "VAR")]
+    pub host_env: Option<String>,
 }
 
 impl NbdPingArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Argv::words(&["nbd-ping", &self.url]);
         a.not_default("--timeout", self.timeout, DEFAULT_NBD_PING_TIMEOUT_SECONDS);
+        a.path("--tls-dir", self.tls_dir.as_ref());
+        a.some("--host-env", self.host_env.as_ref());
         a.0
     }
 }

@@ -11,6 +11,7 @@ pub mod backup_job;
 pub mod chain;
 pub mod children;
 pub mod metrics;
+pub mod nbd_tls;
 pub mod pod_state;
 pub mod ports;
 pub mod repository;

@@ -110,6 +110,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         images,
         vcenter_timeout: VCENTER_TIMEOUT,
         lease_namespace: settings.lease_namespace(),
+        nbd_ca_secret: settings.nbd_ca_secret.clone(),
         allocation: tokio::sync::Mutex::new(()),
     });
     tracing::info!("sendense-operator started");

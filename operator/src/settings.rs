@@ -99,11 +99,21 @@ pub struct Settings {
     )]
     pub agent_resources: Resources,
 
-    /// Namespace of the Leases that let one backup per VM run at a time, cluster-wide (the
-    /// operator's own namespace in a cluster; the chart sets it). Empty: the watched namespace,
-    /// else `default`.
+    /// Namespace of the Leases that let one backup per VM run at a time, cluster-wide, and of
+    /// the NBD CA's Secret (the operator's own namespace in a cluster; the chart sets it).
+    /// Empty: the watched namespace, else `default`.
     #[arg(long, env = "SENDENSE_LEASE_NAMESPACE", default_value = "")]
     pub lease_namespace: String,
+
+    /// The Secret holding the CA that issues each attempt's NBD certificates (`ca.crt`,
+    /// `ca.key`), in the lease namespace; created at first use, replaced when deleted or in
+    /// its last 30 days.
+    #[arg(
+        long,
+        env = "SENDENSE_NBD_CA_SECRET",
+        default_value = "sendense-nbd-ca"
+    )]
+    pub nbd_ca_secret: String,
 
     /// This operator's instance in the Events it publishes (the pod's name in a cluster).
     #[arg(long, env = "HOSTNAME")]

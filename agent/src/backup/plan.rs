@@ -43,6 +43,10 @@ pub struct BackupPlan {
 /// Why there is no plan.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    #[error("--tls-dir: {0}")]
+    Tls(#[from] crate::nbd::TlsError),
+    #[error("--targets {0} is an nbds:// URL: give --tls-dir with the job's certificates")]
+    TlsDirMissing(String),
     #[error("give exactly one of --thumbprint, --ca-file or --insecure-skip-verify")]
     Trust,
     #[error("reading --ca-file {}: {source}", .path.display())]
@@ -181,6 +185,16 @@ impl BackupPlan {
             v.username = credentials.username.clone();
         }
         let request_timeout = Duration::from_secs(args.request_timeout);
+        let nbd_tls = args
+            .tls_dir
+            .as_deref()
+            .map(crate::nbd::TlsClient::from_dir)
+            .transpose()?;
+        if nbd_tls.is_none()
+            && let Some(t) = args.targets.iter().find(|t| t.url.starts_with("nbds"))
+        {
+            return Err(PlanError::TlsDirMissing(t.url.clone()));
+        }
         let plan = BackupPlan {
             datacenter: args.datacenter.clone(),
             vm,
@@ -202,6 +216,7 @@ impl BackupPlan {
             },
             connect: ConnectOptions {
                 connections: args.connections,
+                tls: nbd_tls,
                 ..ConnectOptions::with_request_timeout(request_timeout)
             },
             checksum: args.checksum,

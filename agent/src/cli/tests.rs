@@ -63,6 +63,7 @@ fn every_backup_field_set() -> BackupArgs {
         checksum: true,
         result_file: Some("/dev/termination-log".into()),
         status_addr: Some("$(POD_IP):9090".into()),
+        tls_dir: Some("/etc/sendense/nbd-tls".into()),
         ..BackupArgs::new("https://vc.example.com/sdk", "DC0", "nightly-1")
     }
 }
@@ -139,8 +140,10 @@ fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
     }
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
         let ping = NbdPingArgs {
-            url: "nbd://127.0.0.1:10100/".into(),
+            url: "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
             timeout,
+            tls_dir: (timeout == 4).then(|| "/etc/sendense/nbd-tls".into()),
+            host_env: (timeout == 4).then(|| "POD_IP".into()),
         };
         match parse(&ping.to_args()) {
             Command::NbdPing(parsed) => assert_eq!(parsed, ping),

@@ -165,13 +165,17 @@ config/rbac/role.yaml.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "create", "patch"]
-# The vCenter credentials Secret a SourceNode names, read by name to log in to vCenter (the
-# SourceNode probe, a BackupJob's VM and disk lookup, the check that a failed job's snapshot is
-# gone). Only get: no list or watch, so the operator cannot enumerate Secrets; agent pods mount
-# the Secret as a volume, which the kubelet reads, not the operator.
+# Secrets, by name only (no list or watch: the operator cannot enumerate them):
+# - get: the vCenter credentials Secret a SourceNode names, to log in to vCenter (the
+#   SourceNode probe, a BackupJob's VM and disk lookup, the check that a failed job's snapshot
+#   is gone); agent pods mount it as a volume, which the kubelet reads, not the operator;
+# - get, create, update: the NBD CA (sendense-nbd-ca in the operator's namespace), created at
+#   first use and replaced when it nears its end;
+# - patch, delete: each job's <job>-nbd-tls Secret, the certificates of its current attempt,
+#   written before its hub and removed with its pods.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["get", "create", "update", "patch", "delete"]
 # The CA bundle ConfigMap a SourceNode may name for vCenter's TLS certificate, read by name.
 - apiGroups: [""]
   resources: ["configmaps"]

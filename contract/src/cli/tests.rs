@@ -83,8 +83,10 @@ fn hub_repo_and_ping_arguments_round_trip() {
     assert!(matches!(parse(probe.to_args()), Line::Repo { repo: Repo::Probe(p) } if p == probe));
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
         let ping = NbdPingArgs {
-            url: "nbd://127.0.0.1:10100/".into(),
+            url: "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
             timeout,
+            tls_dir: (timeout == 4).then(|| "/etc/sendense/nbd-tls".into()),
+            host_env: (timeout == 4).then(|| "POD_IP".into()),
         };
         assert!(matches!(parse(ping.to_args()), Line::NbdPing(p) if p == ping));
     }

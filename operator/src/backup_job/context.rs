@@ -17,6 +17,8 @@ pub struct Context {
     pub vcenter_timeout: Duration,
     /// Namespace of the VM Leases (one backup per VM at a time, cluster-wide).
     pub lease_namespace: String,
+    /// The Secret (in `lease_namespace`, the operator's own) holding the NBD CA.
+    pub nbd_ca_secret: String,
     /// Serializes port allocation in this process. Across processes and restarts the truth is
     /// the jobs' status, read fresh from the API server under this lock and written before it
     /// is released.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -40,6 +40,10 @@ pub(super) async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<()
             .await
             .map_err(Error::Remove)?;
     }
+    // The attempt's certificates go with its hub and agent (the next attempt gets new ones).
+    delete_if_present::<Secret>(&ctx.client, &ns, &crate::nbd_tls::secret_name(job))
+        .await
+        .map_err(Error::Remove)?;
     Ok(())
 }
 

@@ -22,12 +22,17 @@ pub fn hub_disks(job: &BackupJob) -> Vec<HubDisk> {
         .collect()
 }
 
-/// Targets of the agent: each disk's export on the hub pod.
+/// Targets of the agent: each disk's export on the hub pod, over TLS, the hub's certificate
+/// checked for its Service's name.
 pub fn targets(job: &BackupJob, hub_ip: &str) -> Vec<DiskTarget> {
+    let name = crate::nbd_tls::server_name(job);
     by_key(job)
         .map(|d| DiskTarget {
             key: d.device_key,
-            url: format!("nbd://{hub_ip}:{}/", d.port.unwrap_or_default()),
+            url: format!(
+                "nbds://{hub_ip}:{}/?tls-hostname={name}",
+                d.port.unwrap_or_default()
+            ),
         })
         .collect()
 }

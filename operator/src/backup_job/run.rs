@@ -23,7 +23,8 @@ use crate::children::{
 };
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
-    ATTEMPT_LABEL, PROGRESS_PORT, agent_name, agent_pod, claim_name, hub_name, hub_pod, hub_service,
+    ATTEMPT_LABEL, HubTls, PROGRESS_PORT, agent_name, agent_pod, claim_name, hub_name, hub_pod,
+    hub_service,
 };
 use crate::status::holding;
 
@@ -204,10 +205,33 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
         .await?
     );
     let disks = status::hub_disks(job);
-    let pod = hub_pod(job, &claim_name(&repo), &disks, &ctx.images);
+    // The attempt's certificates, issued before its hub exists (its pods mount them).
+    // A CA that cannot be read or stored is said in status (under the progress deadline).
+    let tls = HubTls::of(job, attempt);
+    let now = time::OffsetDateTime::now_utc();
+    let issued = async {
+        crate::nbd_tls::current_ca(&ctx.client, &ctx.lease_namespace, &ctx.nbd_ca_secret, now)
+            .await?
+            .issue(
+                &tls.server_name,
+                &crate::nbd_tls::client_name(job, attempt),
+                now,
+                crate::nbd_tls::JOB_CERT_VALID_DAYS,
+            )
+    };
+    let certs = match issued.await {
+        Ok(c) => c,
+        Err(e) => {
+            let message = format!("attempt {attempt}: issuing the hub's NBD certificates: {e}");
+            return say(job, ctx, Running::HubStarting, message).await;
+        }
+    };
+    let secret = crate::nbd_tls::attempt_secret(job, &certs);
+    let pod = hub_pod(job, &claim_name(&repo), &disks, &tls, &ctx.images);
     let account = ctx.images.hub_service_account.as_deref();
     let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;
+        apply(&ctx.client, &ns, &secret).await?;
         apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
         applied(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }

@@ -2,6 +2,7 @@
 //! with the credentials Secret mounted as files (never in arguments, logs or status), the
 //! datastores mounted for the nfs transport, and the hub's exports as targets.
 
+use crate::nbd_tls;
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
     ObjectFieldSelector, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
@@ -101,6 +102,28 @@ pub fn agent_pod(
         ..Default::default()
     }];
     let mut mounts = vec![read_only("credentials", CREDENTIALS_DIR)];
+    // The attempt's client certificate and the CA that signed the hub's (not the hub's key).
+    volumes.push(Volume {
+        name: "nbd-tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(nbd_tls::secret_name(job)),
+            items: Some(
+                [
+                    nbd_tls::CA_CERT_FILE,
+                    nbd_tls::CLIENT_CERT_FILE,
+                    nbd_tls::CLIENT_KEY_FILE,
+                ]
+                .iter()
+                .map(|f| key_to_path(f, f))
+                .collect(),
+            ),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    mounts.push(read_only("nbd-tls", nbd_tls::TLS_DIR));
+    args.tls_dir = Some(nbd_tls::TLS_DIR.into());
 
     let tls = &vc.tls;
     if let Some(t) = &tls.thumbprint {

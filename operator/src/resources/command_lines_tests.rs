@@ -135,7 +135,13 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
             backing: None,
         },
     ];
-    let hub = hub_pod(&job, "backups-data", &disks, &images());
+    let hub = hub_pod(
+        &job,
+        "backups-data",
+        &disks,
+        &crate::resources::HubTls::of(&job, 1),
+        &images(),
+    );
     let lines = command_lines(&hub);
     // One prepare per disk, one readiness probe per qemu-nbd container.
     assert_eq!(lines.len(), 4, "{lines:?}");
@@ -145,7 +151,13 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
             Command::Hub {
                 command: HubCommand::Prepare(p),
             } => prepared.push(p),
-            Command::NbdPing(p) => pinged.push(p.url),
+            Command::NbdPing(p) => {
+                assert_eq!(
+                    p.tls_dir.as_deref(),
+                    Some(std::path::Path::new("/etc/sendense/nbd-tls"))
+                );
+                pinged.push(p.url)
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -161,7 +173,13 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
             .as_deref()
     );
     assert_eq!(prepared[1].backing, None);
-    assert_eq!(pinged, ["nbd://127.0.0.1:10100/", "nbd://127.0.0.1:10101/"]);
+    assert_eq!(
+        pinged,
+        [
+            "nbds://127.0.0.1:10100/?tls-hostname=web-01-b2-hub.backups.svc",
+            "nbds://127.0.0.1:10101/?tls-hostname=web-01-b2-hub.backups.svc"
+        ]
+    );
 
     let files = vec![
         "backups/web-01/b2-u-a1".to_owned(),

@@ -3,9 +3,12 @@
 //! allocated port, plus a Service in front of it.
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ExecAction, Pod, PodSpec, Probe, Service, ServicePort, ServiceSpec,
+    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, Pod, PodSpec,
+    Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use sendense_crds::BackupJob;
+
+use crate::nbd_tls;
 
 use super::layout::{agent_container, mount, mounted, volume_pod_spec};
 use super::{PodSettings, harden, hub_name, labels, owned_meta};
@@ -34,12 +37,52 @@ fn prepare(d: &HubDisk, images: &PodSettings) -> Container {
     agent_container(format!("prepare-{}", d.key), args.to_args(), images)
 }
 
-fn serve(d: &HubDisk, images: &PodSettings) -> Container {
+/// The hub's side of the attempt's TLS: the job's Secret and the one client identity its
+/// qemu-nbd serves.
+pub struct HubTls {
+    pub secret: String,
+    pub server_name: String,
+    pub client_identity: String,
+}
+
+impl HubTls {
+    pub fn of(job: &BackupJob, attempt: i32) -> Self {
+        Self {
+            secret: nbd_tls::secret_name(job),
+            server_name: nbd_tls::server_name(job),
+            client_identity: nbd_tls::client_identity(job, attempt),
+        }
+    }
+}
+
+/// The pod's own IP, which the exports are bound to (not 0.0.0.0).
+fn pod_ip_env() -> EnvVar {
+    EnvVar {
+        name: "POD_IP".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.podIP".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn serve(d: &HubDisk, tls: &HubTls, images: &PodSettings) -> Container {
+    // The probe is a TLS client like the agent: a handshake with the attempt's certificate
+    // on the pod IP proves the export is served as the agent will see it.
     let mut ping = vec![AGENT_BINARY.to_owned()];
     ping.extend(
         NbdPingArgs {
-            url: format!("nbd://127.0.0.1:{}/", d.port),
+            url: format!(
+                "nbds://127.0.0.1:{}/?tls-hostname={}",
+                d.port, tls.server_name
+            ),
             timeout: 4,
+            tls_dir: Some(nbd_tls::TLS_DIR.into()),
+            host_env: Some("POD_IP".into()),
         }
         .to_args(),
     );
@@ -53,8 +96,18 @@ fn serve(d: &HubDisk, images: &PodSettings) -> Container {
             "--format=qcow2".into(),
             "--persistent".into(),
             format!("--shared={NBD_SHARED}"),
-            "--bind=0.0.0.0".into(),
+            "--bind=$(POD_IP)".into(),
             format!("--port={}", d.port),
+            // TLS only, and only the attempt's agent certificate (plain NBD is refused).
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir={}",
+                nbd_tls::TLS_DIR
+            ),
+            "--tls-creds=tls0".into(),
+            "--object".into(),
+            format!("authz-simple,id=authz0,identity={}", tls.client_identity),
+            "--tls-authz=authz0".into(),
             "--cache=writeback".into(),
             "--aio=threads".into(),
             mounted(&d.file).display().to_string(),
@@ -75,21 +128,46 @@ fn serve(d: &HubDisk, images: &PodSettings) -> Container {
             failure_threshold: Some(3),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![mount()]),
+        env: Some(vec![pod_ip_env()]),
+        volume_mounts: Some(vec![
+            mount(),
+            VolumeMount {
+                name: "nbd-tls".into(),
+                mount_path: nbd_tls::TLS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
         ..Default::default()
     }
 }
 
-/// The hub pod: `claim` is the repository's PersistentVolumeClaim.
-pub fn hub_pod(job: &BackupJob, claim: &str, disks: &[HubDisk], images: &PodSettings) -> Pod {
+/// The hub pod: `claim` is the repository's PersistentVolumeClaim; `tls`, the attempt's.
+pub fn hub_pod(
+    job: &BackupJob,
+    claim: &str,
+    disks: &[HubDisk],
+    tls: &HubTls,
+    images: &PodSettings,
+) -> Pod {
+    let mut spec = volume_pod_spec(claim, images);
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: "nbd-tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(tls.secret.clone()),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     harden(Pod {
         metadata: owned_meta(job, hub_name(job), labels(job, "hub")),
         spec: Some(PodSpec {
             init_containers: Some(disks.iter().map(|d| prepare(d, images)).collect()),
-            containers: disks.iter().map(|d| serve(d, images)).collect(),
+            containers: disks.iter().map(|d| serve(d, tls, images)).collect(),
             // A hub container that dies fails the attempt; the operator starts a new hub.
             termination_grace_period_seconds: Some(10),
-            ..volume_pod_spec(claim, images)
+            ..spec
         }),
         status: None,
     })

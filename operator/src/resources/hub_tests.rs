@@ -30,6 +30,7 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
         &job(),
         "backups-data",
         &disks(),
+        &HubTls::of(&job(), 3),
         &PodSettings {
             agent: "sendense/agent:0.1".into(),
             ..Default::default()
@@ -81,6 +82,30 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
         "--shared must exceed 1 or the agent's second connection hangs"
     );
     assert_eq!(nbd.ports.as_ref().expect("ports")[0].container_port, 10101);
+    // TLS only, on the pod IP, for the attempt's agent alone.
+    assert!(cmd.contains(&"--bind=$(POD_IP)".to_string()), "{cmd:?}");
+    let uid = job().metadata.uid.clone().expect("uid");
+    for want in [
+        "--tls-creds=tls0".to_owned(),
+        "--tls-authz=authz0".to_owned(),
+        "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=/etc/sendense/nbd-tls"
+            .to_owned(),
+        format!("authz-simple,id=authz0,identity=CN=sendense-agent.{uid}.3"),
+    ] {
+        assert!(cmd.contains(&want), "{want} in {cmd:?}");
+    }
+    let tls_volume = spec
+        .volumes
+        .as_ref()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.name == "nbd-tls")
+        .and_then(|v| v.secret.clone())
+        .expect("the attempt's Secret mounted");
+    assert_eq!(
+        tls_volume.secret_name.as_deref(),
+        Some("web-01-nightly-nbd-tls")
+    );
     let probe = nbd
         .readiness_probe
         .as_ref()
@@ -89,8 +114,18 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
         .expect("exec probe");
     assert_eq!(
         probe[..3],
-        ["sendense-agent", "nbd-ping", "nbd://127.0.0.1:10101/"]
+        [
+            "sendense-agent",
+            "nbd-ping",
+            "nbds://127.0.0.1:10101/?tls-hostname=web-01-nightly-hub.backups.svc"
+        ]
     );
+    assert!(probe.ends_with(&[
+        "--tls-dir".into(),
+        "/etc/sendense/nbd-tls".into(),
+        "--host-env".into(),
+        "POD_IP".into()
+    ]));
     let claim = spec.volumes.expect("volumes")[0]
         .persistent_volume_claim
         .clone()
@@ -105,6 +140,7 @@ fn every_container_is_hardened_and_runs_without_an_api_token() {
         &job(),
         "data",
         &disks(),
+        &HubTls::of(&job(), 1),
         &PodSettings {
             agent: "a".into(),
             hub_service_account: Some("sendense-hub".into()),

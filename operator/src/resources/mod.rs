@@ -25,7 +25,7 @@ pub use agent::{
 pub use cleanup::cleanup_pod;
 pub use commit::commit_pod;
 pub use hardening::harden;
-pub use hub::{HubDisk, NBD_SHARED, hub_pod, hub_service};
+pub use hub::{HubDisk, HubTls, NBD_SHARED, hub_pod, hub_service};
 pub use layout::{
     REPOSITORY_MOUNT, attempt_dir, attempt_uid, claim_name, dir_of, disk_file, for_attempt,
     namespace_prefix,
@@ -97,7 +97,7 @@ pub fn repository_labels(repo: &Repository) -> BTreeMap<String, String> {
 }
 
 /// Metadata of an object `owner` controls (deleted with it).
-fn owned_meta<K: Resource<DynamicType = ()>>(
+pub(crate) fn owned_meta<K: Resource<DynamicType = ()>>(
     owner: &K,
     name: String,
     labels: BTreeMap<String, String>,

@@ -28,6 +28,7 @@ fn context() -> (Arc<Context>, Handle) {
         },
         vcenter_timeout: Duration::from_secs(5),
         lease_namespace: "sendense-system".into(),
+        nbd_ca_secret: "sendense-nbd-ca".into(),
         allocation: tokio::sync::Mutex::new(()),
     };
     (Arc::new(ctx), handle)
@@ -158,6 +159,39 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
                "spec": {"storage": {"persistentVolumeClaim": {"claimName": "vault"}}}}),
     )
     .await;
+    // No CA yet: one is made and stored in the operator's namespace, then the attempt's
+    // certificates go into the job's Secret, before the hub that mounts them.
+    expect(
+        &mut h,
+        "GET",
+        "/api/v1/namespaces/sendense-system/secrets/sendense-nbd-ca",
+        404,
+        not_found(),
+    )
+    .await;
+    let ca = expect(
+        &mut h,
+        "POST",
+        "/api/v1/namespaces/sendense-system/secrets",
+        201,
+        json!({"metadata": {"name": "sendense-nbd-ca"}}),
+    )
+    .await;
+    assert_eq!(ca["metadata"]["name"], "sendense-nbd-ca");
+    assert!(ca["data"]["ca.key"].is_string() && ca["data"]["ca.crt"].is_string());
+    let secret = expect(
+        &mut h,
+        "PATCH",
+        "/api/v1/namespaces/backups/secrets/web-01-b2-nbd-tls",
+        200,
+        json!({"metadata": {"name": "web-01-b2-nbd-tls"}}),
+    )
+    .await;
+    assert_eq!(secret["data"]["ca-cert.pem"], ca["data"]["ca.crt"]);
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["name"],
+        "web-01-b2"
+    );
     let svc = expect(
         &mut h,
         "PATCH",
@@ -181,6 +215,10 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
         "vault"
     );
     assert_eq!(pod["metadata"]["ownerReferences"][0]["name"], "web-01-b2");
+    assert_eq!(
+        pod["spec"]["volumes"][1]["secret"]["secretName"],
+        "web-01-b2-nbd-tls"
+    );
     // The hub's UID is recorded: losing that pod fails the attempt.
     let patch = expect_status_patch(&mut h, &j).await;
     assert_eq!(
@@ -266,6 +304,14 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
         not_found(),
     )
     .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/secrets/web-01-b2-nbd-tls",
+        404,
+        not_found(),
+    )
+    .await;
     tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the reconcile ends within 10 s (no request left unanswered)")
@@ -298,6 +344,14 @@ async fn a_finished_job_only_makes_sure_its_pods_and_service_are_gone() {
         &mut h,
         "DELETE",
         "/api/v1/namespaces/backups/pods/web-01-b2-commit",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        &mut h,
+        "DELETE",
+        "/api/v1/namespaces/backups/secrets/web-01-b2-nbd-tls",
         404,
         not_found(),
     )

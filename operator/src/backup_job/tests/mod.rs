@@ -34,11 +34,17 @@ fn targets_and_base_change_ids_come_from_status() {
     let t = status::targets(&j, "10.1.2.3");
     assert_eq!(
         (t[0].key, t[0].url.as_str()),
-        (2000, "nbd://10.1.2.3:10100/")
+        (
+            2000,
+            "nbds://10.1.2.3:10100/?tls-hostname=web-01-b2-hub.backups.svc"
+        )
     );
     assert_eq!(
         (t[1].key, t[1].url.as_str()),
-        (2001, "nbd://10.1.2.3:10101/")
+        (
+            2001,
+            "nbds://10.1.2.3:10101/?tls-hostname=web-01-b2-hub.backups.svc"
+        )
     );
     let b = status::base_change_ids(&j);
     assert_eq!(b.len(), 1);
