@@ -72,9 +72,11 @@ impl Problem {
                 let hint = if username.contains('@') || username.contains('\\') {
                     String::new()
                 } else {
-                    format!(
-                        "; the user name {username:?} has no SSO domain — vCenter users are usually written user@vsphere.local"
-                    )
+                    // The name itself is never quoted: with the Secret's keys swapped it is
+                    // the password, and this message reaches status and Events.
+                    "; the user name has no SSO domain — vCenter users are usually written \
+                     user@vsphere.local (check the Secret's username and password keys)"
+                        .to_owned()
                 };
                 Self::new(
                     ProblemKind::LoginFailed,
@@ -204,6 +206,7 @@ mod tests {
             p.message
         );
         assert!(!p.kind.transient());
+        assert!(!p.message.contains("administrator"), "{}", p.message);
         let p = Problem::from_vsphere(
             &VSphereError::Login("InvalidLogin".into()),
             "backup@vsphere.local",

@@ -79,14 +79,13 @@ impl VSphere {
         let client = match tokio::time::timeout(after, builder.build()).await {
             Err(_) => return Err(VSphereError::Timeout { what, after }),
             Ok(Err(e)) if is_invalid_login(&e) => {
-                return Err(login_rejected(&cfg.username, &server));
+                return Err(login_rejected(&server));
             }
             Ok(Err(e)) => return Err(timeout_or(e, &what, after, "Login", &rejections)),
             Ok(Ok(client)) => client,
         };
         tracing::info!(
             server = %server,
-            user = %cfg.username,
             about = %client.service_content().about.full_name,
             "logged in to vCenter"
         );
@@ -228,9 +227,8 @@ impl VSphere {
                 match self.attempt(method, &op).await {
                     Attempt::Done(result) => result,
                     Attempt::NotAuthenticated => Err(VSphereError::Login(format!(
-                        "{method}: the session of user {} is not authenticated even right after \
-                         a fresh login",
-                        self.username
+                        "{method}: the session is not authenticated even right after a fresh \
+                         login"
                     ))),
                 }
             }
@@ -275,20 +273,22 @@ impl VSphere {
         let after = self.call_timeout;
         match tokio::time::timeout(after, sm.login(&self.username, &self.password, None)).await {
             Err(_) => Err(VSphereError::Timeout { what, after }),
-            Ok(Err(e)) if is_invalid_login(&e) => Err(login_rejected(&self.username, &self.server)),
+            Ok(Err(e)) if is_invalid_login(&e) => Err(login_rejected(&self.server)),
             Ok(Err(e)) => Err(timeout_or(e, &what, after, "Login", &self.rejections)),
             Ok(Ok(_)) => {
                 self.login_generation.fetch_add(1, Ordering::AcqRel);
-                tracing::info!(server = %self.server, user = %self.username, "logged in to vCenter again");
+                tracing::info!(server = %self.server, "logged in to vCenter again");
                 Ok(())
             }
         }
     }
 }
 
-fn login_rejected(username: &str, server: &str) -> VSphereError {
+/// Never quotes the user name: with a Secret's keys swapped it is the password, and this
+/// message reaches status and Events.
+fn login_rejected(server: &str) -> VSphereError {
     VSphereError::Login(format!(
-        "vCenter {server} rejected the user name {username:?} or its password (InvalidLogin)"
+        "vCenter {server} rejected the user name or its password (InvalidLogin)"
     ))
 }
 
