@@ -139,7 +139,10 @@ async fn wrong_password_is_a_login_error_that_quotes_no_credential() {
             assert!(!text.contains("Not-The-Password-42"), "{text}");
             // Not the user name either: with a Secret's keys swapped it is the password.
             assert!(!text.contains(&sim.s("username")), "{text}");
-            assert!(text.contains("rejected the user name or its password"), "{text}");
+            assert!(
+                text.contains("rejected the user name or its password"),
+                "{text}"
+            );
         }
         other => panic!("expected a login error, got {other:?}"),
     }
