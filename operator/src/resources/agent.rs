@@ -4,8 +4,8 @@
 
 use crate::nbd_tls;
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
-    ObjectFieldSelector, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, ContainerPort, KeyToPath, Pod, PodSpec, SecretVolumeSource,
+    Volume, VolumeMount,
 };
 use kube::ResourceExt;
 use sendense_crds::source_node::{DatastoreReader, TransportType, VddkMode as CrdVddkMode};
@@ -198,17 +198,7 @@ pub fn agent_pod(
                 command: Some(vec![AGENT_BINARY.into()]),
                 args: Some(args.to_args()),
                 volume_mounts: Some(mounts),
-                env: Some(vec![EnvVar {
-                    name: "POD_IP".into(),
-                    value_from: Some(EnvVarSource {
-                        field_ref: Some(ObjectFieldSelector {
-                            field_path: "status.podIP".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
+                env: Some(vec![super::pod_ip_env()]),
                 ports: Some(vec![ContainerPort {
                     name: Some("progress".into()),
                     container_port: i32::from(PROGRESS_PORT),

@@ -3,8 +3,8 @@
 //! allocated port, plus a Service in front of it.
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, Pod, PodSpec,
-    Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, ExecAction, Pod, PodSpec, Probe, SecretVolumeSource, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use sendense_crds::BackupJob;
 
@@ -52,21 +52,6 @@ impl HubTls {
             server_name: nbd_tls::server_name(job),
             client_identity: nbd_tls::client_identity(job, attempt),
         }
-    }
-}
-
-/// The pod's own IP, which the exports are bound to (not 0.0.0.0).
-fn pod_ip_env() -> EnvVar {
-    EnvVar {
-        name: "POD_IP".into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: "status.podIP".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
 
@@ -128,7 +113,8 @@ fn serve(d: &HubDisk, tls: &HubTls, images: &PodSettings) -> Container {
             failure_threshold: Some(3),
             ..Default::default()
         }),
-        env: Some(vec![pod_ip_env()]),
+        // The exports are bound to the pod IP, not 0.0.0.0.
+        env: Some(vec![super::pod_ip_env()]),
         volume_mounts: Some(vec![
             mount(),
             VolumeMount {

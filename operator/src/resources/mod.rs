@@ -32,6 +32,23 @@ pub use layout::{
 };
 pub use repository::{probe_pod, templated_claim};
 
+/// `POD_IP`, the pod's own IP from the downward API (the agent's progress endpoint and the
+/// hub's exports are bound to it).
+fn pod_ip_env() -> k8s_openapi::api::core::v1::EnvVar {
+    use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
+    EnvVar {
+        name: "POD_IP".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.podIP".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Label carrying the attempt a job's pod belongs to; pods of an earlier attempt are removed
 /// before the next attempt starts.
 pub const ATTEMPT_LABEL: &str = "sendense.io/attempt";
