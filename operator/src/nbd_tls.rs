@@ -222,10 +222,8 @@ pub fn attempt_secret(job: &BackupJob, certs: &AttemptCerts) -> Secret {
         (SERVER_KEY_FILE, &certs.server_key),
         (CLIENT_CERT_FILE, &certs.client_cert),
         (CLIENT_KEY_FILE, &certs.client_key),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
-    .collect();
+    ];
+    let data = secret_data(&data);
     Secret {
         metadata: owned_meta(job, secret_name(job), labels),
         type_: Some("Opaque".into()),
@@ -234,11 +232,16 @@ pub fn attempt_secret(job: &BackupJob, certs: &AttemptCerts) -> Secret {
     }
 }
 
+/// A Secret's data from (key, PEM text) pairs.
+fn secret_data(pairs: &[(&str, &String)]) -> BTreeMap<String, ByteString> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+        .collect()
+}
+
 fn ca_secret(name: &str, ca: &Ca) -> Secret {
-    let data = [(CA_CERT_KEY, &ca.cert_pem), (CA_KEY_KEY, &ca.key_pem)]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
-        .collect();
+    let data = secret_data(&[(CA_CERT_KEY, &ca.cert_pem), (CA_KEY_KEY, &ca.key_pem)]);
     Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.to_owned()),
