@@ -24,6 +24,8 @@ pub const MAX_NAME_LENGTH: usize = 52;
     doc = "One backup of one VMware VM into a Sendense repository.",
     validation = Rule::new("size(self.metadata.name) <= 52")
         .message("metadata.name must be at most 52 characters: it names the job's pods and labels"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS label: lowercase letters, digits and '-', starting with a letter, no '.', e.g. web-01-nightly; it names the job's hub Service (<name>-hub), which Kubernetes requires to be such a name"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
@@ -45,6 +47,9 @@ pub const MAX_NAME_LENGTH: usize = 52;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf")
     .message("spec is immutable: create a new BackupJob instead of editing this one"))]
+#[x_kube(validation = Rule::new("size(self.repositoryRef.name) <= 63")
+    .message("repositoryRef.name must be at most 63 characters, as every Repository's name is (it is a label value)")
+    .field_path(".repositoryRef.name"))]
 pub struct BackupJobSpec {
     /// The VM to back up, by exactly one of name or instance UUID.
     pub vm: VmSelector,

@@ -18,6 +18,8 @@ use crate::common::DNS_SUBDOMAIN_RULE;
     shortname = "repo",
     category = "sendense",
     doc = "A volume where Sendense keeps backup chains.",
+    validation = Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: it is the value of the sendense.io/repository label on the repository's pods, claim and RestorePoints"),
     printcolumn(
         name = "Ready",
         type_ = "string",

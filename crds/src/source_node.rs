@@ -46,6 +46,9 @@ use crate::common::{DNS_SUBDOMAIN_RULE, KeyRef};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.transport.type != 'vddk' || has(self.vcenter.tls.thumbprint)")
+    .message("transport.type vddk needs vcenter.tls.thumbprint: VDDK trusts vCenter only by its certificate's fingerprint (a CA bundle or insecureSkipVerify cannot be handed to it); set tls.thumbprint to the fingerprint `openssl x509 -noout -fingerprint` prints for the vCenter certificate")
+    .field_path(".vcenter.tls"))]
 pub struct SourceNodeSpec {
     /// How to reach and log in to the vCenter.
     pub vcenter: VCenter,
