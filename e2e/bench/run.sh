@@ -69,7 +69,11 @@ NS_A=sd-bench-agent NS_B=sd-bench-hub
 PIDS=()
 cleanup() {
   local rc=$?
-  [ "$rc" = 0 ] || { echo "bench failed ($rc); last server messages:" >&2; tail -5 "$W/servers.log" >&2 2>/dev/null || true; }
+  [ "$rc" = 0 ] || {
+    echo "bench failed ($rc); last server and tool messages:" >&2
+    tail -5 "$W/servers.log" "$W/tools.log" >&2 2>/dev/null || true
+    [ -s "$W/table" ] && { echo "rows measured before the failure:"; column -t -s $'\t' -o ' | ' "$W/table"; }
+  }
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   ip netns del $NS_A 2>/dev/null || true
@@ -247,12 +251,12 @@ three_case() {
         local S T; S=$(unix_url "$W/s$i.sock"); T=$(unix_url "$W/t$i.sock")
         args+=" --source '$S' --target '$T'"
         case $t in
-          nbdcopy) par+="nbdcopy --flush '$S' '$T' & " ;;
-          nbdcopy_tuned) par+="nbdcopy --flush --destination-is-zero $TUNED '$S' '$T' & " ;;
+          nbdcopy) par+="nbdcopy --flush '$S' '$T' & p$i=\$!; " ;;
+          nbdcopy_tuned) par+="nbdcopy --flush --destination-is-zero $TUNED '$S' '$T' & p$i=\$!; " ;;
         esac
       done
       if [ "$t" = sendense ]; then measure "$c" "$t" "'$AGENT' copy $args"
-      else measure "$c" "$t" "${par} for j in 1 2 3; do wait -n || exit 1; done"; fi
+      else measure "$c" "$t" "${par} wait \$p1 && wait \$p2 && wait \$p3"; fi
       for i in 1 2 3; do stop "${tp[$((i - 1))]}"; same "$W/s$i.raw" "$W/t$i.qcow2" "$c/$t/$i"; rm -f "$W/t$i.qcow2"; done
     done
   done
