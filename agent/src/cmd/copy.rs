@@ -130,8 +130,11 @@ async fn copy_one(
     copy_opts: &CopyOptions,
     opts: &ConnectOptions,
 ) -> Result<serde_json::Value> {
-    let source = NbdClient::connect(source, opts).await.context("source")?;
-    let target = NbdClient::connect(target, opts).await.context("target")?;
+    let (source, target) = futures::future::try_join(
+        async { NbdClient::connect(source, opts).await.context("source") },
+        async { NbdClient::connect(target, opts).await.context("target") },
+    )
+    .await?;
     let areas = if areas.is_empty() {
         vec![ChangedArea {
             start: 0,
