@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::NbdError;
+use super::pool::{Coverage, PoolBuf, pool};
 use super::proto::{self, Extent};
 
 /// A request as the caller states it.
@@ -102,8 +103,10 @@ pub struct Pending {
     pub name: &'static str,
     pub offset: u64,
     pub length: u32,
-    /// READ: the data, zero-filled so holes need no work.
-    pub data: Option<BytesMut>,
+    /// READ: the data, in a reused buffer (old contents until the reply covers them).
+    pub data: Option<PoolBuf>,
+    /// READ: which bytes the reply has covered so far.
+    pub covered: Coverage,
     pub extents: Option<Vec<Extent>>,
     pub error: Option<NbdError>,
     done: Completion,
@@ -122,8 +125,8 @@ impl Pending {
             name: command.name(),
             offset,
             length,
-            data: matches!(command, Command::Read { .. })
-                .then(|| BytesMut::zeroed(length as usize)),
+            data: matches!(command, Command::Read { .. }).then(|| pool().take(length as usize)),
+            covered: Coverage::default(),
             extents: matches!(command, Command::BlockStatus { .. }).then(Vec::new),
             error: None,
             done,
@@ -135,6 +138,12 @@ impl Pending {
     pub fn finish(self) {
         let result = match (self.error, self.data, self.extents) {
             (Some(e), _, _) => Err(e),
+            (None, Some(_), _) if !self.covered.is_exactly(self.length as u64) => {
+                Err(NbdError::Protocol(format!(
+                    "the reply to READ {}+{} did not cover each byte exactly once",
+                    self.offset, self.length
+                )))
+            }
             (None, Some(d), _) => Ok(Reply::Data(d.freeze())),
             (None, None, Some(e)) => Ok(Reply::Extents(e)),
             (None, None, None) => Ok(Reply::Done),
@@ -164,7 +173,8 @@ impl Pending {
                     "{what} at {offset}+{length} outside the request {request_offset}+{request_length}"
                 ))
             })?;
-        Ok(&mut buf[start as usize..end as usize])
+        self.covered.add(start, end);
+        Ok(&mut buf.as_mut()[start as usize..end as usize])
     }
 }
 
