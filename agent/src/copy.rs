@@ -38,6 +38,8 @@ pub struct CopyOptions {
     pub rate: Option<std::sync::Arc<crate::rate::RateLimiter>>,
     /// Keep a SHA-256 of each chunk as the source gave it, for `verify_written`.
     pub verify: bool,
+    /// Areas at most this far apart are copied as one, gap included (`coalesce`).
+    pub merge_gap: u64,
 }
 
 impl Default for CopyOptions {
@@ -48,6 +50,7 @@ impl Default for CopyOptions {
             zero_run: 64 << 10,
             rate: None,
             verify: false,
+            merge_gap: MERGE_GAP,
         }
     }
 }
@@ -142,6 +145,27 @@ pub fn normalize(mut areas: Vec<ChangedArea>) -> Vec<ChangedArea> {
     out
 }
 
+/// Areas closer than this are copied as one by default: fewer, larger requests for scattered
+/// small changes, at the cost of sending the unchanged bytes between them.
+pub const MERGE_GAP: u64 = 0;
+
+/// Joins areas (sorted, apart) whose gap is at most `gap` bytes into one area covering both and
+/// the gap. Copying the gap is harmless: its bytes did not change, so the target's chain
+/// already holds them.
+pub fn coalesce(areas: Vec<ChangedArea>, gap: u64) -> Vec<ChangedArea> {
+    if gap == 0 {
+        return areas;
+    }
+    let mut out: Vec<ChangedArea> = Vec::with_capacity(areas.len());
+    for a in areas {
+        match out.last_mut() {
+            Some(last) if a.start - last.end() <= gap => last.length = a.end() - last.start,
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 /// Splits areas into requests of at most `size` bytes.
 pub fn chunks(areas: &[ChangedArea], size: u32) -> impl Iterator<Item = ChangedArea> + '_ {
     areas.iter().flat_map(move |a| {
@@ -173,7 +197,7 @@ pub async fn copy_areas(
             opts.request_size
         )));
     }
-    let areas = normalize(areas);
+    let areas = coalesce(normalize(areas), opts.merge_gap);
     for a in &areas {
         for (size, side) in [(source.size(), "source"), (target.size(), "target")] {
             if a.end() > size {
@@ -525,6 +549,14 @@ mod tests {
             vec![a(0, 15), a(100, 120)]
         );
         assert_eq!(normalize(vec![]), vec![]);
+    }
+
+    #[test]
+    fn coalesce_joins_areas_with_small_gaps_only() {
+        let areas = vec![a(0, 10), a(15, 5), a(40, 10), a(51, 1)];
+        assert_eq!(coalesce(areas.clone(), 0), areas);
+        assert_eq!(coalesce(areas.clone(), 5), vec![a(0, 20), a(40, 12)]);
+        assert_eq!(coalesce(areas, 20), vec![a(0, 52)]);
     }
 
     #[test]

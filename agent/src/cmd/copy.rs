@@ -36,6 +36,9 @@ pub struct CopyArgs {
     pub connections: usize,
     #[arg(long, default_value_t = 120)]
     pub request_timeout: u64,
+    /// Areas at most this many bytes apart are copied as one, gap included.
+    #[arg(long, default_value_t = crate::copy::MERGE_GAP)]
+    pub merge_gap: u64,
 }
 
 /// Why an `--areas` entry was refused.
@@ -100,6 +103,7 @@ pub async fn run(args: CopyArgs) -> Result<Outcome> {
     let copy_opts = CopyOptions {
         request_size: args.request_size,
         max_in_flight: args.in_flight,
+        merge_gap: args.merge_gap,
         ..Default::default()
     };
     let started = Instant::now();
