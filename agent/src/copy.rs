@@ -20,7 +20,14 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::nbd::{NbdClient, NbdError, proto};
+use crate::nbd::{NbdClient, NbdError};
+
+mod areas;
+mod map;
+
+pub use areas::{MERGE_GAP, chunks, coalesce, is_zero, normalize, zero_runs};
+pub use map::MAP_BELOW;
+use map::{Job, MAP_AHEAD, Segment, map, map_window, windows};
 
 pub use sendense_vsphere::ChangedArea;
 
@@ -128,58 +135,6 @@ pub enum CopyError {
     },
 }
 
-/// Sorts and merges overlapping or touching areas, dropping empty ones.
-pub fn normalize(mut areas: Vec<ChangedArea>) -> Vec<ChangedArea> {
-    areas.retain(|a| a.length > 0);
-    areas.sort();
-    let mut out: Vec<ChangedArea> = Vec::with_capacity(areas.len());
-    for a in areas {
-        match out.last_mut() {
-            Some(last) if a.start <= last.end() => {
-                let end = last.end().max(a.end());
-                last.length = end - last.start;
-            }
-            _ => out.push(a),
-        }
-    }
-    out
-}
-
-/// Areas closer than this are copied as one by default: fewer, larger requests for scattered
-/// small changes, at the cost of sending the unchanged bytes between them.
-pub const MERGE_GAP: u64 = 0;
-
-/// Joins areas (sorted, apart) whose gap is at most `gap` bytes into one area covering both and
-/// the gap. Copying the gap is harmless: its bytes did not change, so the target's chain
-/// already holds them.
-pub fn coalesce(areas: Vec<ChangedArea>, gap: u64) -> Vec<ChangedArea> {
-    if gap == 0 {
-        return areas;
-    }
-    let mut out: Vec<ChangedArea> = Vec::with_capacity(areas.len());
-    for a in areas {
-        match out.last_mut() {
-            Some(last) if a.start - last.end() <= gap => last.length = a.end() - last.start,
-            _ => out.push(a),
-        }
-    }
-    out
-}
-
-/// Splits areas into requests of at most `size` bytes.
-pub fn chunks(areas: &[ChangedArea], size: u32) -> impl Iterator<Item = ChangedArea> + '_ {
-    areas.iter().flat_map(move |a| {
-        let size = size as u64;
-        (0..a.length.div_ceil(size)).map(move |i| {
-            let start = a.start + i * size;
-            ChangedArea {
-                start,
-                length: size.min(a.end() - start),
-            }
-        })
-    })
-}
-
 /// Copies `areas` from `source` to `target` and flushes the target. The caller decides `kind`
 /// from how the target was prepared.
 pub async fn copy_areas(
@@ -285,123 +240,6 @@ fn hash_zeros(h: &mut Sha256, mut length: u64) {
     }
 }
 
-/// One piece of a chunk: data to read, or a range the source says reads as zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Segment {
-    Data(ChangedArea),
-    Zero(ChangedArea),
-}
-
-/// Areas at most this long are read without asking block status first: for a small CBT area
-/// the question costs as much as the read, and zeros in it are found by scanning the data.
-pub const MAP_BELOW: u64 = 64 << 10;
-/// Block status is asked for windows of about this size, ahead of the copy.
-const MAP_WINDOW: u64 = 1 << 30;
-/// Windows mapped ahead of the chunks being copied.
-const MAP_AHEAD: usize = 4;
-
-/// The window length: a multiple of `request_size`, so windows split areas at chunk edges.
-fn map_window(request_size: u32) -> u64 {
-    let r = u64::from(request_size.max(1));
-    MAP_WINDOW.div_ceil(r) * r
-}
-
-/// Splits areas into windows of at most `window` bytes.
-fn windows(areas: &[ChangedArea], window: u64) -> impl Iterator<Item = ChangedArea> + '_ {
-    areas.iter().flat_map(move |a| {
-        (0..a.length.div_ceil(window)).map(move |i| {
-            let start = a.start + i * window;
-            ChangedArea {
-                start,
-                length: window.min(a.end() - start),
-            }
-        })
-    })
-}
-
-/// One chunk (a request-size piece of an area, the unit of work and of verification) and what
-/// the source holds there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Job {
-    chunk: ChangedArea,
-    segments: Vec<Segment>,
-}
-
-/// The chunks of `window`, each with its segments, from block status over the whole window (or
-/// all data when the source has no block status or the window is small).
-async fn map(source: &NbdClient, w: ChangedArea, request_size: u32) -> Result<Vec<Job>, CopyError> {
-    let segments = if source.can_block_status() && w.length > MAP_BELOW {
-        segments(source, w).await?
-    } else {
-        vec![Segment::Data(w)]
-    };
-    Ok(cut(&segments, w, request_size))
-}
-
-/// Cuts a window's segments (in order, covering it) at chunk edges.
-fn cut(segments: &[Segment], w: ChangedArea, request_size: u32) -> Vec<Job> {
-    let mut jobs = Vec::new();
-    let mut i = 0;
-    for chunk in chunks(std::slice::from_ref(&w), request_size) {
-        let mut parts = Vec::new();
-        while i < segments.len() {
-            let (Segment::Data(a) | Segment::Zero(a)) = segments[i];
-            let start = a.start.max(chunk.start);
-            let end = a.end().min(chunk.end());
-            if start < end {
-                let piece = ChangedArea {
-                    start,
-                    length: end - start,
-                };
-                parts.push(match segments[i] {
-                    Segment::Data(_) => Segment::Data(piece),
-                    Segment::Zero(_) => Segment::Zero(piece),
-                });
-            }
-            if a.end() > chunk.end() {
-                break;
-            }
-            i += 1;
-        }
-        jobs.push(Job {
-            chunk,
-            segments: parts,
-        });
-    }
-    jobs
-}
-
-async fn segments(source: &NbdClient, chunk: ChangedArea) -> Result<Vec<Segment>, CopyError> {
-    let mut out = Vec::new();
-    let mut at = chunk.start;
-    while at < chunk.end() {
-        let len = (chunk.end() - at).min(u64::from(u32::MAX) & !0xfff) as u32;
-        let extents = source
-            .block_status(at, len)
-            .await
-            .map_err(|source| CopyError::Source { offset: at, source })?;
-        for e in extents {
-            if at >= chunk.end() {
-                break;
-            }
-            let length = (e.length as u64).min(chunk.end() - at);
-            let area = ChangedArea { start: at, length };
-            let seg = if e.flags & proto::STATE_ZERO != 0 {
-                Segment::Zero(area)
-            } else {
-                Segment::Data(area)
-            };
-            match (out.last_mut(), seg) {
-                (Some(Segment::Data(a)), Segment::Data(b))
-                | (Some(Segment::Zero(a)), Segment::Zero(b)) => a.length += b.length,
-                _ => out.push(seg),
-            }
-            at += length;
-        }
-    }
-    Ok(out)
-}
-
 async fn copy_chunk(
     target: &NbdClient,
     source: &NbdClient,
@@ -495,134 +333,6 @@ async fn zero(
             })?;
             progress.zeroed.fetch_add(a.length, Ordering::Relaxed);
             Ok(())
-        }
-    }
-}
-
-/// Splits `data` into alternating runs: zero runs of at least `min_zero` bytes (aligned to
-/// `min_zero` inside the buffer) and the data between them. Returns (range, is_zero).
-pub fn zero_runs(data: &[u8], min_zero: usize) -> Vec<(std::ops::Range<usize>, bool)> {
-    if data.is_empty() {
-        return Vec::new();
-    }
-    let all = is_zero(data);
-    if min_zero == 0 || all {
-        return vec![(0..data.len(), all)];
-    }
-    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
-    for (i, block) in data.chunks(min_zero).enumerate() {
-        let start = i * min_zero;
-        // A short tail block counts as data: too small to be worth a separate request.
-        let zero = block.len() == min_zero && is_zero(block);
-        match runs.last_mut() {
-            Some((r, z)) if *z == zero => r.end = start + block.len(),
-            _ => runs.push((start..start + block.len(), zero)),
-        }
-    }
-    runs
-}
-
-/// Whether every byte is zero: 64 bytes at a time (the compiler vectorises the OR), stopping
-/// at the first block with a set bit.
-pub fn is_zero(data: &[u8]) -> bool {
-    let mut blocks = data.chunks_exact(64);
-    for b in &mut blocks {
-        if b.iter().fold(0u8, |acc, x| acc | x) != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|b| *b == 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn a(start: u64, length: u64) -> ChangedArea {
-        ChangedArea { start, length }
-    }
-
-    #[test]
-    fn normalize_merges_overlaps_and_neighbours() {
-        assert_eq!(
-            normalize(vec![a(100, 50), a(0, 10), a(10, 5), a(120, 100), a(500, 0)]),
-            vec![a(0, 15), a(100, 120)]
-        );
-        assert_eq!(normalize(vec![]), vec![]);
-    }
-
-    #[test]
-    fn coalesce_joins_areas_with_small_gaps_only() {
-        let areas = vec![a(0, 10), a(15, 5), a(40, 10), a(51, 1)];
-        assert_eq!(coalesce(areas.clone(), 0), areas);
-        assert_eq!(coalesce(areas.clone(), 5), vec![a(0, 20), a(40, 12)]);
-        assert_eq!(coalesce(areas, 20), vec![a(0, 52)]);
-    }
-
-    #[test]
-    fn chunks_split_at_request_size() {
-        let areas = [a(0, 5), a(100, 12)];
-        let c: Vec<_> = chunks(&areas, 4).collect();
-        assert_eq!(c, vec![a(0, 4), a(4, 1), a(100, 4), a(104, 4), a(108, 4)]);
-    }
-
-    #[test]
-    fn zero_runs_find_aligned_zero_blocks() {
-        let mut d = vec![1u8; 16];
-        d[4..12].fill(0);
-        assert_eq!(
-            zero_runs(&d, 4),
-            vec![(0..4, false), (4..12, true), (12..16, false)]
-        );
-        assert_eq!(zero_runs(&[0u8; 10], 4), vec![(0..10, true)]);
-        let mut short_tail = vec![1u8; 6];
-        short_tail[4..].fill(0);
-        assert_eq!(
-            zero_runs(&short_tail, 4),
-            vec![(0..6, false)],
-            "a 2-byte zero tail is data"
-        );
-        let mut unaligned = vec![1u8; 12];
-        unaligned[2..10].fill(0);
-        assert_eq!(
-            zero_runs(&unaligned, 4),
-            vec![(0..4, false), (4..8, true), (8..12, false)]
-        );
-    }
-
-    #[test]
-    fn windows_cut_into_chunks_at_the_same_edges_as_chunks() {
-        let w = a(10, 10);
-        let segs = [
-            Segment::Data(a(10, 3)),
-            Segment::Zero(a(13, 5)),
-            Segment::Data(a(18, 2)),
-        ];
-        let jobs = cut(&segs, w, 4);
-        let got: Vec<_> = jobs.iter().map(|j| j.chunk).collect();
-        assert_eq!(got, chunks(&[w], 4).collect::<Vec<_>>());
-        assert_eq!(
-            jobs[0].segments,
-            vec![Segment::Data(a(10, 3)), Segment::Zero(a(13, 1))]
-        );
-        assert_eq!(jobs[1].segments, vec![Segment::Zero(a(14, 4))]);
-        assert_eq!(jobs[2].segments, vec![Segment::Data(a(18, 2))]);
-        let big = [a(0, 5 << 20)];
-        let win: Vec<_> = windows(&big, map_window(3 << 20)).collect();
-        assert_eq!(win, vec![a(0, 5 << 20)]);
-        let win: Vec<_> = windows(&big, 3 << 20).collect();
-        assert_eq!(win, vec![a(0, 3 << 20), a(3 << 20, 2 << 20)]);
-    }
-
-    #[test]
-    fn is_zero_sees_a_single_set_bit_anywhere() {
-        let mut d = vec![0u8; 1000];
-        assert!(is_zero(&d));
-        assert!(is_zero(&[]));
-        for at in [0, 63, 64, 500, 959, 960, 999] {
-            d[at] = 0x10;
-            assert!(!is_zero(&d), "bit at {at}");
-            d[at] = 0;
         }
     }
 }
