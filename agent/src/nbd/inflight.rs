@@ -229,3 +229,56 @@ impl InFlight {
         NbdError::Closed(why.unwrap_or_else(|| "connection closed".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    fn read(offset: u64, length: u32) -> (Pending, oneshot::Receiver<Result<Reply, NbdError>>) {
+        let (done, rx) = oneshot::channel();
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a free slot");
+        let q = Queued {
+            command: Command::Read { offset, length },
+            done,
+            permit,
+        };
+        (Pending::new(q, offset, length), rx)
+    }
+
+    #[test]
+    fn a_read_is_answered_only_when_its_chunks_cover_it_exactly() {
+        let (mut p, mut rx) = read(100, 10);
+        p.chunk_buffer("data", 100, 4).expect("inside").fill(1);
+        p.chunk_buffer("hole", 104, 6).expect("inside").fill(0);
+        p.finish();
+        match rx.try_recv() {
+            Ok(Ok(Reply::Data(d))) => assert_eq!(&d[..], &[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]),
+            other => panic!("expected the data, got {other:?}"),
+        }
+
+        let (mut p, mut rx) = read(100, 10);
+        p.chunk_buffer("data", 100, 4).expect("inside").fill(1);
+        p.finish();
+        match rx.try_recv() {
+            Ok(Err(NbdError::Protocol(m))) => assert!(m.contains("cover"), "{m}"),
+            other => panic!("a gap must fail the read, got {other:?}"),
+        }
+
+        let (mut p, mut rx) = read(0, 8);
+        p.chunk_buffer("data", 0, 6).expect("inside");
+        p.chunk_buffer("hole", 4, 4).expect("inside");
+        p.finish();
+        assert!(
+            matches!(rx.try_recv(), Ok(Err(NbdError::Protocol(_)))),
+            "overlapping chunks fail the read"
+        );
+        let (mut p, _rx) = read(0, 8);
+        assert!(p.chunk_buffer("data", 4, 8).is_err(), "past the request");
+    }
+}

@@ -5,6 +5,7 @@
 //! A reused buffer holds old data, so a reply must cover every byte of its request; the
 //! reader checks that (`Coverage`) before the data reaches the caller.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -12,11 +13,12 @@ use bytes::Bytes;
 /// Buffers come in power-of-two sizes from 4 KiB up; a request takes the class that fits it.
 const MIN_CLASS: u32 = 12;
 const CLASSES: usize = 14; // 4 KiB .. 32 MiB
-/// Bytes kept idle per class at most; more are freed when they come back.
+/// Bytes kept idle at most, all classes together; more are freed when they come back.
 const KEEP_BYTES: usize = 64 << 20;
 
 pub struct Pool {
     free: [Mutex<Vec<Vec<u8>>>; CLASSES],
+    idle: AtomicUsize,
 }
 
 /// The process's pool of read buffers (shared by every connection).
@@ -25,12 +27,17 @@ pub fn pool() -> &'static Arc<Pool> {
     POOL.get_or_init(|| {
         Arc::new(Pool {
             free: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            idle: AtomicUsize::new(0),
         })
     })
 }
 
 fn class_of(len: usize) -> Option<usize> {
-    let bits = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS);
+    let bits = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS);
     let c = (bits - MIN_CLASS) as usize;
     (c < CLASSES).then_some(c)
 }
@@ -39,7 +46,11 @@ impl Pool {
     /// A buffer of `len` bytes, whose contents are whatever its last user left.
     pub fn take(self: &Arc<Self>, len: usize) -> PoolBuf {
         let class = class_of(len);
-        let reused = class.and_then(|c| self.free[c].lock().unwrap_or_else(|e| e.into_inner()).pop());
+        let reused =
+            class.and_then(|c| self.free[c].lock().unwrap_or_else(|e| e.into_inner()).pop());
+        if let Some(b) = &reused {
+            self.idle.fetch_sub(b.len(), Ordering::Relaxed);
+        }
         let buf = reused.unwrap_or_else(|| match class {
             // calloc'd: fresh pages are mapped lazily, no fill
             Some(c) => vec![0u8; 1 << (c as u32 + MIN_CLASS)],
@@ -58,8 +69,12 @@ impl Pool {
             return;
         };
         let mut free = self.free[c].lock().unwrap_or_else(|e| e.into_inner());
-        if (free.len() + 1) * buf.len() <= KEEP_BYTES {
+        // Counted under the class's lock, so `take` cannot see the buffer before its bytes.
+        let idle = self.idle.fetch_add(buf.len(), Ordering::Relaxed);
+        if idle + buf.len() <= KEEP_BYTES {
             free.push(buf);
+        } else {
+            self.idle.fetch_sub(buf.len(), Ordering::Relaxed);
         }
     }
 
@@ -125,8 +140,7 @@ impl Coverage {
             return;
         }
         let at = self.ranges.partition_point(|r| r.0 < start);
-        if self.ranges.get(at).is_some_and(|r| r.0 < end)
-            || at > 0 && self.ranges[at - 1].1 > start
+        if self.ranges.get(at).is_some_and(|r| r.0 < end) || at > 0 && self.ranges[at - 1].1 > start
         {
             self.overlap = true;
         }
@@ -157,6 +171,7 @@ mod tests {
     fn buffers_come_back_when_the_last_bytes_are_dropped() {
         let pool = Arc::new(Pool {
             free: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            idle: AtomicUsize::new(0),
         });
         let mut b = pool.take(3000);
         b.as_mut().fill(7);
@@ -171,9 +186,20 @@ mod tests {
         assert_eq!(again.as_ref().len(), 4096);
         assert_eq!(pool.idle(4096), 0, "reused");
         let big = pool.take(40 << 20);
-        assert_eq!(big.as_ref().len(), 40 << 20, "beyond the classes: allocated as asked");
+        assert_eq!(
+            big.as_ref().len(),
+            40 << 20,
+            "beyond the classes: allocated as asked"
+        );
         drop(big);
         assert_eq!(pool.idle(40 << 20), 0, "and not kept");
+        let many: Vec<_> = (0..40).map(|_| pool.take(2 << 20)).collect();
+        drop(many);
+        assert_eq!(
+            pool.idle(2 << 20),
+            KEEP_BYTES / (2 << 20),
+            "idle bytes are capped"
+        );
     }
 
     #[test]
