@@ -32,7 +32,7 @@
 #   BENCH_NBDCOPY_TUNED (default "--connections=4 --requests=64 --request-size=1048576")
 #   BENCH_DELAY (nbdkit delay filter args, default "delay-read=2ms delay-extents=20ms")
 #   BENCH_MERGE_GAP (16384: the scattered case again with the agent's --merge-gap)
-#   BENCH_AGENT (an agent binary to measure instead of building this checkout's)
+#   BENCH_AGENT (an agent binary to measure instead of this checkout's, which is built anyway)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
