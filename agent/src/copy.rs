@@ -2,6 +2,10 @@
 //! target export. Many requests in flight, requests at most `request_size` (2 MiB by default:
 //! VMware misbehaves above that), memory bounded by `max_in_flight x request_size`.
 //!
+//! Block status is asked once per window of about 1 GiB, a few windows ahead of the copy (not
+//! once per chunk: over VDDK each question costs milliseconds), and not at all for areas of at
+//! most 64 KiB (a small CBT area costs one round trip less; zeros in it are found by scanning).
+//!
 //! Zeros: in a full copy into a fresh image, areas that read as zeros are skipped (the image
 //! already reads as zeros). In an incremental into an overlay they are written as WRITE_ZEROES,
 //! never skipped: a skipped area would let the parent's old bytes show through.
@@ -13,10 +17,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::nbd::{NbdClient, NbdError, proto};
+use crate::nbd::{NbdClient, NbdError};
+
+mod areas;
+mod map;
+
+pub use areas::{MERGE_GAP, chunks, coalesce, is_zero, normalize, zero_runs};
+pub use map::MAP_BELOW;
+use map::{Job, MAP_AHEAD, Segment, map, map_window, windows};
 
 pub use sendense_vsphere::ChangedArea;
 
@@ -34,6 +45,8 @@ pub struct CopyOptions {
     pub rate: Option<std::sync::Arc<crate::rate::RateLimiter>>,
     /// Keep a SHA-256 of each chunk as the source gave it, for `verify_written`.
     pub verify: bool,
+    /// Areas at most this far apart are copied as one, gap included (`coalesce`).
+    pub merge_gap: u64,
 }
 
 impl Default for CopyOptions {
@@ -44,6 +57,7 @@ impl Default for CopyOptions {
             zero_run: 64 << 10,
             rate: None,
             verify: false,
+            merge_gap: MERGE_GAP,
         }
     }
 }
@@ -121,37 +135,6 @@ pub enum CopyError {
     },
 }
 
-/// Sorts and merges overlapping or touching areas, dropping empty ones.
-pub fn normalize(mut areas: Vec<ChangedArea>) -> Vec<ChangedArea> {
-    areas.retain(|a| a.length > 0);
-    areas.sort();
-    let mut out: Vec<ChangedArea> = Vec::with_capacity(areas.len());
-    for a in areas {
-        match out.last_mut() {
-            Some(last) if a.start <= last.end() => {
-                let end = last.end().max(a.end());
-                last.length = end - last.start;
-            }
-            _ => out.push(a),
-        }
-    }
-    out
-}
-
-/// Splits areas into requests of at most `size` bytes.
-pub fn chunks(areas: &[ChangedArea], size: u32) -> impl Iterator<Item = ChangedArea> + '_ {
-    areas.iter().flat_map(move |a| {
-        let size = size as u64;
-        (0..a.length.div_ceil(size)).map(move |i| {
-            let start = a.start + i * size;
-            ChangedArea {
-                start,
-                length: size.min(a.end() - start),
-            }
-        })
-    })
-}
-
 /// Copies `areas` from `source` to `target` and flushes the target. The caller decides `kind`
 /// from how the target was prepared.
 pub async fn copy_areas(
@@ -169,7 +152,7 @@ pub async fn copy_areas(
             opts.request_size
         )));
     }
-    let areas = normalize(areas);
+    let areas = coalesce(normalize(areas), opts.merge_gap);
     for a in &areas {
         for (size, side) in [(source.size(), "source"), (target.size(), "target")] {
             if a.end() > size {
@@ -186,9 +169,16 @@ pub async fn copy_areas(
     progress.total.store(total, Ordering::Relaxed);
 
     let digests = std::sync::Mutex::new(Vec::new());
-    futures::stream::iter(chunks(&areas, opts.request_size).map(Ok))
-        .try_for_each_concurrent(opts.max_in_flight, |chunk| {
-            copy_chunk(source, target, chunk, kind, opts, progress, &digests)
+    // Block status is asked once per window (ahead of the copy), not once per chunk; each
+    // window comes back cut into chunks that carry their segments.
+    let window = map_window(opts.request_size);
+    futures::stream::iter(windows(&areas, window))
+        .map(|w| map(source, w, opts.request_size))
+        .buffered(MAP_AHEAD)
+        .map_ok(|jobs| futures::stream::iter(jobs.into_iter().map(Ok)))
+        .try_flatten()
+        .try_for_each_concurrent(opts.max_in_flight, |job| {
+            copy_chunk(target, source, job, kind, opts, progress, &digests)
         })
         .await?;
     let mut chunks = digests.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -250,58 +240,18 @@ fn hash_zeros(h: &mut Sha256, mut length: u64) {
     }
 }
 
-/// One piece of a chunk: data to read, or a range the source says reads as zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Segment {
-    Data(ChangedArea),
-    Zero(ChangedArea),
-}
-
-async fn segments(source: &NbdClient, chunk: ChangedArea) -> Result<Vec<Segment>, CopyError> {
-    if !source.can_block_status() {
-        return Ok(vec![Segment::Data(chunk)]);
-    }
-    let mut out = Vec::new();
-    let mut at = chunk.start;
-    while at < chunk.end() {
-        let len = (chunk.end() - at) as u32;
-        let extents = source
-            .block_status(at, len)
-            .await
-            .map_err(|source| CopyError::Source { offset: at, source })?;
-        for e in extents {
-            if at >= chunk.end() {
-                break;
-            }
-            let length = (e.length as u64).min(chunk.end() - at);
-            let area = ChangedArea { start: at, length };
-            let seg = if e.flags & proto::STATE_ZERO != 0 {
-                Segment::Zero(area)
-            } else {
-                Segment::Data(area)
-            };
-            match (out.last_mut(), seg) {
-                (Some(Segment::Data(a)), Segment::Data(b))
-                | (Some(Segment::Zero(a)), Segment::Zero(b)) => a.length += b.length,
-                _ => out.push(seg),
-            }
-            at += length;
-        }
-    }
-    Ok(out)
-}
-
 async fn copy_chunk(
-    source: &NbdClient,
     target: &NbdClient,
-    chunk: ChangedArea,
+    source: &NbdClient,
+    job: Job,
     kind: CopyKind,
     opts: &CopyOptions,
     progress: &Progress,
     digests: &std::sync::Mutex<Vec<ChunkDigest>>,
 ) -> Result<(), CopyError> {
+    let Job { chunk, segments } = job;
     let mut hash = opts.verify.then(Sha256::new);
-    for seg in segments(source, chunk).await? {
+    for seg in segments {
         match seg {
             Segment::Zero(a) => {
                 if let Some(h) = hash.as_mut() {
@@ -384,76 +334,5 @@ async fn zero(
             progress.zeroed.fetch_add(a.length, Ordering::Relaxed);
             Ok(())
         }
-    }
-}
-
-/// Splits `data` into alternating runs: zero runs of at least `min_zero` bytes (aligned to
-/// `min_zero` inside the buffer) and the data between them. Returns (range, is_zero).
-pub fn zero_runs(data: &[u8], min_zero: usize) -> Vec<(std::ops::Range<usize>, bool)> {
-    if data.is_empty() {
-        return Vec::new();
-    }
-    if min_zero == 0 || data.iter().all(|b| *b == 0) {
-        return vec![(0..data.len(), data.iter().all(|b| *b == 0))];
-    }
-    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
-    for (i, block) in data.chunks(min_zero).enumerate() {
-        let start = i * min_zero;
-        // A short tail block counts as data: too small to be worth a separate request.
-        let is_zero = block.len() == min_zero && block.iter().all(|b| *b == 0);
-        match runs.last_mut() {
-            Some((r, z)) if *z == is_zero => r.end = start + block.len(),
-            _ => runs.push((start..start + block.len(), is_zero)),
-        }
-    }
-    runs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn a(start: u64, length: u64) -> ChangedArea {
-        ChangedArea { start, length }
-    }
-
-    #[test]
-    fn normalize_merges_overlaps_and_neighbours() {
-        assert_eq!(
-            normalize(vec![a(100, 50), a(0, 10), a(10, 5), a(120, 100), a(500, 0)]),
-            vec![a(0, 15), a(100, 120)]
-        );
-        assert_eq!(normalize(vec![]), vec![]);
-    }
-
-    #[test]
-    fn chunks_split_at_request_size() {
-        let areas = [a(0, 5), a(100, 12)];
-        let c: Vec<_> = chunks(&areas, 4).collect();
-        assert_eq!(c, vec![a(0, 4), a(4, 1), a(100, 4), a(104, 4), a(108, 4)]);
-    }
-
-    #[test]
-    fn zero_runs_find_aligned_zero_blocks() {
-        let mut d = vec![1u8; 16];
-        d[4..12].fill(0);
-        assert_eq!(
-            zero_runs(&d, 4),
-            vec![(0..4, false), (4..12, true), (12..16, false)]
-        );
-        assert_eq!(zero_runs(&[0u8; 10], 4), vec![(0..10, true)]);
-        let mut short_tail = vec![1u8; 6];
-        short_tail[4..].fill(0);
-        assert_eq!(
-            zero_runs(&short_tail, 4),
-            vec![(0..6, false)],
-            "a 2-byte zero tail is data"
-        );
-        let mut unaligned = vec![1u8; 12];
-        unaligned[2..10].fill(0);
-        assert_eq!(
-            zero_runs(&unaligned, 4),
-            vec![(0..4, false), (4..8, true), (8..12, false)]
-        );
     }
 }

@@ -38,21 +38,24 @@ impl NbdClient {
                 connect_timeout: opts.connect_timeout.min(EXTRA_CONNECT_TIMEOUT),
                 ..opts.clone()
             };
-            for i in 1..opts.connections.max(1) {
-                let c = match Conn::open(url, &extra).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(export = %url.address, "using {i} of {} connections: {e}", opts.connections);
-                        break;
+            // Opened at once, not one after another: over a WAN each negotiation costs
+            // several round trips.
+            let extras = (1..opts.connections.max(1)).map(|_| Conn::open(url, &extra));
+            let mut refused = None;
+            for c in futures::future::join_all(extras).await {
+                match c {
+                    Ok(c) if c.negotiated.export != n.export => {
+                        return Err(NbdError::Protocol(format!(
+                            "connections to {} disagree about the export ({:?} vs {:?})",
+                            url.address, c.negotiated.export, n.export
+                        )));
                     }
-                };
-                if c.negotiated.export != n.export {
-                    return Err(NbdError::Protocol(format!(
-                        "connections to {} disagree about the export ({:?} vs {:?})",
-                        url.address, c.negotiated.export, n.export
-                    )));
+                    Ok(c) => conns.push(c),
+                    Err(e) => refused = Some(e),
                 }
-                conns.push(c);
+            }
+            if let Some(e) = refused {
+                tracing::warn!(export = %url.address, "using {} of {} connections: {e}", conns.len(), opts.connections);
             }
         }
         Ok(Self {

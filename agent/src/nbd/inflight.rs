@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::NbdError;
+use super::pool::{Coverage, PoolBuf, pool};
 use super::proto::{self, Extent};
 
 /// A request as the caller states it.
@@ -102,8 +103,10 @@ pub struct Pending {
     pub name: &'static str,
     pub offset: u64,
     pub length: u32,
-    /// READ: the data, zero-filled so holes need no work.
-    pub data: Option<BytesMut>,
+    /// READ: the data, in a reused buffer (old contents until the reply covers them).
+    pub data: Option<PoolBuf>,
+    /// READ: which bytes the reply has covered so far.
+    pub covered: Coverage,
     pub extents: Option<Vec<Extent>>,
     pub error: Option<NbdError>,
     done: Completion,
@@ -122,8 +125,8 @@ impl Pending {
             name: command.name(),
             offset,
             length,
-            data: matches!(command, Command::Read { .. })
-                .then(|| BytesMut::zeroed(length as usize)),
+            data: matches!(command, Command::Read { .. }).then(|| pool().take(length as usize)),
+            covered: Coverage::default(),
             extents: matches!(command, Command::BlockStatus { .. }).then(Vec::new),
             error: None,
             done,
@@ -135,6 +138,12 @@ impl Pending {
     pub fn finish(self) {
         let result = match (self.error, self.data, self.extents) {
             (Some(e), _, _) => Err(e),
+            (None, Some(_), _) if !self.covered.is_exactly(self.length as u64) => {
+                Err(NbdError::Protocol(format!(
+                    "the reply to READ {}+{} did not cover each byte exactly once",
+                    self.offset, self.length
+                )))
+            }
             (None, Some(d), _) => Ok(Reply::Data(d.freeze())),
             (None, None, Some(e)) => Ok(Reply::Extents(e)),
             (None, None, None) => Ok(Reply::Done),
@@ -164,7 +173,8 @@ impl Pending {
                     "{what} at {offset}+{length} outside the request {request_offset}+{request_length}"
                 ))
             })?;
-        Ok(&mut buf[start as usize..end as usize])
+        self.covered.add(start, end);
+        Ok(&mut buf.as_mut()[start as usize..end as usize])
     }
 }
 
@@ -217,5 +227,58 @@ impl InFlight {
     pub fn closed_error(&self) -> NbdError {
         let why = self.dead.lock().unwrap_or_else(|e| e.into_inner()).clone();
         NbdError::Closed(why.unwrap_or_else(|| "connection closed".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    fn read(offset: u64, length: u32) -> (Pending, oneshot::Receiver<Result<Reply, NbdError>>) {
+        let (done, rx) = oneshot::channel();
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a free slot");
+        let q = Queued {
+            command: Command::Read { offset, length },
+            done,
+            permit,
+        };
+        (Pending::new(q, offset, length), rx)
+    }
+
+    #[test]
+    fn a_read_is_answered_only_when_its_chunks_cover_it_exactly() {
+        let (mut p, mut rx) = read(100, 10);
+        p.chunk_buffer("data", 100, 4).expect("inside").fill(1);
+        p.chunk_buffer("hole", 104, 6).expect("inside").fill(0);
+        p.finish();
+        match rx.try_recv() {
+            Ok(Ok(Reply::Data(d))) => assert_eq!(&d[..], &[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]),
+            other => panic!("expected the data, got {other:?}"),
+        }
+
+        let (mut p, mut rx) = read(100, 10);
+        p.chunk_buffer("data", 100, 4).expect("inside").fill(1);
+        p.finish();
+        match rx.try_recv() {
+            Ok(Err(NbdError::Protocol(m))) => assert!(m.contains("cover"), "{m}"),
+            other => panic!("a gap must fail the read, got {other:?}"),
+        }
+
+        let (mut p, mut rx) = read(0, 8);
+        p.chunk_buffer("data", 0, 6).expect("inside");
+        p.chunk_buffer("hole", 4, 4).expect("inside");
+        p.finish();
+        assert!(
+            matches!(rx.try_recv(), Ok(Err(NbdError::Protocol(_)))),
+            "overlapping chunks fail the read"
+        );
+        let (mut p, _rx) = read(0, 8);
+        assert!(p.chunk_buffer("data", 4, 8).is_err(), "past the request");
     }
 }

@@ -8,6 +8,7 @@ mod client;
 mod conn;
 mod handshake;
 mod inflight;
+mod pool;
 pub mod proto;
 mod reader;
 mod tls;

@@ -50,7 +50,8 @@ async fn read_replies(
                     p.error = Some(server_error(p.name, error, String::new()));
                     p.data = None;
                 } else if let Some(buf) = p.data.as_mut() {
-                    input.read_exact(&mut buf[..]).await?;
+                    input.read_exact(buf.as_mut()).await?;
+                    p.covered.add(0, p.length as u64);
                 }
                 p.finish();
             }
@@ -99,7 +100,6 @@ async fn read_chunk(
             }
             let offset = input.read_u64().await?;
             let size = input.read_u32().await? as u64;
-            // Zero-filled already, unless an earlier data chunk wrote there (forbidden).
             p.chunk_buffer("hole", offset, size)?.fill(0);
         }
         proto::REPLY_TYPE_BLOCK_STATUS => {
