@@ -186,7 +186,8 @@ pub enum VddkMode {
     San,
 }
 
-/// Datastores read directly over NFS (or, in tests, from a host path or claim).
+/// Datastores whose flat disk files the agent reads directly: each a claim or a volume the
+/// administrator allows.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NfsTransport {
@@ -224,25 +225,42 @@ pub struct DatastoreReader {
     pub supplemental_groups: Vec<i64>,
 }
 
-/// A datastore and the volume that holds its files.
+/// A datastore and the volume that holds its files: a claim in this namespace, or a volume the
+/// Sendense administrator allows by name. A SourceNode cannot mount a node directory or an NFS
+/// export itself: the operator creates agent pods with its own rights, so that would let anyone
+/// who may edit SourceNodes mount them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.hostPath)")
+    .message("hostPath is refused: a SourceNode may not mount a node's directory. Use persistentVolumeClaim (a claim in this namespace, bound to a PersistentVolume an administrator made) or volume (a datastore volume the Sendense administrator allows: the chart's datastoreVolumes)")
+    .field_path(".hostPath"))]
+#[x_kube(validation = Rule::new("!has(self.nfs)")
+    .message("nfs is refused: a SourceNode may not mount an NFS export itself. Use persistentVolumeClaim (a claim bound to an NFS PersistentVolume an administrator made) or volume (a datastore volume the Sendense administrator allows: the chart's datastoreVolumes)")
+    .field_path(".nfs"))]
 #[x_kube(validation = Rule::new(
-    "(has(self.nfs) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) == 1")
-    .message("set exactly one of nfs, hostPath or persistentVolumeClaim for each datastore"))]
+    "has(self.hostPath) || has(self.nfs) || (has(self.persistentVolumeClaim) != has(self.volume))")
+    .message("set exactly one of persistentVolumeClaim or volume for each datastore"))]
 pub struct DatastoreMount {
     /// The datastore's name in vSphere, as in `[name] vm/vm.vmdk`.
     #[schemars(length(min = 1, max = 255))]
     pub name: String,
-    /// An NFS export holding the datastore (production).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nfs: Option<NFSVolumeSource>,
-    /// A directory on the node (tests, or datastores already mounted on nodes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_path: Option<HostPathVolumeSource>,
-    /// A claim whose volume holds the datastore.
+    /// A claim in this namespace whose volume holds the datastore (for production, a
+    /// PersistentVolume of type NFS an administrator created, read-only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    /// The name of a datastore volume the Sendense administrator allows for this namespace
+    /// (the chart's `datastoreVolumes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub volume: Option<String>,
+    /// Refused: a raw NFS export (kept so that an older object is reported, not silently
+    /// dropped). Use `persistentVolumeClaim` or `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NFSVolumeSource>,
+    /// Refused: a node directory (kept so that an older object is reported, not silently
+    /// dropped). Use `persistentVolumeClaim` or `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolumeSource>,
 }
 
 /// Where agent pods run.
@@ -252,7 +270,9 @@ pub struct Placement {
     /// Nodes the agent pods may run on (matched against node labels).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Taints the agent pods tolerate.
+    /// Taints the agent pods tolerate: only taints the Sendense administrator allows for this
+    /// namespace (the chart's `agentPlacement.allowedTolerations`); otherwise the SourceNode
+    /// is not Ready (reason NotAllowed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
 }

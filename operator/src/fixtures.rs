@@ -82,7 +82,7 @@ impl TestObject for SourceNode {
             "metadata": meta("vc", "s-1"),
             "spec": {
                 "vcenter": {"url": "https://vc.example.com/sdk", "credentialsSecretRef": {"name": "vc-creds", "usernameKey": "user", "passwordKey": "pass"}, "tls": {"thumbprint": "AA:BB"}},
-                "datacenter": "DC1", "transport": {"type": "nfs", "nfs": {"datastores": [{"name": "LocalDS 0", "hostPath": {"path": "/srv/ds0"}}]}},
+                "datacenter": "DC1", "transport": {"type": "nfs", "nfs": {"datastores": [{"name": "LocalDS 0", "persistentVolumeClaim": {"claimName": "ds0", "readOnly": true}}]}},
                 "placement": {"nodeSelector": {"sendense.io/site": "lab"}}
             }
         }))

@@ -20,6 +20,7 @@ pub mod restore_point;
 pub mod runtime;
 pub mod settings;
 pub mod source_node;
+pub mod source_policy;
 pub mod status;
 pub mod vcenter;
 pub mod vm_lease;

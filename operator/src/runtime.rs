@@ -93,6 +93,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         probe_timeout: PROBE_TIMEOUT,
         probe_interval: settings.probe_interval(),
         metrics: metrics.clone(),
+        policy: settings.source_policy(),
     });
     let repo_ctx = Arc::new(repository::Context {
         client: client.clone(),

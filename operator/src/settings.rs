@@ -9,6 +9,7 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
 use crate::resources::PodSettings;
+use crate::source_policy::{self, AllowedToleration, AllowedVolume, SourcePolicy};
 
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(
@@ -115,6 +116,27 @@ pub struct Settings {
     )]
     pub nbd_ca_secret: String,
 
+    /// Volumes SourceNodes may mount as datastores by name (`transport.nfs.datastores[].volume`),
+    /// as a JSON list of `{"name", "namespaces" (empty: all), "nfs" or "hostPath"}`. A
+    /// SourceNode cannot name a node directory or an NFS export itself.
+    #[arg(
+        long,
+        env = "SENDENSE_DATASTORE_VOLUMES",
+        default_value = "",
+        value_parser = parse_datastore_volumes
+    )]
+    pub datastore_volumes: DatastoreVolumes,
+
+    /// Taints SourceNodes may ask their agent pods to tolerate, as a JSON list of `{"key",
+    /// "effect" (unset: any), "namespaces" (empty: all)}`. Empty: none.
+    #[arg(
+        long,
+        env = "SENDENSE_ALLOWED_TOLERATIONS",
+        default_value = "",
+        value_parser = parse_allowed_tolerations
+    )]
+    pub allowed_tolerations: AllowedTolerations,
+
     /// This operator's instance in the Events it publishes (the pod's name in a cluster).
     #[arg(long, env = "HOSTNAME")]
     pub instance: Option<String>,
@@ -191,6 +213,24 @@ fn parse_resources(s: &str) -> Result<Resources, String> {
     Ok(Resources(Some(r)))
 }
 
+/// The datastore volumes SourceNodes may name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DatastoreVolumes(pub Vec<AllowedVolume>);
+
+impl Eq for DatastoreVolumes {}
+
+/// The taints SourceNodes may tolerate.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllowedTolerations(pub Vec<AllowedToleration>);
+
+fn parse_datastore_volumes(s: &str) -> Result<DatastoreVolumes, String> {
+    source_policy::parse_volumes(s).map(DatastoreVolumes)
+}
+
+fn parse_allowed_tolerations(s: &str) -> Result<AllowedTolerations, String> {
+    source_policy::parse_tolerations(s).map(AllowedTolerations)
+}
+
 fn account(name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
@@ -205,6 +245,15 @@ impl Settings {
             agent_resources: self.agent_resources.0.clone(),
             hub_service_account: account(&self.hub_service_account),
             agent_service_account: account(&self.agent_service_account),
+            source_policy: self.source_policy(),
+        }
+    }
+
+    /// What SourceNodes may ask of the operator.
+    pub fn source_policy(&self) -> SourcePolicy {
+        SourcePolicy {
+            volumes: self.datastore_volumes.0.clone(),
+            tolerations: self.allowed_tolerations.0.clone(),
         }
     }
 

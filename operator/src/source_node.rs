@@ -12,6 +12,7 @@ use sendense_crds::SourceNode;
 
 use crate::children::ApiError;
 use crate::metrics::Metrics;
+use crate::source_policy::SourcePolicy;
 use crate::status::{ConditionReason, StatusUpdate, now};
 use crate::vcenter::{Problem, ProblemKind, Session};
 
@@ -23,6 +24,8 @@ pub struct Context {
     /// Time between probes of a healthy vCenter.
     pub probe_interval: Duration,
     pub metrics: Metrics,
+    /// What SourceNodes may ask of the operator.
+    pub policy: SourcePolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,8 @@ impl Error {
 pub enum Ready {
     Connected,
     Problem(ProblemKind),
+    /// It asks for a datastore volume or a toleration the operator's settings do not allow.
+    NotAllowed,
 }
 
 impl ConditionReason for Ready {
@@ -58,12 +63,13 @@ impl ConditionReason for Ready {
         match self {
             Ready::Connected => "Connected",
             Ready::Problem(p) => p.as_str(),
+            Ready::NotAllowed => "NotAllowed",
         }
     }
     fn event_type(&self) -> Option<EventType> {
         Some(match self {
             Ready::Connected => EventType::Normal,
-            Ready::Problem(_) => EventType::Warning,
+            Ready::Problem(_) | Ready::NotAllowed => EventType::Warning,
         })
     }
 }
@@ -84,33 +90,46 @@ pub async fn reconcile(sn: Arc<SourceNode>, ctx: Arc<Context>) -> Result<Action,
     let ns = sn.namespace().unwrap_or_default();
     let name = sn.name_any();
     let _timer = ctx.metrics.reconcile("sourcenode");
-    let outcome = probe(&sn, &ctx).await;
     let mut update = StatusUpdate::new(sn.as_ref());
-    update.status.last_probe_time = Some(now());
-    let (ready, requeue) = match outcome {
-        Ok(version) => {
-            update.set(&Ready::Connected, format!("logged in to {version}"));
-            update.status.vcenter_version = Some(version);
-            (Ready::Connected, ctx.probe_interval)
+    // What it asks of the operator is checked first: vCenter is not logged in to for a
+    // SourceNode that is not allowed.
+    let (ready, requeue) = match ctx.policy.check(&sn) {
+        Err(not_allowed) => {
+            update.set(&Ready::NotAllowed, not_allowed.0);
+            (Ready::NotAllowed, ctx.probe_interval)
         }
-        Err(p) => {
-            update.set(&Ready::Problem(p.kind), p.message);
-            let retry = if p.kind.transient() {
-                Duration::from_secs(30)
-            } else {
-                ctx.probe_interval
-            };
-            (Ready::Problem(p.kind), retry)
+        Ok(()) => {
+            let outcome = probe(&sn, &ctx).await;
+            update.status.last_probe_time = Some(now());
+            match outcome {
+                Ok(version) => {
+                    update.set(&Ready::Connected, format!("logged in to {version}"));
+                    update.status.vcenter_version = Some(version);
+                    (Ready::Connected, ctx.probe_interval)
+                }
+                Err(p) => {
+                    update.set(&Ready::Problem(p.kind), p.message);
+                    let retry = if p.kind.transient() {
+                        Duration::from_secs(30)
+                    } else {
+                        ctx.probe_interval
+                    };
+                    (Ready::Problem(p.kind), retry)
+                }
+            }
         }
     };
     ctx.metrics
         .probes
         .with_label_values(&[ready.reason()])
         .inc();
-    ctx.metrics
-        .vcenter_up
-        .with_label_values(&[&ns, &name])
-        .set(i64::from(ready.is_true()));
+    // Not probed when not allowed: whether vCenter is up is not known then.
+    if ready != Ready::NotAllowed {
+        ctx.metrics
+            .vcenter_up
+            .with_label_values(&[&ns, &name])
+            .set(i64::from(ready.is_true()));
+    }
     update
         .write(&ctx.client, &ctx.recorder)
         .await

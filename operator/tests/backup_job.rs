@@ -17,7 +17,7 @@ use sendense_crds::{BackupJob, Repository, SourceNode};
 use sendense_e2e::{client, kubectl_ok, wait_until};
 
 mod support;
-use support::{Bed, SERIAL, disk_file, events_of, record_pods};
+use support::{Bed, EMPTY_DATASTORE, LAB_DATASTORE, SERIAL, disk_file, events_of, record_pods};
 
 #[tokio::test]
 async fn a_full_then_an_incremental_backup_restore_byte_identical() -> Result<()> {
@@ -323,13 +323,7 @@ kind: BackupJob
 metadata: {{name: repo-not-ready}}
 spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: vc}}, repositoryRef: {{name: no-claim}}}}
 "#,
-        bed.source_node_yaml(
-            "no-secret",
-            "late-credentials",
-            bed.sim.info["datastores"]["LocalDS_0"]
-                .as_str()
-                .context("datastore")?,
-        )
+        bed.source_node_yaml("no-secret", "late-credentials", LAB_DATASTORE)
     );
     bed.apply("broken", &manifest)?;
     let m = bed.waiting("needs-secret", "SourceNodeNotReady").await?;
@@ -439,8 +433,6 @@ spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: vc}}, repositoryRef: {{na
 async fn a_job_failing_every_attempt_ends_failed_and_leaves_nothing_behind() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start(1, (10550, 10570)).await?;
-    let empty = bed.work.join("empty-datastore");
-    std::fs::create_dir_all(&empty)?;
     // A datastore mount without the VM's disk files: every attempt's copy fails after the
     // snapshot exists, the worst place to fail.
     let manifest = format!(
@@ -450,11 +442,7 @@ kind: BackupJob
 metadata: {{name: doomed}}
 spec: {{vm: {{name: cbt-vm-0}}, sourceNodeRef: {{name: wrong-datastore}}, repositoryRef: {{name: primary}}, retryLimit: 1}}
 "#,
-        bed.source_node_yaml(
-            "wrong-datastore",
-            "vcenter-credentials",
-            empty.to_str().context("path")?
-        )
+        bed.source_node_yaml("wrong-datastore", "vcenter-credentials", EMPTY_DATASTORE)
     );
     bed.apply("failing", &manifest)?;
     let j = bed

@@ -22,13 +22,33 @@ impl Drop for Operator {
 }
 
 fn source_node(name: &str, url: &str, secret: &str, thumbprint: &str) -> Result<SourceNode> {
+    source_node_with(
+        name,
+        url,
+        secret,
+        thumbprint,
+        serde_json::json!({"name": "LocalDS_0", "persistentVolumeClaim": {"claimName": "datastore"}}),
+        serde_json::json!({}),
+    )
+}
+
+/// A SourceNode with this datastore entry and placement.
+fn source_node_with(
+    name: &str,
+    url: &str,
+    secret: &str,
+    thumbprint: &str,
+    datastore: serde_json::Value,
+    placement: serde_json::Value,
+) -> Result<SourceNode> {
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "sendense.io/v1alpha1", "kind": "SourceNode",
         "metadata": {"name": name},
         "spec": {
             "vcenter": {"url": url, "credentialsSecretRef": {"name": secret}, "tls": {"thumbprint": thumbprint}},
             "datacenter": "DC0",
-            "transport": {"type": "nfs", "nfs": {"datastores": [{"name": "LocalDS_0", "hostPath": {"path": "/tmp"}}]}}
+            "transport": {"type": "nfs", "nfs": {"datastores": [datastore]}},
+            "placement": placement
         }
     }))?)
 }
@@ -73,6 +93,16 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
             .env("KUBECONFIG", kubeconfig())
             .env("SENDENSE_WATCH_NAMESPACE", &ns.name)
             .env("SENDENSE_PROBE_INTERVAL_SECONDS", "5")
+            // What SourceNodes of this namespace may ask for (the chart's datastoreVolumes and
+            // agentPlacement.allowedTolerations).
+            .env(
+                "SENDENSE_DATASTORE_VOLUMES",
+                format!(r#"[{{"name": "lab", "namespaces": ["{}"], "hostPath": {{"path": "/tmp"}}}}, {{"name": "elsewhere", "namespaces": ["not-{}"], "hostPath": {{"path": "/"}}}}]"#, ns.name, ns.name),
+            )
+            .env(
+                "SENDENSE_ALLOWED_TOLERATIONS",
+                r#"[{"key": "sendense.io/site", "effect": "NoSchedule"}]"#,
+            )
             // Port 0: the operator binds a free port and logs it.
             .env("SENDENSE_METRICS_ADDR", "127.0.0.1:0")
             .stdout(out.try_clone()?)
@@ -107,6 +137,59 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
     nodes
         .create(&pp, &source_node("bad-cert", &url, "good", &wrong_tp)?)
         .await?;
+
+    // What the operator's settings allow, and what they do not: a datastore volume of
+    // another namespace, a taint not listed. Those are not probed, and say why.
+    let lab = serde_json::json!({"name": "LocalDS_0", "volume": "lab"});
+    let site = serde_json::json!({"tolerations": [{"key": "sendense.io/site", "operator": "Exists", "effect": "NoSchedule"}]});
+    nodes
+        .create(
+            &pp,
+            &source_node_with("allowed", &url, "good", &tp, lab.clone(), site)?,
+        )
+        .await?;
+    nodes
+        .create(
+            &pp,
+            &source_node_with(
+                "other-volume",
+                &url,
+                "good",
+                &tp,
+                serde_json::json!({"name": "LocalDS_0", "volume": "elsewhere"}),
+                serde_json::json!({}),
+            )?,
+        )
+        .await?;
+    nodes
+        .create(
+            &pp,
+            &source_node_with(
+                "control-plane",
+                &url,
+                "good",
+                &tp,
+                lab,
+                serde_json::json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]}),
+            )?,
+        )
+        .await?;
+    ready(&nodes, "allowed", "True", "Connected").await?;
+    let msg = ready(&nodes, "other-volume", "False", "NotAllowed").await?;
+    assert!(
+        msg.starts_with("spec.transport.nfs.datastores[0] (LocalDS_0): volume \"elsewhere\" is not a datastore volume the operator allows in namespace")
+            && msg.ends_with("allowed here: lab"),
+        "{msg}"
+    );
+    let msg = ready(&nodes, "control-plane", "False", "NotAllowed").await?;
+    assert!(
+        msg.starts_with("spec.placement.tolerations[0]: the taint node-role.kubernetes.io/control-plane:NoSchedule is not one")
+            && msg.contains("agentPlacement.allowedTolerations"),
+        "{msg}"
+    );
+    // Refused before vCenter is asked: no probe time.
+    let cp = nodes.get("control-plane").await?;
+    assert_eq!(cp.status.and_then(|s| s.last_probe_time), None);
 
     let msg = ready(&nodes, "good", "True", "Connected").await?;
     assert!(msg.contains("VMware vCenter Server"), "{msg}");
@@ -163,6 +246,7 @@ async fn source_nodes_report_what_the_vcenter_probe_found() -> Result<()> {
         "LoginFailed",
         "SecretNotFound",
         "CertificateNotTrusted",
+        "NotAllowed",
     ] {
         assert!(
             events.contains(&format!("\"reason\": \"{reason}\"")),

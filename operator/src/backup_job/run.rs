@@ -302,7 +302,19 @@ async fn ensure_agent(
         .await?
     );
     let targets = status::targets(job, hub_ip);
-    let pod = agent_pod(job, &sn, targets, status::base_change_ids(job), &ctx.images);
+    let pod = match agent_pod(job, &sn, targets, status::base_change_ids(job), &ctx.images) {
+        Ok(pod) => pod,
+        Err(not_allowed) => {
+            // The SourceNode changed after the job was planned (its Ready condition says the
+            // same): like a policy refusal, reported and tried again; the progress deadline
+            // bounds the wait.
+            let message = format!("attempt {attempt}: SourceNode {sn_name}: {not_allowed}");
+            let mut u = JobUpdate::new(job);
+            u.set(&Running::Refused(JobPod::Agent), message);
+            status::write(u, ctx).await.map_err(Error::Status)?;
+            return Ok(Break(requeue(REFUSED_RETRY_SECONDS)));
+        }
+    };
     let account = ctx.images.agent_service_account.as_deref();
     let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;

@@ -3,6 +3,7 @@
 //! datastores mounted for the nfs transport, and the hub's exports as targets.
 
 use crate::nbd_tls;
+use crate::source_policy::NotAllowed;
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, KeyToPath, Pod, PodSpec, SecretVolumeSource,
     Volume, VolumeMount,
@@ -42,8 +43,6 @@ fn key_to_path(key: &str, path: &str) -> KeyToPath {
     }
 }
 
-/// The agent pod: `targets`, each disk's hub export; `base_change_ids`, the change ID each
-/// incremental disk starts from.
 /// Seconds left of the job's `spec.activeDeadlineSeconds` at `now`, counted from the start of
 /// its first attempt (at least 1); the whole deadline before it started; None without one.
 pub fn seconds_left(job: &BackupJob, now: k8s_openapi::jiff::Timestamp) -> Option<i64> {
@@ -54,13 +53,16 @@ pub fn seconds_left(job: &BackupJob, now: k8s_openapi::jiff::Timestamp) -> Optio
     Some((limit - (now.as_second() - started.0.as_second())).max(1))
 }
 
+/// The agent pod: `targets`, each disk's hub export; `base_change_ids`, the change ID each
+/// incremental disk starts from. Refused when the SourceNode asks for a datastore volume or a
+/// toleration the operator's settings do not allow (crate::source_policy).
 pub fn agent_pod(
     job: &BackupJob,
     source: &SourceNode,
     targets: Vec<DiskTarget>,
     base_change_ids: Vec<BaseChangeId>,
     images: &PodSettings,
-) -> Pod {
+) -> Result<Pod, NotAllowed> {
     let vc = &source.spec.vcenter;
     let mut args = BackupArgs::new(&vc.url, &source.spec.datacenter, job.name_any());
     // The CRD's CEL rule requires exactly one of vm.name and vm.instanceUuid.
@@ -148,20 +150,21 @@ pub fn agent_pod(
     match transport.type_ {
         TransportType::Nfs => {
             args.transport = Transport::Nfs;
-            let datastores = transport.nfs.iter().flat_map(|n| n.datastores.iter());
-            for (i, ds) in datastores.enumerate() {
+            for (i, ds) in images
+                .source_policy
+                .datastores(source)?
+                .into_iter()
+                .enumerate()
+            {
                 let name = format!("datastore-{i}");
                 let path = format!("{DATASTORES_DIR}/{i}");
                 volumes.push(Volume {
                     name: name.clone(),
-                    nfs: ds.nfs.clone(),
-                    host_path: ds.host_path.clone(),
-                    persistent_volume_claim: ds.persistent_volume_claim.clone(),
-                    ..Default::default()
+                    ..ds.volume
                 });
                 mounts.push(read_only(&name, &path));
                 args.datastores.push(DatastoreMount {
-                    name: ds.name.clone(),
+                    name: ds.name,
                     dir: path.into(),
                 });
             }
@@ -186,6 +189,7 @@ pub fn agent_pod(
         }
     }
 
+    images.source_policy.placement(source)?;
     let placement = source.spec.placement.clone().unwrap_or_default();
     let pod = harden(Pod {
         metadata: owned_meta(job, agent_name(job), labels(job, "agent")),
@@ -221,10 +225,10 @@ pub fn agent_pod(
         status: None,
     });
     let reader = transport.nfs.as_ref().and_then(|n| n.read_as.as_ref());
-    match reader {
+    Ok(match reader {
         Some(r) => read_as(pod, r),
         None => pod,
-    }
+    })
 }
 
 /// The agent as the user and groups the SourceNode reads its datastores as

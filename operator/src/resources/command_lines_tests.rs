@@ -80,13 +80,9 @@ fn the_agent_pods_command_line_parses_into_what_the_operator_built() {
         change_id: "52 aa 10/7".into(),
     }];
     let nfs = SourceNode::test();
-    let args = backup_args(&agent_pod(
-        &job,
-        &nfs,
-        targets.clone(),
-        bases.clone(),
-        &images(),
-    ));
+    let args = backup_args(
+        &agent_pod(&job, &nfs, targets.clone(), bases.clone(), &images()).expect("allowed"),
+    );
     assert_eq!(args.vcenter, "https://vc.example.com/sdk");
     assert_eq!(args.datacenter, "DC1");
     assert_eq!(args.job, "web-01-b2");
@@ -110,7 +106,7 @@ fn the_agent_pods_command_line_parses_into_what_the_operator_built() {
     let vddk = nfs.edit(|v| {
         v["spec"]["transport"] = json!({"type": "vddk", "vddk": {"modes": ["hotadd", "nbdssl"]}})
     });
-    let args = backup_args(&agent_pod(&job, &vddk, targets, vec![], &images()));
+    let args = backup_args(&agent_pod(&job, &vddk, targets, vec![], &images()).expect("allowed"));
     assert_eq!(args.transport, Transport::Vddk);
     assert_eq!(args.vddk_modes.len(), 2);
     assert!(args.datastores.is_empty() && args.base_change_ids.is_empty());

@@ -18,6 +18,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use sendense_crds::{BackupJob, Repository};
 
+use crate::source_policy::SourcePolicy;
+
 pub use agent::{
     AGENT_GRACE_SECONDS, CA_DIR, CREDENTIALS_DIR, DATASTORES_DIR, PROGRESS_PORT, agent_pod,
     seconds_left,
@@ -72,6 +74,8 @@ pub struct PodSettings {
     pub agent_resources: Option<ResourceRequirements>,
     pub hub_service_account: Option<String>,
     pub agent_service_account: Option<String>,
+    /// What SourceNodes may ask for: the agent's datastore volumes and tolerations.
+    pub source_policy: SourcePolicy,
 }
 
 impl PodSettings {

@@ -28,6 +28,11 @@ use sendense_e2e::{
 
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The datastore volume (allowed by the bed's operator settings) holding the simulator's disks.
+pub const LAB_DATASTORE: &str = "lab-datastore";
+/// An allowed datastore volume that is an empty directory: no disk file is found on it.
+pub const EMPTY_DATASTORE: &str = "empty-datastore";
+
 pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_sendense-operator"))
         .parent()
@@ -300,7 +305,9 @@ spec:
             )
         } else {
             (
-                format!("hostPath: {{path: \"{datastore}\"}}"),
+                // A node directory the operator's settings allow by name (the chart's
+                // datastoreVolumes; start_operator_with sets them).
+                format!("volume: {LAB_DATASTORE}"),
                 String::new(),
             )
         };
@@ -387,11 +394,25 @@ spec:
         self.start_operator_with(&[])
     }
 
-    /// The operator with these environment variables (settings) added.
+    /// The operator with these environment variables (settings) added. It allows this
+    /// namespace's SourceNodes two datastore volumes: LAB_DATASTORE, the simulator's datastore
+    /// directory, and EMPTY_DATASTORE, an empty directory.
     pub fn start_operator_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        let datastore = self.sim.info["datastores"]["LocalDS_0"]
+            .as_str()
+            .context("datastore dir")?;
+        let empty = self.work.join(EMPTY_DATASTORE);
+        std::fs::create_dir_all(&empty)?;
+        let volumes = serde_json::json!([
+            {"name": LAB_DATASTORE, "namespaces": [self.ns.name], "hostPath": {"path": datastore}},
+            {"name": EMPTY_DATASTORE, "namespaces": [self.ns.name], "hostPath": {"path": empty}},
+        ])
+        .to_string();
+        let mut env = env.to_vec();
+        env.push(("SENDENSE_DATASTORE_VOLUMES", &volumes));
         // A restarted operator binds a new port.
         let log = self.work.join("operator.log");
-        let (operator, port) = Operator::start(&self.ns.name, &log, env)?;
+        let (operator, port) = Operator::start(&self.ns.name, &log, &env)?;
         self.operator = Some(operator);
         self.metrics_port = port;
         Ok(())
@@ -637,8 +658,8 @@ spec:
     }
 
     /// A SourceNode for the simulator's vCenter, with its own credentials Secret name and
-    /// datastore directory (for the nfs transport).
-    pub fn source_node_yaml(&self, name: &str, secret: &str, datastore: &str) -> String {
+    /// datastore volume (LAB_DATASTORE or EMPTY_DATASTORE, for the nfs transport).
+    pub fn source_node_yaml(&self, name: &str, secret: &str, volume: &str) -> String {
         format!(
             r#"apiVersion: sendense.io/v1alpha1
 kind: SourceNode
@@ -646,7 +667,7 @@ metadata: {{name: {name}}}
 spec:
   vcenter: {{url: "{url}", credentialsSecretRef: {{name: {secret}}}, tls: {{thumbprint: "{tp}"}}}}
   datacenter: DC0
-  transport: {{type: nfs, nfs: {{datastores: [{{name: LocalDS_0, hostPath: {{path: "{datastore}"}}}}]}}}}
+  transport: {{type: nfs, nfs: {{datastores: [{{name: LocalDS_0, volume: {volume}}}]}}}}
 "#,
             url = self.sim.s("url"),
             tp = self.sim.s("thumbprint"),
