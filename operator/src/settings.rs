@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
-use crate::resources::PodSettings;
+use crate::resources::{OperatorPeer, PodSettings};
 use crate::source_policy::{self, AllowedToleration, AllowedVolume, SourcePolicy};
 
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
@@ -137,6 +137,28 @@ pub struct Settings {
     )]
     pub allowed_tolerations: AllowedTolerations,
 
+    /// Give each job NetworkPolicies: its hub's NBD ports admit only its agent pods, its
+    /// agent's progress port only the operator's pods (those labelled
+    /// SENDENSE_OPERATOR_POD_LABELS in SENDENSE_OPERATOR_NAMESPACE). The chart turns it on; off for an
+    /// operator that runs outside the cluster (it would be cut off from its agents).
+    #[arg(long, env = "SENDENSE_NETWORK_POLICY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub network_policy: bool,
+
+    /// The namespace the operator's pods run in, for the agents' NetworkPolicy (the chart sets
+    /// it); empty: the lease namespace.
+    #[arg(long, env = "SENDENSE_OPERATOR_NAMESPACE", default_value = "")]
+    pub operator_namespace: String,
+
+    /// Labels of the operator's pods, as `key=value,key=value` (the chart's selector labels),
+    /// for the agents' NetworkPolicy.
+    #[arg(
+        long,
+        env = "SENDENSE_OPERATOR_POD_LABELS",
+        default_value = "app.kubernetes.io/name=sendense,app.kubernetes.io/component=operator",
+        value_parser = parse_labels
+    )]
+    pub operator_pod_labels: Labels,
+
     /// This operator's instance in the Events it publishes (the pod's name in a cluster).
     #[arg(long, env = "HOSTNAME")]
     pub instance: Option<String>,
@@ -231,6 +253,29 @@ fn parse_allowed_tolerations(s: &str) -> Result<AllowedTolerations, String> {
     source_policy::parse_tolerations(s).map(AllowedTolerations)
 }
 
+/// Labels selecting pods.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Labels(pub std::collections::BTreeMap<String, String>);
+
+fn parse_labels(s: &str) -> Result<Labels, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| {
+                format!("{pair:?} is not key=value (e.g. app.kubernetes.io/component=operator)")
+            })?;
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    if out.is_empty() {
+        return Err(
+            "no labels: the agents' NetworkPolicy would admit every pod of the namespace".into(),
+        );
+    }
+    Ok(Labels(out))
+}
+
 fn account(name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
@@ -246,6 +291,14 @@ impl Settings {
             hub_service_account: account(&self.hub_service_account),
             agent_service_account: account(&self.agent_service_account),
             source_policy: self.source_policy(),
+            network_policy: self.network_policy.then(|| OperatorPeer {
+                namespace: if self.operator_namespace.is_empty() {
+                    self.lease_namespace()
+                } else {
+                    self.operator_namespace.clone()
+                },
+                pod_labels: self.operator_pod_labels.0.clone(),
+            }),
         }
     }
 
@@ -327,6 +380,35 @@ mod tests {
         for q in ["", "1 GB", "Mi", "1.2.3", "1Q", "e3", "."] {
             assert!(!is_quantity(q), "{q}");
         }
+    }
+
+    #[test]
+    fn network_policies_are_off_unless_set_and_name_the_operators_pods() {
+        assert_eq!(
+            parse(&[]).expect("defaults").pod_settings().network_policy,
+            None
+        );
+        let s = parse(&[
+            "--network-policy",
+            "true",
+            "--lease-namespace",
+            "sendense-system",
+            "--operator-pod-labels",
+            "app.kubernetes.io/instance=sendense, app.kubernetes.io/component=operator",
+        ])
+        .expect("settings");
+        let peer = s.pod_settings().network_policy.expect("on");
+        assert_eq!(peer.namespace, "sendense-system");
+        assert_eq!(
+            peer.pod_labels
+                .get("app.kubernetes.io/instance")
+                .map(String::as_str),
+            Some("sendense")
+        );
+        assert_eq!(peer.pod_labels.len(), 2);
+        assert!(parse(&["--operator-pod-labels", "operator"]).is_err());
+        assert!(parse(&["--operator-pod-labels", ""]).is_err());
+        assert!(parse(&["--network-policy", "yes"]).is_err());
     }
 
     #[test]

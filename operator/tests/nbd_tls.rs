@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
 use kube::api::PostParams;
 use sendense_agent::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
 use sendense_crds::backup_job::Phase;
-use sendense_e2e::client;
+use sendense_e2e::{client, kubectl_ok};
 use sendense_operator::nbd_tls;
 use serde_json::json;
 
@@ -101,7 +104,10 @@ async fn ping_from_a_pod(
 #[tokio::test]
 async fn only_the_attempts_agent_certificate_reaches_the_hub_over_the_network() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start(1, (11250, 11270)).await?;
+    let mut bed = Bed::start_without_operator(1, (11250, 11270)).await?;
+    // With the job's NetworkPolicies, as the chart runs it (this node's bridge network plugin
+    // does not enforce them; what they select is checked below).
+    bed.start_operator_with(&[("SENDENSE_NETWORK_POLICY", "true")])?;
     let ns = bed.ns.name.clone();
     write_data(&bed);
     cap_bandwidth(&bed, Some(8))?;
@@ -228,6 +234,54 @@ async fn only_the_attempts_agent_certificate_reaches_the_hub_over_the_network() 
     )
     .await?;
     assert!(ok, "the job's own certificate from a pod: {log}");
+
+    // The job's NetworkPolicies, as the API server selects: the hub's admits the job's agent
+    // pod only, on the job's ports; the agent's admits the operator's pods on its progress
+    // port.
+    let policies: Api<NetworkPolicy> = Api::namespaced(kube.clone(), &ns);
+    let selected = |selector: &Option<LabelSelector>| -> Result<String> {
+        let labels = selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .context("matchLabels")?;
+        let query: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            &ns,
+            "-l",
+            &query.join(","),
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+    };
+    let hub_np = policies.get("tls-hub").await?.spec.context("spec")?;
+    assert_eq!(selected(&hub_np.pod_selector)?.trim(), "tls-hub");
+    let rule = &hub_np.ingress.as_ref().context("ingress")?[0];
+    let from = rule.from.as_ref().context("from")?;
+    assert_eq!(from.len(), 1);
+    assert!(from[0].namespace_selector.is_none() && from[0].ip_block.is_none());
+    assert_eq!(selected(&from[0].pod_selector)?.trim(), "tls-agent");
+    let ports: Vec<String> = rule
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.port.as_ref().map(|p| format!("{p:?}")))
+        .collect();
+    assert_eq!(ports, [format!("{:?}", IntOrString::Int(port))]);
+    let agent_np = policies.get("tls-agent").await?.spec.context("spec")?;
+    assert_eq!(selected(&agent_np.pod_selector)?.trim(), "tls-agent");
+    let rule = &agent_np.ingress.as_ref().context("ingress")?[0];
+    assert_eq!(
+        rule.ports.as_ref().context("ports")?[0].port,
+        Some(IntOrString::Int(9090))
+    );
+    let peer = &rule.from.as_ref().context("from")?[0];
+    assert!(
+        peer.namespace_selector.is_some() && peer.pod_selector.is_some(),
+        "the operator's pods in its namespace, not every pod: {peer:?}"
+    );
 
     // The CA rotated while the attempt runs: the attempt keeps its own certificates.
     let old_ca = secret_text(&ca_secret, nbd_tls::CA_CERT_KEY)?;

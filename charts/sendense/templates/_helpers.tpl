@@ -158,6 +158,12 @@ config/rbac/role.yaml.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Each job's two NetworkPolicies (<job>-hub: its NBD ports from its agents only; <job>-agent:
+# its progress port from the operator only), applied (create + patch) before its hub and
+# owned by the job, so the garbage collector removes them with it.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
 # The claim a Repository's spec.storage.claimTemplate asks for: read by name (also an existing
 # claim named by spec.storage.persistentVolumeClaim, to see it Bound) and created by server-side
 # apply. Never deleted: backups must outlive the Repository object. No list/watch: the operator

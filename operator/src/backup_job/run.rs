@@ -23,8 +23,8 @@ use crate::children::{
 };
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
-    ATTEMPT_LABEL, HubTls, PROGRESS_PORT, agent_name, agent_pod, claim_name, hub_name, hub_pod,
-    hub_service,
+    ATTEMPT_LABEL, HubTls, PROGRESS_PORT, agent_name, agent_pod, agent_policy, claim_name,
+    hub_name, hub_pod, hub_policy, hub_service,
 };
 use crate::status::holding;
 
@@ -232,6 +232,10 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     let created = async {
         ensure_service_account(&ctx.client, &ns, account).await?;
         apply(&ctx.client, &ns, &secret).await?;
+        if let Some(operator) = &ctx.images.network_policy {
+            apply(&ctx.client, &ns, &hub_policy(job, &disks)).await?;
+            apply(&ctx.client, &ns, &agent_policy(job, operator)).await?;
+        }
         apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
         applied(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }

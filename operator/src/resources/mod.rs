@@ -9,6 +9,7 @@ mod commit;
 pub(crate) mod hardening;
 mod hub;
 mod layout;
+mod network_policy;
 mod repository;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ pub use layout::{
     REPOSITORY_MOUNT, attempt_dir, attempt_uid, claim_name, dir_of, disk_file, for_attempt,
     namespace_prefix,
 };
+pub use network_policy::{OperatorPeer, agent_policy, hub_policy};
 pub use repository::{probe_pod, templated_claim};
 
 /// `POD_IP`, the pod's own IP from the downward API (the agent's progress endpoint and the
@@ -76,6 +78,9 @@ pub struct PodSettings {
     pub agent_service_account: Option<String>,
     /// What SourceNodes may ask for: the agent's datastore volumes and tolerations.
     pub source_policy: SourcePolicy,
+    /// Set: each job gets NetworkPolicies (its hub's ports from its agents only, its agent's
+    /// progress port from these operator pods only).
+    pub network_policy: Option<OperatorPeer>,
 }
 
 impl PodSettings {
