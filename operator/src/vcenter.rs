@@ -138,9 +138,17 @@ async fn credentials(sn: &SourceNode, client: &Client) -> Result<(String, String
         .get_opt(&r.name)
         .await
         .map_err(|e| {
+            // Forbidden: the operator's RBAC does not serve this namespace (the chart grants
+            // Secrets only in rbac.secretNamespaces); say what to change.
+            let hint = match &e {
+                kube::Error::Api(s) if s.code == 403 => format!(
+                    " (the operator may read Secrets only in the namespaces it serves: add {ns} to the chart's rbac.secretNamespaces, or bind its ClusterRole <operator>-secrets there with a RoleBinding)"
+                ),
+                _ => String::new(),
+            };
             Problem::new(
                 ProblemKind::SecretUnreadable,
-                format!("reading Secret {ns}/{}: {e}", r.name),
+                format!("reading Secret {ns}/{}: {e}{hint}", r.name),
             )
         })?
         .ok_or_else(|| {

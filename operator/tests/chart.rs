@@ -15,10 +15,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::{Repository, SourceNode};
-use sendense_e2e::{client, kubeconfig, kubectl, repo_root};
+use sendense_e2e::{TestNamespace, client, kubeconfig, kubectl, kubectl_ok, repo_root};
 
 mod support;
-use support::{Bed, SERIAL, disk_file};
+use support::{Bed, SERIAL, disk_file, rbac};
 
 fn tool(var: &str) -> Result<String> {
     std::env::var(var).with_context(|| {
@@ -117,6 +117,18 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
         !rbac.contains("*.*"),
         "the chart's RBAC grants wildcards:\n{rbac}"
     );
+    // Every rule, in the watched namespace only ("default" is not watched).
+    let namespaces = rbac::Namespaces {
+        watched: Some(&ns),
+        own: &ns,
+        served: &ns,
+        unserved: "default",
+    };
+    rbac::expect(
+        &format!("system:serviceaccount:{ns}:{account}"),
+        &namespaces,
+        &[rbac::ALLOWED, rbac::DENIED, rbac::DENIED_NAMESPACED],
+    )?;
 
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
@@ -196,6 +208,110 @@ async fn the_chart_installs_an_operator_that_backs_up_under_its_own_rbac() -> Re
         "--timeout",
         "2m",
     ])?;
+    Ok(())
+}
+
+/// An all-namespaces install serving one namespace (rbac.secretNamespaces): the operator's
+/// ServiceAccount may do what each rule of the chart says, everywhere for the controllers'
+/// objects, Secrets and ConfigMaps only in the namespace served, its Leases and the NBD CA only
+/// in its own; and none of what it must not (support/rbac.rs lists both, with reasons).
+#[tokio::test]
+async fn an_all_namespaces_install_reads_secrets_only_where_it_serves() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    tool("HELM")?;
+    let own = TestNamespace::create("sendense-rbac")?;
+    let served = TestNamespace::create("sendense-served")?;
+    let unserved = TestNamespace::create("sendense-unserved")?;
+    let chart = repo_root().join("charts/sendense");
+    // The release name is the namespace's: its cluster-scoped objects are its own.
+    let release = own.name.clone();
+    helm(&[
+        "install",
+        &release,
+        chart.to_str().context("path")?,
+        "--namespace",
+        &own.name,
+        "--set",
+        &format!("rbac.secretNamespaces={{{}}}", served.name),
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "agentImage.pullPolicy=Never",
+    ])?;
+    // The chart's ServiceAccount, as its Deployment names it.
+    let account = kubectl_ok(&[
+        "get",
+        "deployment",
+        "-n",
+        &own.name,
+        "-l",
+        &format!("app.kubernetes.io/instance={release}"),
+        "-o",
+        "jsonpath={.items[0].spec.template.spec.serviceAccountName}",
+    ])?;
+    let namespaces = rbac::Namespaces {
+        watched: None,
+        own: &own.name,
+        served: &served.name,
+        unserved: &unserved.name,
+    };
+    let checked = rbac::expect(
+        &format!("system:serviceaccount:{}:{}", own.name, account.trim()),
+        &namespaces,
+        &[rbac::ALLOWED, rbac::DENIED, rbac::DENIED_ALL_NAMESPACES],
+    );
+    helm(&["uninstall", &release, "--namespace", &own.name])?;
+    checked
+}
+
+/// `helm template` only (no cluster): config/rbac/ (the kustomize install) holds the same
+/// rules, comments included, as the chart renders with its default values.
+#[test]
+fn config_rbac_has_the_rules_of_the_chart() -> Result<()> {
+    let out = Command::new(tool("HELM")?)
+        .args(["template", "sendense"])
+        .arg(repo_root().join("charts/sendense"))
+        .args(["--namespace", "sendense-system"])
+        .args(["--show-only", "templates/rbac.yaml"])
+        .output()?;
+    if !out.status.success() {
+        bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The rules of the object of that kind and name: the text after `rules:`.
+    let rules_of = |text: &str, kind: &str, name: &str| -> Option<String> {
+        text.split("\n---\n").find_map(|doc| {
+            let (head, rules) = doc.split_once("\nrules:\n")?;
+            let named = head.lines().any(|l| {
+                l.trim_start()
+                    .strip_prefix("name: ")
+                    .map(|n| n.trim_matches('"'))
+                    == Some(name)
+            });
+            (head.lines().any(|l| l == format!("kind: {kind}")) && named)
+                .then(|| rules.trim_end().to_owned())
+        })
+    };
+    for (file, kind, name) in [
+        ("role.yaml", "ClusterRole", "sendense-operator"),
+        (
+            "secrets_role.yaml",
+            "ClusterRole",
+            "sendense-operator-secrets",
+        ),
+        ("namespace_role.yaml", "Role", "sendense-operator"),
+    ] {
+        let path = repo_root().join("config/rbac").join(file);
+        let config = std::fs::read_to_string(&path)?;
+        let want = rules_of(&rendered, kind, name)
+            .with_context(|| format!("the chart renders no {kind} {name}:\n{rendered}"))?;
+        let got = rules_of(&config, kind, name)
+            .with_context(|| format!("{} has no {kind} {name}", path.display()))?;
+        assert_eq!(
+            got, want,
+            "config/rbac/{file} differs from the chart's {kind} {name}"
+        );
+    }
     Ok(())
 }
 

@@ -106,9 +106,11 @@ appVersion.
 {{- end }}
 
 {{/*
-The operator's rules on namespaced objects: in a ClusterRole for an all-namespaces install, in a
-Role of watchNamespace otherwise. Verified against operator/src/*.rs; keep in step with
-config/rbac/role.yaml.
+The operator's rules on namespaced objects it needs in every namespace it watches: in a
+ClusterRole for an all-namespaces install, in a Role of watchNamespace otherwise. Secrets and
+ConfigMaps are not here (sendense.servedRules), nor Leases and the NBD CA
+(sendense.ownNamespaceRules). Verified against operator/src/*.rs; keep in step with
+config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests/chart.rs.
 */}}
 {{- define "sendense.namespacedRules" -}}
 # SourceNodes, Repositories and BackupJobs: the three controllers watch them (list + watch feed
@@ -123,19 +125,13 @@ config/rbac/role.yaml.
 - apiGroups: ["sendense.io"]
   resources: ["backupjobs"]
   verbs: ["patch"]
-# RestorePoints: created by the operator (server-side apply: create + patch) once a job's files
-# are committed, from the manifest written next to them; read to choose a new backup's chain
-# parent (list) and counted per Repository. Never deleted by the operator: the volume is the
-# source of truth.
+# RestorePoints: created by the operator once a job's files are committed, or from a manifest a
+# Repository probe lists (looked up by name, then server-side apply: get, create + patch); listed
+# to choose a new backup's chain parent and counted per Repository. Not watched. Never deleted by
+# the operator: the volume is the source of truth.
 - apiGroups: ["sendense.io"]
   resources: ["restorepoints"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# One Lease per VM being backed up (sendense-vm-<vCenter>-<VM instance UUID>), so one backup per
-# VM runs at a time whatever the namespace or SourceNode: read, created by a job starting,
-# taken over (update) from a job that ended, deleted when the holder ends.
-- apiGroups: ["coordination.k8s.io"]
-  resources: ["leases"]
-  verbs: ["get", "create", "update", "delete"]
+  verbs: ["get", "list", "create", "patch"]
 # Their status is the operator's output (Ready conditions, probe results, phase, per-disk
 # progress), written by server-side apply of the status subresource (PATCH).
 - apiGroups: ["sendense.io"]
@@ -154,10 +150,11 @@ config/rbac/role.yaml.
   resources: ["pods/log"]
   verbs: ["get"]
 # The hub's Service, which gives the agent a stable address for the hub's NBD ports: applied
-# (create + patch), watched as an owned object, deleted when the job ends.
+# (create + patch), watched as an owned object (list + watch), deleted when the job ends. Never
+# read by name.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Each job's two NetworkPolicies (<job>-hub: its NBD ports from its agents only; <job>-agent:
 # its progress port from the operator only), applied (create + patch) before its hub and
 # owned by the job, so the garbage collector removes them with it.
@@ -171,31 +168,63 @@ config/rbac/role.yaml.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "create", "patch"]
-# Secrets, by name only (no list or watch: the operator cannot enumerate them):
-# - get: the vCenter credentials Secret a SourceNode names, to log in to vCenter (the
-#   SourceNode probe, a BackupJob's VM and disk lookup, the check that a failed job's snapshot
-#   is gone); agent pods mount it as a volume, which the kubelet reads, not the operator;
-# - get, create, update: the NBD CA (sendense-nbd-ca in the operator's namespace), created at
-#   first use and replaced when it nears its end;
-# - patch, delete: each job's <job>-nbd-tls Secret, the certificates of its current attempt,
-#   written before its hub and removed with its pods.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get", "create", "update", "patch", "delete"]
-# The CA bundle ConfigMap a SourceNode may name for vCenter's TLS certificate, read by name.
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get"]
 # The hub and agent pods' ServiceAccounts (serviceAccounts.hub/.agent): looked up by name and
 # created by server-side apply when missing, with no token mounted and no bindings.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["get", "create", "patch"]
-# Events on SourceNodes, Repositories and BackupJobs (kube-runtime's Recorder: create a new
-# Event, patch its count when it repeats).
+# Events on SourceNodes, Repositories and BackupJobs, in their namespaces (kube-runtime's
+# Recorder: create a new Event, patch its count when it repeats).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+The operator's rules in each namespace it serves (where SourceNodes and their BackupJobs live):
+in the ClusterRole "<operator>-secrets", bound by a RoleBinding in each namespace of
+rbac.secretNamespaces (an all-namespaces install), or in the Role of watchNamespace.
+*/}}
+{{- define "sendense.servedRules" -}}
+# Secrets, by name only (no list or watch: the operator cannot enumerate them):
+# - get: the vCenter credentials Secret a SourceNode names, to log in to vCenter (the
+#   SourceNode probe, a BackupJob's VM and disk lookup, the check that a failed job's snapshot
+#   is gone); agent pods mount it as a volume, which the kubelet reads, not the operator;
+# - create, patch, delete: each job's <job>-nbd-tls Secret, the certificates of its current
+#   attempt, written by server-side apply before its hub and removed with its pods.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch", "delete"]
+# The CA bundle ConfigMap a SourceNode may name for vCenter's TLS certificate, read by name,
+# in the SourceNode's namespace like its credentials Secret.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
+{{- end }}
+
+{{/*
+The operator's rules on its own objects in the namespace of the VM Leases and the NBD CA: the
+release namespace of an all-namespaces install (SENDENSE_LEASE_NAMESPACE), else watchNamespace.
+*/}}
+{{- define "sendense.ownNamespaceRules" -}}
+# One Lease per VM being backed up (sendense-vm-<vCenter>-<VM instance UUID>), so one backup per
+# VM runs at a time whatever the namespace or SourceNode: read, created by a job starting,
+# taken over (update) from a job that ended, deleted when the holder ends. Only in this
+# namespace; the names depend on the VM, so no resourceNames.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update", "delete"]
+# The NBD CA (its certificate and key), read and replaced (update) when it nears its end or is
+# unusable: this Secret only.
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: ["sendense-nbd-ca"]
+  verbs: ["get", "update"]
+# ... and created at first use: Kubernetes cannot limit create by name, so this allows creating
+# any Secret in this namespace (not reading, changing or deleting one).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod rbac;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
