@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use super::Outcome;
 use crate::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
-use crate::nbd::{ConnectOptions, NbdClient, NbdUrl};
+use crate::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct CopyArgs {
@@ -39,6 +39,10 @@ pub struct CopyArgs {
     /// Areas at most this many bytes apart are copied as one, gap included.
     #[arg(long, default_value_t = crate::copy::MERGE_GAP)]
     pub merge_gap: u64,
+    /// Client certificate directory (ca-cert.pem, client-cert.pem, client-key.pem) for the
+    /// `nbds://` and `nbds+unix://` URLs among the sources and targets.
+    #[arg(long)]
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Why an `--areas` entry was refused.
@@ -90,8 +94,15 @@ pub async fn run(args: CopyArgs) -> Result<Outcome> {
             args.target.len()
         );
     }
+    let tls = args
+        .tls_dir
+        .as_deref()
+        .map(TlsClient::from_dir)
+        .transpose()
+        .context("--tls-dir")?;
     let opts = ConnectOptions {
         connections: args.connections,
+        tls,
         ..ConnectOptions::with_request_timeout(Duration::from_secs(args.request_timeout))
     };
     let mut areas = args.areas.clone();
