@@ -72,9 +72,22 @@ pub struct PodSettings {
     pub agent_resources: Option<ResourceRequirements>,
     pub hub_service_account: Option<String>,
     pub agent_service_account: Option<String>,
+    /// `RUST_LOG` of the sendense-agent containers; None: theirs.
+    pub log_filter: Option<String>,
 }
 
 impl PodSettings {
+    /// `RUST_LOG` for a sendense-agent container, when one is set.
+    fn log_env(&self) -> Option<k8s_openapi::api::core::v1::EnvVar> {
+        self.log_filter
+            .as_ref()
+            .map(|f| k8s_openapi::api::core::v1::EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some(f.clone()),
+                ..Default::default()
+            })
+    }
+
     /// The imagePullPolicy of the pods' containers.
     fn pull_policy(&self) -> String {
         if self.pull_policy.is_empty() {
