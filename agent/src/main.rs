@@ -10,10 +10,19 @@ use sendense_agent::cmd::{self, Outcome};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::prelude::*;
+    // RUST_LOG, but never the lines of libraries that would log a credential at any level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info".into())
+        .and(tracing_subscriber::filter::filter_fn(|m| {
+            sendense_vsphere::may_log(m.target(), m.level())
+        }));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
         )
         .init();
     let cli = match Cli::try_parse() {

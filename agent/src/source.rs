@@ -82,7 +82,7 @@ pub enum DiskReader {
     Vddk(VddkSettings),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VddkSettings {
     /// vCenter host name (as in the SourceNode URL).
     pub server: String,
@@ -95,6 +95,20 @@ pub struct VddkSettings {
     pub modes: Vec<VddkMode>,
     /// Where VDDK is installed.
     pub libdir: PathBuf,
+}
+
+/// The user name redacted: with a Secret's keys swapped it is the password.
+impl std::fmt::Debug for VddkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VddkSettings")
+            .field("server", &self.server)
+            .field("username", &"<redacted>")
+            .field("password_file", &self.password_file)
+            .field("thumbprint", &self.thumbprint)
+            .field("modes", &self.modes)
+            .field("libdir", &self.libdir)
+            .finish()
+    }
 }
 
 /// The name nbdkit's vddk plugin gives a transport mode (`transports=`).
@@ -406,6 +420,14 @@ mod tests {
         ] {
             assert!(a.contains(&want.to_string()), "{want} missing from {a:?}");
         }
+        // Only the password's file is named; `-`, `+FILE` or a literal are nbdkit's choices.
+        let password = a.iter().filter(|x| x.starts_with("password=")).count();
+        assert_eq!(password, 1, "{a:?}");
+        // A Debug print of the settings (in a plan, an error) names no user: with a Secret's
+        // keys swapped it is the password.
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("backup@vsphere.local"), "{shown}");
+        assert!(shown.contains("/run/secrets/vcenter/password"), "{shown}");
     }
 
     #[test]

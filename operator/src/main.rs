@@ -8,10 +8,16 @@ use sendense_operator::settings::Settings;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::prelude::*;
+    // RUST_LOG, but never the lines of libraries that would log a credential at any level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info".into())
+        .and(tracing_subscriber::filter::filter_fn(|m| {
+            sendense_vsphere::may_log(m.target(), m.level())
+        }));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_filter(filter))
         .init();
     let settings = Settings::parse();
     match runtime::run(settings).await {

@@ -100,6 +100,12 @@ pub struct Settings {
     )]
     pub agent_resources: Resources,
 
+    /// `RUST_LOG` of the sendense-agent processes in the pods the operator creates (agent,
+    /// file preparation, commit, repository probe, cleanup), e.g. `debug`; empty: theirs
+    /// (`info`). No level logs a credential.
+    #[arg(long, env = "SENDENSE_POD_LOG", default_value = "")]
+    pub pod_log: String,
+
     /// Namespace of the Leases that let one backup per VM run at a time, cluster-wide, and of
     /// the NBD CA's Secret (the operator's own namespace in a cluster; the chart sets it).
     /// Empty: the watched namespace, else `default`.
@@ -276,7 +282,7 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
     Ok(Labels(out))
 }
 
-fn account(name: &str) -> Option<String> {
+fn non_empty(name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
@@ -288,8 +294,9 @@ impl Settings {
             pull_policy: self.agent_image_pull_policy.clone(),
             hub_resources: self.hub_resources.0.clone(),
             agent_resources: self.agent_resources.0.clone(),
-            hub_service_account: account(&self.hub_service_account),
-            agent_service_account: account(&self.agent_service_account),
+            hub_service_account: non_empty(&self.hub_service_account),
+            agent_service_account: non_empty(&self.agent_service_account),
+            log_filter: non_empty(&self.pod_log),
             source_policy: self.source_policy(),
             network_policy: self.network_policy.then(|| OperatorPeer {
                 namespace: if self.operator_namespace.is_empty() {
@@ -353,6 +360,7 @@ mod tests {
             Some("sendense-agent")
         );
         assert!(pods.agent.starts_with("ghcr.io/sendense/sendense-agent:"));
+        assert_eq!(pods.log_filter, None);
         assert_eq!(s.namespace(), None);
     }
 

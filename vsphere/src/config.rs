@@ -34,6 +34,8 @@ impl fmt::Debug for Tls {
 pub struct VCenterConfig {
     /// `https://host[:port]/sdk` (the path may be omitted).
     pub url: String,
+    /// Never logged, never in errors, redacted from `Debug` (with a Secret's keys swapped it
+    /// is the password).
     pub username: String,
     /// Never logged, never in errors, redacted from `Debug`.
     pub password: String,
@@ -68,7 +70,8 @@ impl fmt::Debug for VCenterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VCenterConfig")
             .field("url", &self.url)
-            .field("username", &self.username)
+            // With a Secret's keys swapped the user name is the password.
+            .field("username", &"<redacted>")
             .field("password", &"<redacted>")
             .field("tls", &self.tls)
             .field("call_timeout", &self.call_timeout)
@@ -117,7 +120,7 @@ mod tests {
     }
 
     #[test]
-    fn debug_redacts_the_password() {
+    fn debug_redacts_the_password_and_the_user_name() {
         let cfg = VCenterConfig::new(
             "https://vc/sdk",
             "administrator@vsphere.local",
@@ -127,6 +130,6 @@ mod tests {
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("S3cr3t!"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");
-        assert!(shown.contains("administrator@vsphere.local"), "{shown}");
+        assert!(!shown.contains("administrator"), "{shown}");
     }
 }

@@ -28,3 +28,29 @@ pub use paths::{flat_extent_path, parse_datastore_path};
 pub use session::VSphere;
 pub use snapshots::{Removal, SnapshotRef};
 pub use tls::{sha1_thumbprint, sha256_thumbprint};
+
+/// Whether a log line of `target` at `level` may be written, whatever `RUST_LOG` asks for:
+/// vim_rs' client logs the user name at debug once logged in ("SOAP session created for:
+/// ..."), and with a Secret's keys swapped that is the password. Its lines below info go.
+pub fn may_log(target: &str, level: &tracing::Level) -> bool {
+    let vim_client =
+        target == "vim_rs::core::client" || target.starts_with("vim_rs::core::client::");
+    !(vim_client && *level > tracing::Level::INFO)
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::may_log;
+    use tracing::Level;
+
+    #[test]
+    fn vim_rs_client_lines_below_info_are_never_logged() {
+        assert!(!may_log("vim_rs::core::client", &Level::DEBUG));
+        assert!(!may_log("vim_rs::core::client", &Level::TRACE));
+        assert!(may_log("vim_rs::core::client", &Level::INFO));
+        assert!(may_log("vim_rs::core::client", &Level::WARN));
+        assert!(may_log("vim_rs::core::client_ext", &Level::DEBUG));
+        assert!(may_log("vim_rs::wire::soap", &Level::DEBUG));
+        assert!(may_log("sendense_vsphere::session", &Level::TRACE));
+    }
+}

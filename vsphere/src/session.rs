@@ -41,7 +41,7 @@ impl fmt::Debug for VSphere {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VSphere")
             .field("server", &self.server)
-            .field("username", &self.username)
+            .field("username", &"<redacted>")
             .field("call_timeout", &self.call_timeout)
             .field("task_timeout", &self.task_timeout)
             .finish_non_exhaustive()
@@ -158,9 +158,10 @@ impl VSphere {
         tracing::info!(server = %self.server, "vCenter reports no session; logging in again");
         self.relogin(generation).await?;
         self.current_session_key().await?.ok_or_else(|| {
+            // No user name: with a Secret's keys swapped it is the password.
             VSphereError::Login(format!(
-                "vCenter {} reports no session for user {} even right after a fresh login",
-                self.server, self.username
+                "vCenter {} reports no session even right after a fresh login",
+                self.server
             ))
         })
     }

@@ -202,7 +202,11 @@ pub fn agent_pod(
                 command: Some(vec![AGENT_BINARY.into()]),
                 args: Some(args.to_args()),
                 volume_mounts: Some(mounts),
-                env: Some(vec![super::pod_ip_env()]),
+                env: Some(
+                    std::iter::once(super::pod_ip_env())
+                        .chain(images.log_env())
+                        .collect(),
+                ),
                 ports: Some(vec![ContainerPort {
                     name: Some("progress".into()),
                     container_port: i32::from(PROGRESS_PORT),

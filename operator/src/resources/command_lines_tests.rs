@@ -215,3 +215,68 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The `RUST_LOG` value of every sendense-agent container of `pod` (qemu-nbd's excluded).
+fn log_filters(pod: &Pod) -> Vec<Option<String>> {
+    let spec = pod.spec.as_ref().expect("spec");
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .filter(|c| {
+            c.command
+                .as_ref()
+                .and_then(|c| c.first())
+                .map(String::as_str)
+                == Some(AGENT_BINARY)
+        })
+        .map(|c| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "RUST_LOG")
+                .and_then(|e| e.value.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn every_sendense_agent_container_logs_at_the_pod_log_level_when_one_is_set() {
+    let job = BackupJob::test();
+    let disk = HubDisk {
+        key: 2000,
+        port: 10100,
+        file: "backups/web-01/2000/b2.qcow2".into(),
+        size: 1 << 30,
+        backing: None,
+    };
+    let tls = crate::resources::HubTls::of(&job, 1);
+    let pods = |images: &PodSettings| {
+        vec![
+            agent_pod(&job, &SourceNode::test(), vec![], vec![], images).expect("allowed"),
+            hub_pod(&job, "data", std::slice::from_ref(&disk), &tls, images),
+            cleanup_pod(&job, "data", &["backups/web-01/b2-u-a1".to_owned()], images),
+            probe_pod(&Repository::test(), images, 600),
+        ]
+    };
+    let traced = PodSettings {
+        log_filter: Some("trace".into()),
+        ..images()
+    };
+    for pod in pods(&traced) {
+        let filters = log_filters(&pod);
+        assert!(!filters.is_empty(), "{:?}", pod.metadata.name);
+        assert!(
+            filters.iter().all(|f| f.as_deref() == Some("trace")),
+            "{:?}: {filters:?}",
+            pod.metadata.name
+        );
+    }
+    for pod in pods(&images()) {
+        assert!(
+            log_filters(&pod).iter().all(Option::is_none),
+            "{:?}",
+            pod.metadata.name
+        );
+    }
+}

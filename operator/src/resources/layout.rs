@@ -154,6 +154,7 @@ pub(super) fn agent_container(name: String, args: Vec<String>, images: &PodSetti
         command: Some(command),
         resources: images.hub_resources.clone(),
         volume_mounts: Some(vec![mount()]),
+        env: images.log_env().map(|e| vec![e]),
         ..Default::default()
     }
 }

@@ -81,9 +81,22 @@ pub struct PodSettings {
     /// Set: each job gets NetworkPolicies (its hub's ports from its agents only, its agent's
     /// progress port from these operator pods only).
     pub network_policy: Option<OperatorPeer>,
+    /// `RUST_LOG` of the sendense-agent containers; None: theirs.
+    pub log_filter: Option<String>,
 }
 
 impl PodSettings {
+    /// `RUST_LOG` for a sendense-agent container, when one is set.
+    fn log_env(&self) -> Option<k8s_openapi::api::core::v1::EnvVar> {
+        self.log_filter
+            .as_ref()
+            .map(|f| k8s_openapi::api::core::v1::EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some(f.clone()),
+                ..Default::default()
+            })
+    }
+
     /// The imagePullPolicy of the pods' containers.
     fn pull_policy(&self) -> String {
         if self.pull_policy.is_empty() {

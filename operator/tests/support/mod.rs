@@ -173,6 +173,15 @@ impl Bed {
         Ok(bed)
     }
 
+    /// The bed alone, with the simulator started with more flags (e.g. `["-username", U]`).
+    pub async fn start_without_operator_with_simulator_flags(
+        vms: usize,
+        ports: (i32, i32),
+        flags: &[&str],
+    ) -> Result<Self> {
+        Self::start_in_with(vms, ports, false, DATASTORE_USER, flags).await
+    }
+
     async fn start_in(vms: usize, ports: (i32, i32), restricted: bool, owner: u32) -> Result<Self> {
         Self::start_in_with(vms, ports, restricted, owner, &[]).await
     }
@@ -457,10 +466,7 @@ spec:
     /// The last lines of every container log of this namespace's pods the node still has
     /// (the kubelet's podLogsDir, beside the admin kubeconfig in the cluster's state directory).
     pub fn pod_logs(&self) -> String {
-        let dir = kubeconfig()
-            .parent()
-            .map(|d| d.join("node/pod-logs"))
-            .unwrap_or_default();
+        let dir = pod_logs_dir();
         let mut out = String::new();
         let prefix = format!("{}_", self.ns.name);
         let mut pods: Vec<_> = std::fs::read_dir(&dir)
@@ -674,6 +680,15 @@ spec:
             tp = self.sim.s("thumbprint"),
         )
     }
+}
+
+/// The node's container logs, `<namespace>_<pod>_<uid>/<container>/<restart>.log` (the
+/// kubelet's podLogsDir, beside the admin kubeconfig in the cluster's state directory).
+pub fn pod_logs_dir() -> PathBuf {
+    kubeconfig()
+        .parent()
+        .map(|d| d.join("node/pod-logs"))
+        .unwrap_or_default()
 }
 
 /// The body of an operator's /metrics on 127.0.0.1:`port`.
