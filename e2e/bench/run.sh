@@ -15,6 +15,9 @@
 #   wan20/50  copies over a TUN delay line between two network namespaces (TCP sees the delay),
 #             bandwidth-capped: data bytes per second vs iperf3 goodput (best of 1 and 4 streams)
 #   link      100 Mbit/s + 20 ms: data bytes per second vs iperf3 goodput
+#   tls       the hub's NBD over TLS (issue 13): a full copy from a plain local source into the
+#             hub's qemu-nbd on TCP, plain vs x509 + client-certificate authz as the hub runs it;
+#             the cost as TLS/plain throughput and CPU, vs nbdcopy over TLS to the same server
 #   restore   6-link chain to raw vs qemu-img convert: not measured (no restore engine yet)
 # Sources come from e2e's vm-disk (seeded): extents of 4 KiB..8 MiB at 512-byte alignment, data
 # extents with zero runs inside, random contents. Every tool runs BENCH_RUNS times (default 5)
@@ -26,8 +29,9 @@
 #   BENCH_FULL_GIB (16; quick 1)  BENCH_DISK_GIB (4; quick 1)  BENCH_THREE_GIB (4 each; quick 1)
 #   BENCH_SPARSE_GIB (64; quick 8)  BENCH_SPARSE_DATA_MIB (2048; quick 256)
 #   BENCH_INCR_GIB (8; quick 2)  BENCH_AREAS (100000)  BENCH_WAN_MIB (1024; quick 512)
-#   BENCH_WAN_MBIT (1000)  BENCH_LINK_MIB (256; quick 96)  BENCH_RUNS (5)
-#   BENCH_CASES (all: "full disk three sparse scattered wan link")
+#   BENCH_WAN_MBIT (1000)  BENCH_LINK_MIB (256; quick 96)  BENCH_TLS_GIB (4; quick 1)
+#   BENCH_RUNS (5)  BENCH_CASES (all: "full disk three sparse scattered wan link tls")
+#   BENCH_TLS_PORT (10964: the tls case's hub on 127.0.0.1)
 #   BENCH_TMP (tmpfs dir, default /dev/shm)  BENCH_DISK_TMP (disk dir, default /var/tmp)
 #   BENCH_NBDCOPY_TUNED (default "--connections=4 --requests=64 --request-size=1048576")
 #   BENCH_DELAY (nbdkit delay filter args, default "delay-read=2ms delay-extents=20ms")
@@ -49,8 +53,10 @@ NAREAS=${BENCH_AREAS:-100000}
 WAN_MIB=${BENCH_WAN_MIB:-$(pick 1024 512)}
 WAN_MBIT=${BENCH_WAN_MBIT:-1000}
 LINK_MIB=${BENCH_LINK_MIB:-$(pick 256 96)}
+TLS_GIB=${BENCH_TLS_GIB:-$(pick 4 1)}
+TLS_PORT=${BENCH_TLS_PORT:-10964}
 RUNS=${BENCH_RUNS:-5}
-CASES=${BENCH_CASES:-full disk three sparse scattered wan link}
+CASES=${BENCH_CASES:-full disk three sparse scattered wan link tls}
 TUNED=${BENCH_NBDCOPY_TUNED:---connections=4 --requests=64 --request-size=1048576}
 DELAY=${BENCH_DELAY:-delay-read=2ms delay-extents=20ms}
 MERGE_GAP=${BENCH_MERGE_GAP:-16384}
@@ -421,6 +427,125 @@ net_case() { # case one-way-ms mbit mib
     "$ratio x iperf3-P$gk" ">= $target" "$(verdict "$ratio >= $target")"
 }
 
+# --- tls: the hub's NBD over TLS against the same hub in plain -------------------------------
+# Certificates like the operator's (rcgen: ECDSA P-256, one CA, a server certificate for the
+# hub's DNS name, a client certificate whose CN the hub's authz names), made with openssl, plus
+# a client certificate of the same CA for another identity (the self-check's refused client).
+# The server certificate also carries IP 127.0.0.1: libnbd 1.14 has no tls-hostname and checks
+# the URI's host, while the agent checks the hub's name as in production (?tls-hostname=).
+HUB_NAME=bench-hub.sendense.svc HUB_CLIENT=sendense-agent.bench
+make_certs() { # dir
+  local d=$1 ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  mkdir -p "$d/server" "$d/client" "$d/other"
+  openssl req -x509 "${ec[@]}" -keyout "$d/ca-key.pem" -out "$d/ca-cert.pem" -days 2 \
+    -subj "/O=Sendense/CN=Sendense NBD bench CA" -addext basicConstraints=critical,CA:TRUE,pathlen:0 \
+    -addext keyUsage=critical,keyCertSign,cRLSign 2>>"$W/servers.log"
+  local role name dir ext
+  for role in server client other; do
+    case $role in
+      server) name=$HUB_NAME dir=server ext="subjectAltName=DNS:$HUB_NAME,IP:127.0.0.1"$'\n'"extendedKeyUsage=serverAuth" ;;
+      client) name=$HUB_CLIENT dir=client ext="extendedKeyUsage=clientAuth" ;;
+      other) name=sendense-agent.another-job dir=other ext="extendedKeyUsage=clientAuth" ;;
+    esac
+    local kind=$role; [ "$role" = other ] && kind=client
+    openssl req -new "${ec[@]}" -keyout "$d/$dir/$kind-key.pem" -subj "/CN=$name" -out "$d/$dir.csr" 2>>"$W/servers.log"
+    openssl x509 -req -in "$d/$dir.csr" -CA "$d/ca-cert.pem" -CAkey "$d/ca-key.pem" -CAcreateserial -days 2 \
+      -extfile <(printf '%s\nkeyUsage=critical,digitalSignature\n' "$ext") -out "$d/$dir/$kind-cert.pem" 2>>"$W/servers.log"
+    cp "$d/ca-cert.pem" "$d/$dir/"
+  done
+}
+
+# A fresh QCOW2 served on 127.0.0.1:TLS_PORT with the hub's qemu-nbd flags
+# (operator/src/resources/hub.rs), TLS and authz included or left out.
+serve_hub() { # qcow2 size tls|plain
+  rm -f "$1"
+  qemu-img create -q -f qcow2 -o cluster_size=65536 "$1" "$2"
+  local tls=()
+  [ "$3" = tls ] && tls=(--object "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=$W/certs/server"
+    --tls-creds=tls0 --object "authz-simple,id=authz0,identity=CN=$HUB_CLIENT" --tls-authz=authz0)
+  qemu-nbd --format=qcow2 --persistent --shared=8 --bind=127.0.0.1 --port="$TLS_PORT" "${tls[@]}" \
+    --cache=writeback --aio=threads "$1" 2>>"$W/servers.log" &
+  TARGET_PID=$!; PIDS+=("$TARGET_PID")
+  wait_port 127.0.0.1 "$TLS_PORT"
+}
+
+# The hub's CPU seconds (user+sys of all its threads) since it started for this one copy:
+# appended to $R/<case>.<tool>.hub. TLS costs the hub too, not only the agent.
+hub_cpu() { # case tool
+  local f; read -ra f < <(sed 's/.*) //' "/proc/$TARGET_PID/stat")
+  printf '%s\n' "$(calc "(${f[11]} + ${f[12]}) / $(getconf CLK_TCK)")" >> "$R/$1.$2.hub"
+}
+
+# MiB/s of <bytes> over the median wall: "612 MiB/s (590-630)"
+mib_txt() { # key bytes
+  awk -v b="$2" -v m="$(med "$1" 1)" -v l="$(lo "$1" 1)" -v h="$(hi "$1" 1)" \
+    'BEGIN { printf "%.0f MiB/s (%.0f-%.0f)", b/m/1048576, b/h/1048576, b/l/1048576 }'
+}
+
+# Median CPU seconds per copy, the copier's and the hub's (qemu-nbd decrypts), plain and TLS:
+# "plain 1.20 + hub 0.80; TLS 1.90 + hub 1.40"
+cpu_pair() { # plain-key tls-key
+  printf 'plain %.2f + hub %.2f; TLS %.2f + hub %.2f' "$(med "$1" 2)" "$(med "$1.hub" 1)" "$(med "$2" 2)" "$(med "$2.hub" 1)"
+}
+
+# Source plain and local (nbdkit, as the agent reads it in production); target the hub's
+# qemu-nbd over TCP, once plain and once with TLS + client-certificate authz. nbdcopy does
+# the same copies (defaults and tuned, plain and TLS) as the named baseline.
+tls_case() {
+  local c=tls size=$((TLS_GIB << 30))
+  log "$c: full copy of a ${TLS_GIB} GiB VM-shaped disk into the hub's qemu-nbd on TCP, plain and TLS, $RUNS runs per tool"
+  make_certs "$W/certs"
+  make_disk "$W/tls.raw" "$size" 61
+  serve_source "$W/tls.raw" "$W/tls.sock"
+  local SRC; SRC=$(unix_url "$W/tls.sock")
+  local PLAIN=nbd://127.0.0.1:$TLS_PORT/
+  local TLS="nbds://127.0.0.1:$TLS_PORT/?tls-hostname=$HUB_NAME"
+  local LTLS="nbds://127.0.0.1:$TLS_PORT/?tls-certificates=$W/certs/client"
+  # Self-check: the TLS hub refuses plain NBD and another identity of the same CA, and serves
+  # the named client (so the runs below measure the hub's real configuration).
+  serve_hub "$W/t.qcow2" "$size" tls
+  ! nbdinfo --size "$PLAIN" >/dev/null 2>>"$W/tools.log" || { echo "$c: the TLS hub served plain NBD" >&2; exit 1; }
+  ! nbdinfo --size "nbds://127.0.0.1:$TLS_PORT/?tls-certificates=$W/certs/other" >/dev/null 2>>"$W/tools.log" \
+    || { echo "$c: the TLS hub served a client its authz does not name" >&2; exit 1; }
+  [ "$(nbdinfo --size "$LTLS")" = "$size" ] || { echo "$c: the TLS hub did not serve its client" >&2; exit 1; }
+  stop "$TARGET_PID"; rm -f "$W/t.qcow2"
+  for r in $(seq "$RUNS"); do
+    for t in $(order "$r" sendense sendense_tls nbdcopy nbdcopy_tls nbdcopy_tuned nbdcopy_tuned_tls); do
+      local mode=plain TGT=$PLAIN
+      [[ $t == *_tls ]] && { mode=tls; TGT=$LTLS; }
+      serve_hub "$W/t.qcow2" "$size" "$mode"
+      case $t in
+        sendense) measure "$c" "$t" "'$AGENT' copy --source '$SRC' --target '$PLAIN'" ;;
+        sendense_tls) measure "$c" "$t" "'$AGENT' copy --tls-dir '$W/certs/client' --source '$SRC' --target '$TLS'" ;;
+        nbdcopy|nbdcopy_tls) measure "$c" "$t" "nbdcopy --flush '$SRC' '$TGT'" ;;
+        nbdcopy_tuned|nbdcopy_tuned_tls) measure "$c" "$t" "nbdcopy --flush --destination-is-zero $TUNED '$SRC' '$TGT'" ;;
+      esac
+      hub_cpu "$c" "$t"; stop "$TARGET_PID"; same "$W/tls.raw" "$W/t.qcow2" "$c/$t"; rm -f "$W/t.qcow2"
+    done
+  done
+  stop "$SRC_PID"; rm -f "$W/tls.raw"
+  # Data bytes that crossed the hub's connection (what the agent sent as data; zeroes go as
+  # WRITE_ZEROES): the same for both of its modes.
+  local data; data=$(sed -n 's/.*"data":\([0-9]*\).*/\1/p' "$W/$c.sendense_tls.out")
+  note_rss "$c.sendense"; note_rss "$c.sendense_tls"
+  local best; best=$(best_of "$c.nbdcopy_tls" "$c.nbdcopy_tuned_tls")
+  local bplain=${best%_tls}
+  local what="tls ${TLS_GIB}GiB, $((data >> 20)) MiB data" nb=${best#"$c".}
+  # The cost: TLS throughput over plain throughput (= plain wall over TLS wall), for both.
+  local cost ncost
+  cost=$(calc "$(med "$c.sendense" 1) / $(med "$c.sendense_tls" 1)")
+  ncost=$(calc "$(med "$bplain" 1) / $(med "$best" 1)")
+  row "$what: throughput TLS/plain" "plain $(mib_txt "$c.sendense" "$data"); TLS $(mib_txt "$c.sendense_tls" "$data")" \
+    "${nb%_tls} plain $(mib_txt "$bplain" "$data"); TLS $(mib_txt "$best" "$data"); its TLS/plain $ncost" \
+    "$cost TLS/plain" "none (the cost, reported)" "shown"
+  row "$what: CPU-s, copier + hub" "$(cpu_pair "$c.sendense" "$c.sendense_tls")" "${nb%_tls} $(cpu_pair "$bplain" "$best")" \
+    "$(calc "$(med "$c.sendense_tls" 2) / $(med "$c.sendense" 2)") agent TLS/plain" "none (the cost, reported)" "shown"
+  local ratio; ratio=$(calc "$(med "$best" 1) / $(med "$c.sendense_tls" 1)")
+  row "$what: Sendense TLS vs nbdcopy TLS" "TLS $(mib_txt "$c.sendense_tls" "$data")" \
+    "$nb $(mib_txt "$best" "$data"); default $(wall_txt "$c.nbdcopy_tls"), tuned $(wall_txt "$c.nbdcopy_tuned_tls")" \
+    "$ratio x $nb" ">= 1.0 (no target; shown)" "$(verdict "$ratio >= 1.0")"
+}
+
 echo "== bench started $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), quick=$Q runs=$RUNS" >&2
 for case in $CASES; do
   case $case in
@@ -431,6 +556,7 @@ for case in $CASES; do
     scattered) scattered_case ;;
     wan) net_case wan20 10 "$WAN_MBIT" "$WAN_MIB"; net_case wan50 25 "$WAN_MBIT" "$WAN_MIB" ;;
     link) net_case link 10 100 "$LINK_MIB" ;;
+    tls) tls_case ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
   esac
 done
