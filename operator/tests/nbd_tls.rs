@@ -269,7 +269,19 @@ async fn only_the_attempts_agent_certificate_reaches_the_hub_over_the_network() 
         .flatten()
         .filter_map(|p| p.port.as_ref().map(|p| format!("{p:?}")))
         .collect();
-    assert_eq!(ports, [format!("{:?}", IntOrString::Int(port))]);
+    let job_ports: Vec<String> = j
+        .status
+        .as_ref()
+        .map(|s| s.disks.iter().filter_map(|d| d.port).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| format!("{:?}", IntOrString::Int(p)))
+        .collect();
+    assert!(job_ports.len() >= 2, "a port per disk: {job_ports:?}");
+    assert_eq!(
+        ports, job_ports,
+        "the hub's policy opens exactly the job's ports"
+    );
     let agent_np = policies.get("tls-agent").await?.spec.context("spec")?;
     assert_eq!(selected(&agent_np.pod_selector)?.trim(), "tls-agent");
     let rule = &agent_np.ingress.as_ref().context("ingress")?[0];
