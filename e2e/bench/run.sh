@@ -156,6 +156,20 @@ measure() { # case tool command [netns]
   read -r e u s m < <(tail -1 "$W/time.tmp")
   echo "$(calc "$t1 - $t0") $(calc "$u + $s") $m" >> "$R/$1.$2"
 }
+copy_to_new_target() { # case tool source-url qcow2 size sock reference-raw
+  # One copy by sendense, nbdcopy or nbdcopy_tuned into a new QCOW2 served on a Unix socket,
+  # measured, then compared with the reference and removed.
+  local c=$1 t=$2 src=$3 file=$4 size=$5 sock=$6 ref=$7 tgt
+  serve_target "$file" "$size" "$sock"
+  tgt=$(unix_url "$sock")
+  case $t in
+    sendense) measure "$c" "$t" "'$AGENT' copy --source '$src' --target '$tgt'" ;;
+    nbdcopy) measure "$c" "$t" "nbdcopy --flush '$src' '$tgt'" ;;
+    nbdcopy_tuned) measure "$c" "$t" "nbdcopy --flush --destination-is-zero $TUNED '$src' '$tgt'" ;;
+  esac
+  stop "$TARGET_PID"; same "$ref" "$file" "$c/$t"; rm -f "$file"
+}
+
 same() { # raw qcow2 what
   qemu-img compare -U -q -f raw -F qcow2 "$1" "$2" || { echo "$3: output differs from the source" >&2; exit 1; }
 }
@@ -218,15 +232,7 @@ full_case() { # case dir gib
           measure "$c" "$t" "qemu-img convert -W -m 16 -O qcow2 -o cluster_size=65536 '$SRC' '$dir/qi.qcow2'"
           same "$dir/src.raw" "$dir/qi.qcow2" "$c/$t"; rm -f "$dir/qi.qcow2"; continue ;;
       esac
-      serve_target "$dir/t.qcow2" "$size" "$W/t.sock"
-      local TGT; TGT=$(unix_url "$W/t.sock")
-      case $t in
-        sendense) measure "$c" "$t" "'$AGENT' copy --source '$SRC' --target '$TGT'" ;;
-        nbdcopy) measure "$c" "$t" "nbdcopy --flush '$SRC' '$TGT'" ;;
-        nbdcopy_tuned) measure "$c" "$t" "nbdcopy --flush --destination-is-zero $TUNED '$SRC' '$TGT'" ;;
-      esac
-      stop "$TARGET_PID"
-      same "$dir/src.raw" "$dir/t.qcow2" "$c/$t"; rm -f "$dir/t.qcow2"
+      copy_to_new_target "$c" "$t" "$SRC" "$dir/t.qcow2" "$size" "$W/t.sock" "$dir/src.raw"
     done
   done
   stop "$SRC_PID"; rm -f "$dir/src.raw"
@@ -290,14 +296,7 @@ sparse_case() {
     local SRC; SRC=$(unix_url "$W/sp.sock")
     for r in $(seq "$RUNS"); do
       for t in $(order "$r" sendense nbdcopy nbdcopy_tuned); do
-        serve_target "$W/t.qcow2" "$size" "$W/t.sock"
-        local TGT; TGT=$(unix_url "$W/t.sock")
-        case $t in
-          sendense) measure "$c" "$t" "'$AGENT' copy --source '$SRC' --target '$TGT'" ;;
-          nbdcopy) measure "$c" "$t" "nbdcopy --flush '$SRC' '$TGT'" ;;
-          nbdcopy_tuned) measure "$c" "$t" "nbdcopy --flush --destination-is-zero $TUNED '$SRC' '$TGT'" ;;
-        esac
-        stop "$TARGET_PID"; same "$W/sp.raw" "$W/t.qcow2" "$c/$t"; rm -f "$W/t.qcow2"
+        copy_to_new_target "$c" "$t" "$SRC" "$W/t.qcow2" "$size" "$W/t.sock" "$W/sp.raw"
       done
     done
     stop "$SRC_PID"
