@@ -3,7 +3,8 @@
 # skipping whatever is already there. Go-built tools (the control plane, kubelet, kube-proxy)
 # are built separately, into the cache, by e2e/cluster/build.sh. The real node needs containerd
 # (1.6, CRI v1), runc, the CNI plugins, nftables (kube-proxy's mode) and conntrack; its tests
-# make a small image from busybox-static.
+# make a small image from busybox-static. File-level restore's tests build populated guest file
+# systems with the real tools, without mounting (e2fsprogs, xfsprogs, ntfs-3g, gdisk, fdisk).
 set -euo pipefail
 need=()
 for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux \
@@ -11,7 +12,8 @@ for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux \
     ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus \
     mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci readelf:binutils \
     containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
-    nft:nftables conntrack:conntrack ss:iproute2 sysctl:procps /bin/busybox:busybox-static; do
+    nft:nftables conntrack:conntrack ss:iproute2 sysctl:procps /bin/busybox:busybox-static \
+    mke2fs:e2fsprogs mkfs.xfs:xfsprogs mkntfs:ntfs-3g ntfscp:ntfs-3g sgdisk:gdisk sfdisk:fdisk; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
