@@ -19,10 +19,23 @@ pub async fn sha256(
     request_size: u32,
     in_flight: usize,
 ) -> Result<String, NbdError> {
-    let whole = [ChangedArea {
-        start: 0,
-        length: client.size(),
-    }];
+    sha256_of_first(client, client.size(), request_size, in_flight).await
+}
+
+/// SHA-256 (hex) of the export's first `length` bytes (a restored disk on a larger target).
+pub async fn sha256_of_first(
+    client: &NbdClient,
+    length: u64,
+    request_size: u32,
+    in_flight: usize,
+) -> Result<String, NbdError> {
+    if length > client.size() {
+        return Err(NbdError::Range(format!(
+            "hashing {length} bytes of a {}-byte export",
+            client.size()
+        )));
+    }
+    let whole = [ChangedArea { start: 0, length }];
     let mut hasher = Sha256::new();
     let zero_block = vec![0u8; request_size as usize];
     let mut pieces = futures::stream::iter(chunks(&whole, request_size))

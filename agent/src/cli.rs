@@ -10,10 +10,11 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use sendense_contract::cli::{
     AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoCommitArgs,
-    RepoProbeArgs,
+    RepoProbeArgs, RestoreArgs,
 };
 use sendense_contract::manifest::CommitResult;
 use sendense_contract::probe::ProbeResult;
+use sendense_contract::restore::RestoreResult;
 use sendense_contract::result::{BackupResult, TERMINATION_MESSAGE_LIMIT, compact_json};
 use sendense_contract::{AgentReason, ProbeReason};
 
@@ -54,6 +55,9 @@ pub enum Command {
     NbdPing(NbdPingArgs),
     /// Print the SHA-256 of an NBD export's whole contents.
     Checksum(ChecksumArgs),
+    /// Restore disks of a restore point (QCOW2 chains, read-only) onto raw image files, block
+    /// devices or NBD exports; nothing is written until every source and target is checked.
+    Restore(RestoreArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +98,7 @@ enum Answering {
     Backup,
     RepoProbe,
     RepoCommit,
+    Restore,
 }
 
 /// Where a rejected command line's result goes, and what it says; `None` when it has no
@@ -111,6 +116,7 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
     // `--result-file=F` anywhere after it.
     let answering = match args.first().map(|a| a.as_bytes()) {
         Some(b"backup") => Answering::Backup,
+        Some(b"restore") => Answering::Restore,
         Some(b"repo") if args.get(1).is_some_and(|a| a.as_bytes() == b"commit") => {
             Answering::RepoCommit
         }
@@ -139,6 +145,12 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
         Answering::RepoCommit => {
             serde_json::to_string(&CommitResult::failed(message)).unwrap_or_default()
         }
+        Answering::Restore => RestoreResult {
+            error: Some(format!("invalid arguments: {message}")),
+            nothing_written: true,
+            ..Default::default()
+        }
+        .compact_json(TERMINATION_MESSAGE_LIMIT),
     };
     Some((file, text))
 }

@@ -1,4 +1,6 @@
-//! A short-lived read-only qemu-nbd on a private Unix socket, for reading a QCOW2 chain.
+//! A short-lived qemu-nbd on a private Unix socket: read-only over a QCOW2 chain (verifying
+//! and restoring a restore point), or writable over a raw image or block device (a restore's
+//! target).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,14 +27,44 @@ pub enum QemuNbdError {
     NotListening(PathBuf),
 }
 
-/// qemu-nbd serving one file read-only; killed (and its socket removed) on drop.
+/// qemu-nbd serving one file; killed (and its socket removed) on drop.
 pub struct ReadOnlyExport {
     child: Child,
     dir: PathBuf,
 }
 
+/// What qemu-nbd is asked to serve, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A QCOW2 chain, read-only. Its files take shared (read) locks only, as the backing files
+    /// of a backup being written at the same time do: the two never conflict.
+    ReadOnlyQcow2,
+    /// A raw image or block device, written. WRITE_ZEROES may deallocate (holes stay holes).
+    WritableRaw,
+}
+
+/// qemu-nbd serving a raw file or block device for writing; killed on drop. The writer flushes
+/// before it is dropped.
+pub struct WritableExport(ReadOnlyExport);
+
+impl WritableExport {
+    pub async fn start(file: &Path) -> Result<Self, QemuNbdError> {
+        ReadOnlyExport::start_mode(file, Mode::WritableRaw)
+            .await
+            .map(Self)
+    }
+
+    pub fn url(&self) -> NbdUrl {
+        self.0.url()
+    }
+}
+
 impl ReadOnlyExport {
     pub async fn start(file: &Path) -> Result<Self, QemuNbdError> {
+        Self::start_mode(file, Mode::ReadOnlyQcow2).await
+    }
+
+    async fn start_mode(file: &Path, mode: Mode) -> Result<Self, QemuNbdError> {
         let dir = std::env::temp_dir().join(format!(
             "sendense-verify-{}-{}",
             std::process::id(),
@@ -43,14 +75,13 @@ impl ReadOnlyExport {
             source,
         })?;
         let socket = dir.join("nbd.sock");
+        let mode_args: &[&str] = match mode {
+            Mode::ReadOnlyQcow2 => &["--read-only", "--format=qcow2"],
+            Mode::WritableRaw => &["--format=raw", "--discard=unmap", "--cache=writeback"],
+        };
         let mut child = Command::new("qemu-nbd")
-            .args([
-                "--read-only",
-                "--persistent",
-                "--shared=8",
-                "--format=qcow2",
-                "--socket",
-            ])
+            .args(mode_args)
+            .args(["--persistent", "--shared=8", "--socket"])
             .arg(&socket)
             // Written once the socket listens: the readiness signal, without a probe connection.
             .arg("--pid-file")

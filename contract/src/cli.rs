@@ -511,5 +511,203 @@ impl NbdPingArgs {
     }
 }
 
+/// Where one restored disk is written: `2000:file:/target/disk.img` (a raw image file, written
+/// anew beside the old one and renamed over it once complete: holes stay holes),
+/// `2000:device:/dev/xvda` (a block device: every byte written, zeros as WRITE_ZEROES),
+/// `2000:nbd:nbd://host:port/export` (an NBD export, every byte written) or
+/// `2000:blank-nbd:URL` (an export known to read as zeros, such as a new flat disk: zeros are
+/// skipped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreTarget {
+    pub key: i32,
+    pub kind: RestoreTargetKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreTargetKind {
+    File(PathBuf),
+    Device(PathBuf),
+    Nbd { url: String, blank: bool },
+}
+
+impl FromStr for RestoreTarget {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (key, rest) = device_key(s, "KIND:WHERE")?;
+        let (kind, place) = rest.split_once(':').ok_or_else(|| {
+            ArgError(format!(
+                "{s:?}: expected DEVICE_KEY:KIND:WHERE with KIND file, device, nbd or blank-nbd"
+            ))
+        })?;
+        let place = place.trim();
+        if place.is_empty() {
+            return Err(ArgError(format!("{s:?}: the {kind} target is empty")));
+        }
+        let kind = match kind {
+            "file" => RestoreTargetKind::File(PathBuf::from(place)),
+            "device" => RestoreTargetKind::Device(PathBuf::from(place)),
+            "nbd" | "blank-nbd" => RestoreTargetKind::Nbd {
+                url: place.to_owned(),
+                blank: kind == "blank-nbd",
+            },
+            other => {
+                return Err(ArgError(format!(
+                    "{s:?}: target kind {other:?} is not one of file, device, nbd, blank-nbd"
+                )));
+            }
+        };
+        Ok(Self { key, kind })
+    }
+}
+
+impl fmt::Display for RestoreTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RestoreTargetKind::File(p) => write!(f, "{}:file:{}", self.key, p.display()),
+            RestoreTargetKind::Device(p) => write!(f, "{}:device:{}", self.key, p.display()),
+            RestoreTargetKind::Nbd { url, blank } => {
+                let k = if *blank { "blank-nbd" } else { "nbd" };
+                write!(f, "{}:{k}:{url}", self.key)
+            }
+        }
+    }
+}
+
+/// A per-disk path: `2000:/repo/dir/2000.qcow2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPath {
+    pub key: i32,
+    pub path: PathBuf,
+}
+
+impl FromStr for DiskPath {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (key, path) = device_key(s, "PATH")?;
+        Ok(Self {
+            key,
+            path: PathBuf::from(path),
+        })
+    }
+}
+
+impl fmt::Display for DiskPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.key, self.path.display())
+    }
+}
+
+/// An expected SHA-256 per disk: `2000:<64 hex digits>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSha256 {
+    pub key: i32,
+    pub sha256: String,
+}
+
+impl FromStr for DiskSha256 {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (key, sha256) = device_key(s, "SHA256")?;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ArgError(format!(
+                "{s:?}: a SHA-256 is 64 hexadecimal digits"
+            )));
+        }
+        Ok(Self {
+            key,
+            sha256: sha256.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl fmt::Display for DiskSha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.key, self.sha256)
+    }
+}
+
+/// `sendense-agent restore`: disks of a restore point (each the top QCOW2 of its chain, read
+/// read-only through its backing files) written to their targets, every disk at once; with
+/// `--expect-sha256`, each target is read back after the flush and hashed over the disk's
+/// capacity. Nothing is written until every source and target has been checked.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RestoreArgs {
+    /// The top QCOW2 file of a disk's chain: 2000:/repository/dir/2000.qcow2 (repeatable).
+    #[arg(long = "source", required = true)]
+    pub sources: Vec<DiskPath>,
+    /// Where a disk goes: 2000:file:PATH, 2000:device:PATH, 2000:nbd:URL or
+    /// 2000:blank-nbd:URL (repeatable; one per source).
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<RestoreTarget>,
+    /// Write only these areas of a disk (start+length per line), into a target that already
+    /// holds the disk at a later state: a rollback (repeatable, 2000:PATH).
+    #[arg(long = "areas-file")]
+    pub areas_files: Vec<DiskPath>,
+    /// Expected SHA-256 of a restored disk (the restore point's manifest records it): the
+    /// target is read back and must hash to it (repeatable, 2000:HEX).
+    #[arg(long = "expect-sha256")]
+    pub expect_sha256: Vec<DiskSha256>,
+    #[arg(long, default_value_t = DEFAULT_REQUEST_SIZE)]
+    pub request_size: u32,
+    #[arg(long, default_value_t = DEFAULT_IN_FLIGHT)]
+    pub in_flight: usize,
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS)]
+    pub connections: usize,
+    /// Seconds allowed for each NBD request.
+    #[arg(long, default_value_t = DEFAULT_REQUEST_TIMEOUT_SECONDS)]
+    pub request_timeout: u64,
+    /// Certificates for nbds:// targets: ca-cert.pem, client-cert.pem, client-key.pem.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Also write the JSON result here (at most 4096 bytes: a termination message).
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+}
+
+impl RestoreArgs {
+    pub fn new(sources: Vec<DiskPath>, targets: Vec<RestoreTarget>) -> Self {
+        Self {
+            sources,
+            targets,
+            areas_files: Vec::new(),
+            expect_sha256: Vec::new(),
+            request_size: DEFAULT_REQUEST_SIZE,
+            in_flight: DEFAULT_IN_FLIGHT,
+            connections: DEFAULT_CONNECTIONS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            tls_dir: None,
+            result_file: None,
+        }
+    }
+
+    /// `restore ...`: settings at their defaults are left out.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["restore"]);
+        for s in &self.sources {
+            a.opt("--source", s);
+        }
+        for t in &self.targets {
+            a.opt("--target", t);
+        }
+        for f in &self.areas_files {
+            a.opt("--areas-file", f);
+        }
+        for e in &self.expect_sha256 {
+            a.opt("--expect-sha256", e);
+        }
+        a.not_default("--request-size", self.request_size, DEFAULT_REQUEST_SIZE);
+        a.not_default("--in-flight", self.in_flight, DEFAULT_IN_FLIGHT);
+        a.not_default("--connections", self.connections, DEFAULT_CONNECTIONS);
+        a.not_default(
+            "--request-timeout",
+            self.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        );
+        a.path("--tls-dir", self.tls_dir.as_ref());
+        a.path("--result-file", self.result_file.as_ref());
+        a.0
+    }
+}
+
 #[cfg(test)]
 mod tests;

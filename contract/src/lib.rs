@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod probe;
 pub mod progress;
 pub mod reason;
+pub mod restore;
 pub mod result;
 
 pub use reason::{AgentReason, ProbeReason};

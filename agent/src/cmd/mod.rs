@@ -7,6 +7,7 @@ pub mod copy;
 pub mod hub;
 pub mod nbd_ping;
 pub mod repo;
+pub mod restore;
 pub mod verify;
 
 use std::path::Path;
@@ -50,6 +51,7 @@ pub async fn run(command: Command) -> Result<Outcome> {
         Command::Backup(args) => backup::run(*args).await,
         Command::NbdPing(args) => nbd_ping::run(args).await,
         Command::Checksum(args) => checksum::run(args).await,
+        Command::Restore(args) => restore::run(args).await,
     }
 }
 

@@ -12,6 +12,7 @@ use super::*;
 enum Line {
     Backup(Box<BackupArgs>),
     NbdPing(NbdPingArgs),
+    Restore(RestoreArgs),
     Hub {
         #[command(subcommand)]
         hub: Hub,
@@ -130,4 +131,72 @@ fn malformed_pairs_name_the_value_and_the_expected_form() {
         err.contains("--transport") && err.contains("nfs") && err.contains("vddk"),
         "{err}"
     );
+}
+
+#[test]
+fn restore_line_round_trips_with_every_target_kind() {
+    let mut args = RestoreArgs::new(
+        vec![
+            "2000:/repo/rp/2000.qcow2".parse().unwrap(),
+            "2001:/repo/rp/2001.qcow2".parse().unwrap(),
+        ],
+        vec![
+            "2000:file:/targets/2000/disk.img".parse().unwrap(),
+            "2001:blank-nbd:nbd+unix:///?socket=/run/x.sock"
+                .parse()
+                .unwrap(),
+        ],
+    );
+    assert_eq!(
+        args.to_args(),
+        [
+            "restore",
+            "--source",
+            "2000:/repo/rp/2000.qcow2",
+            "--source",
+            "2001:/repo/rp/2001.qcow2",
+            "--target",
+            "2000:file:/targets/2000/disk.img",
+            "--target",
+            "2001:blank-nbd:nbd+unix:///?socket=/run/x.sock",
+        ]
+    );
+    args.areas_files = vec!["2000:/tmp/areas".parse().unwrap()];
+    args.expect_sha256 = vec![format!("2000:{}", "AB".repeat(32)).parse().unwrap()];
+    args.targets[1] = "2001:device:/dev/xvdb".parse().unwrap();
+    args.request_timeout = 30;
+    args.result_file = Some("/dev/termination-log".into());
+    match parse(args.to_args()) {
+        Line::Restore(back) => assert_eq!(back, args),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(args.expect_sha256[0].sha256, "ab".repeat(32));
+    assert_eq!(
+        "2000:nbd:nbd://h:1/x"
+            .parse::<RestoreTarget>()
+            .unwrap()
+            .kind,
+        RestoreTargetKind::Nbd {
+            url: "nbd://h:1/x".into(),
+            blank: false
+        }
+    );
+}
+
+#[test]
+fn malformed_restore_values_name_the_form() {
+    for (bad, says) in [
+        (
+            "2000:/x/disk.img",
+            "not one of file, device, nbd, blank-nbd",
+        ),
+        ("2000:file", "DEVICE_KEY:KIND:WHERE"),
+        ("2000:file:", "empty"),
+        ("x:file:/a", "device key"),
+    ] {
+        let e = bad.parse::<RestoreTarget>().unwrap_err().to_string();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    let e = "2000:abc".parse::<DiskSha256>().unwrap_err().to_string();
+    assert!(e.contains("64 hexadecimal digits"), "{e}");
 }

@@ -1,0 +1,114 @@
+//! The agent's restore result: printed on stdout and written as the restore pod's termination
+//! message (at most 4096 bytes, see [`RestoreResult::compact_json`]) for the operator to read.
+
+use serde::{Deserialize, Serialize};
+
+/// How a restore ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RestoreResult {
+    pub ok: bool,
+    /// Set when `ok` is false: what went wrong, naming the disk and the fix where there is one.
+    pub error: Option<String>,
+    /// True when the restore failed before any target was written.
+    pub nothing_written: bool,
+    pub seconds: f64,
+    pub disks: Vec<RestoredDisk>,
+    /// Set when the result was shrunk to fit a termination message.
+    pub truncated: bool,
+}
+
+/// One disk of a restore.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RestoredDisk {
+    pub key: i32,
+    /// The target, as given on the command line.
+    pub target: String,
+    pub capacity: u64,
+    /// Bytes the restore covered: the whole disk, or the areas of a rollback.
+    pub bytes_total: u64,
+    /// Bytes sent as data, as WRITE_ZEROES, and skipped (zeros into a blank target).
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+    pub bytes_skipped: u64,
+    /// SHA-256 of the target over the disk's capacity, read back after the flush (with
+    /// `--expect-sha256`), and whether it matched.
+    pub sha256: Option<String>,
+    pub verified: Option<bool>,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+impl RestoreResult {
+    /// Parses a termination message.
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text.trim()).ok()
+    }
+
+    /// The result as JSON of at most `limit` bytes: targets and checksums go first, then the
+    /// error is shortened, then the disks go.
+    pub fn compact_json(&self, limit: usize) -> String {
+        let full = serde_json::to_string(self).unwrap_or_default();
+        if full.len() <= limit {
+            return full;
+        }
+        let mut r = self.clone();
+        r.truncated = true;
+        for d in &mut r.disks {
+            d.target.clear();
+            d.sha256 = None;
+            d.error = d.error.take().map(|e| shorten(&e, 200));
+        }
+        let s = serde_json::to_string(&r).unwrap_or_default();
+        if s.len() <= limit {
+            return s;
+        }
+        r.error = r.error.take().map(|e| shorten(&e, limit / 2));
+        r.disks.clear();
+        serde_json::to_string(&r).unwrap_or_default()
+    }
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_results_fit_and_keep_the_outcome() {
+        let disk = RestoredDisk {
+            key: 2000,
+            target: "x".repeat(500),
+            sha256: Some("a".repeat(64)),
+            error: Some("é".repeat(400)),
+            ..Default::default()
+        };
+        let r = RestoreResult {
+            ok: false,
+            error: Some("disk 2000: ".to_owned() + &"é".repeat(4000)),
+            disks: vec![disk; 20],
+            ..Default::default()
+        };
+        let s = r.compact_json(4096);
+        assert!(s.len() <= 4096, "{}", s.len());
+        let back = RestoreResult::parse(&s).expect("parses");
+        assert!(!back.ok && back.truncated);
+        assert!(back.error.unwrap().starts_with("disk 2000: "));
+        let small = RestoreResult {
+            ok: true,
+            ..Default::default()
+        };
+        assert_eq!(RestoreResult::parse(&small.compact_json(4096)), Some(small));
+    }
+}
