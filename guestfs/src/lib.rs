@@ -10,6 +10,7 @@
 pub mod ext4;
 pub mod ntfs;
 pub mod partition;
+pub mod walk;
 pub mod xfs;
 
 use std::sync::Arc;
