@@ -11,7 +11,8 @@
 //! encrypted streams, and files whose data a reparse point keeps elsewhere (deduplication,
 //! WOF, cloud placeholders), are refused with [`Error::Unsupported`] naming the file; alternate
 //! data streams are not offered. Symbolic links and junctions are [`NodeKind::Symlink`], their
-//! target the reparse point's print name with `/` separators.
+//! target the reparse point's print name with `/` separators; so are the Interix symlinks
+//! ntfs-3g writes by default (Interix devices are [`NodeKind::Other`]).
 //!
 //! The crate follows on-disk references without loop detection and allocates index records of
 //! the size the index root states: every step runs on a read budget ([`reader`]), index
@@ -31,10 +32,12 @@ use ::ntfs::structured_values::{
     NtfsFileAttributeFlags, NtfsFileName, NtfsFileNamespace, NtfsIndexRoot, NtfsStandardInformation,
 };
 use ::ntfs::{
-    NtfsAttributeFlags, NtfsAttributeType, NtfsError, NtfsFile, NtfsFileFlags, NtfsReadSeek,
+    NtfsAttribute, NtfsAttributeFlags, NtfsAttributeType, NtfsError, NtfsFile, NtfsFileFlags,
+    NtfsReadSeek,
 };
 
 use self::reader::{ReadBudgetExhausted, VolumeReader};
+use self::reparse::Interix;
 use crate::{DirEntry, Error, FileSystem, FsKind, Node, NodeKind, ReadAt, Result, Timestamp};
 
 const FS: &str = "ntfs";
@@ -177,17 +180,21 @@ impl FileSystem for Ntfs {
         self.run(|layout, reader| {
             let file = load(layout, reader, node.id)?;
             let described = describe(&file, reader)?;
-            if file.is_directory() {
-                return Err(unsupported(&file, reader, "a directory has no file data"));
-            }
-            if let Some(tag) = described.reparse.as_deref().and_then(reparse::tag) {
-                return Err(unsupported(
-                    &file,
-                    reader,
-                    &format!(
-                        "a reparse point (tag {tag:#010x}): its data is not in the file's $DATA"
-                    ),
-                ));
+            let why = match described.node(node.id).kind {
+                NodeKind::File => None,
+                NodeKind::Directory => Some("a directory has no file data".to_owned()),
+                NodeKind::Symlink => Some("a symbolic link has no file data".to_owned()),
+                NodeKind::Other => {
+                    Some(match described.reparse.as_deref().and_then(reparse::tag) {
+                        Some(tag) => format!(
+                            "a reparse point (tag {tag:#010x}): its data is not in the file's $DATA"
+                        ),
+                        None => "a device (Interix form) has no file data".to_owned(),
+                    })
+                }
+            };
+            if let Some(why) = why {
+                return Err(unsupported(&file, reader, &why));
             }
             let Some(item) = file.data(reader, "") else {
                 return Ok(0);
@@ -236,8 +243,8 @@ impl FileSystem for Ntfs {
     fn read_link(&self, link: &Node) -> Result<Vec<u8>> {
         self.run(|layout, reader| {
             let file = load(layout, reader, link.id)?;
-            match describe(&file, reader)?.reparse {
-                Some(value) => reparse::link_target(&value),
+            match describe(&file, reader)?.link_target() {
+                Some(target) => target,
                 None => Err(Error::Unsupported {
                     fs: FS,
                     what: format!(
@@ -283,6 +290,8 @@ struct Described {
     index_record_size: Option<u32>,
     /// The `$REPARSE_POINT` value, at most [`reparse::MAX_VALUE_LEN`] bytes.
     reparse: Option<Vec<u8>>,
+    /// A link or device as ntfs-3g writes them by default (in a SYSTEM file's data).
+    interix: Option<Interix>,
 }
 
 fn describe(file: &NtfsFile<'_>, reader: &mut VolumeReader) -> Result<Described> {
@@ -330,6 +339,16 @@ fn describe(file: &NtfsFile<'_>, reader: &mut VolumeReader) -> Result<Described>
             NtfsAttributeType::Data if name.is_empty() && !seen_data => {
                 seen_data = true;
                 d.data_len = attribute.value_length();
+                let system = d
+                    .attributes
+                    .is_some_and(|a| a.contains(NtfsFileAttributeFlags::SYSTEM));
+                let plain = !attribute
+                    .flags()
+                    .intersects(NtfsAttributeFlags::COMPRESSED | NtfsAttributeFlags::ENCRYPTED);
+                if system && plain && !d.is_directory && d.data_len <= reparse::INTERIX_MAX_LEN {
+                    let data = read_whole(&attribute, reader, context)?;
+                    d.interix = reparse::interix(&data);
+                }
             }
             NtfsAttributeType::IndexRoot if name == "$I30" => {
                 let root = attribute
@@ -349,17 +368,7 @@ fn describe(file: &NtfsFile<'_>, reader: &mut VolumeReader) -> Result<Described>
                         reparse::MAX_VALUE_LEN
                     )));
                 }
-                let mut value = attribute.value(reader).map_err(context)?;
-                let mut bytes = vec![0; len as usize];
-                let mut done = 0;
-                while done < bytes.len() {
-                    reader.refill();
-                    match value.read(reader, &mut bytes[done..]).map_err(context)? {
-                        0 => break,
-                        n => done += n,
-                    }
-                }
-                bytes.truncate(done);
+                let bytes = read_whole(&attribute, reader, context)?;
                 d.reparse = Some(bytes);
             }
             _ => {}
@@ -368,23 +377,54 @@ fn describe(file: &NtfsFile<'_>, reader: &mut VolumeReader) -> Result<Described>
     Ok(d)
 }
 
+/// A small attribute value, whole (its length was checked by the caller).
+fn read_whole(
+    attribute: &NtfsAttribute<'_, '_>,
+    reader: &mut VolumeReader,
+    context: impl Fn(NtfsError) -> Error,
+) -> Result<Vec<u8>> {
+    let mut value = attribute.value(reader).map_err(&context)?;
+    let mut bytes = vec![0; attribute.value_length() as usize];
+    let mut done = 0;
+    while done < bytes.len() {
+        reader.refill();
+        match value.read(reader, &mut bytes[done..]).map_err(&context)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    bytes.truncate(done);
+    Ok(bytes)
+}
+
 impl Described {
+    /// The target, if the node is a link: a symlink or junction reparse point (an error if
+    /// it cannot be decoded), or an Interix symlink.
+    fn link_target(&self) -> Option<Result<Vec<u8>>> {
+        if let Some(value) = &self.reparse {
+            return reparse::tag(value)
+                .filter(|&tag| reparse::is_link(tag))
+                .map(|_| reparse::link_target(value));
+        }
+        match &self.interix {
+            Some(Interix::Symlink(target)) => Some(Ok(target.clone())),
+            _ => None,
+        }
+    }
+
     fn node(&self, record: u64) -> Node {
         let read_only = self
             .attributes
             .is_some_and(|a| a.contains(NtfsFileAttributeFlags::READ_ONLY));
-        let link = self.reparse.as_deref().and_then(|value| {
-            reparse::tag(value)
-                .filter(|&tag| reparse::is_link(tag))
-                .map(|_| reparse::link_target(value).ok())
-        });
-        // An undecodable link, or a file whose data a reparse point keeps elsewhere, is listed
-        // but never extracted; a directory with another reparse tag keeps its own index.
-        let (kind, size, mode) = match link {
-            Some(Some(target)) => (NodeKind::Symlink, target.len() as u64, 0o777),
-            Some(None) => (NodeKind::Other, 0, 0o644),
+        // An undecodable link, a device, or a file whose data a reparse point keeps elsewhere
+        // is listed but never extracted; a directory with another reparse tag keeps its index.
+        let (kind, size, mode) = match self.link_target() {
+            Some(Ok(target)) => (NodeKind::Symlink, target.len() as u64, 0o777),
+            Some(Err(_)) => (NodeKind::Other, 0, 0o644),
             None if self.is_directory => (NodeKind::Directory, self.index_allocation_len, 0o755),
-            None if self.reparse.is_some() => (NodeKind::Other, self.data_len, 0o644),
+            None if self.reparse.is_some() || self.interix.is_some() => {
+                (NodeKind::Other, self.data_len, 0o644)
+            }
             None => (NodeKind::File, self.data_len, 0o644),
         };
         let mode = if read_only && kind != NodeKind::Directory && kind != NodeKind::Symlink {

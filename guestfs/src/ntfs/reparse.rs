@@ -1,5 +1,6 @@
-//! Reparse points that are links: Windows symbolic links and junctions (mount points), decoded
-//! from the `$REPARSE_POINT` value (`REPARSE_DATA_BUFFER`) to a target with `/` separators.
+//! Links stored outside plain file data: Windows symbolic links and junctions (mount points),
+//! decoded from the `$REPARSE_POINT` value (`REPARSE_DATA_BUFFER`) to a target with `/`
+//! separators; and ntfs-3g's default (Interix) symlinks and devices, in a SYSTEM file's data.
 
 use crate::{Error, Result};
 
@@ -81,6 +82,30 @@ pub(super) fn link_target(value: &[u8]) -> Result<Vec<u8>> {
     Ok(target.replace('\\', "/").into_bytes())
 }
 
+/// The largest Interix file read to recognise it: the magic and a 4096-unit target.
+pub(super) const INTERIX_MAX_LEN: u64 = 8 + 2 * 4096;
+
+/// What an Interix (Services for Unix) file stands for.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Interix {
+    /// The target, UTF-16LE in the file, here UTF-8 (it has `/` separators already).
+    Symlink(Vec<u8>),
+    /// A character or block device (major and minor follow the magic).
+    Device,
+}
+
+/// Recognises the data of a SYSTEM file as an Interix symlink or device.
+pub(super) fn interix(data: &[u8]) -> Option<Interix> {
+    match data.get(..8)? {
+        b"IntxLNK\x01" => {
+            let target = utf16le(&data[8..]).ok().filter(|t| !t.is_empty())?;
+            Some(Interix::Symlink(target.into_bytes()))
+        }
+        b"IntxCHR\0" | b"IntxBLK\0" => Some(Interix::Device),
+        _ => None,
+    }
+}
+
 fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
 }
@@ -145,6 +170,16 @@ pub(super) mod tests {
     fn an_empty_print_name_falls_back_to_the_substitute_name_without_the_nt_prefix() {
         let value = link_value(TAG_MOUNT_POINT, r"\??\D:\data", "", 0);
         assert_eq!(link_target(&value).unwrap(), b"D:/data");
+    }
+
+    #[test]
+    fn interix_symlinks_and_devices_are_recognised_by_their_magic() {
+        let mut link = b"IntxLNK\x01".to_vec();
+        link.extend("../a b".encode_utf16().flat_map(u16::to_le_bytes));
+        assert_eq!(interix(&link), Some(Interix::Symlink(b"../a b".to_vec())));
+        assert_eq!(interix(b"IntxCHR\0\x01\0\0\0"), Some(Interix::Device));
+        assert_eq!(interix(b"IntxLNK\x01"), None);
+        assert_eq!(interix(b"MZ\x90\0 an ordinary system file"), None);
     }
 
     #[test]
