@@ -36,7 +36,7 @@ use ::ntfs::{
     NtfsReadSeek,
 };
 
-use self::reader::{ReadBudgetExhausted, VolumeReader};
+use self::reader::{READS_PER_STEP, ReadBudgetExhausted, VolumeReader};
 use self::reparse::Interix;
 use crate::{DirEntry, Error, FileSystem, FsKind, Node, NodeKind, ReadAt, Result, Timestamp};
 
@@ -130,7 +130,8 @@ impl FileSystem for Ntfs {
             if !file.is_directory() {
                 return Err(Error::NotADirectory(format!("MFT record {}", dir.id)));
             }
-            let record_size = describe(&file, reader)?.index_record_size;
+            let described = describe(&file, reader)?;
+            let record_size = described.index_record_size;
             if record_size
                 .is_some_and(|size| !size.is_power_of_two() || !INDEX_RECORD_SIZES.contains(&size))
             {
@@ -140,7 +141,13 @@ impl FileSystem for Ntfs {
                     dir.id
                 )));
             }
-            let listed = index_names(&file, reader, dir.id)?;
+            let listed = index_names(
+                &file,
+                reader,
+                dir.id,
+                described.index_allocation_len,
+                record_size.unwrap_or(4096),
+            )?;
             let long_named: HashSet<u64> = listed
                 .iter()
                 .filter(|l| l.namespace != NtfsFileNamespace::Dos)
@@ -458,13 +465,32 @@ struct Listed {
     sequence: u16,
 }
 
-fn index_names(dir: &NtfsFile<'_>, reader: &mut VolumeReader, record: u64) -> Result<Vec<Listed>> {
+/// The names of a directory's index (`allocation_len` bytes of `record_size`-byte index
+/// records beside the root). The crate walks the
+/// B-tree without noticing a subnode that refers back up, and keeps yielding the same names
+/// while it descends: the walk may read each record a few times (a record can straddle data
+/// runs) and yield as many names as fit in them, no more.
+fn index_names(
+    dir: &NtfsFile<'_>,
+    reader: &mut VolumeReader,
+    record: u64,
+    allocation_len: u64,
+    record_size: u32,
+) -> Result<Vec<Listed>> {
     let context = |e: NtfsError| from_ntfs(&format!("{} index", record_name(record)), e);
     let index = dir.directory_index(reader).map_err(context)?;
     let mut entries = index.entries();
     let mut listed = Vec::new();
+    let records = allocation_len / u64::from(record_size);
+    let reads = records
+        .saturating_mul(4)
+        .saturating_add(READS_PER_STEP.into());
+    reader.allow(u32::try_from(reads).unwrap_or(u32::MAX));
+    // A name takes at least 82 bytes of an index record; the root holds a few dozen.
+    let most = usize::try_from(allocation_len / 82 + 1024)
+        .unwrap_or(usize::MAX)
+        .min(MAX_DIR_ENTRIES);
     loop {
-        reader.refill();
         let Some(entry) = entries.next(reader) else {
             break;
         };
@@ -478,9 +504,10 @@ fn index_names(dir: &NtfsFile<'_>, reader: &mut VolumeReader, record: u64) -> Re
             record: reference.file_record_number(),
             sequence: reference.sequence_number(),
         });
-        if listed.len() > MAX_DIR_ENTRIES {
+        if listed.len() > most {
             return Err(corrupt(format!(
-                "{} index has more than {MAX_DIR_ENTRIES} entries (a loop?)",
+                "{} index yields more than the {most} names its {allocation_len} bytes can hold \
+                 (a subnode loop)",
                 record_name(record)
             )));
         }

@@ -38,6 +38,11 @@ impl VolumeReader {
     pub(super) fn refill(&mut self) {
         self.reads_left = READS_PER_STEP;
     }
+
+    /// Starts a step that may take `reads` reads (a whole walk whose size is known).
+    pub(super) fn allow(&mut self, reads: u32) {
+        self.reads_left = reads;
+    }
 }
 
 impl Read for VolumeReader {
