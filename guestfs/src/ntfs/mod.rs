@@ -490,10 +490,7 @@ fn index_names(
     let most = usize::try_from(allocation_len / 82 + 1024)
         .unwrap_or(usize::MAX)
         .min(MAX_DIR_ENTRIES);
-    loop {
-        let Some(entry) = entries.next(reader) else {
-            break;
-        };
+    while let Some(entry) = entries.next(reader) {
         let entry = entry.map_err(context)?;
         let Some(key) = entry.key() else { continue };
         let key = key.map_err(context)?;
