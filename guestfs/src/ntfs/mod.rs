@@ -15,11 +15,14 @@
 //! ntfs-3g writes by default (Interix devices are [`NodeKind::Other`]).
 //!
 //! The crate follows on-disk references without loop detection and allocates index records of
-//! the size the index root states: every step runs on a read budget ([`reader`]), index
-//! records are size-checked before the crate sees them, and a panic in the crate on a damaged
-//! structure becomes [`Error::Corrupt`].
+//! the size the index root states: every step runs on a read budget (`reader`), a directory
+//! walk may yield no more names than its index can hold (`index`), index records are
+//! size-checked before the crate sees them, and a panic in the crate on a damaged structure
+//! becomes [`Error::Corrupt`].
 
+mod index;
 mod reader;
+mod record;
 mod reparse;
 
 use std::any::Any;
@@ -28,26 +31,18 @@ use std::io::{self, SeekFrom};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
-use ::ntfs::structured_values::{
-    NtfsFileAttributeFlags, NtfsFileName, NtfsFileNamespace, NtfsIndexRoot, NtfsStandardInformation,
-};
-use ::ntfs::{
-    NtfsAttribute, NtfsAttributeFlags, NtfsAttributeType, NtfsError, NtfsFile, NtfsFileFlags,
-    NtfsReadSeek,
-};
+use ::ntfs::structured_values::NtfsFileNamespace;
+use ::ntfs::{NtfsAttributeFlags, NtfsError, NtfsFile, NtfsReadSeek};
 
-use self::reader::{READS_PER_STEP, ReadBudgetExhausted, VolumeReader};
-use self::reparse::Interix;
-use crate::{DirEntry, Error, FileSystem, FsKind, Node, NodeKind, ReadAt, Result, Timestamp};
+use self::index::index_names;
+use self::reader::{ReadBudgetExhausted, VolumeReader};
+use self::record::{describe, load};
+use crate::{DirEntry, Error, FileSystem, FsKind, Node, NodeKind, ReadAt, Result};
 
 const FS: &str = "ntfs";
 const ROOT_RECORD: u64 = 5;
 /// Records 0 to 15 are the metafiles; the first user file is record 16 (24 on Windows).
 const FIRST_USER_RECORD: u64 = 16;
-/// More names than any real directory holds; beyond it the index is taken to be looping.
-const MAX_DIR_ENTRIES: usize = 1 << 22;
-/// More attributes than a record (with its attribute list) holds in practice.
-const MAX_ATTRIBUTES: usize = 4096;
 /// Index records are 4 KiB on every NTFS seen; the crate allocates whatever the root states.
 const INDEX_RECORD_SIZES: std::ops::RangeInclusive<u32> = 512..=64 * 1024;
 
@@ -264,254 +259,6 @@ impl FileSystem for Ntfs {
     }
 }
 
-/// Loads a file record that is in use.
-fn load<'n>(
-    layout: &'n ::ntfs::Ntfs,
-    reader: &mut VolumeReader,
-    record: u64,
-) -> Result<NtfsFile<'n>> {
-    let file = layout
-        .file(reader, record)
-        .map_err(|e| from_ntfs(&record_name(record), e))?;
-    if !file.flags().contains(NtfsFileFlags::IN_USE) {
-        return Err(corrupt(format!(
-            "{} is not in use (a deleted file)",
-            record_name(record)
-        )));
-    }
-    Ok(file)
-}
-
-/// What a file record says about a node, gathered in one pass over its attributes.
-#[derive(Default)]
-struct Described {
-    is_directory: bool,
-    attributes: Option<NtfsFileAttributeFlags>,
-    mtime: Timestamp,
-    atime: Timestamp,
-    /// `$FILE_NAME`s other than 8.3 short names: the node's hard links.
-    names: u32,
-    hard_link_count: u16,
-    data_len: u64,
-    index_allocation_len: u64,
-    index_record_size: Option<u32>,
-    /// The `$REPARSE_POINT` value, at most [`reparse::MAX_VALUE_LEN`] bytes.
-    reparse: Option<Vec<u8>>,
-    /// A link or device as ntfs-3g writes them by default (in a SYSTEM file's data).
-    interix: Option<Interix>,
-}
-
-fn describe(file: &NtfsFile<'_>, reader: &mut VolumeReader) -> Result<Described> {
-    let record = file.file_record_number();
-    let context = |e: NtfsError| from_ntfs(&record_name(record), e);
-    let mut d = Described {
-        is_directory: file.is_directory(),
-        hard_link_count: file.hard_link_count(),
-        ..Described::default()
-    };
-    let mut seen_data = false;
-    let mut attributes = file.attributes();
-    let mut count = 0;
-    while let Some(item) = attributes.next(reader) {
-        reader.refill();
-        count += 1;
-        if count > MAX_ATTRIBUTES {
-            return Err(corrupt(format!(
-                "{} has more than {MAX_ATTRIBUTES} attributes",
-                record_name(record)
-            )));
-        }
-        let item = item.map_err(context)?;
-        let attribute = item.to_attribute().map_err(context)?;
-        // Types the crate does not know ($EA, $LOGGED_UTILITY_STREAM, ...) say nothing we use.
-        let Ok(ty) = attribute.ty() else { continue };
-        let name = attribute.name().map_err(context)?;
-        match ty {
-            NtfsAttributeType::StandardInformation if d.attributes.is_none() => {
-                let info = attribute
-                    .resident_structured_value::<NtfsStandardInformation>()
-                    .map_err(context)?;
-                d.attributes = Some(info.file_attributes());
-                d.mtime = unix_time(info.modification_time().nt_timestamp());
-                d.atime = unix_time(info.access_time().nt_timestamp());
-            }
-            NtfsAttributeType::FileName => {
-                let file_name = attribute
-                    .structured_value::<_, NtfsFileName>(reader)
-                    .map_err(context)?;
-                if file_name.namespace() != NtfsFileNamespace::Dos {
-                    d.names += 1;
-                }
-            }
-            NtfsAttributeType::Data if name.is_empty() && !seen_data => {
-                seen_data = true;
-                d.data_len = attribute.value_length();
-                let system = d
-                    .attributes
-                    .is_some_and(|a| a.contains(NtfsFileAttributeFlags::SYSTEM));
-                let plain = !attribute
-                    .flags()
-                    .intersects(NtfsAttributeFlags::COMPRESSED | NtfsAttributeFlags::ENCRYPTED);
-                if system && plain && !d.is_directory && d.data_len <= reparse::INTERIX_MAX_LEN {
-                    let data = read_whole(&attribute, reader, context)?;
-                    d.interix = reparse::interix(&data);
-                }
-            }
-            NtfsAttributeType::IndexRoot if name == "$I30" => {
-                let root = attribute
-                    .resident_structured_value::<NtfsIndexRoot>()
-                    .map_err(context)?;
-                d.index_record_size = Some(root.index_record_size());
-            }
-            NtfsAttributeType::IndexAllocation if name == "$I30" => {
-                d.index_allocation_len = attribute.value_length();
-            }
-            NtfsAttributeType::ReparsePoint if d.reparse.is_none() => {
-                let len = attribute.value_length();
-                if len > reparse::MAX_VALUE_LEN {
-                    return Err(corrupt(format!(
-                        "{}: reparse point of {len} bytes (at most {} exist)",
-                        record_name(record),
-                        reparse::MAX_VALUE_LEN
-                    )));
-                }
-                let bytes = read_whole(&attribute, reader, context)?;
-                d.reparse = Some(bytes);
-            }
-            _ => {}
-        }
-    }
-    Ok(d)
-}
-
-/// A small attribute value, whole (its length was checked by the caller).
-fn read_whole(
-    attribute: &NtfsAttribute<'_, '_>,
-    reader: &mut VolumeReader,
-    context: impl Fn(NtfsError) -> Error,
-) -> Result<Vec<u8>> {
-    let mut value = attribute.value(reader).map_err(&context)?;
-    let mut bytes = vec![0; attribute.value_length() as usize];
-    let mut done = 0;
-    while done < bytes.len() {
-        reader.refill();
-        match value.read(reader, &mut bytes[done..]).map_err(&context)? {
-            0 => break,
-            n => done += n,
-        }
-    }
-    bytes.truncate(done);
-    Ok(bytes)
-}
-
-impl Described {
-    /// The target, if the node is a link: a symlink or junction reparse point (an error if
-    /// it cannot be decoded), or an Interix symlink.
-    fn link_target(&self) -> Option<Result<Vec<u8>>> {
-        if let Some(value) = &self.reparse {
-            return reparse::tag(value)
-                .filter(|&tag| reparse::is_link(tag))
-                .map(|_| reparse::link_target(value));
-        }
-        match &self.interix {
-            Some(Interix::Symlink(target)) => Some(Ok(target.clone())),
-            _ => None,
-        }
-    }
-
-    fn node(&self, record: u64) -> Node {
-        let read_only = self
-            .attributes
-            .is_some_and(|a| a.contains(NtfsFileAttributeFlags::READ_ONLY));
-        // An undecodable link, a device, or a file whose data a reparse point keeps elsewhere
-        // is listed but never extracted; a directory with another reparse tag keeps its index.
-        let (kind, size, mode) = match self.link_target() {
-            Some(Ok(target)) => (NodeKind::Symlink, target.len() as u64, 0o777),
-            Some(Err(_)) => (NodeKind::Other, 0, 0o644),
-            None if self.is_directory => (NodeKind::Directory, self.index_allocation_len, 0o755),
-            None if self.reparse.is_some() || self.interix.is_some() => {
-                (NodeKind::Other, self.data_len, 0o644)
-            }
-            None => (NodeKind::File, self.data_len, 0o644),
-        };
-        let mode = if read_only && kind != NodeKind::Directory && kind != NodeKind::Symlink {
-            0o444
-        } else {
-            mode
-        };
-        Node {
-            id: record,
-            kind,
-            size,
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: self.mtime,
-            atime: self.atime,
-            links: if self.names > 0 {
-                self.names
-            } else {
-                u32::from(self.hard_link_count.max(1))
-            },
-        }
-    }
-}
-
-/// One name of a directory's index.
-struct Listed {
-    name: String,
-    namespace: NtfsFileNamespace,
-    record: u64,
-    sequence: u16,
-}
-
-/// The names of a directory's index (`allocation_len` bytes of `record_size`-byte index
-/// records beside the root). The crate walks the
-/// B-tree without noticing a subnode that refers back up, and keeps yielding the same names
-/// while it descends: the walk may read each record a few times (a record can straddle data
-/// runs) and yield as many names as fit in them, no more.
-fn index_names(
-    dir: &NtfsFile<'_>,
-    reader: &mut VolumeReader,
-    record: u64,
-    allocation_len: u64,
-    record_size: u32,
-) -> Result<Vec<Listed>> {
-    let context = |e: NtfsError| from_ntfs(&format!("{} index", record_name(record)), e);
-    let index = dir.directory_index(reader).map_err(context)?;
-    let mut entries = index.entries();
-    let mut listed = Vec::new();
-    let records = allocation_len / u64::from(record_size);
-    let reads = records
-        .saturating_mul(4)
-        .saturating_add(READS_PER_STEP.into());
-    reader.allow(u32::try_from(reads).unwrap_or(u32::MAX));
-    // A name takes at least 82 bytes of an index record; the root holds a few dozen.
-    let most = usize::try_from(allocation_len / 82 + 1024)
-        .unwrap_or(usize::MAX)
-        .min(MAX_DIR_ENTRIES);
-    while let Some(entry) = entries.next(reader) {
-        let entry = entry.map_err(context)?;
-        let Some(key) = entry.key() else { continue };
-        let key = key.map_err(context)?;
-        let reference = entry.file_reference();
-        listed.push(Listed {
-            name: key.name().to_string_lossy(),
-            namespace: key.namespace(),
-            record: reference.file_record_number(),
-            sequence: reference.sequence_number(),
-        });
-        if listed.len() > most {
-            return Err(corrupt(format!(
-                "{} index yields more than the {most} names its {allocation_len} bytes can hold \
-                 (a subnode loop)",
-                record_name(record)
-            )));
-        }
-    }
-    Ok(listed)
-}
-
 /// The node's first long name, for messages (restore tools show paths; this names the file).
 fn display_name(file: &NtfsFile<'_>, reader: &mut VolumeReader) -> String {
     let record = file.file_record_number();
@@ -574,50 +321,9 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// NT time (100 ns ticks since 1601-01-01 UTC) as Unix time; times before 1970 are negative
-/// seconds with nanoseconds counting forward, as [`Timestamp`] has them.
-fn unix_time(nt: u64) -> Timestamp {
-    const TICKS_PER_SEC: i128 = 10_000_000;
-    const SECS_1601_TO_1970: i128 = 11_644_473_600;
-    let ticks = i128::from(nt) - SECS_1601_TO_1970 * TICKS_PER_SEC;
-    Timestamp {
-        // u64 ticks are at most 1.8e12 seconds: no truncation.
-        secs: ticks.div_euclid(TICKS_PER_SEC) as i64,
-        nanos: (ticks.rem_euclid(TICKS_PER_SEC) * 100) as u32,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nt_time_converts_to_unix_seconds_and_nanoseconds_on_both_sides_of_1970() {
-        let epoch = 116_444_736_000_000_000u64;
-        assert_eq!(unix_time(epoch), Timestamp { secs: 0, nanos: 0 });
-        assert_eq!(
-            unix_time(epoch + 15_000_001),
-            Timestamp {
-                secs: 1,
-                nanos: 500_000_100
-            }
-        );
-        assert_eq!(
-            unix_time(epoch - 5_000_000),
-            Timestamp {
-                secs: -1,
-                nanos: 500_000_000
-            }
-        );
-        assert_eq!(
-            unix_time(0),
-            Timestamp {
-                secs: -11_644_473_600,
-                nanos: 0
-            }
-        );
-        assert_eq!(unix_time(u64::MAX).secs, 1_833_029_933_770);
-    }
 
     #[test]
     fn probe_wants_the_oem_id_and_refuses_small_volumes() {
