@@ -15,7 +15,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 used=$(df --output=pcent "$SENDENSE_CACHE" 2>/dev/null | tail -n 1 | tr -dc '0-9' || true)
 if [ "${used:-0}" -ge "${SENDENSE_PRUNE_AT_PERCENT:-60}" ] && [ -d "$CARGO_TARGET_DIR" ]; then
   echo "disk ${used}% full: removing earlier builds of the workspace's crates from $CARGO_TARGET_DIR"
-  cargo clean -q -p sendense-crds -p sendense-contract -p sendense-vsphere -p sendense-agent \
+  cargo clean -q -p sendense-crds -p sendense-contract -p sendense-vsphere -p sendense-guestfs -p sendense-agent \
     -p sendense-operator -p sendense-e2e -p sendense-pause
 fi
 export SENDENSE_CLUSTER_DIR=$SENDENSE_CACHE/cluster-test

@@ -58,6 +58,12 @@ pub enum Command {
     /// Restore disks of a restore point (QCOW2 chains, read-only) onto raw image files, block
     /// devices or NBD exports; nothing is written until every source and target is checked.
     Restore(RestoreArgs),
+    /// The guest file systems of a restore point (partition tables; ext4, XFS, NTFS) read in
+    /// user space: list volumes and paths, extract files into a directory or a tar archive.
+    Files {
+        #[command(subcommand)]
+        command: crate::cmd::files::FilesCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,7 +4,8 @@
 //! [`cli`] is the command line and [`cmd`] a module per subcommand; the rest is what they use:
 //! [`backup`] (one backup, in steps), [`copy`] (the copy engine), [`nbd`] (the NBD client),
 //! [`source`] (nbdkit exports of snapshot disks), [`hub`] and [`repo`] (the repository side),
-//! [`checksum`], [`qemu_nbd`] and [`status`] (the backup's progress endpoint).
+//! [`checksum`], [`qemu_nbd`] and [`status`] (the backup's progress endpoint); [`guest`] (a
+//! restore point's guest file systems, for file-level restore).
 
 pub mod backup;
 pub mod checksum;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod cmd;
 pub mod commit;
 pub mod copy;
+pub mod guest;
 pub mod hub;
 pub mod nbd;
 pub mod qemu_nbd;

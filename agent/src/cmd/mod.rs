@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod checksum;
 pub mod copy;
+pub mod files;
 pub mod hub;
 pub mod nbd_ping;
 pub mod repo;
@@ -52,6 +53,7 @@ pub async fn run(command: Command) -> Result<Outcome> {
         Command::NbdPing(args) => nbd_ping::run(args).await,
         Command::Checksum(args) => checksum::run(args).await,
         Command::Restore(args) => restore::run(args).await,
+        Command::Files { command } => files::run(command).await,
     }
 }
 
