@@ -91,7 +91,9 @@ impl BlockMap {
                     )));
                 }
                 let keys = (0..count).map(|i| be64(fork, 4 + 8 * i)).collect();
-                let children = (0..count).map(|i| be64(fork, 4 + 8 * max + 8 * i)).collect();
+                let children = (0..count)
+                    .map(|i| be64(fork, 4 + 8 * max + 8 * i))
+                    .collect();
                 Ok(BlockMap::Btree {
                     level,
                     keys,
@@ -134,7 +136,15 @@ impl BlockMap {
                         return Ok(None);
                     }
                     let next = Node::read(volume, sb, ino, node.right, 0)?;
-                    return Ok(next.records.first().copied());
+                    let first = next.records[0];
+                    if first.file_block <= file_block {
+                        return Err(corrupt(format!(
+                            "inode {ino} block map btree: leaf {} after the one holding file \
+                             block {file_block} starts at {}",
+                            node.right, first.file_block
+                        )));
+                    }
+                    return Ok(Some(first));
                 }
             }
         }
@@ -143,7 +153,8 @@ impl BlockMap {
 
 /// The child whose subtree covers `file_block`: the last key at or below it (or the first).
 fn keys_index(keys: &[u64], file_block: u64) -> usize {
-    keys.partition_point(|&key| key <= file_block).saturating_sub(1)
+    keys.partition_point(|&key| key <= file_block)
+        .saturating_sub(1)
 }
 
 fn first_ending_after(extents: &[Extent], file_block: u64) -> Option<Extent> {
@@ -194,10 +205,18 @@ impl Node {
             (MAGIC_V4, HEADER_V4)
         };
         if &b[0..4] != magic {
-            return Err(corrupt(format!("{}: no {} magic", what(), magic.escape_ascii())));
+            return Err(corrupt(format!(
+                "{}: no {} magic",
+                what(),
+                magic.escape_ascii()
+            )));
         }
         if sb.has_crc() && be64(&b, 56) != ino {
-            return Err(corrupt(format!("{}: owned by inode {}", what(), be64(&b, 56))));
+            return Err(corrupt(format!(
+                "{}: owned by inode {}",
+                what(),
+                be64(&b, 56)
+            )));
         }
         let level = be16(&b, 4);
         let count = usize::from(be16(&b, 6));

@@ -37,6 +37,13 @@ pub(super) fn read_mapped(
         let out = &mut buf[done..];
         let extent = map.find(volume, sb, inode.ino, file_block)?;
         let n = match extent {
+            // `find` checks this; a loop that makes no progress must be impossible here.
+            Some(e) if e.file_block + e.blocks <= file_block => {
+                return Err(corrupt(format!(
+                    "inode {}: block map gives an extent ending before file block {file_block}",
+                    inode.ino
+                )));
+            }
             Some(e) if e.file_block <= file_block => {
                 let skip = file_block - e.file_block;
                 let run = (e.blocks - skip) * block_size - within;
@@ -103,7 +110,9 @@ pub(super) fn read_link(volume: &dyn ReadAt, sb: &Superblock, inode: &Inode) -> 
     let ino = inode.ino;
     let size = inode.size;
     if size == 0 || size > SYMLINK_MAX {
-        return Err(corrupt(format!("inode {ino}: symbolic link of {size} bytes")));
+        return Err(corrupt(format!(
+            "inode {ino}: symbolic link of {size} bytes"
+        )));
     }
     let size = size as usize;
     match inode.format {

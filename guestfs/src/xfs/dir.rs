@@ -151,7 +151,11 @@ fn parse_data_block(
             at += len;
             continue;
         }
-        // inode number, name length, name, file type if recorded, 2-byte tag; 8-byte aligned.
+        // inode number, name length, name, file type if recorded, 2-byte tag; 8-byte aligned,
+        // so at least 16 bytes.
+        if end - at < 16 {
+            return Err(bad(format!("entry at {at} cut off")));
+        }
         let name_len = usize::from(b[at + 8]);
         let len = (8 + 1 + name_len + ftype + 2).next_multiple_of(8);
         if name_len == 0 || len > end - at {

@@ -66,7 +66,12 @@ impl Inode {
         let core = match (version, sb.has_crc()) {
             (1 | 2, false) => CORE_V2,
             (3, true) => CORE_V3,
-            _ => return Err(bad(format!("version {version} on a v{} file system", sb.version))),
+            _ => {
+                return Err(bad(format!(
+                    "version {version} on a v{} file system",
+                    sb.version
+                )));
+            }
         };
         if version == 3 && be64(b, 152) != ino {
             return Err(bad(format!("records inode number {}", be64(b, 152))));
@@ -143,12 +148,13 @@ fn inode_offset(sb: &Superblock, ino: u64) -> Result<u64> {
     let ag_ino = ino & ((1u64 << ag_ino_log) - 1);
     let ag_block = ag_ino >> sb.inodes_per_block_log;
     let slot = ag_ino & ((1u64 << sb.inodes_per_block_log) - 1);
+    let outside = || corrupt(format!("inode number {ino} is outside the file system"));
+    if ag >= u64::from(sb.ag_count) || ag_block >= u64::from(sb.ag_blocks) {
+        return Err(outside());
+    }
     let linear = ag * u64::from(sb.ag_blocks) + ag_block;
-    if ag >= u64::from(sb.ag_count) || ag_block >= u64::from(sb.ag_blocks) || linear >= sb.dblocks
-    {
-        return Err(corrupt(format!(
-            "inode number {ino} is outside the file system"
-        )));
+    if linear >= sb.dblocks {
+        return Err(outside());
     }
     Ok((linear << sb.block_log) + slot * u64::from(sb.inode_size))
 }

@@ -173,16 +173,22 @@ impl Superblock {
     pub fn fsb_offset(&self, fsb: u64, count: u64, what: &dyn Fn() -> String) -> Result<u64> {
         let ag = fsb >> self.ag_block_log;
         let ag_block = fsb & ((1u64 << self.ag_block_log) - 1);
-        let linear = ag * u64::from(self.ag_blocks) + ag_block;
-        let end = linear.checked_add(count);
-        if ag >= u64::from(self.ag_count)
-            || ag_block + count > u64::from(self.ag_blocks)
-            || end.is_none_or(|end| end > self.dblocks)
-        {
-            return Err(corrupt(format!(
+        let outside = || {
+            corrupt(format!(
                 "{}: blocks {fsb}+{count} outside the file system",
                 what()
-            )));
+            ))
+        };
+        if ag >= u64::from(self.ag_count)
+            || count > u64::from(self.ag_blocks)
+            || ag_block + count > u64::from(self.ag_blocks)
+        {
+            return Err(outside());
+        }
+        // Both below 2^32 now: no overflow.
+        let linear = ag * u64::from(self.ag_blocks) + ag_block;
+        if linear + count > self.dblocks {
+            return Err(outside());
         }
         Ok(linear << self.block_log)
     }
@@ -195,7 +201,10 @@ fn check_incompat(incompat: u32) -> Result<()> {
     }
     let mut names = Vec::new();
     for (bit, name) in [
-        (INCOMPAT_NEEDSREPAIR, "needsrepair (xfs_repair must run first)"),
+        (
+            INCOMPAT_NEEDSREPAIR,
+            "needsrepair (xfs_repair must run first)",
+        ),
         (INCOMPAT_METADIR, "metadir"),
     ] {
         if unknown & bit != 0 {
@@ -248,7 +257,10 @@ mod tests {
         assert_eq!(sb.ag_ino_log(), 18);
         assert!(sb.has_ftype);
         assert_eq!(sb.label.as_deref(), Some("guest"));
-        assert_eq!(sb.fsb_offset((1 << 15) | 3, 1, &|| "x".into()).unwrap(), (19203) << 12);
+        assert_eq!(
+            sb.fsb_offset((1 << 15) | 3, 1, &|| "x".into()).unwrap(),
+            (19203) << 12
+        );
         assert!(sb.fsb_offset((4 << 15) | 3, 1, &|| "x".into()).is_err());
         assert!(sb.fsb_offset(19199, 2, &|| "x".into()).is_err());
     }
