@@ -50,7 +50,7 @@ fn names(fs: &dyn FileSystem, path: &str) -> Vec<String> {
 }
 
 fn each_variant(check: impl Fn(&Image)) {
-    for variant in [Variant::V5, Variant::V4] {
+    for variant in [Variant::V5, Variant::V5Nrext64, Variant::V4] {
         if let Some(image) = xfs_image::get(variant) {
             check(image);
         }

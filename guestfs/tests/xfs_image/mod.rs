@@ -15,6 +15,8 @@ use sendense_guestfs::{FileSystem, ReadAt};
 pub enum Variant {
     /// What mkfs.xfs makes today: CRCs, file types in entries, big timestamps, 4 KiB blocks.
     V5,
+    /// V5 with 64-bit extent counters (`nrext64`), which moves the inode's extent count.
+    V5Nrext64,
     /// No CRCs, no file types in entries, 1 KiB blocks and 4 KiB directory blocks.
     V4,
 }
@@ -23,13 +25,14 @@ impl Variant {
     pub fn label(self) -> &'static str {
         match self {
             Variant::V5 => "guest-v5",
+            Variant::V5Nrext64 => "guest-nrx64",
             Variant::V4 => "guest-v4",
         }
     }
 
     fn block_size(self) -> u32 {
         match self {
-            Variant::V5 => 4096,
+            Variant::V5 | Variant::V5Nrext64 => 4096,
             Variant::V4 => 1024,
         }
     }
@@ -37,18 +40,19 @@ impl Variant {
     fn mkfs_args(self) -> &'static [&'static str] {
         match self {
             Variant::V5 => &[],
+            Variant::V5Nrext64 => &["-i", "nrext64=1"],
             Variant::V4 => &["-m", "crc=0", "-b", "size=1024", "-n", "size=4096,ftype=0"],
         }
     }
 
     fn crc(self) -> bool {
-        self == Variant::V5
+        self != Variant::V4
     }
 
     /// The data fork's name in xfs_db (`u3` for v3 inodes).
     fn fork(self) -> &'static str {
         match self {
-            Variant::V5 => "u3",
+            Variant::V5 | Variant::V5Nrext64 => "u3",
             Variant::V4 => "u",
         }
     }
@@ -153,9 +157,11 @@ fn btree_file_blocks() -> impl Iterator<Item = u64> {
 
 pub fn get(variant: Variant) -> Option<&'static Image> {
     static V5: OnceLock<Option<Image>> = OnceLock::new();
+    static V5_NREXT64: OnceLock<Option<Image>> = OnceLock::new();
     static V4: OnceLock<Option<Image>> = OnceLock::new();
     let cell = match variant {
         Variant::V5 => &V5,
+        Variant::V5Nrext64 => &V5_NREXT64,
         Variant::V4 => &V4,
     };
     cell.get_or_init(|| build(variant)).as_ref()
@@ -625,6 +631,10 @@ impl Db {
             format!("write -d {fork}.bmbt.ptrs[1] {node}"),
         ]);
         assert_eq!(self.format("/btree.bin"), "3");
+        if self.variant == Variant::V5Nrext64 {
+            let flag = ["path /btree.bin".to_owned(), "print v3.nrext64".into()];
+            assert_eq!(self.field(&flag, "v3.nrext64"), "1");
+        }
         let expected: Vec<Mapping> = first
             .iter()
             .chain(&second)
