@@ -28,6 +28,8 @@ pub fn probe(volume: &dyn ReadAt) -> Result<bool> {
     Ok(&magic == superblock::MAGIC)
 }
 
+/// An XFS volume opened for reading. Holds only the superblock: every call reads the inodes and
+/// blocks it needs, so the image may be large and nothing grows with use.
 pub struct Xfs {
     volume: Arc<dyn ReadAt>,
     sb: Superblock,
