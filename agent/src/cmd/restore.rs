@@ -235,15 +235,13 @@ async fn open_source(
     let source = NbdClient::connect(&export.url(), opts)
         .await
         .with_context(|| format!("reading {}", file.display()))?;
-    if let Some(areas) = &areas {
-        if let Some(a) = areas.iter().find(|a| a.end() > source.size()) {
-            bail!(
-                "--areas-file: area {}+{} ends past the disk's {} bytes",
-                a.start,
-                a.length,
-                source.size()
-            );
-        }
+    if let Some(a) = areas.iter().flatten().find(|a| a.end() > source.size()) {
+        bail!(
+            "--areas-file: area {}+{} ends past the disk's {} bytes",
+            a.start,
+            a.length,
+            source.size()
+        );
     }
     Ok(Disk {
         key,
