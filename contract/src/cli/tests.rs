@@ -186,8 +186,9 @@ fn restore_line_round_trips_with_every_target_kind() {
 #[test]
 fn malformed_restore_values_name_the_form() {
     for (bad, says) in [
+        ("2000:/x/disk.img", "KIND file, device, nbd or blank-nbd"),
         (
-            "2000:/x/disk.img",
+            "2000:ftp:/x/disk.img",
             "not one of file, device, nbd, blank-nbd",
         ),
         ("2000:file", "DEVICE_KEY:KIND:WHERE"),
