@@ -14,7 +14,7 @@ use sendense_contract::cli::{
 };
 use sendense_contract::manifest::CommitResult;
 use sendense_contract::probe::ProbeResult;
-use sendense_contract::restore::RestoreResult;
+use sendense_contract::restore::{FilesResult, RestoreResult};
 use sendense_contract::result::{BackupResult, TERMINATION_MESSAGE_LIMIT, compact_json};
 use sendense_contract::{AgentReason, ProbeReason};
 
@@ -105,6 +105,7 @@ enum Answering {
     RepoProbe,
     RepoCommit,
     Restore,
+    FilesGet,
 }
 
 /// Where a rejected command line's result goes, and what it says; `None` when it has no
@@ -123,6 +124,9 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
     let answering = match args.first().map(|a| a.as_bytes()) {
         Some(b"backup") => Answering::Backup,
         Some(b"restore") => Answering::Restore,
+        Some(b"files") if args.get(1).is_some_and(|a| a.as_bytes() == b"get") => {
+            Answering::FilesGet
+        }
         Some(b"repo") if args.get(1).is_some_and(|a| a.as_bytes() == b"commit") => {
             Answering::RepoCommit
         }
@@ -152,6 +156,12 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
             serde_json::to_string(&CommitResult::failed(message)).unwrap_or_default()
         }
         Answering::Restore => RestoreResult {
+            error: Some(format!("invalid arguments: {message}")),
+            nothing_written: true,
+            ..Default::default()
+        }
+        .compact_json(TERMINATION_MESSAGE_LIMIT),
+        Answering::FilesGet => FilesResult {
             error: Some(format!("invalid arguments: {message}")),
             nothing_written: true,
             ..Default::default()

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::Result;
+use sendense_contract::restore::FilesResult;
 use support::*;
 
 const MIB: u64 = 1 << 20;
@@ -131,6 +132,9 @@ fn files_from_the_top_of_a_chain_equal_the_guests() -> Result<()> {
         "/etc/current",
     ])?;
     assert_eq!(code, 0, "{out}\n{err}");
+    let r = FilesResult::parse(&out).expect("a result");
+    assert!(r.ok && !r.nothing_written, "{out}");
+    assert_eq!((r.files, r.symlinks), (2, 1), "{out}");
     for f in ["etc/app/config.yaml", "etc/app/big.bin"] {
         let (a, b) = (src.join(f), to.join(f));
         assert_eq!(std::fs::read(&a)?, std::fs::read(&b)?, "{f}");
@@ -146,19 +150,26 @@ fn files_from_the_top_of_a_chain_equal_the_guests() -> Result<()> {
 
     // A pattern that matches nothing: a clear error, nothing written.
     let none = s.path("none");
-    let (code, _, err) = agent_files(&[
+    let result = s.path("result.json");
+    let (code, out, _) = agent_files(&[
         "get",
         "--image",
         &top_s,
         "--to",
         none.to_str().unwrap(),
+        "--result-file",
+        result.to_str().unwrap(),
         "/etc/hostname",
         "/var/log/*.log",
     ])?;
-    assert_ne!(code, 0);
+    assert_eq!(code, 1);
+    let r = FilesResult::parse(&std::fs::read_to_string(&result)?).expect("a result");
+    assert_eq!(FilesResult::parse(&out), Some(r.clone()));
+    assert!(!r.ok && r.nothing_written, "{out}");
+    let e = r.error.unwrap_or_default();
     assert!(
-        err.contains("/var/log/*.log") && err.contains("nothing was written"),
-        "{err}"
+        e.contains("/var/log/*.log") && e.contains("nothing was written"),
+        "{e}"
     );
     assert!(!none.exists());
     Ok(())

@@ -709,5 +709,66 @@ impl RestoreArgs {
     }
 }
 
+/// `sendense-agent files get`: files from a restore point's guest file systems (partition
+/// tables; ext4, XFS, NTFS read in user space over NBD from the QCOW2 chains), into a directory
+/// or a tar archive. Every pattern must match on the chosen volumes, or nothing is written.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct FilesGetArgs {
+    /// A committed restore point's directory (its manifest names the disks).
+    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+    pub restore_point: Option<PathBuf>,
+    /// Or one QCOW2 file (the top of a chain), read as disk 0 (or the single --disk given).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Only these disks (device keys, repeatable).
+    #[arg(long = "disk")]
+    pub disks: Vec<i32>,
+    /// Only these volumes, DISK:PARTITION (repeatable); default every volume with a file
+    /// system.
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
+    /// Directory to extract into (created if missing).
+    #[arg(long, conflicts_with = "tar", required_unless_present = "tar")]
+    pub to: Option<PathBuf>,
+    /// Tar archive to write (PAX: times with nanoseconds, owners, modes, long names).
+    #[arg(long)]
+    pub tar: Option<PathBuf>,
+    /// Seconds allowed for each NBD request.
+    #[arg(long, default_value_t = DEFAULT_REQUEST_TIMEOUT_SECONDS)]
+    pub request_timeout: u64,
+    /// Also write the JSON result here (at most 4096 bytes: a termination message).
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+    /// Glob patterns over absolute paths: `*`, `?`, `[...]`, `**` for any depth.
+    #[arg(required = true)]
+    pub patterns: Vec<String>,
+}
+
+impl FilesGetArgs {
+    /// `files get ...`: settings at their defaults are left out; patterns last, after `--`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["files", "get"]);
+        a.path("--restore-point", self.restore_point.as_ref());
+        a.path("--image", self.image.as_ref());
+        for d in &self.disks {
+            a.opt("--disk", d);
+        }
+        for v in &self.volumes {
+            a.opt("--volume", v);
+        }
+        a.path("--to", self.to.as_ref());
+        a.path("--tar", self.tar.as_ref());
+        a.not_default(
+            "--request-timeout",
+            self.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        );
+        a.path("--result-file", self.result_file.as_ref());
+        a.0.push("--".into());
+        a.0.extend(self.patterns.iter().cloned());
+        a.0
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -70,6 +70,49 @@ impl RestoreResult {
     }
 }
 
+/// How a `files get` ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FilesResult {
+    /// True when every selected path was written.
+    pub ok: bool,
+    pub error: Option<String>,
+    /// True when it failed before writing anything (a pattern matched nothing, no file
+    /// system could be read, ...).
+    pub nothing_written: bool,
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Paths whose owner could not be set (the process may not chown).
+    pub ownership_not_set: u64,
+    /// Paths that could not be restored, with why (the first 20).
+    pub failures: Vec<String>,
+    /// How many failed in all.
+    pub failed: u64,
+}
+
+impl FilesResult {
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text.trim()).ok()
+    }
+
+    /// At most `limit` bytes: failures are dropped from the end, then the error shortened.
+    pub fn compact_json(&self, limit: usize) -> String {
+        let mut r = self.clone();
+        loop {
+            let s = serde_json::to_string(&r).unwrap_or_default();
+            if s.len() <= limit {
+                return s;
+            }
+            if r.failures.pop().is_none() {
+                r.error = r.error.take().map(|e| shorten(&e, limit / 2));
+                return serde_json::to_string(&r).unwrap_or_default();
+            }
+        }
+    }
+}
+
 fn shorten(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
@@ -110,5 +153,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(RestoreResult::parse(&small.compact_json(4096)), Some(small));
+    }
+
+    #[test]
+    fn compact_files_results_drop_failures_first() {
+        let r = FilesResult {
+            failed: 500,
+            failures: (0..20)
+                .map(|i| format!("2000:1 /etc/f{i}: {}", "x".repeat(300)))
+                .collect(),
+            error: Some("500 paths could not be restored".into()),
+            ..Default::default()
+        };
+        let s = r.compact_json(4096);
+        assert!(s.len() <= 4096);
+        let back = FilesResult::parse(&s).expect("parses");
+        assert!(back.failures.len() < 20 && !back.failures.is_empty());
+        assert_eq!((back.failed, back.error), (500, r.error));
     }
 }

@@ -189,6 +189,47 @@ fn a_rejected_backup_or_probe_still_writes_its_result_file() {
         (false, Some(ProbeReason::InvalidArguments))
     );
 
+    for (words, what) in [
+        (
+            &[
+                "restore",
+                "--source",
+                "2000:/a.qcow2",
+                "--result-file",
+                "/tmp/r.json",
+            ][..],
+            "restore",
+        ),
+        (
+            &[
+                "files",
+                "get",
+                "--result-file",
+                "/tmp/r.json",
+                "--restore-point",
+                "/rp",
+            ][..],
+            "files",
+        ),
+    ] {
+        let (e, args) = rejected(words);
+        let (file, text) = usage_error_result(&e, &args).expect(what);
+        assert_eq!(file, PathBuf::from("/tmp/r.json"));
+        let v: serde_json::Value = serde_json::from_str(&text).expect(what);
+        assert_eq!(
+            (v["ok"].as_bool(), v["nothingWritten"].as_bool()),
+            (Some(false), Some(true)),
+            "{what}"
+        );
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("invalid arguments"),
+            "{text}"
+        );
+    }
+
     let (e, args) = rejected(&["hub", "prepare", "--result-file", "/tmp/x"]);
     assert_eq!(
         usage_error_result(&e, &args),

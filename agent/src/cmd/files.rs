@@ -16,7 +16,11 @@ use anyhow::{Context, Result, bail};
 use sendense_guestfs::walk::{self, DEFAULT_MAX_DEPTH, Pattern};
 use sendense_guestfs::{FileSystem, Node, NodeKind};
 
-use super::Outcome;
+use sendense_contract::cli::FilesGetArgs;
+use sendense_contract::restore::FilesResult;
+use sendense_contract::result::TERMINATION_MESSAGE_LIMIT;
+
+use super::{Outcome, write_result_file};
 use crate::guest::{self, GuestDisk, GuestVolume};
 use crate::nbd::ConnectOptions;
 
@@ -47,7 +51,7 @@ pub enum FilesCommand {
     /// Paths matching the patterns (default `/`); a matched directory's entries follow it.
     Ls(LsArgs),
     /// Extract paths matching the patterns (a directory brings everything in it).
-    Get(GetArgs),
+    Get(FilesGetArgs),
 }
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
@@ -70,27 +74,57 @@ pub struct LsArgs {
     pub json: bool,
 }
 
-#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
-pub struct GetArgs {
-    #[command(flatten)]
-    pub source: Source,
-    /// Glob patterns over absolute paths (at least one).
-    #[arg(required = true)]
-    pub patterns: Vec<String>,
-    /// Directory to extract into (created if missing).
-    #[arg(long, conflicts_with = "tar", required_unless_present = "tar")]
-    pub to: Option<PathBuf>,
-    /// Tar archive to write (PAX: times with nanoseconds, owners, modes, long names).
-    #[arg(long)]
-    pub tar: Option<PathBuf>,
-}
-
 pub async fn run(command: FilesCommand) -> Result<Outcome> {
     let source = match &command {
-        FilesCommand::Volumes(a) => &a.source,
-        FilesCommand::Ls(a) => &a.source,
-        FilesCommand::Get(a) => &a.source,
+        FilesCommand::Volumes(a) => a.source.clone(),
+        FilesCommand::Ls(a) => a.source.clone(),
+        FilesCommand::Get(a) => Source {
+            restore_point: a.restore_point.clone(),
+            image: a.image.clone(),
+            disks: a.disks.clone(),
+            volumes: a.volumes.clone(),
+            request_timeout: a.request_timeout,
+        },
     };
+    let FilesCommand::Get(args) = command else {
+        let vols = open(source).await?;
+        return tokio::task::spawn_blocking(move || {
+            let (vols, _disks) = &vols;
+            match command {
+                FilesCommand::Volumes(_) => volumes(vols),
+                FilesCommand::Ls(a) => ls(vols, &a),
+                FilesCommand::Get(_) => unreachable!("handled below"),
+            }
+        })
+        .await?;
+    };
+    // `get` answers with a result, on stdout and in --result-file, whatever happens.
+    let result = match open(source).await {
+        Err(e) => FilesResult {
+            error: Some(format!("{e:#}")),
+            nothing_written: true,
+            ..Default::default()
+        },
+        Ok(vols) => {
+            let a = args.clone();
+            tokio::task::spawn_blocking(move || get(&vols.0, &a))
+                .await
+                .unwrap_or_else(|e| FilesResult {
+                    error: Some(format!("extraction stopped: {e}")),
+                    ..Default::default()
+                })
+        }
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    if let Some(path) = &args.result_file {
+        write_result_file(path, &result.compact_json(TERMINATION_MESSAGE_LIMIT))?;
+    }
+    Ok(Outcome::of(result.ok))
+}
+
+/// The chosen volumes of the chosen disks, each with its file system opened (and the disks,
+/// which must outlive them).
+async fn open(source: Source) -> Result<(Vec<GuestVolume>, Vec<GuestDisk>)> {
     let opts = ConnectOptions::with_request_timeout(Duration::from_secs(source.request_timeout));
     let files = guest::disk_files(
         source.restore_point.as_deref(),
@@ -101,25 +135,19 @@ pub async fn run(command: FilesCommand) -> Result<Outcome> {
     for (key, file) in files {
         disks.push(GuestDisk::open(key, &file, &opts).await?);
     }
-    let wanted = source.volumes.clone();
+    let wanted = source.volumes;
     tokio::task::spawn_blocking(move || {
         let mut vols = guest::volumes(&disks)?;
         if !wanted.is_empty() {
             for w in &wanted {
                 if !vols.iter().any(|v| &v.name() == w) {
                     let have: Vec<String> = vols.iter().map(GuestVolume::name).collect();
-                    bail!("--volume {w}: no such volume (volumes: {have:?})");
+                    bail!("volume {w}: no such volume (volumes: {have:?})");
                 }
             }
             vols.retain(|v| wanted.contains(&v.name()));
         }
-        let outcome = match command {
-            FilesCommand::Volumes(_) => volumes(&vols),
-            FilesCommand::Ls(a) => ls(&vols, &a),
-            FilesCommand::Get(a) => get(&vols, &a),
-        };
-        drop(disks);
-        outcome
+        Ok((vols, disks))
     })
     .await?
 }
@@ -244,7 +272,19 @@ fn print_node(v: &GuestVolume, fs: &dyn FileSystem, path: &str, n: &Node, json: 
     }
 }
 
-fn get(vols: &[GuestVolume], args: &GetArgs) -> Result<Outcome> {
+fn get(vols: &[GuestVolume], args: &FilesGetArgs) -> FilesResult {
+    match extract(vols, args) {
+        Ok(r) => r,
+        Err(e) => FilesResult {
+            error: Some(format!("{e:#}")),
+            nothing_written: true,
+            ..Default::default()
+        },
+    }
+}
+
+/// Selects on every volume, checks every pattern matched, then writes.
+fn extract(vols: &[GuestVolume], args: &FilesGetArgs) -> Result<FilesResult> {
     let pats = patterns(&args.patterns)?;
     let mut found = Vec::new();
     let mut matched = vec![false; pats.len()];
@@ -272,8 +312,12 @@ fn get(vols: &[GuestVolume], args: &GetArgs) -> Result<Outcome> {
         bail!("no path matches {unmatched:?} on volumes {names:?}: nothing was written");
     }
     let several = found.len() > 1;
-    let mut reports = Vec::new();
-    let mut ok = true;
+    if several && args.tar.is_some() {
+        bail!(
+            "the patterns match on several volumes and a tar holds one: choose it with --volume; nothing was written"
+        );
+    }
+    let mut result = FilesResult::default();
     for (v, fs, matches) in found {
         let report = if let Some(dir) = &args.to {
             let dir = if several {
@@ -283,31 +327,35 @@ fn get(vols: &[GuestVolume], args: &GetArgs) -> Result<Outcome> {
             };
             walk::extract::to_dir(fs, &matches, &dir, DEFAULT_MAX_DEPTH)
         } else if let Some(tar) = &args.tar {
-            if several {
-                bail!(
-                    "the patterns match on several volumes; a tar holds one: choose it with --volume"
-                );
-            }
+            use std::io::Write;
             let mut out = std::io::BufWriter::new(
                 std::fs::File::create(tar).with_context(|| tar.display().to_string())?,
             );
             let r = walk::archive::to_tar(fs, &matches, &mut out, DEFAULT_MAX_DEPTH)
                 .with_context(|| format!("writing {}", tar.display()))?;
-            use std::io::Write;
             out.flush()?;
             out.get_ref().sync_all()?;
             r
         } else {
             bail!("give --to DIR or --tar FILE");
         };
-        ok &= report.failures.is_empty();
-        reports.push(serde_json::json!({
-            "volume": v.name(), "files": report.files, "directories": report.directories,
-            "symlinks": report.symlinks, "bytes": report.bytes, "skipped": report.skipped,
-            "ownershipNotSet": report.ownership_not_set.len(),
-            "failures": report.failures.iter().map(|f| serde_json::json!({"path": f.path, "reason": f.reason})).collect::<Vec<_>>(),
-        }));
+        result.files += report.files;
+        result.directories += report.directories;
+        result.symlinks += report.symlinks;
+        result.bytes += report.bytes;
+        result.ownership_not_set += report.ownership_not_set.len() as u64;
+        result.failed += report.failures.len() as u64;
+        for f in report.failures {
+            if result.failures.len() < 20 {
+                result
+                    .failures
+                    .push(format!("{} {}: {}", v.name(), f.path, f.reason));
+            }
+        }
     }
-    println!("{}", serde_json::json!({"ok": ok, "volumes": reports}));
-    Ok(Outcome::of(ok))
+    result.ok = result.failed == 0;
+    if !result.ok {
+        result.error = Some(format!("{} paths could not be restored", result.failed));
+    }
+    Ok(result)
 }

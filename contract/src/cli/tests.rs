@@ -13,6 +13,10 @@ enum Line {
     Backup(Box<BackupArgs>),
     NbdPing(NbdPingArgs),
     Restore(RestoreArgs),
+    Files {
+        #[command(subcommand)]
+        files: Files,
+    },
     Hub {
         #[command(subcommand)]
         hub: Hub,
@@ -21,6 +25,11 @@ enum Line {
         #[command(subcommand)]
         repo: Repo,
     },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Files {
+    Get(FilesGetArgs),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -200,4 +209,28 @@ fn malformed_restore_values_name_the_form() {
     }
     let e = "2000:abc".parse::<DiskSha256>().unwrap_err().to_string();
     assert!(e.contains("64 hexadecimal digits"), "{e}");
+}
+
+#[test]
+fn files_get_line_round_trips_with_patterns_that_look_like_flags() {
+    let args = FilesGetArgs {
+        restore_point: Some("/repository/ns/vm/rp-a1".into()),
+        image: None,
+        disks: vec![2000],
+        volumes: vec!["2000:1".into()],
+        to: None,
+        tar: Some("/target/restore.tar".into()),
+        request_timeout: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        result_file: Some("/dev/termination-log".into()),
+        patterns: vec!["/etc/**".into(), "--weird-name".into()],
+    };
+    let words = args.to_args();
+    assert_eq!(&words[..2], ["files", "get"]);
+    assert_eq!(&words[words.len() - 3..], ["--", "/etc/**", "--weird-name"]);
+    match parse(words) {
+        Line::Files {
+            files: Files::Get(back),
+        } => assert_eq!(back, args),
+        other => panic!("{other:?}"),
+    }
 }
