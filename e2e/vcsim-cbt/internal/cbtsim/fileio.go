@@ -112,6 +112,25 @@ func sparseCopy(src, dst string, size int64) (err error) {
 	return out.Sync()
 }
 
+// holdsData reports whether [lo, hi) of f has a non-zero byte, reading it through buf.
+func holdsData(f *os.File, lo, hi int64, buf []byte) (bool, error) {
+	for off := lo; off < hi; {
+		n := min(int64(len(buf)), hi-off)
+		m, err := f.ReadAt(buf[:n], off)
+		if !allZero(buf[:m]) {
+			return true, nil
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return false, nil // the rest reads as zeros
+			}
+			return false, err
+		}
+		off += int64(m)
+	}
+	return false, nil
+}
+
 func allZero(b []byte) bool {
 	for len(b) >= 8 {
 		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {

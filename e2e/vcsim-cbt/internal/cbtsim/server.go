@@ -348,7 +348,7 @@ func (s *Server) buildInventory(ctx context.Context, dsDir string) ([]VMInfo, er
 				return nil, fmt.Errorf("power on %s: %w", spec.Name, err)
 			}
 		}
-		info, err := s.tracker.VM(vm.Reference().Value) // syncs: creates the flat files
+		info, err := s.tracker.VM(vm.Reference().Value) // the disks as CreateVM_Task left them (flat files made)
 		if err != nil {
 			return nil, err
 		}

@@ -357,8 +357,16 @@ func (t *tracker) Reference() types.ManagedObjectReference {
 
 // PutObject sees every object added to the inventory. A new VirtualMachineSnapshot is
 // put by CreateSnapshot(Ex)_Task while it holds the VM's lock, after it copied the VM's
-// config and before the task completes: the moment to freeze the disks.
+// config and before the task completes: the moment to freeze the disks. A VM's
+// Destroy_Task is put before its body runs: the moment to make it delete the VM's files
+// (destroy.go).
 func (t *tracker) PutObject(ctx *simulator.Context, obj mo.Reference) {
+	if task, ok := obj.(*simulator.Task); ok {
+		if task.Info.DescriptionId == destroyTaskID && task.Execute != nil && task.Info.Entity != nil {
+			t.deleteFilesOnDestroy(task)
+		}
+		return
+	}
 	snap, ok := obj.(*simulator.VirtualMachineSnapshot)
 	if !ok {
 		return
@@ -374,9 +382,15 @@ func (t *tracker) PutObject(ctx *simulator.Context, obj mo.Reference) {
 // config.changeVersion update, still under the VM's lock: sync CBT and disks then, so
 // the task completes with the changeIds in place.
 //
+// CreateVM_Task (and CloneVM_Task, which runs it) ends with a "name" update, once the
+// VM's devices exist and the simulator created each new disk's descriptor and an empty
+// flat file: sync then, so the task completes with every flat file at its capacity and
+// CBT on when the spec asked for it. CreateVM holds no lock on the new VM; Rename_Task
+// makes the same update holding it; sync needs neither (st.mu).
+//
 // CreateSnapshot ends with a snapshot.currentSnapshot update, after the simulator wrote
 // its .vmsn file: note that file's name so that removing the snapshot deletes it.
-// (Only these two change names are acted on: the tracker's own updates never carry
+// (Only these three change names are acted on: the tracker's own updates never carry
 // them, so this hook never runs inside another tracker call.)
 func (t *tracker) UpdateObject(ctx *simulator.Context, obj mo.Reference, changes []types.PropertyChange) {
 	ref := obj.Reference()
@@ -384,17 +398,18 @@ func (t *tracker) UpdateObject(ctx *simulator.Context, obj mo.Reference, changes
 		return
 	}
 	reconfigured := slices.ContainsFunc(changes, func(c types.PropertyChange) bool { return c.Name == "config.changeVersion" })
+	named := slices.ContainsFunc(changes, func(c types.PropertyChange) bool { return c.Name == "name" }) // created (or renamed)
 	snapshotted := slices.ContainsFunc(changes, func(c types.PropertyChange) bool { return c.Name == "snapshot.currentSnapshot" })
-	if !reconfigured && !snapshotted {
+	if !reconfigured && !named && !snapshotted {
 		return
 	}
 	vm, ok := t.reg.Get(ref).(*simulator.VirtualMachine)
 	if !ok {
 		return // still being created
 	}
-	if reconfigured {
+	if reconfigured || named {
 		if err := t.syncVM(ctx, vm); err != nil {
-			t.logf("vcsim-cbt: sync %s after reconfigure: %v", ref.Value, err)
+			t.logf("vcsim-cbt: sync %s after create or reconfigure: %v", ref.Value, err)
 		}
 	}
 	if snapshotted && vm.Snapshot != nil && vm.Snapshot.CurrentSnapshot != nil {
@@ -519,6 +534,9 @@ func (t *tracker) freeze(ctx *simulator.Context, vm *simulator.VirtualMachine, s
 	s := &snapState{ref: snap.Self, disks: map[int32]*frozenDisk{}}
 	bumped := false
 	for key, d := range st.disks {
+		if err := t.markUntrackedData(d); err != nil {
+			t.logf("vcsim-cbt: allocation of %s: %v", d.flatPath, err)
+		}
 		if d.cbtUUID != "" {
 			d.seq++ // a snapshot starts a new change epoch, as on vSphere
 			bumped = true
@@ -572,6 +590,42 @@ func (t *tracker) freeze(ctx *simulator.Context, vm *simulator.VirtualMachine, s
 		}
 		publishDevices(ctx, vm)
 	}
+}
+
+// markUntrackedData counts as written (allocated) every block of d's flat file that holds
+// a non-zero byte the guest stand-in did not write: data put there behind the simulator's
+// back, as a restore through the NFS datastore does. vSphere's "*" query reports a thin
+// disk's allocated blocks however the data got there; its change IDs, though, only cover
+// writes through the VM, so lastWrite is left alone. Only blocks not yet marked are read.
+func (t *tracker) markUntrackedData(d *diskState) error {
+	f, err := os.Open(d.flatPath)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	segs, err := dataSegments(f, min(d.capacity, st.Size()))
+	if err != nil {
+		return err
+	}
+	bs := t.blockSize
+	buf := make([]byte, min(bs, copyBufSize))
+	for _, s := range segs {
+		for b := s[0] / bs; b*bs < s[1]; b++ {
+			if d.written[b] {
+				continue
+			}
+			data, err := holdsData(f, max(b*bs, s[0]), min((b+1)*bs, s[1]), buf)
+			if err != nil {
+				return err
+			}
+			d.written[b] = data
+		}
+	}
+	return nil
 }
 
 // freezeFiles writes the frozen descriptor and flat files of d for snapshot ref:
