@@ -18,7 +18,13 @@
 #   tls       the hub's NBD over TLS (issue 13): a full copy from a plain local source into the
 #             hub's qemu-nbd on TCP, plain vs x509 + client-certificate authz as the hub runs it;
 #             the cost as TLS/plain throughput and CPU, vs nbdcopy over TLS to the same server
-#   restore   6-link chain to raw vs qemu-img convert: not measured (no restore engine yet)
+#   restore   `sendense-agent restore` of a 6-link QCOW2 chain (a full base, then 5 incrementals
+#             of 3% of the disk each, written by the agent's incremental copy) into a new sparse
+#             raw file on tmpfs, vs qemu-img convert -S 4k -m 8 -W (its best; the target: the
+#             agent within 0.8x of its throughput), qemu-img convert's defaults, and nbdcopy from
+#             a read-only qemu-nbd of the chain; disk and data bytes per second, CPU and RSS of
+#             all processes of a restore (the qemu-nbd servers the agent or nbdcopy start
+#             included), outputs compared with the chain and their allocated bytes shown
 # Sources come from e2e's vm-disk (seeded): extents of 4 KiB..8 MiB at 512-byte alignment, data
 # extents with zero runs inside, random contents. Every tool runs BENCH_RUNS times (default 5)
 # in rotation (A B C, then C B A, ...); the table shows medians with (min-max); CPU is user+sys
@@ -30,7 +36,8 @@
 #   BENCH_SPARSE_GIB (64; quick 8)  BENCH_SPARSE_DATA_MIB (2048; quick 256)
 #   BENCH_INCR_GIB (8; quick 2)  BENCH_AREAS (100000)  BENCH_WAN_MIB (1024; quick 512)
 #   BENCH_WAN_MBIT (1000)  BENCH_LINK_MIB (256; quick 96)  BENCH_TLS_GIB (4; quick 1)
-#   BENCH_RUNS (5)  BENCH_CASES (all: "full disk three sparse scattered wan link tls")
+#   BENCH_RESTORE_GIB (8; quick 1: the restore case's disk, on BENCH_TMP)
+#   BENCH_RUNS (5)  BENCH_CASES (all: "full disk three sparse scattered wan link tls restore")
 #   BENCH_TLS_PORT (10964: the tls case's hub on 127.0.0.1)
 #   BENCH_TMP (tmpfs dir, default /dev/shm)  BENCH_DISK_TMP (disk dir, default /var/tmp)
 #   BENCH_NBDCOPY_TUNED (default "--connections=4 --requests=64 --request-size=1048576")
@@ -55,8 +62,9 @@ WAN_MBIT=${BENCH_WAN_MBIT:-1000}
 LINK_MIB=${BENCH_LINK_MIB:-$(pick 256 96)}
 TLS_GIB=${BENCH_TLS_GIB:-$(pick 4 1)}
 TLS_PORT=${BENCH_TLS_PORT:-10964}
+RESTORE_GIB=${BENCH_RESTORE_GIB:-$(pick 8 1)}
 RUNS=${BENCH_RUNS:-5}
-CASES=${BENCH_CASES:-full disk three sparse scattered wan link tls}
+CASES=${BENCH_CASES:-full disk three sparse scattered wan link tls restore}
 TUNED=${BENCH_NBDCOPY_TUNED:---connections=4 --requests=64 --request-size=1048576}
 DELAY=${BENCH_DELAY:-delay-read=2ms delay-extents=20ms}
 MERGE_GAP=${BENCH_MERGE_GAP:-16384}
@@ -545,6 +553,117 @@ tls_case() {
     "$ratio x $nb" ">= 1.0 (no target; shown)" "$(verdict "$ratio >= 1.0")"
 }
 
+# --- restore: a restore point's QCOW2 chain into a raw file -----------------------------------
+# The agent's restore starts qemu-nbd servers of its own (the chain read-only, the raw file
+# writable) and kills them without waiting: under /usr/bin/time their CPU would be lost. Here
+# the measuring process is a subreaper, so every process of a restore is reaped by it and
+# counted, whoever started it. Appends "wall cpu rss_kib" like measure (rss: the largest
+# process, servers included).
+measure_all() { # case tool command
+  python3 - "$W/time.tmp" "$3" > "$W/$1.$2.out" 2>>"$W/tools.log" <<'PY' \
+    || { echo "$2 failed in case $1: $3" >&2; tail -5 "$W/tools.log" >&2; exit 1; }
+import ctypes, os, resource, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.execvp("bash", ["bash", "-c", sys.argv[2]])
+_, status = os.waitpid(pid, 0)
+wall = time.monotonic() - t0
+# Orphaned servers are ours now; a killed one is gone within moments.
+deadline = time.monotonic() + 30
+while True:
+    try:
+        p, _ = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        break
+    if p == 0:
+        if time.monotonic() > deadline:
+            sys.exit("processes of the tool still running 30 s after it exited")
+        time.sleep(0.01)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    print(f"{wall:.3f} {ru.ru_utime + ru.ru_stime:.3f} {ru.ru_maxrss}", file=f)
+sys.exit(os.waitstatus_to_exitcode(status))
+PY
+  cat "$W/time.tmp" >> "$R/$1.$2"
+}
+
+# Bytes a file takes on its file system (its holes excluded).
+allocated() { local b u; read -r b u < <(stat -c '%b %B' "$1"); echo $((b * u)); }
+
+# A restore point of 6 links, as backups make it: a full base (qemu-img convert of a VM-shaped
+# disk, 64 KiB clusters) and 5 incrementals, each 3% of the disk in 64 KiB changed areas (one
+# in ten now zeros) written by the agent's incremental copy into a QCOW2 overlay served like
+# the hub serves it. Then each tool restores the top of the chain into a new raw file.
+restore_case() {
+  local c=restore gib=$RESTORE_GIB size=$((RESTORE_GIB << 30)) links=6 pct=3
+  log "$c: a ${gib} GiB disk's ${links}-link QCOW2 chain into a raw file in $W, $RUNS runs per tool"
+  make_disk "$W/rs.raw" "$size" 71
+  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$W/rs.raw" "$W/rs0.qcow2"
+  serve_source "$W/rs.raw" "$W/rs.sock"
+  local i count=$((size * pct / 100 / 65536))
+  for i in $(seq $((links - 1))); do
+    "$VMDISK" change --path "$W/rs.raw" --areas-out "$W/rs$i.areas" --count "$count" --length 65536 \
+      --seed $((71 + i)) > "$W/rs$i.json"
+    serve_target "$W/rs$i.qcow2" "-b $W/rs$((i - 1)).qcow2" "$W/ov.sock"
+    "$AGENT" copy --kind incremental --areas-file "$W/rs$i.areas" --source "$(unix_url "$W/rs.sock")" \
+      --target "$(unix_url "$W/ov.sock")" > /dev/null 2>>"$W/tools.log"
+    stop "$TARGET_PID"
+  done
+  local top=$W/rs$((links - 1)).qcow2
+  same "$W/rs.raw" "$top" "$c/chain"
+  stop "$SRC_PID"; rm -f "$W/rs.raw"
+  [ "$(qemu-img info -U --backing-chain "$top" | grep -c '^image:')" = "$links" ] \
+    || { echo "$c: the chain does not have $links links" >&2; exit 1; }
+  # Data bytes: what the chain holds allocated (zeros written by the guest included).
+  local data; data=$(qemu-img map -U -f qcow2 --output=json "$top" \
+    | python3 -c 'import json,sys; print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))')
+  log "$c: chain of $links links, $((data >> 20)) MiB data, files $(du -cm "$W"/rs?.qcow2 | tail -1 | cut -f1) MiB"
+  local out=$W/out.raw nsock=$W/rn.sock
+  for r in $(seq "$RUNS"); do
+    for t in $(order "$r" sendense qemu_img_best qemu_img nbdcopy); do
+      rm -f "$out" "$nsock"
+      case $t in
+        sendense) measure_all "$c" "$t" "'$AGENT' restore --source '2000:$top' --target '2000:file:$out'" ;;
+        qemu_img_best) measure_all "$c" "$t" "qemu-img convert -f qcow2 -O raw -S 4k -m 8 -W '$top' '$out'" ;;
+        qemu_img) measure_all "$c" "$t" "qemu-img convert -f qcow2 -O raw '$top' '$out'" ;;
+        # The chain served like the agent serves it to itself; server start-up is timed too.
+        nbdcopy) measure_all "$c" "$t" "qemu-nbd -r -f qcow2 --shared=8 --persistent -k '$nsock' '$top' & p=\$!
+          for _ in \$(seq 1000); do [ -S '$nsock' ] && break; sleep 0.01; done
+          nbdcopy --flush '$(unix_url "$nsock")' '$out'; rc=\$?; kill \$p; wait \$p; exit \$rc" ;;
+      esac
+      same "$out" "$top" "$c/$t"
+      allocated "$out" >> "$R/$c.$t.alloc"
+      rm -f "$out"
+    done
+  done
+  rm -f "$W"/rs?.qcow2 "$W"/rs?.areas
+  # The throughput ratio: the baseline's wall over the agent's.
+  local best=$c.qemu_img_best ratio; ratio=$(calc "$(med "$best" 1) / $(med "$c.sendense" 1)")
+  local what="restore ${gib}GiB ${links}-link chain to raw, $((data >> 20)) MiB data"
+  local names=(qemu_img_best "qemu-img -m8 -W" qemu_img "qemu-img defaults" nbdcopy nbdcopy) k base=
+  for ((k = 0; k < ${#names[@]}; k += 2)); do
+    base+="${base:+; }${names[$((k + 1))]} disk $(mib_txt "$c.${names[$k]}" "$size"), data $(mib_txt "$c.${names[$k]}" "$data")"
+  done
+  row "$what: throughput" "disk $(mib_txt "$c.sendense" "$size"), data $(mib_txt "$c.sendense" "$data")" \
+    "$base" "$ratio x qemu-img -m8 -W" ">= 0.8" "$(verdict "$ratio >= 0.8")"
+  base=
+  for ((k = 0; k < ${#names[@]}; k += 2)); do
+    base+="${base:+; }${names[$((k + 1))]} $(cpu_txt "$c.${names[$k]}" "$gib"), $(rss_txt "$c.${names[$k]}")"
+  done
+  row "$what: CPU, RSS (servers included)" "$(cpu_txt "$c.sendense" "$gib"), $(rss_txt "$c.sendense")" "$base" \
+    "$(calc "$(med "$c.sendense" 2) / $(med "$best" 2)") CPU x qemu-img -m8 -W" "none (shown)" "shown"
+  # Sparse: the output takes no more than the chain holds as data (zeros and holes skipped).
+  base=
+  for ((k = 0; k < ${#names[@]}; k += 2)); do
+    base+="${base:+; }${names[$((k + 1))]} $(($(sort -g "$R/$c.${names[$k]}.alloc" | tail -1) >> 20)) MiB"
+  done
+  local sa qa; sa=$(sort -g "$R/$c.sendense.alloc" | tail -1); qa=$(sort -g "$R/$best.alloc" | tail -1)
+  row "$what: output allocated" "$((sa >> 20)) MiB" "$base" "$(calc "$sa / $data") x data, $(calc "$sa / $qa") x qemu-img -m8 -W" \
+    "<= data" "$(verdict "$sa <= $data")"
+}
+
 echo "== bench started $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), quick=$Q runs=$RUNS" >&2
 for case in $CASES; do
   case $case in
@@ -556,10 +675,10 @@ for case in $CASES; do
     wan) net_case wan20 10 "$WAN_MBIT" "$WAN_MIB"; net_case wan50 25 "$WAN_MBIT" "$WAN_MIB" ;;
     link) net_case link 10 100 "$LINK_MIB" ;;
     tls) tls_case ;;
+    restore) restore_case ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
   esac
 done
-row "restore 6-link chain to raw" "not measured" "qemu-img convert: not measured" "-" "-" "not measured: no restore engine yet (issue 14)"
 [ "$MAXRSS" -gt 0 ] && row "agent peak RSS, all cases" "$(awk -v k="$MAXRSS" 'BEGIN{printf "%.0f MiB", k/1024}')" "-" "-" "<= 256 MiB" "$(verdict "$MAXRSS <= 262144")"
 
 echo
