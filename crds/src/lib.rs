@@ -13,11 +13,13 @@ pub mod backup_job;
 pub mod common;
 pub mod conditions;
 pub mod repository;
+pub mod restore_job;
 pub mod restore_point;
 pub mod source_node;
 
 pub use backup_job::{BackupJob, BackupJobSpec, BackupJobStatus};
 pub use repository::{Repository, RepositorySpec, RepositoryStatus};
+pub use restore_job::{RestoreJob, RestoreJobSpec, RestoreJobStatus};
 pub use restore_point::{RestorePoint, RestorePointSpec};
 pub use source_node::{SourceNode, SourceNodeSpec, SourceNodeStatus};
 
@@ -36,6 +38,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         Repository::crd(),
         BackupJob::crd(),
         RestorePoint::crd(),
+        RestoreJob::crd(),
     ]
     .into_iter()
     .map(reflow_descriptions)
