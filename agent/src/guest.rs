@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use sendense_contract::manifest::{MANIFEST_FILE, Manifest};
+use sendense_contract::restore::Refusal;
 use sendense_guestfs::partition::{self, Volume};
 use sendense_guestfs::{FileSystem, ReadAt, Slice};
 
@@ -140,7 +141,12 @@ pub struct GuestDisk {
 
 impl GuestDisk {
     pub async fn open(key: i32, file: &Path, opts: &ConnectOptions) -> Result<Self> {
-        std::fs::metadata(file).with_context(|| format!("disk {key}: {}", file.display()))?;
+        std::fs::metadata(file).map_err(|e| {
+            crate::cmd::refused(
+                Refusal::SourceNotFound,
+                format!("disk {key}: {}: {e}", file.display()),
+            )
+        })?;
         let export = ReadOnlyExport::start(file)
             .await
             .with_context(|| format!("disk {key}: opening the chain of {}", file.display()))?;
@@ -176,17 +182,23 @@ pub fn disk_files(
     match (restore_point, image) {
         (Some(dir), None) => {
             let path = dir.join(MANIFEST_FILE);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "{}: not a committed restore point (no readable manifest)",
-                    dir.display()
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                crate::cmd::refused(
+                    Refusal::SourceNotFound,
+                    format!(
+                        "{}: not a committed restore point (no readable manifest: {e})",
+                        dir.display()
+                    ),
                 )
             })?;
             let m = Manifest::parse(&text).with_context(|| path.display().to_string())?;
             for k in keys {
                 if !m.disks.iter().any(|d| d.device_key == *k) {
                     let have: Vec<i32> = m.disks.iter().map(|d| d.device_key).collect();
-                    bail!("--disk {k}: the restore point has disks {have:?}");
+                    return Err(crate::cmd::refused(
+                        Refusal::DiskNotFound,
+                        format!("--disk {k}: the restore point has disks {have:?}"),
+                    ));
                 }
             }
             Ok(m.disks

@@ -662,6 +662,9 @@ pub struct RestoreArgs {
     /// Also write the JSON result here (at most 4096 bytes: a termination message).
     #[arg(long)]
     pub result_file: Option<PathBuf>,
+    /// Serve `GET /progress` (JSON) on HOST:PORT (or :PORT) while the restore runs.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub status_addr: Option<String>,
 }
 
 impl RestoreArgs {
@@ -677,6 +680,7 @@ impl RestoreArgs {
             request_timeout: DEFAULT_REQUEST_TIMEOUT_SECONDS,
             tls_dir: None,
             result_file: None,
+            status_addr: None,
         }
     }
 
@@ -705,6 +709,7 @@ impl RestoreArgs {
         );
         a.path("--tls-dir", self.tls_dir.as_ref());
         a.path("--result-file", self.result_file.as_ref());
+        a.some("--status-addr", self.status_addr.as_ref());
         a.0
     }
 }

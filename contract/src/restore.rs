@@ -12,11 +12,59 @@ pub struct RestoreResult {
     pub error: Option<String>,
     /// True when the restore failed before any target was written.
     pub nothing_written: bool,
+    /// Why it failed, when the input cannot work as given (retrying does not help).
+    pub refused: Option<Refusal>,
     pub seconds: f64,
     pub disks: Vec<RestoredDisk>,
     /// Set when the result was shrunk to fit a termination message.
     pub truncated: bool,
 }
+
+/// Input a restore or `files get` refuses before writing anything: trying again with the same
+/// input fails the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The command line is malformed or inconsistent.
+    BadArguments,
+    /// A restore point's file or manifest is missing or unreadable as a chain.
+    SourceNotFound,
+    /// A restore point has no such disk, or no such volume.
+    DiskNotFound,
+    /// A target (file system, device, export) is smaller than the disk.
+    TargetTooSmall,
+    /// A target is of the wrong kind (not a directory, not a regular file, read-only).
+    TargetUnusable,
+    /// A path pattern matched nothing.
+    NothingMatched,
+    /// No file system Sendense reads was found on the chosen volumes.
+    NoFileSystem,
+    /// A kind this build does not know (an agent newer than the operator).
+    #[serde(other)]
+    Other,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadArguments => "BadArguments",
+            Refusal::SourceNotFound => "SourceNotFound",
+            Refusal::DiskNotFound => "DiskNotFound",
+            Refusal::TargetTooSmall => "TargetTooSmall",
+            Refusal::TargetUnusable => "TargetUnusable",
+            Refusal::NothingMatched => "NothingMatched",
+            Refusal::NoFileSystem => "NoFileSystem",
+            Refusal::Other => "Refused",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// One disk of a restore.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -80,6 +128,8 @@ pub struct FilesResult {
     /// True when it failed before writing anything (a pattern matched nothing, no file
     /// system could be read, ...).
     pub nothing_written: bool,
+    /// Why it failed, when the input cannot work as given (retrying does not help).
+    pub refused: Option<Refusal>,
     pub files: u64,
     pub directories: u64,
     pub symlinks: u64,

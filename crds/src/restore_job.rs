@@ -234,9 +234,9 @@ pub struct RestoreJobStatus {
     /// `Pvc` or `Files`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_kind: Option<String>,
-    /// Standard conditions: `Running`, `Succeeded`, `Failed` (reasons a person can act on:
+    /// Standard conditions: `Running`, `Complete`, `Failed` (reasons a person can act on:
     /// `RestorePointNotFound`, `DiskNotFound`, `ClaimTooSmall`, `ClaimNotFound`,
-    /// `NothingMatched`, `AttemptFailed`, ...).
+    /// `NothingMatched`, `RestoreFailed`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -258,9 +258,17 @@ pub struct RestoreJobStatus {
     /// Progress in percent ("42%").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
-    /// Data written, human-readable ("1.5 GiB"): holes and zeros are not written.
+    /// Data written, in bytes and human-readable ("1.5 GiB"): holes and zeros are not
+    /// written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written: Option<String>,
+    /// The VM the restore point is of, and its Repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     /// One entry per restored disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["deviceKey".into()]))]
@@ -313,7 +321,12 @@ pub struct RestoredFilesStatus {
     pub directories: i64,
     pub symlinks: i64,
     pub bytes: i64,
-    /// Paths that could not be restored, with why (at most 20 listed).
+    /// Paths whose owner could not be set (the pod does not run as root; `Tar` keeps owners).
+    #[serde(default)]
+    pub ownership_not_set: i64,
+    /// Paths that could not be restored, and the first 20 of them with why.
+    #[serde(default)]
+    pub failed: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<String>,
 }

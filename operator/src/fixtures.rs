@@ -2,7 +2,7 @@
 //! for the shapes unit tests start from; each test states only what it changes.
 
 use kube::api::ObjectMeta;
-use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
+use sendense_crds::{BackupJob, Repository, RestoreJob, RestorePoint, SourceNode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -48,6 +48,18 @@ impl Fixture for BackupJob {}
 impl Fixture for SourceNode {}
 impl Fixture for Repository {}
 impl Fixture for RestorePoint {}
+impl Fixture for RestoreJob {}
+
+impl TestObject for RestoreJob {
+    /// `web-01-r1` in `backups`: restore point `web-01-b2-8f14e45f` onto claims Sendense creates.
+    fn test() -> Self {
+        parse(json!({
+            "apiVersion": "sendense.io/v1alpha1", "kind": "RestoreJob",
+            "metadata": meta("web-01-r1", "r-1"),
+            "spec": {"restorePointRef": {"name": "web-01-b2-8f14e45f"}, "target": {"pvc": {}}}
+        }))
+    }
+}
 
 fn parse<T: DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("valid test object")

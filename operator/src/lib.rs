@@ -16,6 +16,7 @@ pub mod pod_state;
 pub mod ports;
 pub mod repository;
 pub mod resources;
+pub mod restore_job;
 pub mod restore_point;
 pub mod runtime;
 pub mod settings;

@@ -51,6 +51,10 @@ pub struct Metrics {
     /// Finished BackupJobs whose snapshot is still on the VM (the operator keeps removing it),
     /// by namespace and VM.
     pub snapshots_pending_removal: IntGaugeVec,
+    /// Restores that ended, by namespace, target kind (pvc, files) and result.
+    pub restores: IntCounterVec,
+    /// Bytes restores wrote as data (holes and zeros are not written), by namespace.
+    pub restore_bytes_written: IntCounterVec,
 }
 
 impl Metrics {
@@ -173,6 +177,22 @@ impl Metrics {
             ),
             &["namespace", "vm"],
         )?;
+        let restores = IntCounterVec::new(
+            Opts::new(
+                "sendense_restores_total",
+                "Restores that ended, by namespace, target (pvc, files) and result (succeeded, failed)",
+            ),
+            &["namespace", "target", "result"],
+        )?;
+        let restore_bytes_written = IntCounterVec::new(
+            Opts::new(
+                "sendense_restore_bytes_written_total",
+                "Bytes successful restores wrote as data (holes and zeros are not written)",
+            ),
+            &["namespace"],
+        )?;
+        registry.register(Box::new(restores.clone()))?;
+        registry.register(Box::new(restore_bytes_written.clone()))?;
         registry.register(Box::new(snapshots_pending_removal.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(last_throughput.clone()))?;
@@ -211,6 +231,8 @@ impl Metrics {
             last_throughput,
             vcenter_up,
             snapshots_pending_removal,
+            restores,
+            restore_bytes_written,
         })
     }
 

@@ -1,5 +1,5 @@
 //! Runs the operator: checks the CRDs are installed, serves the metrics and health endpoints,
-//! and runs the three controllers (each watching what it reacts to) and the gauges refresher
+//! and runs the four controllers (each watching what it reacts to) and the gauges refresher
 //! until a signal stops them.
 
 use std::sync::Arc;
@@ -15,13 +15,13 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource};
 use sendense_crds::backup_job::Phase;
-use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_crds::{BackupJob, Repository, RestoreJob, SourceNode};
 
 use crate::children::MANAGER;
 use crate::metrics::Metrics;
 use crate::resources::MANAGED_BY;
 use crate::settings::Settings;
-use crate::{backup_job, repository, source_node};
+use crate::{backup_job, repository, restore_job, source_node};
 
 /// Deadline of each vCenter call during a SourceNode probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -42,6 +42,7 @@ async fn check_crds(client: &Client) -> anyhow::Result<()> {
         "repositories.sendense.io",
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
+        "restorejobs.sendense.io",
     ] {
         if crds.get_opt(name).await?.is_none() {
             return Err(CrdMissing(name).into());
@@ -104,6 +105,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         orphan_min_idle: Duration::from_secs(settings.orphan_min_idle_seconds),
         watch_namespace: settings.namespace().map(str::to_owned),
     });
+    let restore_ctx = Arc::new(restore_job::Context {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+        images: images.clone(),
+    });
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),
         recorder,
@@ -134,6 +141,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         })
         .shutdown_on_signal()
         .run(repository::reconcile, repository::error_policy, repo_ctx)
+        .for_each(|_| async {});
+
+    let restores = Controller::new(scoped::<RestoreJob>(&client, namespace), all())
+        .owns(scoped::<Pod>(&client, namespace), owned.clone())
+        .shutdown_on_signal()
+        .run(
+            restore_job::reconcile,
+            restore_job::error_policy,
+            restore_ctx,
+        )
         .for_each(|_| async {});
 
     let jobs = Controller::new(scoped::<BackupJob>(&client, namespace), all());
@@ -169,7 +186,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let gauges = tokio::spawn(refresh_gauges(metrics, job_store, repo_store));
     ready.store(true, Ordering::Relaxed);
-    tokio::join!(sources, repos, jobs);
+    tokio::join!(sources, repos, jobs, restores);
     gauges.abort();
     tracing::info!("sendense-operator stopped");
     Ok(())

@@ -13,7 +13,8 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, ResourceExt};
 use sendense_crds::conditions::{self, FALSE, TRUE};
 use sendense_crds::{
-    BackupJob, BackupJobStatus, Repository, RepositoryStatus, SourceNode, SourceNodeStatus,
+    BackupJob, BackupJobStatus, Repository, RepositoryStatus, RestoreJob, RestoreJobStatus,
+    SourceNode, SourceNodeStatus,
 };
 use serde::Serialize;
 
@@ -181,3 +182,4 @@ macro_rules! reported {
 reported!(SourceNode, SourceNodeStatus, "Probe");
 reported!(Repository, RepositoryStatus, "Probe");
 reported!(BackupJob, BackupJobStatus, "Backup");
+reported!(RestoreJob, RestoreJobStatus, "Restore");

@@ -20,9 +20,10 @@ use sendense_contract::cli::FilesGetArgs;
 use sendense_contract::restore::FilesResult;
 use sendense_contract::result::TERMINATION_MESSAGE_LIMIT;
 
-use super::{Outcome, write_result_file};
+use super::{Outcome, refusal_of, refused, write_result_file};
 use crate::guest::{self, GuestDisk, GuestVolume};
 use crate::nbd::ConnectOptions;
+use sendense_contract::restore::Refusal;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct Source {
@@ -101,6 +102,7 @@ pub async fn run(command: FilesCommand) -> Result<Outcome> {
     // `get` answers with a result, on stdout and in --result-file, whatever happens.
     let result = match open(source).await {
         Err(e) => FilesResult {
+            refused: refusal_of(&e),
             error: Some(format!("{e:#}")),
             nothing_written: true,
             ..Default::default()
@@ -142,7 +144,10 @@ async fn open(source: Source) -> Result<(Vec<GuestVolume>, Vec<GuestDisk>)> {
             for w in &wanted {
                 if !vols.iter().any(|v| &v.name() == w) {
                     let have: Vec<String> = vols.iter().map(GuestVolume::name).collect();
-                    bail!("volume {w}: no such volume (volumes: {have:?})");
+                    return Err(refused(
+                        Refusal::DiskNotFound,
+                        format!("volume {w}: no such volume (volumes: {have:?})"),
+                    ));
                 }
             }
             vols.retain(|v| wanted.contains(&v.name()));
@@ -174,7 +179,10 @@ fn volumes(vols: &[GuestVolume]) -> Result<Outcome> {
 fn patterns(texts: &[String]) -> Result<Vec<Pattern>> {
     texts
         .iter()
-        .map(|t| Pattern::new(t).map_err(|e| anyhow::anyhow!("pattern {t:?}: {}", e.why)))
+        .map(|t| {
+            Pattern::new(t)
+                .map_err(|e| refused(Refusal::BadArguments, format!("pattern {t:?}: {}", e.why)))
+        })
         .collect()
 }
 
@@ -189,10 +197,13 @@ fn readable(vols: &[GuestVolume]) -> Result<Vec<(&GuestVolume, &dyn FileSystem)>
             .iter()
             .map(|v| format!("{}: {}", v.name(), v.fs.as_ref().err().map_or("", |e| e)))
             .collect();
-        bail!(
-            "no readable file system on the chosen volumes ({})",
-            why.join("; ")
-        );
+        return Err(refused(
+            Refusal::NoFileSystem,
+            format!(
+                "no readable file system on the chosen volumes ({})",
+                why.join("; ")
+            ),
+        ));
     }
     Ok(r)
 }
@@ -276,6 +287,7 @@ fn get(vols: &[GuestVolume], args: &FilesGetArgs) -> FilesResult {
     match extract(vols, args) {
         Ok(r) => r,
         Err(e) => FilesResult {
+            refused: refusal_of(&e),
             error: Some(format!("{e:#}")),
             nothing_written: true,
             ..Default::default()
@@ -309,13 +321,17 @@ fn extract(vols: &[GuestVolume], args: &FilesGetArgs) -> Result<FilesResult> {
         .collect();
     if !unmatched.is_empty() {
         let names: Vec<String> = vols.iter().map(GuestVolume::name).collect();
-        bail!("no path matches {unmatched:?} on volumes {names:?}: nothing was written");
+        return Err(refused(
+            Refusal::NothingMatched,
+            format!("no path matches {unmatched:?} on volumes {names:?}: nothing was written"),
+        ));
     }
     let several = found.len() > 1;
     if several && args.tar.is_some() {
-        bail!(
-            "the patterns match on several volumes and a tar holds one: choose it with --volume; nothing was written"
-        );
+        return Err(refused(
+            Refusal::BadArguments,
+            "the patterns match on several volumes and a tar holds one: choose it with --volume; nothing was written",
+        ));
     }
     let mut result = FilesResult::default();
     for (v, fs, matches) in found {

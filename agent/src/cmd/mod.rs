@@ -57,6 +57,33 @@ pub async fn run(command: Command) -> Result<Outcome> {
     }
 }
 
+/// Input refused before anything was written, of a kind the operator acts on (a restore that
+/// cannot work as asked is not retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub kind: sendense_contract::restore::Refusal,
+    pub message: String,
+}
+
+/// An error refusing the input as `kind`.
+pub fn refused(
+    kind: sendense_contract::restore::Refusal,
+    message: impl Into<String>,
+) -> anyhow::Error {
+    anyhow::Error::new(Refused {
+        kind,
+        message: message.into(),
+    })
+}
+
+/// The kind of refusal anywhere in an error's chain.
+pub fn refusal_of(e: &anyhow::Error) -> Option<sendense_contract::restore::Refusal> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Refused>())
+        .map(|r| r.kind)
+}
+
 /// Writes a result file in full (a termination message file may be a bind mount: no rename).
 pub fn write_result_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing --result-file {}", path.display()))

@@ -25,12 +25,15 @@ use sendense_contract::cli::{RestoreArgs, RestoreTarget, RestoreTargetKind};
 use sendense_contract::restore::{RestoreResult, RestoredDisk};
 use sendense_contract::result::TERMINATION_MESSAGE_LIMIT;
 
-use super::{Outcome, write_result_file};
+use super::{Outcome, refusal_of, refused, write_result_file};
+use crate::backup::LiveProgress;
 use crate::checksum;
 use crate::cmd::copy::parse_areas_file;
 use crate::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
 use crate::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
 use crate::qemu_nbd::{ReadOnlyExport, WritableExport};
+use sendense_contract::progress::Stage;
+use sendense_contract::restore::Refusal;
 
 /// Suffix of the file a `file:` target is written to before it is renamed into place.
 pub const PARTIAL_SUFFIX: &str = ".sendense-partial";
@@ -40,7 +43,28 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 pub async fn run(args: RestoreArgs) -> Result<Outcome> {
     let started = Instant::now();
-    let result = restore(&args, started).await;
+    let live = Arc::new(LiveProgress::default());
+    let result = match &args.status_addr {
+        None => restore(&args, started, &live).await,
+        Some(addr) => match crate::status::bind(addr).await {
+            Err(e) => RestoreResult {
+                error: Some(format!("--status-addr {addr}: cannot listen: {e}")),
+                nothing_written: true,
+                refused: Some(Refusal::BadArguments),
+                ..Default::default()
+            },
+            Ok(listener) => {
+                if let Ok(addr) = listener.local_addr() {
+                    // The bound address: with port 0 the kernel chose it.
+                    tracing::info!(%addr, "serving progress on /progress");
+                }
+                let serve = tokio::spawn(crate::status::serve(listener, live.clone()));
+                let r = restore(&args, started, &live).await;
+                serve.abort();
+                r
+            }
+        },
+    };
     let text = serde_json::to_string(&result)?;
     println!("{text}");
     if let Some(path) = &args.result_file {
@@ -67,9 +91,14 @@ impl Disk {
     }
 }
 
-async fn restore(args: &RestoreArgs, started: Instant) -> RestoreResult {
+async fn restore(args: &RestoreArgs, started: Instant, live: &LiveProgress) -> RestoreResult {
     let failed = |error: anyhow::Error, nothing_written: bool, disks| RestoreResult {
         ok: false,
+        refused: if nothing_written {
+            refusal_of(&error)
+        } else {
+            None
+        },
         error: Some(format!("{error:#}")),
         nothing_written,
         seconds: started.elapsed().as_secs_f64(),
@@ -78,7 +107,13 @@ async fn restore(args: &RestoreArgs, started: Instant) -> RestoreResult {
     };
     let opts = match connect_options(args) {
         Ok(o) => o,
-        Err(e) => return failed(e, true, Vec::new()),
+        Err(e) => {
+            return failed(
+                refused(Refusal::BadArguments, format!("{e:#}")),
+                true,
+                Vec::new(),
+            );
+        }
     };
     let disks = match check(args, &opts).await {
         Ok(d) => d,
@@ -89,7 +124,9 @@ async fn restore(args: &RestoreArgs, started: Instant) -> RestoreResult {
         max_in_flight: args.in_flight,
         ..Default::default()
     };
-    let progress: Vec<Arc<Progress>> = disks.iter().map(|_| Arc::default()).collect();
+    // The stage names are the backup's: `copying` while data moves, `done` at the end.
+    live.set_stage(Stage::Copying);
+    let progress: Vec<Arc<Progress>> = disks.iter().map(|d| live.add_disk(d.key)).collect();
     let ticker = tokio::spawn(log_progress(
         disks
             .iter()
@@ -105,6 +142,7 @@ async fn restore(args: &RestoreArgs, started: Instant) -> RestoreResult {
     )
     .await;
     ticker.abort();
+    live.set_stage(Stage::Done);
     let mut reports = Vec::new();
     let mut errors = Vec::new();
     for (disk, (report, outcome)) in disks.iter().zip(outcomes) {
@@ -121,6 +159,7 @@ async fn restore(args: &RestoreArgs, started: Instant) -> RestoreResult {
             ok: true,
             error: None,
             nothing_written: false,
+            refused: None,
             seconds: started.elapsed().as_secs_f64(),
             disks: reports,
             truncated: false,
@@ -149,23 +188,35 @@ async fn check(args: &RestoreArgs, opts: &ConnectOptions) -> Result<Vec<Disk>> {
     let mut keys = Vec::new();
     for s in &args.sources {
         if keys.contains(&s.key) {
-            bail!("--source: disk {} is given twice", s.key);
+            return Err(refused(
+                Refusal::BadArguments,
+                format!("--source: disk {} is given twice", s.key),
+            ));
         }
         keys.push(s.key);
     }
     let one = |what: &str, key: i32, n: usize| -> Result<()> {
         match n {
-            0 => bail!("{what}: disk {key} has none (give one per --source)"),
+            0 => Err(refused(
+                Refusal::BadArguments,
+                format!("{what}: disk {key} has none (give one per --source)"),
+            )),
             1 => Ok(()),
-            _ => bail!("{what}: disk {key} is given {n} times"),
+            _ => Err(refused(
+                Refusal::BadArguments,
+                format!("{what}: disk {key} is given {n} times"),
+            )),
         }
     };
     for t in &args.targets {
         if !keys.contains(&t.key) {
-            bail!(
-                "--target {t}: no --source for disk {} (sources: {keys:?})",
-                t.key
-            );
+            return Err(refused(
+                Refusal::BadArguments,
+                format!(
+                    "--target {t}: no --source for disk {} (sources: {keys:?})",
+                    t.key
+                ),
+            ));
         }
     }
     for (flag, extra) in [
@@ -180,7 +231,10 @@ async fn check(args: &RestoreArgs, opts: &ConnectOptions) -> Result<Vec<Disk>> {
     ] {
         for k in extra {
             if !keys.contains(&k) {
-                bail!("{flag}: no --source for disk {k} (sources: {keys:?})");
+                return Err(refused(
+                    Refusal::BadArguments,
+                    format!("{flag}: no --source for disk {k} (sources: {keys:?})"),
+                ));
             }
         }
     }
@@ -190,7 +244,10 @@ async fn check(args: &RestoreArgs, opts: &ConnectOptions) -> Result<Vec<Disk>> {
         one("--target", s.key, targets.len())?;
         let areas_files: Vec<_> = args.areas_files.iter().filter(|a| a.key == s.key).collect();
         if areas_files.len() > 1 {
-            bail!("--areas-file: disk {} is given twice", s.key);
+            return Err(refused(
+                Refusal::BadArguments,
+                format!("--areas-file: disk {} is given twice", s.key),
+            ));
         }
         let areas = match areas_files.first() {
             None => None,
@@ -224,10 +281,17 @@ async fn open_source(
     expect: Option<String>,
     opts: &ConnectOptions,
 ) -> Result<Disk> {
-    let meta = std::fs::metadata(file)
-        .with_context(|| format!("restore point file {}", file.display()))?;
+    let meta = std::fs::metadata(file).map_err(|e| {
+        refused(
+            Refusal::SourceNotFound,
+            format!("restore point file {}: {e}", file.display()),
+        )
+    })?;
     if !meta.is_file() {
-        bail!("restore point file {} is not a file", file.display());
+        return Err(refused(
+            Refusal::SourceNotFound,
+            format!("restore point file {} is not a file", file.display()),
+        ));
     }
     let export = ReadOnlyExport::start(file)
         .await
@@ -236,12 +300,15 @@ async fn open_source(
         .await
         .with_context(|| format!("reading {}", file.display()))?;
     if let Some(a) = areas.iter().flatten().find(|a| a.end() > source.size()) {
-        bail!(
-            "--areas-file: area {}+{} ends past the disk's {} bytes",
-            a.start,
-            a.length,
-            source.size()
-        );
+        return Err(refused(
+            Refusal::BadArguments,
+            format!(
+                "--areas-file: area {}+{} ends past the disk's {} bytes",
+                a.start,
+                a.length,
+                source.size()
+            ),
+        ));
     }
     Ok(Disk {
         key,
@@ -260,20 +327,28 @@ async fn check_target(disk: &Disk, opts: &ConnectOptions) -> Result<()> {
     match &disk.target.kind {
         RestoreTargetKind::File(path) => {
             let parent = parent_dir(path);
-            let pm = std::fs::metadata(&parent)
-                .with_context(|| format!("directory {}", parent.display()))?;
+            let unusable = |m: String| Err(refused(Refusal::TargetUnusable, m));
+            let pm = match std::fs::metadata(&parent) {
+                Ok(m) => m,
+                Err(e) => return unusable(format!("directory {}: {e}", parent.display())),
+            };
             if !pm.is_dir() {
-                bail!("{} is not a directory", parent.display());
+                return unusable(format!("{} is not a directory", parent.display()));
             }
             match std::fs::symlink_metadata(path) {
                 Ok(m) if !m.is_file() => {
-                    bail!("{} exists and is not a regular file", path.display())
+                    return unusable(format!(
+                        "{} exists and is not a regular file",
+                        path.display()
+                    ));
                 }
-                Ok(m) if disk.areas.is_some() && m.len() != capacity => bail!(
-                    "a rollback writes into the disk in place, but {} has {} bytes and the disk {capacity}",
-                    path.display(),
-                    m.len()
-                ),
+                Ok(m) if disk.areas.is_some() && m.len() != capacity => {
+                    return unusable(format!(
+                        "a rollback writes into the disk in place, but {} has {} bytes and the disk {capacity}",
+                        path.display(),
+                        m.len()
+                    ));
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && disk.areas.is_none() => {}
                 Err(e) => return Err(e).with_context(|| path.display().to_string()),
@@ -281,19 +356,25 @@ async fn check_target(disk: &Disk, opts: &ConnectOptions) -> Result<()> {
             if disk.areas.is_none() {
                 let total = filesystem_bytes(&parent)?;
                 if total < capacity {
-                    bail!(
-                        "the volume holding {} has {total} bytes, the disk needs {capacity}: give a volume of at least {capacity} bytes",
-                        path.display()
-                    );
+                    return Err(refused(
+                        Refusal::TargetTooSmall,
+                        format!(
+                            "the volume holding {} has {total} bytes, the disk needs {capacity}: give a volume of at least {capacity} bytes",
+                            path.display()
+                        ),
+                    ));
                 }
             }
         }
         RestoreTargetKind::Device(path) => {
             let size = device_size(path)?;
             if size < capacity {
-                bail!(
-                    "the device has {size} bytes, the disk needs {capacity}: give a device of at least {capacity} bytes"
-                );
+                return Err(refused(
+                    Refusal::TargetTooSmall,
+                    format!(
+                        "the device has {size} bytes, the disk needs {capacity}: give a device of at least {capacity} bytes"
+                    ),
+                ));
             }
         }
         RestoreTargetKind::Nbd { url, .. } => {
@@ -302,12 +383,15 @@ async fn check_target(disk: &Disk, opts: &ConnectOptions) -> Result<()> {
             let (size, read_only) = (client.size(), client.read_only());
             client.disconnect().await;
             if read_only {
-                bail!("the export is read-only");
+                return Err(refused(Refusal::TargetUnusable, "the export is read-only"));
             }
             if size < capacity {
-                bail!(
-                    "the export has {size} bytes, the disk needs {capacity}: give an export of at least {capacity} bytes"
-                );
+                return Err(refused(
+                    Refusal::TargetTooSmall,
+                    format!(
+                        "the export has {size} bytes, the disk needs {capacity}: give an export of at least {capacity} bytes"
+                    ),
+                ));
             }
         }
     }

@@ -113,11 +113,11 @@ ConfigMaps are not here (sendense.servedRules), nor Leases and the NBD CA
 config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests/chart.rs.
 */}}
 {{- define "sendense.namespacedRules" -}}
-# SourceNodes, Repositories and BackupJobs: the three controllers watch them (list + watch feed
-# the caches) and read them by name when a BackupJob resolves its references (get). The operator
-# never changes their spec.
+# SourceNodes, Repositories, BackupJobs and RestoreJobs: the four controllers watch them (list +
+# watch feed the caches) and read them by name when a job resolves its references (get). The
+# operator never changes their spec.
 - apiGroups: ["sendense.io"]
-  resources: ["sourcenodes", "repositories", "backupjobs"]
+  resources: ["sourcenodes", "repositories", "backupjobs", "restorejobs"]
   verbs: ["get", "list", "watch"]
 # A running BackupJob carries the finalizer sendense.io/cleanup (a JSON patch of
 # metadata.finalizers), so that deleting it mid-run stops its pods, removes its snapshot and
@@ -135,9 +135,9 @@ config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests
 # Their status is the operator's output (Ready conditions, probe results, phase, per-disk
 # progress), written by server-side apply of the status subresource (PATCH).
 - apiGroups: ["sendense.io"]
-  resources: ["sourcenodes/status", "repositories/status", "backupjobs/status"]
+  resources: ["sourcenodes/status", "repositories/status", "backupjobs/status", "restorejobs/status"]
   verbs: ["patch"]
-# Hub, agent, repository-probe, commit and cleanup pods. Created by server-side apply (PATCH, which also
+# Hub, agent, repository-probe, commit, cleanup and restore pods. Created by server-side apply (PATCH, which also
 # needs create when the pod does not exist yet), watched for readiness and termination messages
 # (the agent's and probe's results), deleted when a job ends or an attempt is retried.
 - apiGroups: [""]
@@ -163,8 +163,10 @@ config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests
   verbs: ["create", "patch"]
 # The claim a Repository's spec.storage.claimTemplate asks for: read by name (also an existing
 # claim named by spec.storage.persistentVolumeClaim, to see it Bound) and created by server-side
-# apply. Never deleted: backups must outlive the Repository object. No list/watch: the operator
-# only reads claims by name.
+# apply. Never deleted: backups must outlive the Repository object. Likewise the claims a
+# RestoreJob restores disks onto (read by name to check their size, created when missing; never
+# deleted: the restored disks outlive the job). No list/watch: the operator only reads claims by
+# name.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "create", "patch"]
@@ -232,9 +234,9 @@ The operator's rule on cluster-scoped objects: always in a ClusterRole.
 */}}
 {{- define "sendense.clusterRules" -}}
 # At startup the operator reads Sendense's own CRDs by name and exits with an install hint when
-# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's four.
+# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's five.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io", "restorepoints.sendense.io"]
+  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io", "restorepoints.sendense.io", "restorejobs.sendense.io"]
   verbs: ["get"]
 {{- end }}

@@ -11,6 +11,7 @@ mod hub;
 mod layout;
 mod network_policy;
 mod repository;
+mod restore;
 
 use std::collections::BTreeMap;
 
@@ -35,6 +36,11 @@ pub use layout::{
 };
 pub use network_policy::{OperatorPeer, agent_policy, hub_policy};
 pub use repository::{probe_pod, templated_claim};
+pub use restore::{
+    DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, RESTORE_JOB_LABEL, TARGETS_DIR,
+    block_claim_bytes, default_claim_name, files_directory, files_pod, filesystem_claim_bytes,
+    kubevirt_vm, restore_claim, restore_labels, restore_pod, restore_pod_name, volume_mode_str,
+};
 
 /// `POD_IP`, the pod's own IP from the downward API (the agent's progress endpoint and the
 /// hub's exports are bound to it).

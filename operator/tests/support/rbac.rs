@@ -76,6 +76,7 @@ const KINDS: &[&str] = &[
     "sourcenodes.sendense.io",
     "repositories.sendense.io",
     "backupjobs.sendense.io",
+    "restorejobs.sendense.io",
 ];
 const CA: &str = "secrets/sendense-nbd-ca";
 
@@ -89,6 +90,7 @@ pub const ALLOWED: &[Check] = &[
             "customresourcedefinitions.apiextensions.k8s.io/repositories.sendense.io",
             "customresourcedefinitions.apiextensions.k8s.io/backupjobs.sendense.io",
             "customresourcedefinitions.apiextensions.k8s.io/restorepoints.sendense.io",
+            "customresourcedefinitions.apiextensions.k8s.io/restorejobs.sendense.io",
         ],
         "the CRD check at startup, by name",
     ),
