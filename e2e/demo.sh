@@ -40,7 +40,7 @@ nocolor() { sed 's/\x1b\[[0-9;]*m//g'; }
 
 echo; echo "=== installing the CRDs ==="
 k apply --server-side -k config/crd
-k wait --for=condition=Established --timeout=60s crd/sourcenodes.sendense.io crd/repositories.sendense.io crd/backupjobs.sendense.io crd/restorepoints.sendense.io
+k wait --for=condition=Established --timeout=60s crd/sourcenodes.sendense.io crd/repositories.sendense.io crd/backupjobs.sendense.io crd/restorepoints.sendense.io crd/restorejobs.sendense.io
 k get crd | grep -E 'NAME|sendense.io'
 
 echo; echo "=== applying the samples to namespace sendense-demo ==="

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::Result;
-use sendense_contract::restore::FilesResult;
+use sendense_contract::restore::{FilesResult, Refusal};
 use support::*;
 
 const MIB: u64 = 1 << 20;
@@ -166,6 +166,7 @@ fn files_from_the_top_of_a_chain_equal_the_guests() -> Result<()> {
     let r = FilesResult::parse(&std::fs::read_to_string(&result)?).expect("a result");
     assert_eq!(FilesResult::parse(&out), Some(r.clone()));
     assert!(!r.ok && r.nothing_written, "{out}");
+    assert_eq!(r.refused, Some(Refusal::NothingMatched));
     let e = r.error.unwrap_or_default();
     assert!(
         e.contains("/var/log/*.log") && e.contains("nothing was written"),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Result;
-use sendense_contract::restore::RestoreResult;
+use sendense_contract::restore::{Refusal, RestoreResult};
 use sha2::{Digest, Sha256};
 use support::*;
 
@@ -257,6 +257,7 @@ fn bad_input_writes_nothing_and_says_why() -> Result<()> {
     ])?;
     assert_eq!(code, 1);
     assert!(!r.ok && r.nothing_written, "{r:?}");
+    assert_eq!(r.refused, Some(Refusal::SourceNotFound));
     let e = r.error.unwrap_or_default();
     assert!(
         e.contains("disk 2000") && e.contains("missing.qcow2"),
@@ -280,6 +281,7 @@ fn bad_input_writes_nothing_and_says_why() -> Result<()> {
     ])?;
     assert_eq!(code, 1);
     assert!(r.nothing_written, "{r:?}");
+    assert_eq!(r.refused, Some(Refusal::TargetTooSmall));
     let e = r.error.unwrap_or_default();
     assert!(
         e.contains("disk 2001")
@@ -299,6 +301,7 @@ fn bad_input_writes_nothing_and_says_why() -> Result<()> {
         format!("2000:file:{}", sc.path("no/such/dir/disk.img").display()),
     ])?;
     assert_eq!((code, r.nothing_written), (1, true));
+    assert_eq!(r.refused, Some(Refusal::TargetUnusable));
     assert!(r.error.unwrap_or_default().contains("no/such/dir"));
     let (code, r) = restore(&[
         s("--source"),
@@ -309,6 +312,7 @@ fn bad_input_writes_nothing_and_says_why() -> Result<()> {
         format!("2000:file:{}", target.display()),
     ])?;
     assert_eq!((code, r.nothing_written), (1, true));
+    assert_eq!(r.refused, Some(Refusal::BadArguments));
     assert!(r.error.unwrap_or_default().contains("disk 2001 has none"));
 
     // A restored disk that does not hash as expected: the old file stays, the partial goes.
@@ -322,6 +326,10 @@ fn bad_input_writes_nothing_and_says_why() -> Result<()> {
     ])?;
     assert_eq!(code, 1);
     assert!(!r.ok && !r.nothing_written, "{r:?}");
+    assert_eq!(
+        r.refused, None,
+        "a failed restore is not a refusal: it may be retried"
+    );
     assert_eq!(r.disks[0].verified, Some(false));
     assert!(r.error.unwrap_or_default().contains("hashes"));
     assert_eq!(std::fs::read(&target)?, b"keep me");

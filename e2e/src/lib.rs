@@ -183,6 +183,7 @@ pub fn install_crds() -> Result<()> {
         "repositories.sendense.io",
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
+        "restorejobs.sendense.io",
     ] {
         // Read the condition rather than `kubectl wait`, which errors out ("accessor error")
         // on a CRD created a moment ago whose status has no conditions yet.

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, Patch, PatchParams};
 use sendense_crds::backup_job::{BackupMode, Phase};
-use sendense_crds::{BackupJob, Repository, SourceNode};
+use sendense_crds::restore_job::{ClaimAccessMode, FilesFormat, VolumeMode};
+use sendense_crds::{BackupJob, Repository, RestoreJob, SourceNode};
 use sendense_e2e::{TestNamespace, install_crds, kubectl, kubectl_ok, path_str, repo_root};
 
 #[test]
@@ -19,6 +20,7 @@ fn crds_install_and_are_listed() -> Result<()> {
         "repositories.sendense.io",
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
+        "restorejobs.sendense.io",
     ] {
         assert!(
             out.contains(&format!(
@@ -61,6 +63,19 @@ async fn samples_are_accepted_and_defaulted() -> Result<()> {
     assert_eq!(
         primary.spec.layout.directory, "{namespace}/{vm}",
         "one directory per VM, holding a directory per restore point"
+    );
+
+    let restores: Api<RestoreJob> = Api::namespaced(client.clone(), &ns.name);
+    let to_kubevirt = restores.get("web-01-to-kubevirt").await?;
+    assert_eq!(to_kubevirt.spec.retry_limit, 2, "retryLimit defaults to 2");
+    assert_eq!(to_kubevirt.spec.progress_deadline_seconds, 600);
+    let pvc = to_kubevirt.spec.target.pvc.expect("a pvc target");
+    assert_eq!(pvc.volume_mode, VolumeMode::Filesystem);
+    assert_eq!(pvc.access_mode, ClaimAccessMode::ReadWriteOnce);
+    let files = restores.get("web-01-nginx-config").await?;
+    assert_eq!(
+        files.spec.target.files.expect("a files target").format,
+        FilesFormat::Directory
     );
 
     let nodes: Api<SourceNode> = Api::namespaced(client, &ns.name);

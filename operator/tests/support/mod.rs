@@ -101,7 +101,7 @@ impl Drop for Operator {
 }
 
 /// Deletes a cluster-scoped PersistentVolume when the test ends.
-pub struct Pv(String);
+pub struct Pv(pub String);
 impl Drop for Pv {
     fn drop(&mut self) {
         let ds = format!("{}-ds", self.0);
