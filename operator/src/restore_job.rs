@@ -33,7 +33,7 @@ use crate::pod_state::{self, PodPhase};
 use crate::resources::{
     ATTEMPT_LABEL, DiskToRestore, NewClaim, PROGRESS_PORT, PodSettings, block_claim_bytes,
     claim_name, default_claim_name, files_directory, files_pod, filesystem_claim_bytes,
-    kubevirt_vm, restore_claim, restore_pod, restore_pod_name,
+    kubevirt_vm, restore_claim, restore_pod, restore_pod_name, restore_policy,
 };
 use crate::status::{ConditionReason, StatusUpdate, holding, now};
 
@@ -759,6 +759,9 @@ async fn create_pod(job: &RestoreJob, ctx: &Context, attempt: i32) -> Result<Act
     let account = ctx.images.hub_service_account.as_deref();
     let created = async {
         crate::children::ensure_service_account(&ctx.client, &ns, account).await?;
+        if let Some(operator) = &ctx.images.network_policy {
+            crate::children::apply(&ctx.client, &ns, &restore_policy(job, operator)).await?;
+        }
         applied(&ctx.client, &ns, &pod).await
     }
     .await;

@@ -34,7 +34,7 @@ pub use layout::{
     REPOSITORY_MOUNT, attempt_dir, attempt_uid, claim_name, dir_of, disk_file, for_attempt,
     namespace_prefix,
 };
-pub use network_policy::{OperatorPeer, agent_policy, hub_policy};
+pub use network_policy::{OperatorPeer, agent_policy, hub_policy, restore_policy};
 pub use repository::{probe_pod, templated_claim};
 pub use restore::{
     DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, RESTORE_JOB_LABEL, TARGETS_DIR,

@@ -14,11 +14,11 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sendense_crds::BackupJob;
+use sendense_crds::{BackupJob, RestoreJob};
 
 use super::agent::PROGRESS_PORT;
 use super::hub::HubDisk;
-use super::{agent_name, hub_name, labels, owned_meta};
+use super::{agent_name, hub_name, labels, owned_meta, restore_labels, restore_pod_name};
 
 /// Where the operator's pods are, for the agents' ingress rule.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -82,22 +82,37 @@ pub fn hub_policy(job: &BackupJob, disks: &[HubDisk]) -> NetworkPolicy {
 
 /// The agent's policy: its progress port, from the operator's pods only.
 pub fn agent_policy(job: &BackupJob, operator: &OperatorPeer) -> NetworkPolicy {
-    ingress_only(
-        job,
-        agent_name(job),
-        "agent",
-        NetworkPolicyIngressRule {
-            from: Some(vec![NetworkPolicyPeer {
-                namespace_selector: selector(BTreeMap::from([(
-                    NAMESPACE_NAME_LABEL.to_owned(),
-                    operator.namespace.clone(),
-                )])),
-                pod_selector: selector(operator.pod_labels.clone()),
-                ..Default::default()
-            }]),
-            ports: Some(vec![tcp(i32::from(PROGRESS_PORT))]),
-        },
-    )
+    ingress_only(job, agent_name(job), "agent", from_operator(operator))
+}
+
+/// A RestoreJob's policy: its pod's progress port from the operator's pods only, and no
+/// egress at all (the pod reads the repository volume and writes its claims; its NBD traffic
+/// stays on a Unix socket inside the pod): a restore cannot send a backup anywhere.
+pub fn restore_policy(job: &RestoreJob, operator: &OperatorPeer) -> NetworkPolicy {
+    let pods = restore_labels(job, "restore");
+    NetworkPolicy {
+        metadata: owned_meta(job, restore_pod_name(job), pods.clone()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: selector(pods),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(vec![from_operator(operator)]),
+            egress: Some(Vec::new()),
+        }),
+    }
+}
+
+fn from_operator(operator: &OperatorPeer) -> NetworkPolicyIngressRule {
+    NetworkPolicyIngressRule {
+        from: Some(vec![NetworkPolicyPeer {
+            namespace_selector: selector(BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_owned(),
+                operator.namespace.clone(),
+            )])),
+            pod_selector: selector(operator.pod_labels.clone()),
+            ..Default::default()
+        }]),
+        ports: Some(vec![tcp(i32::from(PROGRESS_PORT))]),
+    }
 }
 
 #[cfg(test)]
@@ -160,5 +175,28 @@ mod tests {
             rule.ports.as_ref().expect("ports")[0].port,
             Some(IntOrString::Int(9090))
         );
+
+        let rj = RestoreJob::test();
+        let restore = restore_policy(&rj, &operator);
+        assert_eq!(restore.metadata.name.as_deref(), Some("web-01-r1-restore"));
+        assert!(restore.metadata.owner_references.is_some());
+        let spec = restore.spec.expect("spec");
+        assert_eq!(spec.pod_selector, selector(restore_labels(&rj, "restore")));
+        assert_eq!(
+            spec.policy_types,
+            Some(vec!["Ingress".to_owned(), "Egress".to_owned()])
+        );
+        assert_eq!(spec.egress, Some(vec![]), "no egress at all");
+        let rule = &spec.ingress.expect("ingress")[0];
+        assert_eq!(
+            rule.from.as_ref().expect("from")[0].pod_selector,
+            selector(operator.pod_labels)
+        );
+        // The pod it protects carries the labels it selects.
+        let pod = super::super::restore_pod(&rj, 1, "backups", &[], &Default::default());
+        let pod_labels = pod.metadata.labels.expect("labels");
+        for (k, v) in restore_labels(&rj, "restore") {
+            assert_eq!(pod_labels.get(&k), Some(&v), "{k}");
+        }
     }
 }
