@@ -121,6 +121,12 @@ pub enum CopyError {
         #[source]
         source: NbdError,
     },
+    #[error("writing the target file at offset {offset}: {source}")]
+    TargetFile {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid copy options: {0}")]
     Options(String),
     #[error(
@@ -135,6 +141,113 @@ pub enum CopyError {
     },
 }
 
+/// Where a copy writes: an NBD export, or a local file written directly (a restore into a new
+/// raw image: no server between the engine and the file).
+#[derive(Clone, Copy)]
+pub enum Sink<'a> {
+    Nbd(&'a NbdClient),
+    File(&'a FileSink),
+}
+
+/// A local file the copy writes with positioned writes, each on a blocking thread and within
+/// a deadline (a file on network storage can stall).
+#[derive(Debug, Clone)]
+pub struct FileSink {
+    file: std::sync::Arc<std::fs::File>,
+    size: u64,
+    deadline: std::time::Duration,
+}
+
+impl FileSink {
+    /// `file` of `size` bytes (already sized); each write must end within `deadline`.
+    pub fn new(file: std::fs::File, size: u64, deadline: std::time::Duration) -> Self {
+        Self {
+            file: std::sync::Arc::new(file),
+            size,
+            deadline,
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        offset: u64,
+        f: impl FnOnce(&std::fs::File) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, CopyError> {
+        let file = self.file.clone();
+        let task = tokio::task::spawn_blocking(move || f(&file));
+        let io = match tokio::time::timeout(self.deadline, task).await {
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.deadline),
+            )),
+            Ok(Err(join)) => Err(std::io::Error::other(join.to_string())),
+            Ok(Ok(r)) => r,
+        };
+        io.map_err(|source| CopyError::TargetFile { offset, source })
+    }
+}
+
+impl Sink<'_> {
+    fn size(&self) -> u64 {
+        match self {
+            Sink::Nbd(c) => c.size(),
+            Sink::File(f) => f.size,
+        }
+    }
+
+    fn max_request(&self) -> u32 {
+        match self {
+            Sink::Nbd(c) => c.block_size().maximum,
+            Sink::File(_) => u32::MAX,
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), CopyError> {
+        match self {
+            Sink::Nbd(c) => c
+                .write(offset, data)
+                .await
+                .map_err(|source| CopyError::Target { offset, source }),
+            Sink::File(f) => {
+                use std::os::unix::fs::FileExt;
+                f.blocking(offset, move |file| file.write_all_at(&data, offset))
+                    .await
+            }
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), CopyError> {
+        match self {
+            Sink::Nbd(c) => {
+                let r = if c.can_write_zeroes() {
+                    c.write_zeroes(offset, length as u32, false).await
+                } else {
+                    c.write(offset, Bytes::from(vec![0u8; length as usize]))
+                        .await
+                };
+                r.map_err(|source| CopyError::Target { offset, source })
+            }
+            Sink::File(f) => {
+                use std::os::unix::fs::FileExt;
+                f.blocking(offset, move |file| {
+                    file.write_all_at(&vec![0u8; length as usize], offset)
+                })
+                .await
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), CopyError> {
+        match self {
+            Sink::Nbd(c) => c
+                .flush()
+                .await
+                .map_err(|source| CopyError::Target { offset: 0, source }),
+            Sink::File(f) => f.blocking(0, |file| file.sync_all()).await,
+        }
+    }
+}
+
 /// Copies `areas` from `source` to `target` and flushes the target. The caller decides `kind`
 /// from how the target was prepared.
 pub async fn copy_areas(
@@ -145,7 +258,19 @@ pub async fn copy_areas(
     opts: &CopyOptions,
     progress: &Progress,
 ) -> Result<CopyStats, CopyError> {
-    let max_request = source.block_size().maximum.min(target.block_size().maximum);
+    copy_areas_to(source, Sink::Nbd(target), areas, kind, opts, progress).await
+}
+
+/// `copy_areas` into any sink.
+pub async fn copy_areas_to(
+    source: &NbdClient,
+    target: Sink<'_>,
+    areas: Vec<ChangedArea>,
+    kind: CopyKind,
+    opts: &CopyOptions,
+    progress: &Progress,
+) -> Result<CopyStats, CopyError> {
+    let max_request = source.block_size().maximum.min(target.max_request());
     if opts.request_size == 0 || opts.request_size > max_request || opts.max_in_flight == 0 {
         return Err(CopyError::Options(format!(
             "request size {} must be between 1 and {max_request}, max in flight at least 1",
@@ -183,10 +308,7 @@ pub async fn copy_areas(
         .await?;
     let mut chunks = digests.into_inner().unwrap_or_else(|p| p.into_inner());
     chunks.sort_by_key(|c: &ChunkDigest| c.start);
-    target
-        .flush()
-        .await
-        .map_err(|source| CopyError::Target { offset: 0, source })?;
+    target.flush().await?;
     Ok(CopyStats {
         total,
         data: progress.data.load(Ordering::Relaxed),
@@ -241,7 +363,7 @@ fn hash_zeros(h: &mut Sha256, mut length: u64) {
 }
 
 async fn copy_chunk(
-    target: &NbdClient,
+    target: Sink<'_>,
     source: &NbdClient,
     job: Job,
     kind: CopyKind,
@@ -281,13 +403,7 @@ async fn copy_chunk(
                     if is_zero {
                         zero(target, area, kind, progress).await?;
                     } else {
-                        target
-                            .write(area.start, data.slice(run))
-                            .await
-                            .map_err(|source| CopyError::Target {
-                                offset: area.start,
-                                source,
-                            })?;
+                        target.write(area.start, data.slice(run)).await?;
                         progress.data.fetch_add(area.length, Ordering::Relaxed);
                     }
                 }
@@ -309,7 +425,7 @@ async fn copy_chunk(
 }
 
 async fn zero(
-    target: &NbdClient,
+    target: Sink<'_>,
     a: ChangedArea,
     kind: CopyKind,
     progress: &Progress,
@@ -320,17 +436,7 @@ async fn zero(
             Ok(())
         }
         CopyKind::Incremental => {
-            let result = if target.can_write_zeroes() {
-                target.write_zeroes(a.start, a.length as u32, false).await
-            } else {
-                target
-                    .write(a.start, Bytes::from(vec![0u8; a.length as usize]))
-                    .await
-            };
-            result.map_err(|source| CopyError::Target {
-                offset: a.start,
-                source,
-            })?;
+            target.write_zeroes(a.start, a.length).await?;
             progress.zeroed.fetch_add(a.length, Ordering::Relaxed);
             Ok(())
         }

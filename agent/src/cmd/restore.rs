@@ -29,7 +29,9 @@ use super::{Outcome, refusal_of, refused, write_result_file};
 use crate::backup::LiveProgress;
 use crate::checksum;
 use crate::cmd::copy::parse_areas_file;
-use crate::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
+use crate::copy::{
+    ChangedArea, CopyKind, CopyOptions, FileSink, Progress, Sink, copy_areas, copy_areas_to,
+};
 use crate::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
 use crate::qemu_nbd::{ReadOnlyExport, WritableExport};
 use sendense_contract::progress::Stage;
@@ -483,7 +485,9 @@ async fn restore_disk(
     (report, outcome)
 }
 
-/// A whole disk into a new sparse file, renamed over the target once complete.
+/// A whole disk into a new sparse file, renamed over the target once complete. The file is
+/// written directly (no NBD server in between), and every 4 KiB block that reads as zeros is
+/// skipped, also inside data: the new file already reads as zeros there, so it stays sparse.
 async fn restore_file(
     disk: &Disk,
     path: &Path,
@@ -502,18 +506,40 @@ async fn restore_file(
             }
             _ => {}
         }
-        let f = std::fs::File::create_new(&partial)
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
         f.set_len(disk.capacity())
             .with_context(|| format!("sizing {}", partial.display()))?;
-        let export = WritableExport::start(&partial).await?;
-        let target = NbdClient::connect(&export.url(), &local_options()).await?;
-        let copied = write(disk, &target, CopyKind::Full, copy_opts, progress, report).await;
-        target.disconnect().await;
-        drop(export);
-        copied?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", partial.display()))?;
+        let sink = FileSink::new(
+            f.try_clone()?,
+            disk.capacity(),
+            Duration::from_secs(sendense_contract::cli::DEFAULT_REQUEST_TIMEOUT_SECONDS),
+        );
+        let opts = CopyOptions {
+            zero_run: SPARSE_BLOCK,
+            ..copy_opts.clone()
+        };
+        let stats = copy_areas_to(
+            &disk.source,
+            Sink::File(&sink),
+            whole(disk),
+            CopyKind::Full,
+            &opts,
+            progress,
+        )
+        .await
+        .with_context(|| format!("restoring {}", disk.source_file.display()))?;
+        record(report, &stats);
+        if let Some(expect) = &disk.expect {
+            let actual = read_back(f, disk.capacity())
+                .await
+                .with_context(|| format!("reading {} back", partial.display()))?;
+            verified(report, &actual, expect)?;
+        }
         std::fs::rename(&partial, path)
             .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
         std::fs::File::open(parent_dir(path))
@@ -526,6 +552,62 @@ async fn restore_file(
         let _ = std::fs::remove_file(&partial);
     }
     written
+}
+
+/// Blocks of zeros at least this long (and aligned to it) inside data are not written into a
+/// new image: the file system block, as `qemu-img convert -S 4k` does.
+const SPARSE_BLOCK: usize = 4096;
+
+/// The whole disk as one area.
+fn whole(disk: &Disk) -> Vec<ChangedArea> {
+    vec![ChangedArea {
+        start: 0,
+        length: disk.capacity(),
+    }]
+}
+
+fn record(report: &mut RestoredDisk, stats: &crate::copy::CopyStats) {
+    report.bytes_total = stats.total;
+    report.bytes_written = stats.data;
+    report.bytes_zeroed = stats.zeroed;
+    report.bytes_skipped = stats.skipped;
+}
+
+fn verified(report: &mut RestoredDisk, actual: &str, expect: &str) -> Result<()> {
+    let matched = actual.eq_ignore_ascii_case(expect);
+    report.sha256 = Some(actual.to_owned());
+    report.verified = Some(matched);
+    if !matched {
+        bail!(
+            "read back after the flush, the restored disk hashes {actual}, the restore point {expect}"
+        );
+    }
+    Ok(())
+}
+
+/// SHA-256 of the first `len` bytes of a flushed file, read back from its storage: its cached
+/// pages are dropped first (POSIX_FADV_DONTNEED), so the bytes come from the volume, not from
+/// what this process just wrote into the page cache.
+async fn read_back(file: std::fs::File, len: u64) -> Result<String> {
+    tokio::task::spawn_blocking(move || -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        file.sync_all()?;
+        // SAFETY: a valid open descriptor; advice only, nothing is read or written.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], off)?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    })
+    .await?
 }
 
 /// Connect options for the agent's own local qemu-nbd (on a Unix socket).
@@ -547,19 +629,11 @@ async fn write(
     progress: &Progress,
     report: &mut RestoredDisk,
 ) -> Result<()> {
-    let areas = disk.areas.clone().unwrap_or_else(|| {
-        vec![ChangedArea {
-            start: 0,
-            length: disk.capacity(),
-        }]
-    });
+    let areas = disk.areas.clone().unwrap_or_else(|| whole(disk));
     let stats = copy_areas(&disk.source, target, areas, kind, copy_opts, progress)
         .await
         .with_context(|| format!("restoring {}", disk.source_file.display()))?;
-    report.bytes_total = stats.total;
-    report.bytes_written = stats.data;
-    report.bytes_zeroed = stats.zeroed;
-    report.bytes_skipped = stats.skipped;
+    record(report, &stats);
     if let Some(expect) = &disk.expect {
         let actual = checksum::sha256_of_first(
             target,
@@ -569,14 +643,7 @@ async fn write(
         )
         .await
         .context("reading the restored disk back")?;
-        let matched = actual.eq_ignore_ascii_case(expect);
-        report.sha256 = Some(actual.clone());
-        report.verified = Some(matched);
-        if !matched {
-            bail!(
-                "read back after the flush, the restored disk hashes {actual}, the restore point {expect}"
-            );
-        }
+        verified(report, &actual, expect)?;
     }
     Ok(())
 }
