@@ -60,6 +60,8 @@ NS=sendense-backup-demo
 RELEASE=sendense          # the chart's objects are named sendense-operator etc.
 PV=$NS-repo               # the repository: a `local` PersistentVolume on the node
 PV_DS=$NS-ds              # the simulator's datastore: a read-only hostPath PersistentVolume
+RESTORE=web-back          # the RestoreJob; its claims are web-back-disk-<key>
+PV_R=$NS-restored         # the restored disks' `local` PersistentVolumes: $PV_R-<key>
 VM=cbt-vm-0
 JOB_TIMEOUT=300           # seconds a BackupJob may take to succeed
 # One work directory per control plane, so demos on different control planes never collide.
@@ -171,7 +173,7 @@ if k get namespace "$NS" >/dev/null 2>&1; then
   k delete pods -n "$NS" --all --force --grace-period=0 >/dev/null 2>&1 || true
   kw --for=delete namespace/"$NS" --timeout=120s
 fi
-k delete pv "$PV" "$PV_DS" --ignore-not-found --timeout=60s
+k delete pv "$PV" "$PV_DS" "$PV_R-2000" "$PV_R-2001" --ignore-not-found --timeout=60s
 k apply -f - <<EOF
 apiVersion: v1
 kind: Namespace
@@ -611,5 +613,62 @@ done)
 done)
 echo "  operator metrics (http://$OPERATOR_IP:8080/metrics):"
 curl -sf --max-time 5 "http://$OPERATOR_IP:8080/metrics" | grep -E '^sendense_backups_total' | sed 's/^/    /' || true
+
+header "restoring backup-2 with a RestoreJob (kubectl apply): both disks onto PersistentVolumeClaims"
+RP=$(k get -n "$NS" backupjob backup-2 -o jsonpath='{.status.restorePoint}')
+# The claims the RestoreJob creates (web-back-disk-2000, -2001) bind to these local volumes; on a
+# cluster with a provisioner, spec.target.pvc.storageClassName names its class instead.
+rm -rf "$W/restored"
+for key in 2000 2001; do
+  mkdir -p "$W/restored/$key"
+  k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $PV_R-$key}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  local: {path: "$W/restored/$key"}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: ["$NODE_NAME"]}]
+  claimRef: {namespace: $NS, name: $RESTORE-disk-$key}
+EOF
+done
+cat > "$W/manifests/restorejob.yaml" <<EOF
+apiVersion: sendense.io/v1alpha1
+kind: RestoreJob
+metadata: {name: $RESTORE, namespace: $NS}
+spec:
+  restorePointRef: {name: $RP}
+  target:
+    pvc:
+      storageClassName: ""
+      kubeVirt: {memory: 1Gi, cpus: 1}
+EOF
+sed 's/^/    /' "$W/manifests/restorejob.yaml"
+k apply -f "$W/manifests/restorejob.yaml"
+if ! kw -n "$NS" --for=jsonpath='{.status.phase}'=Succeeded "restorejob/$RESTORE" --timeout=300s >/dev/null; then
+  echo "the RestoreJob did not succeed:" >&2; k get -n "$NS" restorejob "$RESTORE" -o yaml >&2; exit 1
+fi
+k get -n "$NS" restorejob "$RESTORE" -o wide
+k get -n "$NS" pvc "$RESTORE-disk-2000" "$RESTORE-disk-2001"
+for pair in "2000 $I0" "2001 $I1"; do
+  set -- $pair
+  img=$W/restored/$1/disk.img
+  got=$(sha256sum "$img" | cut -d' ' -f1)
+  verified=$(k get -n "$NS" restorejob "$RESTORE" -o jsonpath="{.status.disks[?(@.deviceKey==$1)].verified}")
+  if [ "$got" != "$2" ] || [ "$verified" != true ]; then
+    echo "  disk $1: disk.img ($got, verified=$verified) DIFFERS from the disk at backup-2 ($2)" >&2; exit 1
+  fi
+  echo "  disk $1: disk.img on claim $RESTORE-disk-$1 is identical to the disk at backup-2 (sha256 ${2:0:16}...); $(du -h "$img" | cut -f1) allocated of $(du -h --apparent-size "$img" | cut -f1): holes stay holes"
+done
+echo "  the KubeVirt VirtualMachine it rendered (status.virtualMachine; apply it where KubeVirt runs):"
+k get -n "$NS" restorejob "$RESTORE" -o jsonpath='{.status.virtualMachine}' | sed 's/^/    /'
+k delete -n "$NS" restorejob "$RESTORE" --wait=true >/dev/null
+k get -n "$NS" pvc "$RESTORE-disk-2000" -o name | sed 's/^/  the RestoreJob deleted, the restored disks stay: /'
 
 DONE=1   # the exit trap uninstalls the release, then says how to go on
