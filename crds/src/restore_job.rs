@@ -109,7 +109,10 @@ pub struct PvcTarget {
     /// StorageClass of the claims Sendense creates; unset: the cluster's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
-    /// Volume mode of the claims Sendense creates.
+    /// Volume mode of the claims Sendense creates. `Block`: the disk is written onto the
+    /// device itself, by a pod running as user and group 65532; the nodes' container runtime
+    /// must give a block volume's device to the container's user (containerd's and CRI-O's
+    /// `device_ownership_from_security_context = true`, which KubeVirt's CDI needs as well).
     #[serde(default)]
     pub volume_mode: VolumeMode,
     /// Access mode of the claims Sendense creates.

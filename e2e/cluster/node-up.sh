@@ -135,6 +135,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   enable_selinux = false
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # A block volume's device belongs to the container's runAsUser/runAsGroup (as KubeVirt's CDI
+  # asks of a cluster), so a non-root pod can write the device of a Block-mode claim.
+  device_ownership_from_security_context = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use kube::Api;
 use sendense_crds::backup_job::Phase;
+use sendense_crds::restore_job::VolumeMode;
 use sendense_crds::{BackupJob, Repository, RestoreJob, RestorePoint, SourceNode};
 
 mod support;
@@ -225,6 +226,63 @@ spec:
     Ok((Pv(name), dir))
 }
 
+/// A loop device over a file of `size` bytes of 0xEE (old data a restore must overwrite, zeros
+/// included); detached when the test ends.
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    fn new(file: &Path, size: usize) -> Result<Self> {
+        std::fs::write(file, vec![0xEEu8; size])?;
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Self {
+            path: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
+/// A Block-mode `local` PersistentVolume on `device`, pre-bound to claim `claim`.
+fn block_volume_for(bed: &Bed, claim: &str, device: &str) -> Result<Pv> {
+    let name = format!("{}-{claim}", bed.ns.name);
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {name}}}
+spec:
+  capacity: {{storage: 24Mi}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  volumeMode: Block
+  local: {{path: "{device}"}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: ["{node}"]}}]
+  claimRef: {{namespace: {ns}, name: {claim}}}
+"#,
+        node = bed.node.name,
+        ns = bed.ns.name,
+    );
+    bed.apply(&format!("pv-{claim}"), &yaml)?;
+    Ok(Pv(name))
+}
+
 /// A claim of `size` in the bed's namespace (on its pre-bound volume).
 fn claim(bed: &Bed, name: &str, size: &str) -> Result<()> {
     bed.apply(
@@ -414,6 +472,36 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
         "a restored claim outlives its RestoreJob"
     );
 
+    // A Block-mode claim: disk 2001 at point 2 onto the device itself, its old bytes (0xEE)
+    // overwritten, zeros included.
+    let device = LoopDevice::new(&bed.work.join("block-2001.img"), 24 * MIB)?;
+    let _pv_block = block_volume_for(&bed, "blk-disk-2001", &device.path)?;
+    apply_restore(
+        &bed,
+        "blk",
+        &format!(
+            "  restorePointRef: {{name: {p2}}}\n  disks: [2001]\n  target:\n    pvc:\n      storageClassName: \"\"\n      volumeMode: Block\n"
+        ),
+    )?;
+    let blk = restore_ended(&bed, "blk", Phase::Succeeded).await?;
+    let d = &blk.status.context("status")?.disks[0];
+    assert_eq!(
+        (d.device_key, d.volume_mode, d.verified),
+        (2001, VolumeMode::Block, Some(true)),
+        "{d:?}"
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c {} {} | sha256sum", 16 * MIB, device.path))
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(point2_sums[1].as_str()),
+        "the device holds disk 2001 at point 2"
+    );
+
     // Any link of a chain restores: disk 2000 at point 1 onto an existing claim.
     let (_pv2, dir2) = volume_for(&bed, "at-point-1", "1Gi")?;
     claim(&bed, "at-point-1", "100Mi")?;
@@ -544,7 +632,7 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
             .any(|l| l.starts_with("sendense_restores_total")
                 && l.contains("result=\"succeeded\"")
                 && l.contains("target=\"pvc\"")
-                && l.ends_with(" 2")),
+                && l.ends_with(" 3")),
         "{metrics}"
     );
     for job in [&inc2] {

@@ -19,6 +19,7 @@ use sendense_contract::cli::{
 use sendense_crds::RestoreJob;
 use sendense_crds::restore_job::{ClaimAccessMode, FilesFormat, FilesTarget, VolumeMode};
 
+use super::hardening;
 use super::{
     ATTEMPT_LABEL, MANAGED_BY, PROGRESS_PORT, PodSettings, REPOSITORY_MOUNT, TERMINATION_LOG,
     harden, owned_meta, sendense_labels,
@@ -220,8 +221,21 @@ pub fn restore_pod(
     args.result_file = Some(TERMINATION_LOG.into());
     args.status_addr = Some(format!("$(POD_IP):{PROGRESS_PORT}"));
     let mut container = container(args.to_args(), mounts, images);
-    container.volume_devices = (!devices.is_empty()).then_some(devices);
-    pod(job, attempt, container, volumes, images)
+    let block = !devices.is_empty();
+    container.volume_devices = block.then_some(devices);
+    let mut pod = pod(job, attempt, container, volumes, images);
+    if block {
+        // fsGroup does not reach a block device: the container runtime gives a device to the
+        // container's user and group when it is set to (containerd's and CRI-O's
+        // `device_ownership_from_security_context`, which KubeVirt's CDI needs as well), so they
+        // are named here rather than left to the image.
+        for c in pod.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
+            let sc = c.security_context.get_or_insert_with(Default::default);
+            sc.run_as_user = Some(hardening::FS_GROUP);
+            sc.run_as_group = Some(hardening::FS_GROUP);
+        }
+    }
+    pod
 }
 
 /// The restore pod of a `files` target: `files get` from the restore point's directory into

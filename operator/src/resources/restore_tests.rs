@@ -108,6 +108,21 @@ fn the_restore_pods_command_line_parses_into_what_the_operator_built() {
     let devices = c.volume_devices.clone().unwrap_or_default();
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].device_path, "/dev/sendense/2001");
+    // A block device is the container's by its user and group, not by fsGroup.
+    let sc = c.security_context.clone().expect("security context");
+    assert_eq!(
+        (sc.run_as_user, sc.run_as_group),
+        (Some(65532), Some(65532))
+    );
+    let fs_only = restore_pod(&job, 1, "backups", &disks()[..1], &images());
+    let sc = fs_only.spec.expect("spec").containers[0]
+        .security_context
+        .clone()
+        .expect("security context");
+    assert_eq!(
+        sc.run_as_user, None,
+        "the image's user where no device is written"
+    );
     assert_eq!(restricted_violations(&pod), Vec::<String>::new());
     assert_eq!(
         pod.labels().get(ATTEMPT_LABEL).map(String::as_str),
