@@ -4,7 +4,7 @@
 //! [`cli`] is the command line and [`cmd`] a module per subcommand; the rest is what they use:
 //! [`backup`] (one backup, in steps), [`copy`] (the copy engine), [`nbd`] (the NBD client),
 //! [`source`] (nbdkit exports of snapshot disks), [`hub`] and [`repo`] (the repository side),
-//! [`checksum`], [`qemu_nbd`] and [`status`] (the backup's progress endpoint); [`guest`] (a
+//! [`checksum`], [`qcow2`] (a QCOW2 chain read in process), [`qemu_nbd`] and [`status`] (the backup's progress endpoint); [`guest`] (a
 //! restore point's guest file systems, for file-level restore).
 
 pub mod backup;
@@ -16,6 +16,7 @@ pub mod copy;
 pub mod guest;
 pub mod hub;
 pub mod nbd;
+pub mod qcow2;
 pub mod qemu_nbd;
 pub mod rate;
 pub mod repo;
