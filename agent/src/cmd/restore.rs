@@ -555,6 +555,7 @@ async fn restore_disk(
 /// A whole disk into a new sparse file, renamed over the target once complete. The file is
 /// written directly (no NBD server in between), and every 4 KiB block that reads as zeros is
 /// skipped, also inside data: the new file already reads as zeros there, so it stays sparse.
+/// The chain is read in process when [`Chain::open`] took it, through qemu-nbd otherwise.
 async fn restore_file(
     disk: &Disk,
     path: &Path,

@@ -109,6 +109,21 @@ fn copy_chunk(
             .map_err(|source| CopyError::TargetFile { offset, source })?;
         written += run.len() as u64;
     }
+    if written > 0 {
+        // Start writing the chunk back to the volume now, while the copy goes on: the sync
+        // at the end then waits for little (best effort: an error here changes nothing,
+        // the sync reports what matters).
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                target.as_raw_fd(),
+                start as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
     pool().push(buf);
     Ok(written)
 }

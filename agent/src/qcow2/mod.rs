@@ -296,7 +296,11 @@ impl Chain {
             match piece {
                 Piece::Zero => zero(part),
                 Piece::Data(host) => {
-                    read_exact(&layer.path, &layer.file, part, host)?;
+                    // A data cluster may end past the file's end (qemu does not always write
+                    // a cluster's zero tail): reads there give zeros, as in qemu.
+                    let n = layer.file_size.saturating_sub(host).min(part.len() as u64) as usize;
+                    read_exact(&layer.path, &layer.file, &mut part[..n], host)?;
+                    part[n..].fill(0);
                     data.push(at + r.start..at + r.end);
                 }
                 Piece::Backing => self.read_layer(

@@ -410,3 +410,24 @@ fn damaged_files_never_panic() {
         d.write(name, good);
     }
 }
+
+/// A data cluster cut short by the file's end reads as zeros past it, as qemu reads it; a
+/// truncated L2 table is an error.
+#[test]
+fn data_past_the_end_of_the_file_reads_as_zeros() {
+    let d = Dir::new("short");
+    let cs = 1usize << C64K;
+    let mut img = Img::new(C64K, 4 * cs as u64);
+    img.clusters = vec![(2, E::Data(6))];
+    let mut bytes = img.build();
+    bytes.truncate(bytes.len() - cs / 2);
+    let p = d.write("x.qcow2", &bytes);
+    let (disk, _) = read_all(&p).expect("read");
+    let mut want = vec![0u8; 4 * cs];
+    want[2 * cs..2 * cs + cs / 2].fill(6);
+    assert!(disk == want);
+    // Cut into the L2 table (cluster 2): an error when opened.
+    bytes.truncate(2 * cs + 100);
+    let p = d.write("x.qcow2", &bytes);
+    assert!(matches!(Chain::open(&p), Err(Qcow2Error::Malformed { .. })));
+}
