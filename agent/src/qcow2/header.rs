@@ -104,6 +104,12 @@ pub(super) fn parse(path: &Path, file: &File, file_size: u64) -> Result<Header, 
     if !(9..=21).contains(&cluster_bits) {
         return Err(malformed(20, format!("cluster bits {cluster_bits}")));
     }
+    if !size.is_multiple_of(512) {
+        // qemu counts whole sectors and drops the rest: not worth matching.
+        return Err(unsupported(format!(
+            "a virtual size of {size} bytes (not whole sectors)"
+        )));
+    }
     let cluster = 1u64 << cluster_bits;
     let (incompatible, header_len) = if version == 3 {
         if n < 104 {

@@ -326,6 +326,12 @@ fn unsupported_features_are_refused() {
     img.backing = Some(("x.qcow2".into(), "qcow2"));
     let p = d.write("x.qcow2", &img.build());
     assert!(matches!(Chain::open(&p), Err(Qcow2Error::Malformed { .. })));
+    // A size qemu would round down to whole sectors.
+    let p = d.write("odd.qcow2", &Img::new(C64K, 1000).build());
+    assert!(matches!(
+        Chain::open(&p),
+        Err(Qcow2Error::Unsupported { .. })
+    ));
     // A chain longer than MAX_CHAIN.
     let mut img = Img::new(C64K, 1 << 20);
     d.write("l0.qcow2", &img.build());
