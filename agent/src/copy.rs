@@ -127,6 +127,18 @@ pub enum CopyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading the chain at offset {offset}: {source}")]
+    Chain {
+        offset: u64,
+        #[source]
+        source: crate::qcow2::Qcow2Error,
+    },
+    #[error("copying the chunk at offset {offset}: {source}")]
+    Chunk {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid copy options: {0}")]
     Options(String),
     #[error(
@@ -168,22 +180,48 @@ impl FileSink {
         }
     }
 
+    /// The file written.
+    pub fn file(&self) -> &std::sync::Arc<std::fs::File> {
+        &self.file
+    }
+
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How long one piece of blocking I/O on it may take.
+    pub fn deadline(&self) -> std::time::Duration {
+        self.deadline
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         offset: u64,
         f: impl FnOnce(&std::fs::File) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, CopyError> {
         let file = self.file.clone();
-        let task = tokio::task::spawn_blocking(move || f(&file));
-        let io = match tokio::time::timeout(self.deadline, task).await {
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.deadline),
-            )),
-            Ok(Err(join)) => Err(std::io::Error::other(join.to_string())),
-            Ok(Ok(r)) => r,
-        };
-        io.map_err(|source| CopyError::TargetFile { offset, source })
+        within(self.deadline, move || f(&file))
+            .await
+            .and_then(|r| r)
+            .map_err(|source| CopyError::TargetFile { offset, source })
+    }
+}
+
+/// Runs blocking file I/O `f` on a blocking thread, and gives up on it after `deadline`: a
+/// file on network storage can stall forever (the thread is then left behind; the caller
+/// fails instead of hanging).
+pub async fn within<T: Send + 'static>(
+    deadline: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(deadline, tokio::task::spawn_blocking(f)).await {
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {deadline:?}"),
+        )),
+        Ok(Err(join)) => Err(std::io::Error::other(join.to_string())),
+        Ok(Ok(r)) => Ok(r),
     }
 }
 

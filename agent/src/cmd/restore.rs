@@ -4,6 +4,9 @@
 //! of the backup moves the data: the same deadlines, bounded memory, block status to skip what
 //! the chain holds as zeros.
 //!
+//! A whole disk restored into a file reads the chain in process ([`crate::qcow2`]) when every
+//! link of it is supported, and through qemu-nbd otherwise (a debug line says why).
+//!
 //! Two phases. First every source and target is checked (the chain opens, the target exists,
 //! is of the right kind and large enough, the areas fit the disk): a failure there writes
 //! nothing (`nothingWritten` in the result). Then every disk is restored at once.
@@ -33,6 +36,7 @@ use crate::copy::{
     ChangedArea, CopyKind, CopyOptions, FileSink, Progress, Sink, copy_areas, copy_areas_to,
 };
 use crate::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
+use crate::qcow2::{Chain, copy_to_file};
 use crate::qemu_nbd::{ReadOnlyExport, WritableExport};
 use sendense_contract::progress::Stage;
 use sendense_contract::restore::Refusal;
@@ -82,14 +86,37 @@ struct Disk {
     target: RestoreTarget,
     areas: Option<Vec<ChangedArea>>,
     expect: Option<String>,
-    /// The chain's read-only export, and a client connected to it.
-    _source_export: ReadOnlyExport,
-    source: NbdClient,
+    source: Source,
+}
+
+/// How a disk's chain is read.
+enum Source {
+    /// In process (a whole disk into a file, every link supported).
+    Chain(Arc<Chain>),
+    /// Through qemu-nbd.
+    Nbd(Box<Served>),
+}
+
+/// The chain's read-only qemu-nbd export, and a client connected to it.
+struct Served {
+    _export: ReadOnlyExport,
+    client: NbdClient,
 }
 
 impl Disk {
     fn capacity(&self) -> u64 {
-        self.source.size()
+        match &self.source {
+            Source::Chain(c) => c.size(),
+            Source::Nbd(served) => served.client.size(),
+        }
+    }
+
+    /// The NBD client of the chain's export (every target but a whole disk into a file).
+    fn nbd(&self) -> Result<&NbdClient> {
+        match &self.source {
+            Source::Nbd(served) => Ok(&served.client),
+            Source::Chain(_) => bail!("the chain of disk {} is not served over NBD", self.key),
+        }
     }
 }
 
@@ -154,7 +181,9 @@ async fn restore(args: &RestoreArgs, started: Instant, live: &LiveProgress) -> R
         reports.push(report);
     }
     for d in disks {
-        d.source.disconnect().await;
+        if let Source::Nbd(served) = d.source {
+            served.client.disconnect().await;
+        }
     }
     if errors.is_empty() {
         RestoreResult {
@@ -295,6 +324,42 @@ async fn open_source(
             format!("restore point file {} is not a file", file.display()),
         ));
     }
+    if matches!(target.kind, RestoreTargetKind::File(_)) && areas.is_none() {
+        let top = file.to_owned();
+        let opened = crate::copy::within(
+            Duration::from_secs(sendense_contract::cli::DEFAULT_REQUEST_TIMEOUT_SECONDS),
+            move || Chain::open(&top),
+        )
+        .await;
+        match opened {
+            Ok(Ok(chain)) => {
+                tracing::debug!(
+                    disk = key,
+                    links = chain.files().count(),
+                    "reading the chain of {} in process",
+                    file.display()
+                );
+                return Ok(Disk {
+                    key,
+                    source_file: file.to_owned(),
+                    target,
+                    areas,
+                    expect,
+                    source: Source::Chain(Arc::new(chain)),
+                });
+            }
+            Ok(Err(e)) => tracing::debug!(
+                disk = key,
+                "reading the chain of {} through qemu-nbd: {e}",
+                file.display()
+            ),
+            Err(e) => tracing::debug!(
+                disk = key,
+                "reading the chain of {} through qemu-nbd: opening it: {e}",
+                file.display()
+            ),
+        }
+    }
     let export = ReadOnlyExport::start(file)
         .await
         .with_context(|| format!("opening the chain of {}", file.display()))?;
@@ -318,8 +383,10 @@ async fn open_source(
         target,
         areas,
         expect,
-        _source_export: export,
-        source,
+        source: Source::Nbd(Box::new(Served {
+            _export: export,
+            client: source,
+        })),
     })
 }
 
@@ -488,6 +555,7 @@ async fn restore_disk(
 /// A whole disk into a new sparse file, renamed over the target once complete. The file is
 /// written directly (no NBD server in between), and every 4 KiB block that reads as zeros is
 /// skipped, also inside data: the new file already reads as zeros there, so it stays sparse.
+/// The chain is read in process when [`Chain::open`] took it, through qemu-nbd otherwise.
 async fn restore_file(
     disk: &Disk,
     path: &Path,
@@ -523,15 +591,20 @@ async fn restore_file(
             zero_run: SPARSE_BLOCK,
             ..copy_opts.clone()
         };
-        let stats = copy_areas_to(
-            &disk.source,
-            Sink::File(&sink),
-            whole(disk),
-            CopyKind::Full,
-            &opts,
-            progress,
-        )
-        .await
+        let stats = match &disk.source {
+            Source::Chain(chain) => copy_to_file(chain.clone(), &sink, progress).await,
+            Source::Nbd(served) => {
+                copy_areas_to(
+                    &served.client,
+                    Sink::File(&sink),
+                    whole(disk),
+                    CopyKind::Full,
+                    &opts,
+                    progress,
+                )
+                .await
+            }
+        }
         .with_context(|| format!("restoring {}", disk.source_file.display()))?;
         record(report, &stats);
         if let Some(expect) = &disk.expect {
@@ -630,7 +703,7 @@ async fn write(
     report: &mut RestoredDisk,
 ) -> Result<()> {
     let areas = disk.areas.clone().unwrap_or_else(|| whole(disk));
-    let stats = copy_areas(&disk.source, target, areas, kind, copy_opts, progress)
+    let stats = copy_areas(disk.nbd()?, target, areas, kind, copy_opts, progress)
         .await
         .with_context(|| format!("restoring {}", disk.source_file.display()))?;
     record(report, &stats);
