@@ -405,7 +405,7 @@ shown() { # what command...: runs the command, its output indented; a failure se
   [ -z "$out" ] || sed 's/^/    /' <<< "$out"
 }
 look_into_hub() { # job: once its first qemu-nbd container is ready; returns 1 until then
-  local job=$1 hub=$1-hub ready port pid1='tr "\0" " " < /proc/1/cmdline'
+  local job=$1 hub=$1-hub ready port ip out pid1='tr "\0" " " < /proc/1/cmdline'
   failed=
   ready=$(k get pod -n "$NS" "$hub" -o jsonpath='{.status.containerStatuses[?(@.name=="nbd-2000")].ready}' 2>/dev/null || true)
   [ "$ready" = true ] || return 1
@@ -413,8 +413,20 @@ look_into_hub() { # job: once its first qemu-nbd container is ready; returns 1 u
   echo "  -- hub pod $hub is Running on $(k get pod -n "$NS" "$hub" -o jsonpath='{.spec.nodeName}'), its containers:"
   k get pod -n "$NS" "$hub" -o jsonpath='{range .status.containerStatuses[*]}{.name}{" "}{.containerID}{" "}{.image}{"\n"}{end}' \
     | awk '{printf "       %-9s %.26s... %s\n", $1, $2, $3}'
-  shown "kubectl exec $hub -c nbd-2000 -- sendense-agent nbd-ping nbd://127.0.0.1:$port/" \
-    k exec -n "$NS" "$hub" -c nbd-2000 -- sendense-agent nbd-ping "nbd://127.0.0.1:$port/"
+  # The hub serves on its pod IP, over TLS, to the job's agent alone (its client certificate):
+  # an NBD client without one, even inside the hub's own pod, is turned away.
+  ip=$(k get pod -n "$NS" "$hub" -o jsonpath='{.status.podIP}')
+  echo "  + kubectl exec $hub -c nbd-2000 -- sendense-agent nbd-ping nbd://$ip:$port/   (no client certificate)"
+  if out=$(k exec -n "$NS" "$hub" -c nbd-2000 -- sendense-agent nbd-ping "nbd://$ip:$port/" 2>&1); then
+    sed 's/^/    /' <<< "$out"
+    job_failed "$job" "its hub served an NBD client that has no certificate of the job"
+  elif grep -q "requires TLS" <<< "$out"; then
+    sed 's/^/    /' <<< "$out"
+    echo "    (refused, as it must be: only the job's agent, with the job's TLS client certificate, is served)"
+  else
+    sed 's/^/    /' <<< "$out"
+    failed=1
+  fi
   shown "kubectl exec $hub -c nbd-2000 -- id" k exec -n "$NS" "$hub" -c nbd-2000 -- id
   shown "kubectl exec $hub -c nbd-2000 -- sh -c '$pid1'   (PID 1 of the container: its qemu-nbd)" \
     k exec -n "$NS" "$hub" -c nbd-2000 -- sh -c "$pid1"
