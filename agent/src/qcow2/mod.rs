@@ -209,15 +209,7 @@ impl Chain {
         buf: &mut [u8],
         data: &mut Vec<Range<usize>>,
     ) -> Result<(), Qcow2Error> {
-        let length = buf.len() as u64;
-        if offset.checked_add(length).is_none_or(|e| e > self.size()) {
-            return Err(Qcow2Error::OutOfRange {
-                offset,
-                length,
-                size: self.size(),
-            });
-        }
-        self.read_layer(0, offset, buf, 0, data, true)
+        self.read_checked(offset, buf, data, true)
     }
 
     /// `read`, but the bytes of `buf` outside the `data` ranges are left as they were (the
@@ -228,6 +220,16 @@ impl Chain {
         buf: &mut [u8],
         data: &mut Vec<Range<usize>>,
     ) -> Result<(), Qcow2Error> {
+        self.read_checked(offset, buf, data, false)
+    }
+
+    fn read_checked(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        data: &mut Vec<Range<usize>>,
+        zeros: bool,
+    ) -> Result<(), Qcow2Error> {
         let length = buf.len() as u64;
         if offset.checked_add(length).is_none_or(|e| e > self.size()) {
             return Err(Qcow2Error::OutOfRange {
@@ -236,7 +238,7 @@ impl Chain {
                 size: self.size(),
             });
         }
-        self.read_layer(0, offset, buf, 0, data, false)
+        self.read_layer(0, offset, buf, 0, data, zeros)
     }
 
     /// `buf` (at `at` in the caller's buffer) from link `i` at `offset`; zeros written only

@@ -5,8 +5,7 @@
 use crate::nbd_tls;
 use crate::source_policy::NotAllowed;
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, KeyToPath, Pod, PodSpec, SecretVolumeSource,
-    Volume, VolumeMount,
+    ConfigMapVolumeSource, KeyToPath, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
 };
 use kube::ResourceExt;
 use sendense_crds::source_node::{DatastoreReader, TransportType, VddkMode as CrdVddkMode};
@@ -14,7 +13,7 @@ use sendense_crds::{BackupJob, SourceNode};
 
 use super::{PodSettings, TERMINATION_LOG, agent_name, harden, labels, owned_meta};
 use sendense_contract::cli::{
-    AGENT_BINARY, BackupArgs, BaseChangeId, DatastoreMount, DiskTarget, Transport, VddkMode,
+    BackupArgs, BaseChangeId, DatastoreMount, DiskTarget, Transport, VddkMode,
 };
 
 pub const CREDENTIALS_DIR: &str = "/etc/sendense/credentials";
@@ -194,28 +193,13 @@ pub fn agent_pod(
     let pod = harden(Pod {
         metadata: owned_meta(job, agent_name(job), labels(job, "agent")),
         spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "agent".into(),
-                image: Some(images.agent.clone()),
-                image_pull_policy: Some(images.pull_policy()),
-                resources: images.agent_resources.clone(),
-                command: Some(vec![AGENT_BINARY.into()]),
-                args: Some(args.to_args()),
-                volume_mounts: Some(mounts),
-                env: Some(
-                    std::iter::once(super::pod_ip_env())
-                        .chain(images.log_env())
-                        .collect(),
-                ),
-                ports: Some(vec![ContainerPort {
-                    name: Some("progress".into()),
-                    container_port: i32::from(PROGRESS_PORT),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
-                termination_message_policy: Some("FallbackToLogsOnError".into()),
-                ..Default::default()
-            }],
+            containers: vec![super::progress_container(
+                "agent",
+                args.to_args(),
+                mounts,
+                images.agent_resources.clone(),
+                images,
+            )],
             volumes: Some(volumes),
             restart_policy: Some("Never".into()),
             service_account_name: images.agent_service_account.clone(),

@@ -59,6 +59,41 @@ fn pod_ip_env() -> k8s_openapi::api::core::v1::EnvVar {
     }
 }
 
+/// A container running `sendense-agent <args>` that serves its progress on the pod IP (the
+/// backup's agent, a restore): the image, `POD_IP` and the log filter in its environment, the
+/// progress port, its result as the termination message.
+fn progress_container(
+    name: &str,
+    args: Vec<String>,
+    mounts: Vec<k8s_openapi::api::core::v1::VolumeMount>,
+    resources: Option<ResourceRequirements>,
+    images: &PodSettings,
+) -> k8s_openapi::api::core::v1::Container {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort};
+    Container {
+        name: name.into(),
+        image: Some(images.agent.clone()),
+        image_pull_policy: Some(images.pull_policy()),
+        resources,
+        command: Some(vec![sendense_contract::cli::AGENT_BINARY.into()]),
+        args: Some(args),
+        volume_mounts: Some(mounts),
+        env: Some(
+            std::iter::once(pod_ip_env())
+                .chain(images.log_env())
+                .collect(),
+        ),
+        ports: Some(vec![ContainerPort {
+            name: Some("progress".into()),
+            container_port: i32::from(PROGRESS_PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
 /// Label carrying the attempt a job's pod belongs to; pods of an earlier attempt are removed
 /// before the next attempt starts.
 pub const ATTEMPT_LABEL: &str = "sendense.io/attempt";

@@ -6,15 +6,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeDevice, VolumeMount,
-    VolumeResourceRequirements,
+    Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    Pod, PodSpec, Volume, VolumeDevice, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use sendense_contract::cli::{
-    AGENT_BINARY, DiskPath, DiskSha256, FilesGetArgs, RestoreArgs, RestoreTarget, RestoreTargetKind,
+    DiskPath, DiskSha256, FilesGetArgs, RestoreArgs, RestoreTarget, RestoreTargetKind,
 };
 use sendense_crds::RestoreJob;
 use sendense_crds::restore_job::{ClaimAccessMode, FilesFormat, FilesTarget, VolumeMode};
@@ -288,29 +287,13 @@ pub fn files_directory(job: &RestoreJob, target: &FilesTarget) -> String {
 }
 
 fn container(args: Vec<String>, mounts: Vec<VolumeMount>, images: &PodSettings) -> Container {
-    let mut command = vec![AGENT_BINARY.to_owned()];
-    command.extend(args);
-    Container {
-        name: "restore".into(),
-        image: Some(images.agent.clone()),
-        image_pull_policy: Some(images.pull_policy()),
-        command: Some(command),
-        resources: images.hub_resources.clone(),
-        volume_mounts: Some(mounts),
-        env: Some(
-            std::iter::once(super::pod_ip_env())
-                .chain(images.log_env())
-                .collect(),
-        ),
-        ports: Some(vec![ContainerPort {
-            name: Some("progress".into()),
-            container_port: i32::from(PROGRESS_PORT),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
-        ..Default::default()
-    }
+    super::progress_container(
+        "restore",
+        args,
+        mounts,
+        images.hub_resources.clone(),
+        images,
+    )
 }
 
 fn pod(
