@@ -249,6 +249,16 @@ impl Metrics {
             .inc_by(0);
     }
 
+    /// Creates a namespace's restore counters of a target kind at zero, so the first failed
+    /// restore is an increase that `increase()` sees.
+    pub fn known_restores(&self, namespace: &str, target: &str) {
+        for result in ["succeeded", "failed"] {
+            self.restores
+                .with_label_values(&[namespace, target, result])
+                .inc_by(0);
+        }
+    }
+
     /// Counts a reconcile and records its duration when the guard drops.
     pub fn reconcile(&self, controller: &str) -> ReconcileTimer {
         self.reconcile_runs.with_label_values(&[controller]).inc();

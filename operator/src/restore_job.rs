@@ -254,6 +254,8 @@ fn api_err(job: &RestoreJob) -> impl Fn(ApiError) -> Error + '_ {
 
 pub async fn reconcile(job: Arc<RestoreJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("restorejob");
+    let ns = job.namespace().unwrap_or_default();
+    ctx.metrics.known_restores(&ns, target_kind(&job));
     match job.status.as_ref().and_then(|s| s.phase) {
         Some(Phase::Succeeded | Phase::Failed) => finished(&job, &ctx).await,
         Some(Phase::Running) => run(&job, &ctx).await,
