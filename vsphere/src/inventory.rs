@@ -148,7 +148,10 @@ impl VSphere {
         })
     }
 
-    async fn find_datacenter(&self, name: &str) -> Result<ManagedObjectReference, VSphereError> {
+    pub(super) async fn find_datacenter(
+        &self,
+        name: &str,
+    ) -> Result<ManagedObjectReference, VSphereError> {
         let root = self.client.service_content().root_folder.clone();
         for mut props in self
             .properties_in_container(&root, MoTypesEnum::Datacenter, &["name"])

@@ -1,6 +1,7 @@
 //! The vSphere client: one logged-in vCenter session over SOAP (vim_rs), with the calls a
 //! backup makes: find the VM, make sure CBT is on, take and remove snapshots, read disks and
-//! their change IDs, and page through `QueryChangedDiskAreas`.
+//! their change IDs, and page through `QueryChangedDiskAreas`; and for restores, read a VM's
+//! state, create VMs with new disks, destroy them and reset CBT.
 //!
 //! Every request has a deadline (`call_timeout`), every task wait has one (`task_timeout`), an
 //! expired session is logged in again once per call, and credentials never appear in logs,
@@ -18,6 +19,7 @@ mod session;
 mod snapshots;
 mod tasks;
 mod tls;
+mod vms;
 
 pub use cbt::{ChangedArea, DiskChangeInfo};
 pub use config::{Tls, VCenterConfig};
@@ -28,6 +30,7 @@ pub use paths::{flat_extent_path, parse_datastore_path};
 pub use session::VSphere;
 pub use snapshots::{Removal, SnapshotRef};
 pub use tls::{sha1_thumbprint, sha256_thumbprint};
+pub use vms::{Hardware, NewVm, PowerState, VmState};
 
 /// Whether a log line of `target` at `level` may be written, whatever `RUST_LOG` asks for:
 /// vim_rs' client logs the user name at debug once logged in ("SOAP session created for:

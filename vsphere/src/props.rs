@@ -61,6 +61,22 @@ impl Props {
         }
     }
 
+    /// An integer property (`int`, `long` or `short` on the wire).
+    pub fn integer(&mut self, path: &str) -> Result<Option<i64>, VSphereError> {
+        match self.values.remove(path) {
+            None => Ok(None),
+            Some(VimAny::Value(ValueElements::PrimitiveInt(i))) => Ok(Some(i64::from(i))),
+            Some(VimAny::Value(ValueElements::PrimitiveLong(i))) => Ok(Some(i)),
+            Some(VimAny::Value(ValueElements::PrimitiveShort(i))) => Ok(Some(i64::from(i))),
+            Some(other) => Err(self.unexpected(path, &other)),
+        }
+    }
+
+    /// A managed object reference property (e.g. a datacenter's `vmFolder`).
+    pub fn moref(&mut self, path: &str) -> Result<Option<ManagedObjectReference>, VSphereError> {
+        self.object::<ManagedObjectReference>(path)
+    }
+
     /// A data object property of type `T` (e.g. `VirtualMachineSnapshotInfo`).
     pub fn object<T: 'static>(&mut self, path: &str) -> Result<Option<T>, VSphereError> {
         match self.values.remove(path) {
