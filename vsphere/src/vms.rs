@@ -458,7 +458,13 @@ impl VSphere {
                 .properties_in_container(host_folder, kind, &["name"])
                 .await?
             {
-                if props.string("name")?.as_deref() == Some(name) {
+                // vCenter's views include subtypes (a cluster is a ComputeResource too);
+                // the simulator's do not: the same object may come twice.
+                if props.string("name")?.as_deref() == Some(name)
+                    && !matches
+                        .iter()
+                        .any(|m: &ManagedObjectReference| m.value == props.obj.value)
+                {
                     matches.push(props.obj);
                 }
             }
