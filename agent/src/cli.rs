@@ -58,6 +58,10 @@ pub enum Command {
     /// Restore disks of a restore point (QCOW2 chains, read-only) onto raw image files, block
     /// devices or NBD exports; nothing is written until every source and target is checked.
     Restore(RestoreArgs),
+    /// Restore disks of a restore point into vSphere: a new VM created with the disks' layout,
+    /// or a powered-off VM's disks overwritten in place (only the blocks changed since the
+    /// restore point while CBT allows). Credentials as for `backup`.
+    RestoreVm(Box<sendense_contract::cli::RestoreVmArgs>),
     /// The guest file systems of a restore point (partition tables; ext4, XFS, NTFS) read in
     /// user space: list volumes and paths, extract files into a directory or a tar archive.
     Files {
@@ -123,7 +127,7 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
     // `--result-file=F` anywhere after it.
     let answering = match args.first().map(|a| a.as_bytes()) {
         Some(b"backup") => Answering::Backup,
-        Some(b"restore") => Answering::Restore,
+        Some(b"restore") | Some(b"restore-vm") => Answering::Restore,
         Some(b"files") if args.get(1).is_some_and(|a| a.as_bytes() == b"get") => {
             Answering::FilesGet
         }

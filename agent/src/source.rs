@@ -121,25 +121,39 @@ fn nbdkit_mode(mode: VddkMode) -> &'static str {
     }
 }
 
+/// Which state of a disk an export serves, and how.
+#[derive(Debug, Clone, Copy)]
+pub enum Access<'a> {
+    /// The disk as a snapshot froze it, read-only (a backup).
+    Snapshot(&'a SnapshotRef),
+    /// The VM's own disk, writable (a restore into a powered-off VM).
+    Write,
+}
+
 impl DiskReader {
-    /// The nbdkit command that serves `disk` of `snapshot` read-only on `<dir>/nbd.sock`; nbdkit
-    /// writes `<dir>/nbdkit.pid` once it accepts connections.
+    /// The nbdkit command that serves `disk` on `<dir>/nbd.sock` (a snapshot's read-only, or
+    /// the live disk writable); nbdkit writes `<dir>/nbdkit.pid` once it accepts connections.
     pub fn nbdkit_command(
         &self,
         vm: &VmRef,
-        snapshot: &SnapshotRef,
+        access: Access<'_>,
         disk: &Disk,
         dir: &Path,
     ) -> Result<Command, SourceError> {
         let mut cmd = Command::new("nbdkit");
-        // --exit-with-parent: nbdkit never outlives the agent; -r: the source is never written.
-        cmd.args(["--exit-with-parent", "--readonly", "--foreground", "--unix"])
+        // --exit-with-parent: nbdkit never outlives the agent; -r: a source is never written.
+        cmd.arg("--exit-with-parent");
+        if let Access::Snapshot(_) = access {
+            cmd.arg("--readonly");
+        }
+        cmd.args(["--foreground", "--unix"])
             .arg(dir.join("nbd.sock"))
             .arg("--pidfile")
             .arg(dir.join("nbdkit.pid"));
         match self {
             DiskReader::Nfs { datastores } => {
-                let path = self.flat_file(datastores, disk)?;
+                let writable = matches!(access, Access::Write);
+                let path = self.flat_file(datastores, disk, writable)?;
                 cmd.arg("file").arg(format!("file={}", path.display()));
             }
             DiskReader::Vddk(v) => {
@@ -150,9 +164,11 @@ impl DiskReader {
                     .arg(format!("user={}", v.username))
                     .arg(format!("password=+{}", v.password_file.display()))
                     .arg(format!("thumbprint={}", v.thumbprint))
-                    .arg(format!("vm=moref={}", vm.moref))
-                    .arg(format!("snapshot={}", snapshot.moref))
-                    .arg(format!("transports={}", modes.join(":")))
+                    .arg(format!("vm=moref={}", vm.moref));
+                if let Access::Snapshot(snapshot) = access {
+                    cmd.arg(format!("snapshot={}", snapshot.moref));
+                }
+                cmd.arg(format!("transports={}", modes.join(":")))
                     .arg(format!("file={}", disk.file_name));
             }
         }
@@ -163,6 +179,7 @@ impl DiskReader {
         &self,
         datastores: &BTreeMap<String, PathBuf>,
         disk: &Disk,
+        writable: bool,
     ) -> Result<PathBuf, SourceError> {
         let (ds, rel) =
             parse_datastore_path(&disk.file_name).ok_or_else(|| SourceError::BadPath {
@@ -203,7 +220,11 @@ impl DiskReader {
         }
         // ESXi's files are readable by their owner only: a wrong user shows here, with what
         // to change, rather than as an nbdkit that exits.
-        if let Err(e) = std::fs::File::open(&path) {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&path)
+        {
             use std::os::unix::fs::MetadataExt;
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 return Err(SourceError::PermissionDenied {
@@ -231,7 +252,7 @@ impl DiskReader {
     pub async fn open(
         &self,
         vm: &VmRef,
-        snapshot: &SnapshotRef,
+        access: Access<'_>,
         disk: &Disk,
     ) -> Result<DiskSource, SourceError> {
         let key = disk.key;
@@ -244,7 +265,7 @@ impl DiskReader {
         std::fs::create_dir_all(&dir).map_err(|source| SourceError::ScratchDir { key, source })?;
         // nbdkit writes its pid file once it accepts connections: the readiness signal.
         let pidfile = dir.join("nbdkit.pid");
-        let mut cmd = self.nbdkit_command(vm, snapshot, disk, &dir)?;
+        let mut cmd = self.nbdkit_command(vm, access, disk, &dir)?;
         let mut child = cmd
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -276,6 +297,14 @@ pub struct DiskSource {
 }
 
 impl DiskSource {
+    /// The export's URL as text (`nbd+unix:///?socket=...`).
+    pub fn url_text(&self) -> String {
+        format!(
+            "nbd+unix:///?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
+    }
+
     pub fn url(&self) -> NbdUrl {
         NbdUrl {
             address: Address::Unix(self.dir.join("nbd.sock")),
@@ -391,7 +420,7 @@ mod tests {
             libdir: "/opt/vmware-vix-disklib-distrib".into(),
         });
         let cmd = t
-            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s"))
+            .nbdkit_command(&vm, Access::Snapshot(&snap), &disk, Path::new("/tmp/s"))
             .expect("command");
         let a = args(&cmd);
         assert_eq!(
@@ -431,6 +460,45 @@ mod tests {
     }
 
     #[test]
+    fn vddk_write_mode_serves_the_live_disk_writable() {
+        let (vm, _, disk) = fixtures();
+        let t = DiskReader::Vddk(VddkSettings {
+            server: "vcenter.example.com".into(),
+            username: "restore@vsphere.local".into(),
+            password_file: "/run/secrets/vcenter/password".into(),
+            thumbprint: "AA:BB".into(),
+            modes: vec![VddkMode::Nbd],
+            libdir: "/opt/vmware-vix-disklib-distrib".into(),
+        });
+        let a = args(
+            &t.nbdkit_command(&vm, Access::Write, &disk, Path::new("/tmp/w"))
+                .expect("command"),
+        );
+        assert_eq!(
+            &a[..7],
+            [
+                "--exit-with-parent",
+                "--foreground",
+                "--unix",
+                "/tmp/w/nbd.sock",
+                "--pidfile",
+                "/tmp/w/nbdkit.pid",
+                "vddk"
+            ]
+        );
+        assert!(!a.iter().any(|x| x == "--readonly" || x == "-r"), "{a:?}");
+        assert!(!a.iter().any(|x| x.starts_with("snapshot=")), "{a:?}");
+        for want in [
+            "vm=moref=vm-62",
+            "file=[ds1] web-01/web-01.vmdk",
+            "transports=nbd",
+            "password=+/run/secrets/vcenter/password",
+        ] {
+            assert!(a.contains(&want.to_string()), "{want} missing from {a:?}");
+        }
+    }
+
+    #[test]
     fn nfs_maps_the_datastore_path_to_the_mounted_flat_file() {
         let (vm, snap, disk) = fixtures();
         let dir = std::env::temp_dir().join(format!("sendense-src-test-{}", std::process::id()));
@@ -443,7 +511,7 @@ mod tests {
             datastores: BTreeMap::from([("ds1".to_string(), dir.clone())]),
         };
         let a = args(
-            &t.nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s"))
+            &t.nbdkit_command(&vm, Access::Snapshot(&snap), &disk, Path::new("/tmp/s"))
                 .expect("command"),
         );
         assert_eq!(
@@ -455,7 +523,7 @@ mod tests {
             datastores: BTreeMap::from([("ds9".to_string(), dir.clone())]),
         };
         let err = other
-            .nbdkit_command(&vm, &snap, &disk, Path::new("/tmp/s"))
+            .nbdkit_command(&vm, Access::Snapshot(&snap), &disk, Path::new("/tmp/s"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -468,7 +536,7 @@ mod tests {
             ..disk
         };
         let err = t
-            .nbdkit_command(&vm, &snap, &short, Path::new("/tmp/s"))
+            .nbdkit_command(&vm, Access::Snapshot(&snap), &short, Path::new("/tmp/s"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

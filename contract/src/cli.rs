@@ -775,5 +775,8 @@ impl FilesGetArgs {
     }
 }
 
+mod restore_vm;
+pub use restore_vm::RestoreVmArgs;
+
 #[cfg(test)]
 mod tests;

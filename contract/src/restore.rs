@@ -16,8 +16,24 @@ pub struct RestoreResult {
     pub refused: Option<Refusal>,
     pub seconds: f64,
     pub disks: Vec<RestoredDisk>,
+    /// The VM restored into (`restore-vm`).
+    pub vm: Option<RestoredVm>,
     /// Set when the result was shrunk to fit a termination message.
     pub truncated: bool,
+}
+
+/// The vSphere VM a `restore-vm` wrote.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RestoredVm {
+    pub name: String,
+    pub moref: String,
+    pub instance_uuid: String,
+    /// Created by this restore (false: restored in place).
+    pub created: bool,
+    /// The VM's Changed Block Tracking was reset after the restore (data written into its
+    /// flat files is not seen by CBT): its next backup is a full one.
+    pub cbt_reset: bool,
 }
 
 /// Input a restore or `files get` refuses before writing anything: trying again with the same
@@ -38,6 +54,16 @@ pub enum Refusal {
     NothingMatched,
     /// No file system Sendense reads was found on the chosen volumes.
     NoFileSystem,
+    /// The VM to restore in place is powered on (or suspended).
+    VmPoweredOn,
+    /// The VM to restore in place does not exist.
+    VmNotFound,
+    /// The VM to create exists already.
+    VmExists,
+    /// The VM to restore in place has snapshots: its disks are not flat files to overwrite.
+    VmHasSnapshots,
+    /// A folder, resource pool or datastore named for the new VM does not exist.
+    PlacementNotFound,
     /// A kind this build does not know (an agent newer than the operator).
     #[serde(other)]
     Other,
@@ -53,6 +79,11 @@ impl Refusal {
             Refusal::TargetUnusable => "TargetUnusable",
             Refusal::NothingMatched => "NothingMatched",
             Refusal::NoFileSystem => "NoFileSystem",
+            Refusal::VmPoweredOn => "VmPoweredOn",
+            Refusal::VmNotFound => "VmNotFound",
+            Refusal::VmExists => "VmExists",
+            Refusal::VmHasSnapshots => "VmHasSnapshots",
+            Refusal::PlacementNotFound => "PlacementNotFound",
             Refusal::Other => "Refused",
         }
     }
@@ -84,6 +115,14 @@ pub struct RestoredDisk {
     /// `--expect-sha256`), and whether it matched.
     pub sha256: Option<String>,
     pub verified: Option<bool>,
+    /// Bytes read back after the flush and found as written (a rollback's areas).
+    pub bytes_verified: Option<u64>,
+    /// `restore-vm`: the vSphere disk written (`[datastore] dir/name.vmdk`).
+    pub file: Option<String>,
+    /// In place: only the blocks changed since the restore point were written (false: the
+    /// whole disk, and why in `fullReason`).
+    pub differential: Option<bool>,
+    pub full_reason: Option<String>,
     pub seconds: f64,
     pub error: Option<String>,
 }

@@ -82,8 +82,8 @@ fn default_progress_deadline_seconds() -> i64 {
 /// Exactly one kind of target.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.pvc), has(self.files)].filter(x, x).size() == 1")
-    .message("set exactly one of target.pvc or target.files"))]
+#[x_kube(validation = Rule::new("[has(self.pvc), has(self.files), has(self.vsphere)].filter(x, x).size() == 1")
+    .message("set exactly one of target.pvc, target.files or target.vsphere"))]
 pub struct RestoreTarget {
     /// Each disk as a raw disk image on a claim: `disk.img` at the root of a Filesystem-mode
     /// claim (the layout KubeVirt's PVC disks use), or the device of a Block-mode claim.
@@ -92,6 +92,97 @@ pub struct RestoreTarget {
     /// Files from the restore point's guest file systems, into a claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FilesTarget>,
+    /// The disks back into vSphere: a new VM, or the restore point's own VM in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsphere: Option<VsphereTarget>,
+}
+
+/// Disks into vSphere, written through the SourceNode's transport (`nfs`: the disks' flat
+/// files on its datastores, which must be writable for restores; `vddk`: nbdkit's vddk plugin).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.newVm) != has(self.inPlace)")
+    .message("set exactly one of target.vsphere.newVm or target.vsphere.inPlace"))]
+pub struct VsphereTarget {
+    /// The SourceNode (vCenter, datacenter, transport) to restore through; default the one
+    /// the restore point was backed up through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node_ref: Option<LocalObjectRef>,
+    /// A new VM with the restore point's disks (capacities, device-key order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_vm: Option<NewVmTarget>,
+    /// The restore point's own VM (found by its instance UUID), its disks overwritten. The VM
+    /// must be powered off and have no snapshots, or nothing is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_place: Option<InPlaceTarget>,
+}
+
+/// Where and how the new VM is made.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewVmTarget {
+    /// The VM's name; no VM of that name may exist in the datacenter.
+    #[schemars(length(min = 1, max = 80))]
+    pub name: String,
+    /// Datastore for the VM's files and disks (with the nfs transport, one of the SourceNode's
+    /// datastores).
+    #[schemars(length(min = 1, max = 255))]
+    pub datastore: String,
+    /// VM folder, an inventory path below the datacenter's VM folder (`restored`, `a/b`);
+    /// default the datacenter's VM folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub folder: Option<String>,
+    /// Resource pool: a cluster or host name (its root pool), or `Cluster/Resources/pool`;
+    /// default the first cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub resource_pool: Option<String>,
+    /// Virtual CPUs. The restore point does not record the source VM's hardware yet.
+    #[serde(default = "default_cpus")]
+    #[schemars(range(min = 1, max = 768))]
+    pub cpus: i32,
+    /// Memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    #[schemars(range(min = 4, max = 25165824))]
+    pub memory_mib: i64,
+    /// vSphere guest OS identifier (`otherGuest64`, `ubuntu64Guest`, `windows2019srv_64Guest`).
+    #[serde(default = "default_guest_id")]
+    #[schemars(length(min = 1, max = 64))]
+    pub guest_id: String,
+    /// `bios` or `efi`; default vSphere's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+}
+
+fn default_memory_mib() -> i64 {
+    2048
+}
+
+fn default_guest_id() -> String {
+    "otherGuest64".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Bios,
+    Efi,
+}
+
+/// The original VM, restored in place.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InPlaceTarget {
+    /// Write only the blocks changed since the restore point (vCenter's CBT from the point's
+    /// change ID, plus the blocks the later restore points of the chain hold) when CBT still
+    /// vouches for them; the whole disk otherwise. `false`: always the whole disk.
+    #[serde(default = "default_true")]
+    pub differential: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Disks onto claims.
@@ -279,6 +370,9 @@ pub struct RestoreJobStatus {
     /// What a files restore wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<RestoredFilesStatus>,
+    /// The vSphere VM restored into (`target.vsphere`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<RestoredVmStatus>,
     /// A KubeVirt VirtualMachine (YAML) booting from the restored claims, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_machine: Option<String>,
@@ -287,14 +381,47 @@ pub struct RestoreJobStatus {
     pub observed_generation: Option<i64>,
 }
 
+/// The vSphere VM of a `vsphere` restore.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoredVmStatus {
+    pub name: String,
+    /// Managed object ID (`vm-123`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub moref: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance_uuid: String,
+    /// Created by this job (false: restored in place).
+    #[serde(default)]
+    pub created: bool,
+    /// CBT was reset after an in-place restore: the VM's next backup is a full one.
+    #[serde(default)]
+    pub cbt_reset: bool,
+}
+
 /// One restored disk.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoredDiskStatus {
     pub device_key: i32,
+    /// The claim (`pvc` target).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub claim_name: String,
-    /// `disk.img` on a Filesystem claim, or `Block`.
-    pub volume_mode: VolumeMode,
+    /// `disk.img` on a Filesystem claim, or `Block` (`pvc` target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<VolumeMode>,
+    /// The vSphere disk written, `[datastore] dir/name.vmdk` (`vsphere` target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// In place: only the blocks changed since the restore point were written; false: the
+    /// whole disk, and `fullReason` says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+    /// Bytes read back after the flush and found as written (a differential restore's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_verified: Option<i64>,
     /// Created by this job (true) or found (false).
     #[serde(default)]
     pub created: bool,

@@ -35,6 +35,10 @@ pub struct AllowedVolume {
     pub nfs: Option<NFSVolumeSource>,
     #[serde(default)]
     pub host_path: Option<HostPathVolumeSource>,
+    /// Restores into vSphere may write through it (mounted read-write in restore pods only;
+    /// backups always mount it read-only).
+    #[serde(default)]
+    pub writable: bool,
 }
 
 /// A taint SourceNodes may tolerate.
@@ -143,6 +147,17 @@ const DATASTORE_FIX: &str = "use persistentVolumeClaim (a claim in this namespac
 impl SourcePolicy {
     /// The volumes of the SourceNode's datastores, or why one is not allowed.
     pub fn datastores(&self, sn: &SourceNode) -> Result<Vec<Datastore>, NotAllowed> {
+        self.datastores_for(sn, false)
+    }
+
+    /// The datastores' volumes for a restore that writes into them: a claim mounted
+    /// read-write (its PersistentVolume decides whether writes work), an allowed volume only
+    /// when the administrator marked it `writable`.
+    pub fn writable_datastores(&self, sn: &SourceNode) -> Result<Vec<Datastore>, NotAllowed> {
+        self.datastores_for(sn, true)
+    }
+
+    fn datastores_for(&self, sn: &SourceNode, write: bool) -> Result<Vec<Datastore>, NotAllowed> {
         let ns = sn.namespace().unwrap_or_default();
         let Some(nfs) = &sn.spec.transport.nfs else {
             return Ok(Vec::new());
@@ -163,10 +178,16 @@ impl SourcePolicy {
                 return Err(refused("raw nfs"));
             }
             let volume = match (&ds.persistent_volume_claim, &ds.volume) {
-                (Some(claim), None) => Volume {
-                    persistent_volume_claim: Some(claim.clone()),
-                    ..Default::default()
-                },
+                (Some(claim), None) => {
+                    let mut claim = claim.clone();
+                    if write {
+                        claim.read_only = Some(false);
+                    }
+                    Volume {
+                        persistent_volume_claim: Some(claim),
+                        ..Default::default()
+                    }
+                }
                 (None, Some(name)) => {
                     let allowed = self
                         .volumes
@@ -189,8 +210,20 @@ impl SourcePolicy {
                             }
                         )));
                     };
+                    if write && !v.writable {
+                        return Err(NotAllowed(format!(
+                            "{field}: volume {name:?} is not writable for restores; ask the \
+                             Sendense administrator to mark it writable (the chart's \
+                             datastoreVolumes[].writable), or restore through a SourceNode \
+                             whose datastore volume is"
+                        )));
+                    }
+                    let mut nfs = v.nfs.clone();
+                    if let Some(n) = nfs.as_mut().filter(|_| write) {
+                        n.read_only = Some(false);
+                    }
                     Volume {
-                        nfs: v.nfs.clone(),
+                        nfs,
                         host_path: v.host_path.clone(),
                         ..Default::default()
                     }

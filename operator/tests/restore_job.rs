@@ -17,6 +17,7 @@ use kube::Api;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::restore_job::VolumeMode;
 use sendense_crds::{BackupJob, Repository, RestoreJob, RestorePoint, SourceNode};
+use sendense_vsphere::{Tls, VCenterConfig, VSphere, VmSelector};
 
 mod support;
 use support::{Bed, Pv, SERIAL, events_of};
@@ -487,7 +488,7 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
     let d = &blk.status.context("status")?.disks[0];
     assert_eq!(
         (d.device_key, d.volume_mode, d.verified),
-        (2001, VolumeMode::Block, Some(true)),
+        (2001, Some(VolumeMode::Block), Some(true)),
         "{d:?}"
     );
     let out = Command::new("sh")
@@ -623,6 +624,146 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
             .any(|(t, r)| t == "Warning" && r == "NothingMatched"),
         "{events:?}"
     );
+
+    // (a) Point 2 into a new vSphere VM: its disks equal the source's at point 2.
+    apply_restore(
+        &bed,
+        "to-new-vm",
+        &format!(
+            "  restorePointRef: {{name: {p2}}}\n  target:\n    vsphere:\n      newVm: {{name: restored-vm, datastore: LocalDS_0, cpus: 2, memoryMib: 512}}\n"
+        ),
+    )?;
+    let j = restore_ended(&bed, "to-new-vm", Phase::Succeeded).await?;
+    let st = j.status.clone().context("status")?;
+    let made = st.vm.clone().context("status.vm")?;
+    assert!(made.created && made.name == "restored-vm", "{made:?}");
+    let info = bed.sim.cli(&["vm", "-vm", "restored-vm"]);
+    let mut keys: Vec<i64> = info["disks"]
+        .as_array()
+        .context("disks")?
+        .iter()
+        .filter_map(|d| d["key"].as_i64())
+        .collect();
+    keys.sort();
+    assert_eq!(keys.len(), 2, "{info}");
+    for (key, sum) in keys.iter().zip(&point2_sums) {
+        assert_eq!(
+            &bed.checksum("restored-vm", *key as i32),
+            sum,
+            "the new VM's disk {key} is the source's disk at point 2"
+        );
+    }
+    for d in &st.disks {
+        assert_eq!(d.verified, Some(true), "{d:?}");
+        assert!(
+            d.file
+                .as_deref()
+                .is_some_and(|f| f.starts_with("[LocalDS_0] restored-vm/")),
+            "{d:?}"
+        );
+    }
+    let vc = VSphere::connect(VCenterConfig::new(
+        bed.sim.s("url"),
+        bed.sim.s("username"),
+        bed.sim.s("password"),
+        Tls::Thumbprint(bed.sim.s("thumbprint")),
+    ))
+    .await?;
+    let new_vm = vc
+        .find_vm("DC0", &VmSelector::Name("restored-vm".into()))
+        .await?;
+    let hw = vc.vm_state(&new_vm).await?.hardware;
+    assert_eq!((hw.num_cpus, hw.memory_mib), (2, 512), "{hw:?}");
+    // The same name again: refused, nothing written.
+    apply_restore(
+        &bed,
+        "name-taken",
+        &format!(
+            "  restorePointRef: {{name: {p1}}}\n  target:\n    vsphere:\n      newVm: {{name: restored-vm, datastore: LocalDS_0}}\n"
+        ),
+    )?;
+    let j = restore_ended(&bed, "name-taken", Phase::Failed).await?;
+    let (reason, message) = failed_with(&j);
+    assert_eq!(reason, "VmExists", "{message}");
+    for (key, sum) in keys.iter().zip(&point2_sums) {
+        assert_eq!(&bed.checksum("restored-vm", *key as i32), sum, "untouched");
+    }
+
+    // (b) In place to point 1. A powered-on VM is refused, nothing written.
+    let now_sums = [bed.checksum(VM, 2000), bed.checksum(VM, 2001)];
+    apply_restore(
+        &bed,
+        "in-place-on",
+        &format!(
+            "  restorePointRef: {{name: {p1}}}\n  target:\n    vsphere:\n      inPlace: {{}}\n"
+        ),
+    )?;
+    let j = restore_ended(&bed, "in-place-on", Phase::Failed).await?;
+    let (reason, message) = failed_with(&j);
+    assert_eq!(reason, "VmPoweredOn", "{message}");
+    assert!(message.contains("power it off"), "{message}");
+    assert_eq!(j.status.as_ref().and_then(|s| s.attempts), Some(1));
+    assert_eq!(
+        [bed.checksum(VM, 2000), bed.checksum(VM, 2001)],
+        now_sums,
+        "nothing was written"
+    );
+    // Powered off: only the blocks changed since point 1 are written back.
+    let source_vm = vc.find_vm("DC0", &VmSelector::Name(VM.into())).await?;
+    vc.set_power(&source_vm, false).await?;
+    apply_restore(
+        &bed,
+        "in-place",
+        &format!(
+            "  restorePointRef: {{name: {p1}}}\n  target:\n    vsphere:\n      inPlace: {{}}\n"
+        ),
+    )?;
+    let j = restore_ended(&bed, "in-place", Phase::Succeeded).await?;
+    assert_eq!(
+        [bed.checksum(VM, 2000), bed.checksum(VM, 2001)],
+        point1_sums,
+        "the VM's disks are back at point 1"
+    );
+    let st = j.status.clone().context("status")?;
+    let rolled = st.vm.clone().context("status.vm")?;
+    assert!(!rolled.created && rolled.cbt_reset, "{rolled:?}");
+    let capacity: i64 = st.disks.iter().map(|d| d.capacity_bytes).sum();
+    let written = st.bytes_written.context("bytes written")?;
+    assert!(
+        written > 0 && written < capacity / 4,
+        "a differential rollback writes the changed blocks only: {written} of {capacity} bytes"
+    );
+    for d in &st.disks {
+        assert_eq!(d.differential, Some(true), "{d:?}");
+        assert!(d.bytes_verified.unwrap_or(0) > 0, "read back: {d:?}");
+    }
+    let complete = j
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Complete"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(complete.contains("only the blocks changed"), "{complete}");
+    // CBT was reset: the next backup is a full one, and it holds point 1's data.
+    let after = backup(&bed, "after-rollback", "incremental").await?;
+    let after_point = point_of(&bed, &after).await?;
+    for d in &after_point.spec.disks {
+        assert_eq!(
+            d.copy,
+            sendense_crds::backup_job::CopyKind::Full,
+            "the backup after an in-place restore is full: {d:?}"
+        );
+    }
+    assert_eq!(
+        after_point
+            .spec
+            .disks
+            .iter()
+            .map(|d| d.sha256.clone())
+            .collect::<Vec<_>>(),
+        point1_sums.to_vec()
+    );
+    vc.logout().await;
 
     // The chain's files are read, never written.
     let metrics = bed.metrics().await?;

@@ -250,6 +250,40 @@ impl VSphere {
         Ok(())
     }
 
+    /// Powers a VM on or off (`PowerOnVM_Task` / `PowerOffVM_Task`, a hard power-off), waited
+    /// for. Already in that state: nothing is done.
+    pub async fn set_power(&self, vm: &VmRef, on: bool) -> Result<(), VSphereError> {
+        let state = self.vm_state(vm).await?.power_state;
+        if (state == PowerState::PoweredOn) == on && state != PowerState::Suspended {
+            return Ok(());
+        }
+        let method = if on {
+            "PowerOnVM_Task"
+        } else {
+            "PowerOffVM_Task"
+        };
+        let task = self
+            .call(method, || async move {
+                let stub = VirtualMachine::new(self.handle(), &vm.moref);
+                if on {
+                    stub.power_on_vm_task(None).await
+                } else {
+                    stub.power_off_vm_task().await
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                VSphereError::NotFound(_) => vm_not_found(vm),
+                e => e,
+            })?;
+        self.wait_task(
+            &task,
+            &format!("powering VM {} {}", vm.name, if on { "on" } else { "off" }),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Turns CBT off and on again (two `ReconfigVM_Task`s), leaving it on: every change ID
     /// issued before becomes invalid. For use after data was written into a VM's flat files
     /// behind CBT's back. (On vSphere, tracking changes of a powered-on VM take effect at its

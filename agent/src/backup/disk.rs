@@ -151,7 +151,7 @@ async fn copy_disk(
 
     let source = plan
         .reader
-        .open(s.vm, s.snapshot, disk)
+        .open(s.vm, crate::source::Access::Snapshot(s.snapshot), disk)
         .await
         .map_err(DiskError::OpenSource)?;
     let src = NbdClient::connect(&source.url(), &plan.connect)

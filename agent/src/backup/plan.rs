@@ -158,7 +158,6 @@ impl BackupPlan {
         args: &BackupArgs,
         env: &impl Environment,
     ) -> Result<(Self, VCenterConfig), PlanError> {
-        let tls = trust(args, env)?;
         let mut targets = BTreeMap::new();
         for t in &args.targets {
             let url = t.url.parse().map_err(|source| PlanError::Target {
@@ -179,12 +178,8 @@ impl BackupPlan {
             (None, Some(u)) => VmSelector::InstanceUuid(u.clone()),
             (None, None) => return Err(PlanError::NoVm),
         };
-        let mut reader = disk_reader(args)?;
-        let credentials = Credentials::load(args.credentials_dir.as_deref(), env)?;
-        if let DiskReader::Vddk(v) = &mut reader {
-            v.username = credentials.username.clone();
-        }
         let request_timeout = Duration::from_secs(args.request_timeout);
+        let (vcenter, reader) = connection(&Connection::from(args), request_timeout, env)?;
         let nbd_tls = args
             .tls_dir
             .as_deref()
@@ -221,20 +216,64 @@ impl BackupPlan {
             },
             checksum: args.checksum,
         };
-        let mut vcenter = VCenterConfig::new(
-            args.vcenter.clone(),
-            credentials.username,
-            credentials.password,
-            tls,
-        );
-        vcenter.call_timeout = request_timeout;
         Ok((plan, vcenter))
     }
 }
 
+/// The vCenter and transport settings of a command line (`backup`, `restore-vm`).
+pub(crate) struct Connection<'a> {
+    pub vcenter: &'a str,
+    pub thumbprint: Option<&'a String>,
+    pub ca_file: Option<&'a PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub credentials_dir: Option<&'a Path>,
+    pub transport: Transport,
+    pub datastores: &'a [sendense_contract::cli::DatastoreMount],
+    pub vddk_libdir: &'a Path,
+    pub vddk_modes: &'a [sendense_contract::cli::VddkMode],
+}
+
+impl<'a> From<&'a BackupArgs> for Connection<'a> {
+    fn from(args: &'a BackupArgs) -> Self {
+        Self {
+            vcenter: &args.vcenter,
+            thumbprint: args.thumbprint.as_ref(),
+            ca_file: args.ca_file.as_ref(),
+            insecure_skip_verify: args.insecure_skip_verify,
+            credentials_dir: args.credentials_dir.as_deref(),
+            transport: args.transport,
+            datastores: &args.datastores,
+            vddk_libdir: &args.vddk_libdir,
+            vddk_modes: &args.vddk_modes,
+        }
+    }
+}
+
+/// The vCenter settings (credentials read) and the disk access of a transport.
+pub(crate) fn connection(
+    c: &Connection<'_>,
+    request_timeout: Duration,
+    env: &impl Environment,
+) -> Result<(VCenterConfig, DiskReader), PlanError> {
+    let tls = trust(c, env)?;
+    let mut reader = disk_reader(c)?;
+    let credentials = Credentials::load(c.credentials_dir, env)?;
+    if let DiskReader::Vddk(v) = &mut reader {
+        v.username = credentials.username.clone();
+    }
+    let mut vcenter = VCenterConfig::new(
+        c.vcenter.to_owned(),
+        credentials.username,
+        credentials.password,
+        tls,
+    );
+    vcenter.call_timeout = request_timeout;
+    Ok((vcenter, reader))
+}
+
 /// How the vCenter certificate is trusted: exactly one way.
-fn trust(args: &BackupArgs, env: &impl Environment) -> Result<Tls, PlanError> {
-    match (&args.thumbprint, &args.ca_file, args.insecure_skip_verify) {
+fn trust(c: &Connection<'_>, env: &impl Environment) -> Result<Tls, PlanError> {
+    match (c.thumbprint, c.ca_file, c.insecure_skip_verify) {
         (Some(t), None, false) => Ok(Tls::Thumbprint(t.clone())),
         (None, Some(path), false) => {
             env.read(path)
@@ -251,34 +290,33 @@ fn trust(args: &BackupArgs, env: &impl Environment) -> Result<Tls, PlanError> {
 
 /// The contract's transport and its settings as a reader; the VDDK user is the vCenter user,
 /// filled in once the credentials are read.
-fn disk_reader(args: &BackupArgs) -> Result<DiskReader, PlanError> {
-    Ok(match args.transport {
+fn disk_reader(c: &Connection<'_>) -> Result<DiskReader, PlanError> {
+    Ok(match c.transport {
         Transport::Nfs => DiskReader::Nfs {
-            datastores: args
+            datastores: c
                 .datastores
                 .iter()
                 .map(|d| (d.name.clone(), d.dir.clone()))
                 .collect(),
         },
         Transport::Vddk => {
-            let server = url::Url::parse(&args.vcenter)
+            let server = url::Url::parse(c.vcenter)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
                 .ok_or(PlanError::VCenterUrl)?;
-            let dir = args
+            let dir = c
                 .credentials_dir
-                .as_ref()
                 .ok_or(PlanError::VddkWithoutCredentialsDir)?;
             DiskReader::Vddk(VddkSettings {
                 server,
                 username: String::new(),
                 password_file: dir.join("password"),
-                thumbprint: args
+                thumbprint: c
                     .thumbprint
-                    .clone()
+                    .cloned()
                     .ok_or(PlanError::VddkWithoutThumbprint)?,
-                modes: args.vddk_modes.clone(),
-                libdir: args.vddk_libdir.clone(),
+                modes: c.vddk_modes.to_vec(),
+                libdir: c.vddk_libdir.to_owned(),
             })
         }
     })

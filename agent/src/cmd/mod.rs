@@ -9,6 +9,7 @@ pub mod hub;
 pub mod nbd_ping;
 pub mod repo;
 pub mod restore;
+pub mod restore_vm;
 pub mod verify;
 
 use std::path::Path;
@@ -53,6 +54,7 @@ pub async fn run(command: Command) -> Result<Outcome> {
         Command::NbdPing(args) => nbd_ping::run(args).await,
         Command::Checksum(args) => checksum::run(args).await,
         Command::Restore(args) => restore::run(args).await,
+        Command::RestoreVm(args) => restore_vm::run(*args).await,
         Command::Files { command } => files::run(command).await,
     }
 }

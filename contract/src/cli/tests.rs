@@ -13,6 +13,7 @@ enum Line {
     Backup(Box<BackupArgs>),
     NbdPing(NbdPingArgs),
     Restore(RestoreArgs),
+    RestoreVm(Box<RestoreVmArgs>),
     Files {
         #[command(subcommand)]
         files: Files,
@@ -232,5 +233,84 @@ fn files_get_line_round_trips_with_patterns_that_look_like_flags() {
             files: Files::Get(back),
         } => assert_eq!(back, args),
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn restore_vm_line_round_trips_new_and_in_place() {
+    let mut args = RestoreVmArgs::new("https://vc.example.com/sdk", "DC0");
+    args.sources = vec!["2000:/repository/a/2000.qcow2".parse().unwrap()];
+    args.new_vm = Some("web-01 restored".into());
+    args.target_datastore = Some("LocalDS_0".into());
+    args.thumbprint = Some("AA:BB".into());
+    args.datastores = vec!["LocalDS_0=/datastores/0".parse().unwrap()];
+    args.cpus = 4;
+    args.tag = Some("uid-1".into());
+    let line = args.to_args();
+    assert_eq!(line[0], "restore-vm");
+    assert!(
+        !line.contains(&"--memory-mib".to_owned()),
+        "defaults left out: {line:?}"
+    );
+    match Line::try_parse_from(std::iter::once("sendense-agent".to_owned()).chain(line)) {
+        Ok(Line::RestoreVm(parsed)) => assert_eq!(*parsed, args),
+        other => panic!("{other:?}"),
+    }
+
+    let mut args = RestoreVmArgs::new("https://vc.example.com/sdk", "DC0");
+    args.sources = vec!["2000:/repository/a/2000.qcow2".parse().unwrap()];
+    args.vm_uuid = Some("5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into());
+    args.since_change_ids = vec!["2000:52 aa 10/7".parse().unwrap()];
+    args.later_layers = vec!["2000:/repository/b/2000.qcow2".parse().unwrap()];
+    args.transport = Transport::Vddk;
+    args.vddk_modes = vec![VddkMode::Nbd];
+    let line = args.to_args();
+    match Line::try_parse_from(std::iter::once("sendense-agent".to_owned()).chain(line)) {
+        Ok(Line::RestoreVm(parsed)) => assert_eq!(*parsed, args),
+        other => panic!("{other:?}"),
+    }
+
+    // A new VM needs its datastore; new and in place exclude each other.
+    for bad in [
+        vec![
+            "restore-vm",
+            "--vcenter",
+            "u",
+            "--datacenter",
+            "d",
+            "--source",
+            "2000:/a",
+            "--new-vm",
+            "x",
+        ],
+        vec![
+            "restore-vm",
+            "--vcenter",
+            "u",
+            "--datacenter",
+            "d",
+            "--source",
+            "2000:/a",
+            "--new-vm",
+            "x",
+            "--target-datastore",
+            "ds",
+            "--vm-uuid",
+            "u",
+        ],
+        vec![
+            "restore-vm",
+            "--vcenter",
+            "u",
+            "--datacenter",
+            "d",
+            "--source",
+            "2000:/a",
+        ],
+    ] {
+        assert!(
+            Line::try_parse_from(std::iter::once("sendense-agent").chain(bad.clone())).is_err(),
+            "{bad:?}"
+        );
     }
 }

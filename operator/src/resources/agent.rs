@@ -88,21 +88,17 @@ pub fn agent_pod(
     let deadline = seconds_left(job, k8s_openapi::jiff::Timestamp::now());
     args.deadline_seconds = deadline.and_then(|d| u64::try_from(d).ok());
 
-    let creds = &vc.credentials_secret_ref;
-    let mut volumes = vec![Volume {
-        name: "credentials".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(creds.name.clone()),
-            items: Some(vec![
-                key_to_path(&creds.username_key, "username"),
-                key_to_path(&creds.password_key, "password"),
-            ]),
-            default_mode: Some(0o400),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }];
-    let mut mounts = vec![read_only("credentials", CREDENTIALS_DIR)];
+    let access = vcenter_access(source, images, false)?;
+    let mut volumes = access.volumes;
+    let mut mounts = access.mounts;
+    args.thumbprint = access.thumbprint;
+    args.ca_file = access.ca_file;
+    args.insecure_skip_verify = access.insecure_skip_verify;
+    args.transport = access.transport;
+    args.datastores = access.datastores;
+    if let Some(modes) = access.vddk_modes {
+        args.vddk_modes = modes;
+    }
     // The attempt's client certificate and the CA that signed the hub's (not the hub's key).
     volumes.push(Volume {
         name: "nbd-tls".into(),
@@ -126,69 +122,6 @@ pub fn agent_pod(
     mounts.push(read_only("nbd-tls", nbd_tls::TLS_DIR));
     args.tls_dir = Some(nbd_tls::TLS_DIR.into());
 
-    let tls = &vc.tls;
-    if let Some(t) = &tls.thumbprint {
-        args.thumbprint = Some(t.clone());
-    } else if let Some(ca) = &tls.ca_config_map_ref {
-        volumes.push(Volume {
-            name: "vcenter-ca".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: ca.name.clone(),
-                items: Some(vec![key_to_path(&ca.key, "ca.crt")]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(read_only("vcenter-ca", CA_DIR));
-        args.ca_file = Some(format!("{CA_DIR}/ca.crt").into());
-    } else if tls.insecure_skip_verify == Some(true) {
-        args.insecure_skip_verify = true;
-    }
-
-    let transport = &source.spec.transport;
-    match transport.type_ {
-        TransportType::Nfs => {
-            args.transport = Transport::Nfs;
-            for (i, ds) in images
-                .source_policy
-                .datastores(source)?
-                .into_iter()
-                .enumerate()
-            {
-                let name = format!("datastore-{i}");
-                let path = format!("{DATASTORES_DIR}/{i}");
-                volumes.push(Volume {
-                    name: name.clone(),
-                    ..ds.volume
-                });
-                mounts.push(read_only(&name, &path));
-                args.datastores.push(DatastoreMount {
-                    name: ds.name,
-                    dir: path.into(),
-                });
-            }
-        }
-        TransportType::Vddk => {
-            args.transport = Transport::Vddk;
-            let modes: Vec<VddkMode> = transport
-                .vddk
-                .iter()
-                .flat_map(|v| v.modes.iter())
-                .map(|m| match m {
-                    CrdVddkMode::Nbdssl => VddkMode::Nbdssl,
-                    CrdVddkMode::Nbd => VddkMode::Nbd,
-                    CrdVddkMode::Hotadd => VddkMode::Hotadd,
-                    CrdVddkMode::San => VddkMode::San,
-                })
-                .collect();
-            // None named: the agent's default.
-            if !modes.is_empty() {
-                args.vddk_modes = modes;
-            }
-        }
-    }
-
-    images.source_policy.placement(source)?;
     let placement = source.spec.placement.clone().unwrap_or_default();
     let pod = harden(Pod {
         metadata: owned_meta(job, agent_name(job), labels(job, "agent")),
@@ -212,18 +145,133 @@ pub fn agent_pod(
         }),
         status: None,
     });
-    let reader = transport.nfs.as_ref().and_then(|n| n.read_as.as_ref());
+    let reader = source
+        .spec
+        .transport
+        .nfs
+        .as_ref()
+        .and_then(|n| n.read_as.as_ref());
     Ok(match reader {
         Some(r) => read_as(pod, r),
         None => pod,
     })
 }
 
+/// What a pod needs to reach a SourceNode's vCenter and datastores: the credentials Secret
+/// (files, never arguments), the CA, the datastores (read-only for backups; `writable` for a
+/// restore into vSphere), and the transport's settings.
+pub struct VCenterAccess {
+    pub volumes: Vec<Volume>,
+    pub mounts: Vec<VolumeMount>,
+    pub thumbprint: Option<String>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub transport: Transport,
+    pub datastores: Vec<DatastoreMount>,
+    /// None: the agent's default.
+    pub vddk_modes: Option<Vec<VddkMode>>,
+}
+
+pub fn vcenter_access(
+    source: &SourceNode,
+    images: &PodSettings,
+    writable: bool,
+) -> Result<VCenterAccess, NotAllowed> {
+    let vc = &source.spec.vcenter;
+    let creds = &vc.credentials_secret_ref;
+    let mut access = VCenterAccess {
+        volumes: vec![Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(creds.name.clone()),
+                items: Some(vec![
+                    key_to_path(&creds.username_key, "username"),
+                    key_to_path(&creds.password_key, "password"),
+                ]),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        mounts: vec![read_only("credentials", CREDENTIALS_DIR)],
+        thumbprint: None,
+        ca_file: None,
+        insecure_skip_verify: false,
+        transport: Transport::Nfs,
+        datastores: Vec::new(),
+        vddk_modes: None,
+    };
+    let tls = &vc.tls;
+    if let Some(t) = &tls.thumbprint {
+        access.thumbprint = Some(t.clone());
+    } else if let Some(ca) = &tls.ca_config_map_ref {
+        access.volumes.push(Volume {
+            name: "vcenter-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca.name.clone(),
+                items: Some(vec![key_to_path(&ca.key, "ca.crt")]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        access.mounts.push(read_only("vcenter-ca", CA_DIR));
+        access.ca_file = Some(format!("{CA_DIR}/ca.crt").into());
+    } else if tls.insecure_skip_verify == Some(true) {
+        access.insecure_skip_verify = true;
+    }
+    let transport = &source.spec.transport;
+    match transport.type_ {
+        TransportType::Nfs => {
+            access.transport = Transport::Nfs;
+            let datastores = if writable {
+                images.source_policy.writable_datastores(source)?
+            } else {
+                images.source_policy.datastores(source)?
+            };
+            for (i, ds) in datastores.into_iter().enumerate() {
+                let name = format!("datastore-{i}");
+                let path = format!("{DATASTORES_DIR}/{i}");
+                access.volumes.push(Volume {
+                    name: name.clone(),
+                    ..ds.volume
+                });
+                access.mounts.push(VolumeMount {
+                    name: name.clone(),
+                    mount_path: path.clone(),
+                    read_only: Some(!writable),
+                    ..Default::default()
+                });
+                access.datastores.push(DatastoreMount {
+                    name: ds.name,
+                    dir: path.into(),
+                });
+            }
+        }
+        TransportType::Vddk => {
+            access.transport = Transport::Vddk;
+            let modes: Vec<VddkMode> = transport
+                .vddk
+                .iter()
+                .flat_map(|v| v.modes.iter())
+                .map(|m| match m {
+                    CrdVddkMode::Nbdssl => VddkMode::Nbdssl,
+                    CrdVddkMode::Nbd => VddkMode::Nbd,
+                    CrdVddkMode::Hotadd => VddkMode::Hotadd,
+                    CrdVddkMode::San => VddkMode::San,
+                })
+                .collect();
+            access.vddk_modes = (!modes.is_empty()).then_some(modes);
+        }
+    }
+    images.source_policy.placement(source)?;
+    Ok(access)
+}
+
 /// The agent as the user and groups the SourceNode reads its datastores as
 /// (`transport.nfs.readAs`). The repository is not the agent's to write (the hub writes it), so
 /// `fsGroup` stays; root (`user: 0`) lifts `runAsNonRoot`, and such a pod needs a namespace
 /// that allows it (Pod Security `baseline`).
-fn read_as(mut pod: Pod, reader: &DatastoreReader) -> Pod {
+pub fn read_as(mut pod: Pod, reader: &DatastoreReader) -> Pod {
     if let Some(psc) = pod.spec.as_mut().and_then(|s| s.security_context.as_mut()) {
         if let Some(user) = reader.user {
             psc.run_as_user = Some(user);

@@ -280,3 +280,101 @@ fn every_sendense_agent_container_logs_at_the_pod_log_level_when_one_is_set() {
         );
     }
 }
+
+fn restore_vm_args(pod: &Pod) -> sendense_contract::cli::RestoreVmArgs {
+    let lines = command_lines(pod);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    match parse(&lines[0]) {
+        Command::RestoreVm(args) => *args,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn disks<'a>(point: &'a sendense_crds::RestorePoint, later: &'a [(i32, String)]) -> PointDisks<'a> {
+    PointDisks {
+        point,
+        disks: &[2000],
+        later,
+    }
+}
+
+#[test]
+fn the_vsphere_restore_pods_command_lines_parse_into_what_the_operator_built() {
+    use sendense_crds::{RestoreJob, RestorePoint};
+    let point = RestorePoint::test();
+    let nfs = SourceNode::test();
+    let new_vm = RestoreJob::test().with_spec(json!({
+        "restorePointRef": {"name": "web-01-b1-0000000b"},
+        "target": {"vsphere": {"newVm": {"name": "web 01 restored", "datastore": "LocalDS 0", "folder": "restored/nov", "resourcePool": "DC0_C0", "cpus": 4, "memoryMib": 8192, "firmware": "efi"}}}
+    }));
+    let pod = vsphere_pod(
+        &new_vm,
+        1,
+        "backups-data",
+        &disks(&point, &[]),
+        &nfs,
+        &images(),
+    )
+    .expect("allowed");
+    let args = restore_vm_args(&pod);
+    assert_eq!(args.new_vm.as_deref(), Some("web 01 restored"));
+    assert_eq!(args.folder.as_deref(), Some("restored/nov"));
+    assert_eq!(args.resource_pool.as_deref(), Some("DC0_C0"));
+    assert_eq!(args.target_datastore.as_deref(), Some("LocalDS 0"));
+    assert_eq!((args.cpus, args.memory_mib), (4, 8192));
+    assert_eq!(args.firmware.as_deref(), Some("efi"));
+    assert_eq!(args.tag.as_deref(), Some("r-1"));
+    assert_eq!(args.sources.len(), 1);
+    assert!(args.sources[0].path.ends_with("2000.qcow2"));
+    assert!(args.since_change_ids.is_empty() && args.vm_uuid.is_none());
+    assert_eq!(args.datastores.len(), 1);
+    // The datastore is mounted writable for the restore (read-only for backups).
+    let spec = pod.spec.as_ref().expect("spec");
+    let mount = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == args.datastores[0].dir.display().to_string())
+        .expect("datastore mounted");
+    assert_eq!(mount.read_only, Some(false));
+
+    let in_place = RestoreJob::test().with_spec(json!({
+        "restorePointRef": {"name": "web-01-b1-0000000b"},
+        "target": {"vsphere": {"inPlace": {}}}
+    }));
+    let later = vec![(2000, "backups/web-01/later/2000.qcow2".to_owned())];
+    let args = restore_vm_args(
+        &vsphere_pod(
+            &in_place,
+            2,
+            "backups-data",
+            &disks(&point, &later),
+            &nfs,
+            &images(),
+        )
+        .expect("allowed"),
+    );
+    assert_eq!(
+        args.vm_uuid.as_deref(),
+        Some("5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a")
+    );
+    assert_eq!(args.since_change_ids.len(), 1);
+    assert_eq!(args.since_change_ids[0].change_id, "52 aa/1");
+    assert_eq!(args.later_layers.len(), 1);
+    assert!(args.new_vm.is_none());
+
+    let whole = in_place
+        .edit(|v| v["spec"]["target"]["vsphere"]["inPlace"] = json!({"differential": false}));
+    let args = restore_vm_args(
+        &vsphere_pod(
+            &whole,
+            1,
+            "backups-data",
+            &disks(&point, &later),
+            &nfs,
+            &images(),
+        )
+        .expect("allowed"),
+    );
+    assert!(args.since_change_ids.is_empty() && args.later_layers.is_empty());
+}

@@ -23,8 +23,8 @@ use sendense_crds::{BackupJob, Repository};
 use crate::source_policy::SourcePolicy;
 
 pub use agent::{
-    AGENT_GRACE_SECONDS, CA_DIR, CREDENTIALS_DIR, DATASTORES_DIR, PROGRESS_PORT, agent_pod,
-    seconds_left,
+    AGENT_GRACE_SECONDS, CA_DIR, CREDENTIALS_DIR, DATASTORES_DIR, PROGRESS_PORT, VCenterAccess,
+    agent_pod, read_as, seconds_left, vcenter_access,
 };
 pub use cleanup::cleanup_pod;
 pub use commit::commit_pod;
@@ -37,9 +37,10 @@ pub use layout::{
 pub use network_policy::{OperatorPeer, agent_policy, hub_policy, restore_policy};
 pub use repository::{probe_pod, templated_claim};
 pub use restore::{
-    DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, RESTORE_JOB_LABEL, TARGETS_DIR,
-    block_claim_bytes, default_claim_name, files_directory, files_pod, filesystem_claim_bytes,
-    kubevirt_vm, restore_claim, restore_labels, restore_pod, restore_pod_name, volume_mode_str,
+    DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, PointDisks, RESTORE_JOB_LABEL,
+    TARGETS_DIR, block_claim_bytes, default_claim_name, files_directory, files_pod,
+    filesystem_claim_bytes, kubevirt_vm, restore_claim, restore_labels, restore_pod,
+    restore_pod_name, volume_mode_str, vsphere_pod,
 };
 
 /// `POD_IP`, the pod's own IP from the downward API (the agent's progress endpoint and the

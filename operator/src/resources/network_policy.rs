@@ -87,16 +87,22 @@ pub fn agent_policy(job: &BackupJob, operator: &OperatorPeer) -> NetworkPolicy {
 
 /// A RestoreJob's policy: its pod's progress port from the operator's pods only, and no
 /// egress at all (the pod reads the repository volume and writes its claims; its NBD traffic
-/// stays on a Unix socket inside the pod): a restore cannot send a backup anywhere.
-pub fn restore_policy(job: &RestoreJob, operator: &OperatorPeer) -> NetworkPolicy {
+/// stays on a Unix socket inside the pod): a restore cannot send a backup anywhere. A restore
+/// into vSphere (`egress`) talks to vCenter (and, with VDDK, its hosts) like a backup's agent:
+/// its egress is not restricted.
+pub fn restore_policy(job: &RestoreJob, operator: &OperatorPeer, egress: bool) -> NetworkPolicy {
     let pods = restore_labels(job, "restore");
     NetworkPolicy {
         metadata: owned_meta(job, restore_pod_name(job), pods.clone()),
         spec: Some(NetworkPolicySpec {
             pod_selector: selector(pods),
-            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            policy_types: Some(if egress {
+                vec!["Ingress".into()]
+            } else {
+                vec!["Ingress".into(), "Egress".into()]
+            }),
             ingress: Some(vec![from_operator(operator)]),
-            egress: Some(Vec::new()),
+            egress: (!egress).then(Vec::new),
         }),
     }
 }
@@ -177,7 +183,7 @@ mod tests {
         );
 
         let rj = RestoreJob::test();
-        let restore = restore_policy(&rj, &operator);
+        let restore = restore_policy(&rj, &operator, false);
         assert_eq!(restore.metadata.name.as_deref(), Some("web-01-r1-restore"));
         assert!(restore.metadata.owner_references.is_some());
         let spec = restore.spec.expect("spec");

@@ -9,13 +9,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 
-use sendense_crds::{Repository, RestoreJob, RestorePoint};
+use sendense_crds::{Repository, RestoreJob, RestorePoint, SourceNode};
 
 use crate::children::{applied, delete_if_present, get};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
-    ATTEMPT_LABEL, DiskToRestore, PROGRESS_PORT, claim_name, files_pod, restore_pod,
-    restore_pod_name, restore_policy,
+    ATTEMPT_LABEL, DiskToRestore, PROGRESS_PORT, PointDisks, claim_name, files_pod, restore_pod,
+    restore_pod_name, restore_policy, vsphere_pod,
 };
 use crate::status::{holding, now};
 
@@ -76,7 +76,7 @@ pub(super) async fn run(job: &RestoreJob, ctx: &Context) -> Result<Action, Error
         PodPhase::Running => {
             let mut u = Update::new(job);
             if let Some(ip) = pod_state::ip(&pod)
-                && job.spec.target.pvc.is_some()
+                && job.spec.target.files.is_none()
             {
                 match crate::agent_progress::fetch(&format!("{ip}:{PROGRESS_PORT}")).await {
                     Ok(p) => {
@@ -169,6 +169,41 @@ pub(super) async fn create_pod(
         return fail(job, ctx, u, FailureReason::RepositoryNotFound, message).await;
     };
     let repo_claim = claim_name(&repo);
+    if let Some(vs) = &job.spec.target.vsphere {
+        let sn_name = vs
+            .source_node_ref
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_else(|| rp.spec.source_node_ref.name.clone());
+        let Some(sn) = get::<SourceNode>(&ctx.client, &ns, &sn_name)
+            .await
+            .map_err(api_err(job))?
+        else {
+            let message = format!(
+                "SourceNode {sn_name} no longer exists in namespace {ns}; the restore stopped before attempt {attempt}"
+            );
+            return fail(job, ctx, u, FailureReason::SourceNodeNotFound, message).await;
+        };
+        let keys: Vec<i32> = status.disks.iter().map(|d| d.device_key).collect();
+        let later = if vs.in_place.as_ref().is_none_or(|p| p.differential) && vs.new_vm.is_none() {
+            later_files(ctx, &ns, &rp).await.map_err(api_err(job))?
+        } else {
+            Vec::new()
+        };
+        let what = PointDisks {
+            point: &rp,
+            disks: &keys,
+            later: &later,
+        };
+        let pod = match vsphere_pod(job, attempt, &repo_claim, &what, &sn, &ctx.images) {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("SourceNode {sn_name}: {e}; nothing was written");
+                return fail(job, ctx, u, FailureReason::NotAllowed, message).await;
+            }
+        };
+        return create(job, ctx, attempt, pod, true).await;
+    }
     let pod = match &job.spec.target.files {
         Some(files) => files_pod(
             job,
@@ -193,18 +228,67 @@ pub(super) async fn create_pod(
                         file: rd.file.clone(),
                         sha256: rd.sha256.clone(),
                         claim: d.claim_name.clone(),
-                        mode: d.volume_mode,
+                        mode: d.volume_mode.unwrap_or_default(),
                     })
                 })
                 .collect();
             restore_pod(job, attempt, &repo_claim, &disks, &ctx.images)
         }
     };
-    let account = ctx.images.hub_service_account.as_deref();
+    create(job, ctx, attempt, pod, false).await
+}
+
+/// The files of the restore points made after `point` in its chain (its descendants), per
+/// disk: the blocks they hold changed after the point.
+async fn later_files(
+    ctx: &Context,
+    ns: &str,
+    point: &RestorePoint,
+) -> Result<Vec<(i32, String)>, crate::children::ApiError> {
+    let all = crate::children::list::<RestorePoint>(&ctx.client, ns).await?;
+    let parent_of: std::collections::BTreeMap<String, String> = all
+        .iter()
+        .filter_map(|r| Some((r.name_any(), r.spec.parent.as_ref()?.name.clone())))
+        .collect();
+    let target = point.name_any();
+    let descends = |name: &str| {
+        let mut at = name.to_owned();
+        // A chain is a tree without cycles; the bound guards against a corrupted one.
+        for _ in 0..=all.len() {
+            match parent_of.get(&at) {
+                Some(p) if *p == target => return true,
+                Some(p) => at = p.clone(),
+                None => return false,
+            }
+        }
+        false
+    };
+    Ok(all
+        .iter()
+        .filter(|r| r.spec.vm.instance_uuid == point.spec.vm.instance_uuid)
+        .filter(|r| descends(&r.name_any()))
+        .flat_map(|r| r.spec.disks.iter().map(|d| (d.device_key, d.file.clone())))
+        .collect())
+}
+
+/// Creates the attempt's pod (and its NetworkPolicy); `egress`: it talks to vCenter.
+async fn create(
+    job: &RestoreJob,
+    ctx: &Context,
+    attempt: i32,
+    pod: Pod,
+    egress: bool,
+) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone());
     let created = async {
-        crate::children::ensure_service_account(&ctx.client, &ns, account).await?;
+        crate::children::ensure_service_account(&ctx.client, &ns, account.as_deref()).await?;
         if let Some(operator) = &ctx.images.network_policy {
-            crate::children::apply(&ctx.client, &ns, &restore_policy(job, operator)).await?;
+            crate::children::apply(&ctx.client, &ns, &restore_policy(job, operator, egress))
+                .await?;
         }
         applied(&ctx.client, &ns, &pod).await
     }

@@ -91,7 +91,22 @@ pub(super) fn record(u: &mut Update<'_>, job: &RestoreJob, outcome: &Outcome) {
                     s.bytes_skipped = Some(d.bytes_skipped as i64);
                     s.sha256 = d.sha256.clone();
                     s.verified = d.verified;
+                    s.bytes_verified = d.bytes_verified.map(|b| b as i64);
+                    if d.file.is_some() {
+                        s.file = d.file.clone();
+                    }
+                    s.differential = d.differential;
+                    s.full_reason = d.full_reason.clone();
                 }
+            }
+            if let Some(vm) = &r.vm {
+                u.status.vm = Some(sendense_crds::restore_job::RestoredVmStatus {
+                    name: vm.name.clone(),
+                    moref: vm.moref.clone(),
+                    instance_uuid: vm.instance_uuid.clone(),
+                    created: vm.created,
+                    cbt_reset: vm.cbt_reset,
+                });
             }
             let written: i64 = r.disks.iter().map(|d| d.bytes_written as i64).sum();
             u.status.bytes_written = Some(written);
@@ -160,25 +175,51 @@ pub(super) async fn succeeded(
                 .disks
                 .iter()
                 .map(|d| {
-                    format!(
-                        "disk {} onto {}: {} written, verified {}",
-                        d.key,
-                        u.status
+                    let onto = match &d.file {
+                        Some(f) => f.clone(),
+                        None => u
+                            .status
                             .disks
                             .iter()
                             .find(|s| s.device_key == d.key)
-                            .map(|s| s.claim_name.as_str())
-                            .unwrap_or("?"),
+                            .map(|s| s.claim_name.clone())
+                            .unwrap_or_else(|| "?".into()),
+                    };
+                    let how = match (d.differential, &d.full_reason) {
+                        (Some(true), _) => format!(
+                            "only the blocks changed since the restore point ({} of {})",
+                            human_bytes(d.bytes_total as i64),
+                            human_bytes(d.capacity as i64)
+                        ),
+                        (Some(false), Some(why)) => format!("the whole disk ({why})"),
+                        _ => "the whole disk".into(),
+                    };
+                    let verified = match (d.verified, d.bytes_verified) {
+                        (Some(true), _) => "verified against the restore point's SHA-256".into(),
+                        (_, Some(n)) => format!("{} read back as written", human_bytes(n as i64)),
+                        _ => "not verified".to_owned(),
+                    };
+                    format!(
+                        "disk {} onto {onto}: {how}, {} written, {verified}",
+                        d.key,
                         human_bytes(d.bytes_written as i64),
-                        if d.verified == Some(true) {
-                            "against the restore point's SHA-256"
-                        } else {
-                            "no"
-                        }
                     )
                 })
                 .collect();
-            format!("restored in {:.0} s: {}", r.seconds, disks.join("; "))
+            let vm = match &r.vm {
+                Some(vm) if vm.created => format!(" into the new VM {} ({})", vm.name, vm.moref),
+                Some(vm) => format!(
+                    " into VM {} in place{}",
+                    vm.name,
+                    if vm.cbt_reset {
+                        "; its CBT was reset, so its next backup is a full one"
+                    } else {
+                        ""
+                    }
+                ),
+                None => String::new(),
+            };
+            format!("restored in {:.0} s{vm}: {}", r.seconds, disks.join("; "))
         }
         Outcome::Files(r) => format!(
             "restored {} files, {} directories, {} symlinks ({}) into {}",

@@ -81,6 +81,8 @@ fn retry_backoff(attempt: i32) -> Duration {
 fn target_kind(job: &RestoreJob) -> &'static str {
     if job.spec.target.files.is_some() {
         "files"
+    } else if job.spec.target.vsphere.is_some() {
+        "vsphere"
     } else {
         "pvc"
     }

@@ -23,6 +23,21 @@ pub enum FailureReason {
     RestorePointUnreadable,
     /// The pod's command line was refused (a bug or an agent of another version).
     InvalidRequest,
+    /// The SourceNode of a vSphere target does not exist.
+    SourceNodeNotFound,
+    /// The SourceNode asks for a datastore volume (writable) or a toleration the operator's
+    /// settings do not allow.
+    NotAllowed,
+    /// In place: the VM is powered on (or suspended).
+    VmPoweredOn,
+    /// In place: the VM does not exist any more.
+    VmNotFound,
+    /// A VM of the new VM's name exists.
+    VmExists,
+    /// In place: the VM has snapshots.
+    VmHasSnapshots,
+    /// The new VM's folder, resource pool or datastore does not exist.
+    PlacementNotFound,
     /// The attempt's pod did not start within the progress deadline.
     ProgressDeadlineExceeded,
     /// The attempt's pod was deleted or lost with its node.
@@ -46,6 +61,13 @@ impl FailureReason {
             Self::NoFileSystem => "NoFileSystem",
             Self::RestorePointUnreadable => "RestorePointUnreadable",
             Self::InvalidRequest => "InvalidRequest",
+            Self::SourceNodeNotFound => "SourceNodeNotFound",
+            Self::NotAllowed => "NotAllowed",
+            Self::VmPoweredOn => "VmPoweredOn",
+            Self::VmNotFound => "VmNotFound",
+            Self::VmExists => "VmExists",
+            Self::VmHasSnapshots => "VmHasSnapshots",
+            Self::PlacementNotFound => "PlacementNotFound",
             Self::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
             Self::PodLost => "PodLost",
             Self::RestoreFailed => "RestoreFailed",
@@ -74,6 +96,11 @@ impl FailureReason {
             Refusal::TargetUnusable => Self::ClaimUnusable,
             Refusal::NothingMatched => Self::NothingMatched,
             Refusal::NoFileSystem => Self::NoFileSystem,
+            Refusal::VmPoweredOn => Self::VmPoweredOn,
+            Refusal::VmNotFound => Self::VmNotFound,
+            Refusal::VmExists => Self::VmExists,
+            Refusal::VmHasSnapshots => Self::VmHasSnapshots,
+            Refusal::PlacementNotFound => Self::PlacementNotFound,
         }
     }
 }

@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::restore_job::{RestoredDiskStatus, VolumeMode};
-use sendense_crds::{Repository, RestoreJob, RestorePoint};
+use sendense_crds::{Repository, RestoreJob, RestorePoint, SourceNode};
 
 use crate::children::{create_if_missing, get};
 use crate::resources::{
@@ -81,11 +81,14 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
     if u.status.start_time.is_none() {
         u.status.start_time = Some(now());
     }
-    u.status.target_kind = Some(if job.spec.target.files.is_some() {
-        "Files".into()
-    } else {
-        "Pvc".into()
-    });
+    u.status.target_kind = Some(
+        match target_kind(job) {
+            "files" => "Files",
+            "vsphere" => "Vsphere",
+            _ => "Pvc",
+        }
+        .into(),
+    );
     let rp_name = &job.spec.restore_point_ref.name;
     let Some(rp) = get::<RestorePoint>(&ctx.client, &ns, rp_name)
         .await
@@ -128,6 +131,56 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
             c.device_key
         );
         return fail(job, ctx, u, FailureReason::DiskNotFound, message).await;
+    }
+
+    if let Some(vs) = &job.spec.target.vsphere {
+        let sn_name = vs
+            .source_node_ref
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_else(|| rp.spec.source_node_ref.name.clone());
+        if get::<SourceNode>(&ctx.client, &ns, &sn_name)
+            .await
+            .map_err(api_err(job))?
+            .is_none()
+        {
+            let field = if vs.source_node_ref.is_some() {
+                "spec.target.vsphere.sourceNodeRef"
+            } else {
+                "the restore point's SourceNode (set spec.target.vsphere.sourceNodeRef to another)"
+            };
+            let message = format!(
+                "{field}: SourceNode {sn_name} does not exist in namespace {ns}; nothing was written"
+            );
+            return fail(job, ctx, u, FailureReason::SourceNodeNotFound, message).await;
+        }
+        let planned: Vec<RestoredDiskStatus> = keys
+            .iter()
+            .filter_map(|k| rp.spec.disks.iter().find(|d| d.device_key == *k))
+            .map(|d| RestoredDiskStatus {
+                device_key: d.device_key,
+                capacity_bytes: d.capacity_bytes,
+                ..Default::default()
+            })
+            .collect();
+        u.status.bytes_total = Some(planned.iter().map(|d| d.capacity_bytes).sum());
+        u.status.bytes_done = Some(0);
+        u.status.progress = Some("0%".into());
+        u.status.disks = planned;
+        u.status.vm = Some(sendense_crds::restore_job::RestoredVmStatus {
+            name: match &vs.new_vm {
+                Some(n) => n.name.clone(),
+                None => rp.spec.vm.name.clone(),
+            },
+            instance_uuid: if vs.new_vm.is_some() {
+                String::new()
+            } else {
+                rp.spec.vm.instance_uuid.clone()
+            },
+            created: vs.new_vm.is_some(),
+            ..Default::default()
+        });
+        return started(job, ctx, u).await;
     }
 
     if let Some(files) = &job.spec.target.files {
@@ -218,7 +271,7 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
                 planned.push(RestoredDiskStatus {
                     device_key: *key,
                     claim_name: name,
-                    volume_mode: mode,
+                    volume_mode: Some(mode),
                     created: created_by_us,
                     capacity_bytes: disk.capacity_bytes,
                     ..Default::default()
@@ -242,7 +295,7 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
                 planned.push(RestoredDiskStatus {
                     device_key: *key,
                     claim_name: name,
-                    volume_mode: pvc.volume_mode,
+                    volume_mode: Some(pvc.volume_mode),
                     created: true,
                     capacity_bytes: disk.capacity_bytes,
                     ..Default::default()
@@ -284,9 +337,16 @@ pub(super) async fn started(
         format!(
             "restoring RestorePoint {} ({})",
             job.spec.restore_point_ref.name,
-            match &job.spec.target.files {
-                Some(f) => format!("files into PersistentVolumeClaim {}", f.claim_name),
-                None => {
+            match (&job.spec.target.files, &job.spec.target.vsphere) {
+                (Some(f), _) => format!("files into PersistentVolumeClaim {}", f.claim_name),
+                (None, Some(v)) => match &v.new_vm {
+                    Some(n) => format!("disks into the new vSphere VM {}", n.name),
+                    None => format!(
+                        "disks into VM {} in place",
+                        u.status.vm.as_ref().map(|v| v.name.as_str()).unwrap_or("?")
+                    ),
+                },
+                (None, None) => {
                     let claims: Vec<String> = u
                         .status
                         .disks

@@ -414,7 +414,7 @@ spec:
         let empty = self.work.join(EMPTY_DATASTORE);
         std::fs::create_dir_all(&empty)?;
         let volumes = serde_json::json!([
-            {"name": LAB_DATASTORE, "namespaces": [self.ns.name], "hostPath": {"path": datastore}},
+            {"name": LAB_DATASTORE, "namespaces": [self.ns.name], "hostPath": {"path": datastore}, "writable": true},
             {"name": EMPTY_DATASTORE, "namespaces": [self.ns.name], "hostPath": {"path": empty}},
         ])
         .to_string();

@@ -123,7 +123,11 @@ impl Disk {
     }
 }
 
-async fn restore(args: &RestoreArgs, started: Instant, live: &LiveProgress) -> RestoreResult {
+pub(crate) async fn restore(
+    args: &RestoreArgs,
+    started: Instant,
+    live: &LiveProgress,
+) -> RestoreResult {
     let failed = |error: anyhow::Error, nothing_written: bool, disks| RestoreResult {
         ok: false,
         refused: if nothing_written {
@@ -135,6 +139,7 @@ async fn restore(args: &RestoreArgs, started: Instant, live: &LiveProgress) -> R
         nothing_written,
         seconds: started.elapsed().as_secs_f64(),
         disks,
+        vm: None,
         truncated: false,
     };
     let opts = match connect_options(args) {
@@ -196,6 +201,7 @@ async fn restore(args: &RestoreArgs, started: Instant, live: &LiveProgress) -> R
             refused: None,
             seconds: started.elapsed().as_secs_f64(),
             disks: reports,
+            vm: None,
             truncated: false,
         }
     } else {
@@ -326,10 +332,23 @@ async fn write(
     report: &mut RestoredDisk,
 ) -> Result<()> {
     let areas = disk.areas.clone().unwrap_or_else(|| whole(disk));
-    let stats = copy_areas(disk.nbd()?, target, areas, kind, copy_opts, progress)
+    // A rollback is not hashed whole (that reads the disk it meant to spare): every chunk it
+    // wrote is read back instead.
+    let read_back = disk.areas.is_some() && disk.expect.is_none();
+    let opts = CopyOptions {
+        verify: read_back,
+        ..copy_opts.clone()
+    };
+    let stats = copy_areas(disk.nbd()?, target, areas, kind, &opts, progress)
         .await
         .with_context(|| format!("restoring {}", disk.source_file.display()))?;
     record(report, &stats);
+    if read_back {
+        let n = crate::copy::verify_written(target, &stats.chunks, opts.max_in_flight, progress)
+            .await
+            .context("reading the written areas back")?;
+        report.bytes_verified = Some(n);
+    }
     if let Some(expect) = &disk.expect {
         let actual = checksum::sha256_of_first(
             target,
