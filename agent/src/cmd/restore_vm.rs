@@ -13,9 +13,10 @@
 //!   blocks of the later restore points' own files, `--later-layer`) are written back, zeros
 //!   included, and read back. Otherwise the whole disk is written and hashed.
 //!
-//! Data written into flat files is not seen by CBT, so after an in-place restore the VM's CBT
-//! is reset: every change ID issued before becomes invalid, and the next backup is a full
-//! one (never an incremental that misses the restored blocks).
+//! Data written into flat files is not seen by CBT, so before an in-place restore writes
+//! anything (once vCenter has said which blocks changed) the VM's CBT is reset: every change
+//! ID issued before becomes invalid, and the next backup is a full one (never an incremental
+//! that misses the restored blocks), however the restore ends.
 //!
 //! Nothing is written before every refusal above has been checked.
 
@@ -407,23 +408,22 @@ async fn in_place(
         Ok(p) => p,
         Err(e) => return failure(e, true, started),
     };
-    let mut result = write_disks(args, reader, &vm, &pairs, false, started, live).await;
-    // Written behind CBT's back (or maybe written): its change IDs no longer describe the
-    // disks. A reset makes the next backup full instead of an incremental missing them.
-    let mut cbt_reset = false;
-    if cbt && !result.nothing_written {
-        match vs.reset_cbt(&vm).await {
-            Ok(()) => cbt_reset = true,
-            Err(e) => {
-                result.ok = false;
-                let error = result.error.take().map(|e| e + "; ").unwrap_or_default();
-                result.error = Some(format!(
-                    "{error}resetting CBT on VM {} after the restore failed: {e}; the next backup of this VM must be a full one",
-                    vm.name
-                ));
-            }
-        }
+    // What is written goes behind CBT's back: its change IDs will no longer describe the disks.
+    // The reset comes before the first write (the blocks to write are known by now), so that
+    // however the restore ends (a killed pod, retries given up) the next backup is a full one,
+    // never an incremental missing the restored blocks. A retry then writes whole disks.
+    let cbt_reset = cbt;
+    if cbt && let Err(e) = vs.reset_cbt(&vm).await {
+        return failure(
+            anyhow!(e).context(format!(
+                "resetting CBT on VM {} before writing into its disks",
+                vm.name
+            )),
+            true,
+            started,
+        );
     }
+    let mut result = write_disks(args, reader, &vm, &pairs, false, started, live).await;
     result.vm = Some(RestoredVm {
         name: vm.name.clone(),
         moref: vm.moref.clone(),
