@@ -249,6 +249,22 @@ impl<'a> From<&'a BackupArgs> for Connection<'a> {
     }
 }
 
+impl<'a> From<&'a sendense_contract::cli::RestoreVmArgs> for Connection<'a> {
+    fn from(args: &'a sendense_contract::cli::RestoreVmArgs) -> Self {
+        Self {
+            vcenter: &args.vcenter,
+            thumbprint: args.thumbprint.as_ref(),
+            ca_file: args.ca_file.as_ref(),
+            insecure_skip_verify: args.insecure_skip_verify,
+            credentials_dir: args.credentials_dir.as_deref(),
+            transport: args.transport,
+            datastores: &args.datastores,
+            vddk_libdir: &args.vddk_libdir,
+            vddk_modes: &args.vddk_modes,
+        }
+    }
+}
+
 /// The vCenter settings (credentials read) and the disk access of a transport.
 pub(crate) fn connection(
     c: &Connection<'_>,

@@ -12,6 +12,7 @@ mod layout;
 mod network_policy;
 mod repository;
 mod restore;
+mod restore_vsphere;
 
 use std::collections::BTreeMap;
 
@@ -37,11 +38,11 @@ pub use layout::{
 pub use network_policy::{OperatorPeer, agent_policy, hub_policy, restore_policy};
 pub use repository::{probe_pod, templated_claim};
 pub use restore::{
-    DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, PointDisks, RESTORE_JOB_LABEL,
-    TARGETS_DIR, block_claim_bytes, default_claim_name, files_directory, files_pod,
-    filesystem_claim_bytes, kubevirt_vm, restore_claim, restore_labels, restore_pod,
-    restore_pod_name, volume_mode_str, vsphere_pod,
+    DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, RESTORE_JOB_LABEL, TARGETS_DIR,
+    block_claim_bytes, default_claim_name, files_directory, files_pod, filesystem_claim_bytes,
+    kubevirt_vm, restore_claim, restore_labels, restore_pod, restore_pod_name, volume_mode_str,
 };
+pub use restore_vsphere::{PointDisks, vsphere_pod};
 
 /// `POD_IP`, the pod's own IP from the downward API (the agent's progress endpoint and the
 /// hub's exports are bound to it).

@@ -170,11 +170,7 @@ pub(super) async fn create_pod(
     };
     let repo_claim = claim_name(&repo);
     if let Some(vs) = &job.spec.target.vsphere {
-        let sn_name = vs
-            .source_node_ref
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_else(|| rp.spec.source_node_ref.name.clone());
+        let sn_name = vsphere_source_node(vs, &rp);
         let Some(sn) = get::<SourceNode>(&ctx.client, &ns, &sn_name)
             .await
             .map_err(api_err(job))?

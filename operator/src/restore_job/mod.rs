@@ -78,6 +78,19 @@ fn retry_backoff(attempt: i32) -> Duration {
     Duration::from_secs((10u64 << exp).min(300))
 }
 
+/// The SourceNode a `vsphere` target restores through: its `sourceNodeRef`, else the one the
+/// restore point was backed up through.
+fn vsphere_source_node(
+    target: &sendense_crds::restore_job::VsphereTarget,
+    point: &sendense_crds::RestorePoint,
+) -> String {
+    target
+        .source_node_ref
+        .as_ref()
+        .map(|r| r.name.clone())
+        .unwrap_or_else(|| point.spec.source_node_ref.name.clone())
+}
+
 fn target_kind(job: &RestoreJob) -> &'static str {
     if job.spec.target.files.is_some() {
         "files"

@@ -134,11 +134,7 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
     }
 
     if let Some(vs) = &job.spec.target.vsphere {
-        let sn_name = vs
-            .source_node_ref
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_else(|| rp.spec.source_node_ref.name.clone());
+        let sn_name = vsphere_source_node(vs, &rp);
         if get::<SourceNode>(&ctx.client, &ns, &sn_name)
             .await
             .map_err(api_err(job))?

@@ -106,14 +106,8 @@ pub(super) async fn check(args: &RestoreArgs, opts: &ConnectOptions) -> Result<V
     Ok(disks)
 }
 
-async fn open_source(
-    key: i32,
-    file: &Path,
-    target: RestoreTarget,
-    areas: Option<Vec<ChangedArea>>,
-    expect: Option<String>,
-    opts: &ConnectOptions,
-) -> Result<Disk> {
+/// A restore point's file is there and is a file (`SourceNotFound` otherwise).
+pub(crate) fn source_file_exists(file: &Path) -> Result<()> {
     let meta = std::fs::metadata(file).map_err(|e| {
         refused(
             Refusal::SourceNotFound,
@@ -126,6 +120,18 @@ async fn open_source(
             format!("restore point file {} is not a file", file.display()),
         ));
     }
+    Ok(())
+}
+
+async fn open_source(
+    key: i32,
+    file: &Path,
+    target: RestoreTarget,
+    areas: Option<Vec<ChangedArea>>,
+    expect: Option<String>,
+    opts: &ConnectOptions,
+) -> Result<Disk> {
+    source_file_exists(file)?;
     if matches!(target.kind, RestoreTargetKind::File(_)) && areas.is_none() {
         let top = file.to_owned();
         let opened = crate::copy::within(

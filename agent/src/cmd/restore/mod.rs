@@ -41,6 +41,7 @@ use sendense_contract::restore::Refusal;
 mod check;
 mod file;
 
+pub(crate) use check::source_file_exists;
 use check::*;
 use file::*;
 
