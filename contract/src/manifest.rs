@@ -69,6 +69,21 @@ pub struct VmIdentity {
     pub name: String,
     /// vSphere's instance UUID of the VM: which VM this is, whatever its name.
     pub instance_uuid: String,
+    /// Its virtual hardware at the backup (absent in manifests written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<VmHardware>,
+}
+
+/// A VM's virtual hardware: what a restore to a new VM recreates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmHardware {
+    pub cpus: i32,
+    pub memory_mib: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guest_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +300,7 @@ mod tests {
             vm: VmIdentity {
                 name: "web".into(),
                 instance_uuid: "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into(),
+                hardware: None,
             },
             snapshot: Some(SnapshotIdentity {
                 id: "snapshot-7".into(),

@@ -167,6 +167,9 @@ pub struct BackupJobStatus {
     /// The VM's instance UUID, resolved from the spec: which VM this is, whatever its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_instance_uuid: Option<String>,
+    /// The VM's virtual hardware when the job looked it up (it goes into the restore point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_hardware: Option<crate::common::VmHardware>,
     /// The Lease (in the operator's namespace) that holds the VM for this job while it runs:
     /// one backup per VM at a time, whatever the namespace or SourceNode.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,6 +3,23 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+/// A VM's virtual hardware as vCenter reported it when it was backed up: what a restore to a
+/// new VM recreates.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmHardware {
+    /// Virtual CPUs (`config.hardware.numCPU`).
+    pub cpus: i32,
+    /// Memory in MiB (`config.hardware.memoryMB`).
+    pub memory_mib: i64,
+    /// Guest OS identifier (`config.guestId`), e.g. `ubuntu64Guest`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guest_id: String,
+    /// `bios` or `efi` (`config.firmware`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
+}
+
 /// A reference to another object in the same namespace, by name.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 pub struct LocalObjectRef {

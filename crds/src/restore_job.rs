@@ -138,29 +138,23 @@ pub struct NewVmTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     pub resource_pool: Option<String>,
-    /// Virtual CPUs. The restore point does not record the source VM's hardware yet.
-    #[serde(default = "default_cpus")]
+    /// Virtual CPUs; default the source VM's at the backup (the restore point's
+    /// `spec.vm.hardware`), else 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 768))]
-    pub cpus: i32,
-    /// Memory in MiB.
-    #[serde(default = "default_memory_mib")]
+    pub cpus: Option<i32>,
+    /// Memory in MiB; default the source VM's, else 2048.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 4, max = 25165824))]
-    pub memory_mib: i64,
-    /// vSphere guest OS identifier (`otherGuest64`, `ubuntu64Guest`, `windows2019srv_64Guest`).
-    #[serde(default = "default_guest_id")]
+    pub memory_mib: Option<i64>,
+    /// vSphere guest OS identifier (`otherGuest64`, `ubuntu64Guest`, `windows2019srv_64Guest`);
+    /// default the source VM's, else `otherGuest64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
-    pub guest_id: String,
-    /// `bios` or `efi`; default vSphere's.
+    pub guest_id: Option<String>,
+    /// `bios` or `efi`; default the source VM's, else vSphere's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,
-}
-
-fn default_memory_mib() -> i64 {
-    2048
-}
-
-fn default_guest_id() -> String {
-    "otherGuest64".into()
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
@@ -256,8 +250,8 @@ pub struct KubeVirt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub name: Option<String>,
-    /// Memory of the VM (a quantity such as 2Gi). The restore point does not record the
-    /// source VM's hardware yet: set what the VM needs.
+    /// Memory of the VM (a quantity such as 2Gi); the restore point's `spec.vm.hardware` says
+    /// what the source VM had.
     #[serde(default = "default_memory")]
     pub memory: String,
     /// Virtual CPUs.

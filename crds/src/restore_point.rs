@@ -91,6 +91,10 @@ pub struct RestorePointVm {
     pub name: String,
     /// vSphere's instance UUID of the VM: chains follow it, whatever the VM's name.
     pub instance_uuid: String,
+    /// Its virtual hardware at the backup (absent in restore points made before Sendense
+    /// recorded it): a restore to a new VM recreates it unless the RestoreJob says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<crate::common::VmHardware>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -7,10 +7,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sendense_contract::manifest::{
     DiskCopy, JobIdentity, MANIFEST_VERSION, Manifest, ManifestDisk, ParentIdentity,
-    SnapshotIdentity, VmIdentity,
+    SnapshotIdentity, VmHardware as ManifestHardware, VmIdentity,
 };
 use sendense_crds::backup_job::CopyKind;
-use sendense_crds::common::{LocalObjectRef, human_bytes};
+use sendense_crds::common::{LocalObjectRef, VmHardware, human_bytes};
 use sendense_crds::restore_point::{
     RestorePointDisk, RestorePointJob, RestorePointParent, RestorePointSnapshot, RestorePointVm,
     restore_point_name,
@@ -98,6 +98,12 @@ pub fn manifest(job: &BackupJob, vcenter: &str) -> Result<Manifest, ManifestBuil
                 .vm_instance_uuid
                 .clone()
                 .ok_or(ManifestBuildError::Missing("VM instance UUID"))?,
+            hardware: st.vm_hardware.as_ref().map(|h| ManifestHardware {
+                cpus: h.cpus,
+                memory_mib: h.memory_mib,
+                guest_id: h.guest_id.clone(),
+                firmware: h.firmware.clone(),
+            }),
         },
         snapshot: st.snapshot.as_ref().and_then(|s| {
             Some(SnapshotIdentity {
@@ -134,6 +140,12 @@ pub fn from_manifest(m: &Manifest, namespace: &str) -> RestorePoint {
         vm: RestorePointVm {
             name: m.vm.name.clone(),
             instance_uuid: m.vm.instance_uuid.clone(),
+            hardware: m.vm.hardware.as_ref().map(|h| VmHardware {
+                cpus: h.cpus,
+                memory_mib: h.memory_mib,
+                guest_id: h.guest_id.clone(),
+                firmware: h.firmware.clone(),
+            }),
         },
         job: RestorePointJob {
             name: m.job.name.clone(),

@@ -630,7 +630,7 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
         &bed,
         "to-new-vm",
         &format!(
-            "  restorePointRef: {{name: {p2}}}\n  target:\n    vsphere:\n      newVm: {{name: restored-vm, datastore: LocalDS_0, cpus: 2, memoryMib: 512}}\n"
+            "  restorePointRef: {{name: {p2}}}\n  target:\n    vsphere:\n      newVm: {{name: restored-vm, datastore: LocalDS_0, cpus: 2}}\n"
         ),
     )?;
     let j = restore_ended(&bed, "to-new-vm", Phase::Succeeded).await?;
@@ -672,8 +672,21 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
     let new_vm = vc
         .find_vm("DC0", &VmSelector::Name("restored-vm".into()))
         .await?;
+    // CPUs from the spec; memory and guest OS from the source VM, as the restore point
+    // recorded them (the simulator's VMs have 256 MiB).
+    let was = point2
+        .spec
+        .vm
+        .hardware
+        .clone()
+        .context("the point records the hardware")?;
+    assert_eq!(was.memory_mib, 256, "{was:?}");
     let hw = vc.vm_state(&new_vm).await?.hardware;
-    assert_eq!((hw.num_cpus, hw.memory_mib), (2, 512), "{hw:?}");
+    assert_eq!(
+        (hw.num_cpus, hw.memory_mib, hw.guest_id.as_str()),
+        (2, was.memory_mib, was.guest_id.as_str()),
+        "{hw:?}"
+    );
     // The same name again: refused, nothing written.
     apply_restore(
         &bed,

@@ -7,6 +7,7 @@ use std::ops::ControlFlow::{self, Break, Continue};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
+use sendense_crds::common::VmHardware;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 use tokio::sync::MutexGuard;
@@ -41,6 +42,8 @@ pub struct Dereferenced {
     /// The VM's inventory name and instance UUID, as vCenter reports them.
     pub vm_name: String,
     pub vm_instance_uuid: String,
+    /// The VM's hardware, for the restore point's manifest (None in tests' fixtures).
+    pub vm_hardware: Option<VmHardware>,
     /// Which vCenter this is, whatever URL reaches it: its `about.instanceUuid`, or the URL's
     /// host when it reports none.
     pub vcenter_identity: String,
@@ -116,11 +119,17 @@ async fn ready_ref<K: Reported>(
 }
 
 /// The VM and its disks, from the SourceNode's vCenter.
-async fn vm(
-    ctx: &Context,
-    job: &BackupJob,
-    sn: &SourceNode,
-) -> ControlFlow<Wait, (String, String, String, Vec<Disk>)> {
+/// The VM a job backs up, as vCenter describes it.
+struct VmFound {
+    name: String,
+    instance_uuid: String,
+    /// The vCenter's identity (its instance UUID, else its host).
+    vcenter: String,
+    disks: Vec<Disk>,
+    hardware: VmHardware,
+}
+
+async fn vm(ctx: &Context, job: &BackupJob, sn: &SourceNode) -> ControlFlow<Wait, VmFound> {
     let session = match Session::connect(sn, &ctx.client, ctx.vcenter_timeout).await {
         Ok(s) => s,
         Err(p) => {
@@ -133,10 +142,23 @@ async fn vm(
     let found = async {
         let vm = vs.find_vm(&sn.spec.datacenter, &selector).await?;
         let info = vs.vm_info(&vm).await?;
+        let hw = vs.vm_state(&vm).await?.hardware;
+        let hardware = VmHardware {
+            cpus: hw.num_cpus,
+            memory_mib: hw.memory_mib,
+            guest_id: hw.guest_id,
+            firmware: hw.firmware,
+        };
         let vcenter = vs
             .instance_uuid()
             .unwrap_or_else(|| url_host(&sn.spec.vcenter.url));
-        Ok::<_, VSphereError>((vm.name, vm.instance_uuid, vcenter, info.disks))
+        Ok::<_, VSphereError>(VmFound {
+            name: vm.name,
+            instance_uuid: vm.instance_uuid,
+            vcenter,
+            disks: info.disks,
+            hardware,
+        })
     }
     .await;
     let outcome = match found {
@@ -182,8 +204,7 @@ pub async fn dereference<'a>(
     let source_node = step!(ready_ref::<SourceNode>(ctx, &ns, sn_name, &SOURCE_NODE).await?);
     let repo_name = &job.spec.repository_ref.name;
     let repository = step!(ready_ref::<Repository>(ctx, &ns, repo_name, &REPOSITORY).await?);
-    let (vm_name, vm_instance_uuid, vcenter_identity, disks) =
-        step!(vm(ctx, job, &source_node).await);
+    let found = step!(vm(ctx, job, &source_node).await);
     let allocation = ctx.allocation.lock().await;
     let jobs = list::<BackupJob>(&ctx.client, &ns)
         .await
@@ -194,10 +215,11 @@ pub async fn dereference<'a>(
     let refs = Dereferenced {
         source_node,
         repository,
-        vm_name,
-        vm_instance_uuid,
-        vcenter_identity,
-        disks,
+        vm_name: found.name,
+        vm_instance_uuid: found.instance_uuid,
+        vm_hardware: Some(found.hardware),
+        vcenter_identity: found.vcenter,
+        disks: found.disks,
         jobs,
         restore_points,
     };

@@ -19,6 +19,7 @@ use crate::resources::{attempt_dir, disk_file};
 pub struct Plan {
     pub vm_name: String,
     pub vm_instance_uuid: String,
+    pub vm_hardware: Option<sendense_crds::common::VmHardware>,
     /// The RestorePoint the incremental disks are layered on.
     pub chain_parent: Option<String>,
     /// One entry per disk: capacity, port, file, full or incremental and why.
@@ -163,6 +164,7 @@ pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
     Ok(Plan {
         vm_name: vm.to_owned(),
         vm_instance_uuid: refs.vm_instance_uuid.clone(),
+        vm_hardware: refs.vm_hardware.clone(),
         chain_parent: plans.values().find_map(|p| match p {
             DiskPlan::Incremental { parent, .. } => Some(parent.clone()),
             DiskPlan::Full { .. } => None,

@@ -20,6 +20,7 @@ fn refs(jobs: Vec<BackupJob>) -> Dereferenced {
         repository: Repository::test(),
         vm_name: "web-01".into(),
         vm_instance_uuid: "5029a8f2-1b6c-4c2e-9a55-3f0b7e0d1c2a".into(),
+        vm_hardware: None,
         vcenter_identity: "vc-1".into(),
         disks: vec![disk(2000, 1 << 30), disk(2001, 1 << 29)],
         jobs,

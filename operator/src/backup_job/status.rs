@@ -34,6 +34,9 @@ pub fn started(u: &mut JobUpdate, plan: Plan) {
     st.phase = Some(Phase::Running);
     st.vm_name = Some(plan.vm_name.clone());
     st.vm_instance_uuid = Some(plan.vm_instance_uuid.clone()).filter(|u| !u.is_empty());
+    if plan.vm_hardware.is_some() {
+        st.vm_hardware = plan.vm_hardware.clone();
+    }
     // A plan made again after a failed attempt (`replanning`) keeps the attempt count, the
     // start time and the next attempt's own directory.
     let attempt = st.attempts.unwrap_or(1);

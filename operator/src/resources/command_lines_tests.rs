@@ -322,6 +322,35 @@ fn the_vsphere_restore_pods_command_lines_parse_into_what_the_operator_built() {
     assert_eq!(args.resource_pool.as_deref(), Some("DC0_C0"));
     assert_eq!(args.target_datastore.as_deref(), Some("LocalDS 0"));
     assert_eq!((args.cpus, args.memory_mib), (4, 8192));
+    // Unset in the spec: the source VM's hardware as the restore point recorded it.
+    let recorded = point.clone().edit(|v| {
+        v["spec"]["vm"]["hardware"] =
+            json!({"cpus": 8, "memoryMib": 16384, "guestId": "ubuntu64Guest", "firmware": "efi"})
+    });
+    let bare = RestoreJob::test().with_spec(json!({
+        "restorePointRef": {"name": "web-01-b1-0000000b"},
+        "target": {"vsphere": {"newVm": {"name": "x", "datastore": "LocalDS 0", "cpus": 2}}}
+    }));
+    let a = restore_vm_args(
+        &vsphere_pod(
+            &bare,
+            1,
+            "backups-data",
+            &disks(&recorded, &[]),
+            &nfs,
+            &images(),
+        )
+        .expect("allowed"),
+    );
+    assert_eq!(
+        (
+            a.cpus,
+            a.memory_mib,
+            a.guest_id.as_str(),
+            a.firmware.as_deref()
+        ),
+        (2, 16384, "ubuntu64Guest", Some("efi"))
+    );
     assert_eq!(args.firmware.as_deref(), Some("efi"));
     assert_eq!(args.tag.as_deref(), Some("r-1"));
     assert_eq!(args.sources.len(), 1);

@@ -71,16 +71,31 @@ pub fn vsphere_pod(
             args.folder = n.folder.clone();
             args.resource_pool = n.resource_pool.clone();
             args.target_datastore = Some(n.datastore.clone());
-            args.cpus = n.cpus;
-            args.memory_mib = n.memory_mib;
-            args.guest_id = n.guest_id.clone();
-            args.firmware = n.firmware.map(|f| {
-                match f {
-                    sendense_crds::restore_job::Firmware::Bios => "bios",
-                    sendense_crds::restore_job::Firmware::Efi => "efi",
-                }
-                .to_owned()
-            });
+            // The spec's hardware, else the source VM's at the backup, else the agent's defaults.
+            let was = point.spec.vm.hardware.as_ref();
+            if let Some(cpus) = n.cpus.or(was.map(|h| h.cpus)) {
+                args.cpus = cpus;
+            }
+            if let Some(mib) = n.memory_mib.or(was.map(|h| h.memory_mib)) {
+                args.memory_mib = mib;
+            }
+            if let Some(g) = n
+                .guest_id
+                .clone()
+                .or(was.map(|h| h.guest_id.clone()).filter(|g| !g.is_empty()))
+            {
+                args.guest_id = g;
+            }
+            args.firmware = n
+                .firmware
+                .map(|f| {
+                    match f {
+                        sendense_crds::restore_job::Firmware::Bios => "bios",
+                        sendense_crds::restore_job::Firmware::Efi => "efi",
+                    }
+                    .to_owned()
+                })
+                .or(was.and_then(|h| h.firmware.clone()));
         }
         (None, in_place) => {
             args.vm_uuid = Some(point.spec.vm.instance_uuid.clone());

@@ -164,6 +164,7 @@ fn a_changed_vm_is_planned_again_and_keeps_its_attempt_count() {
         Plan {
             vm_name: "web".into(),
             vm_instance_uuid: "i".into(),
+            vm_hardware: None,
             chain_parent: None,
             disks: vec![DiskStatus {
                 device_key: 2000,
