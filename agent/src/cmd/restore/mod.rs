@@ -333,9 +333,9 @@ async fn write(
     report: &mut RestoredDisk,
 ) -> Result<()> {
     let areas = disk.areas.clone().unwrap_or_else(|| whole(disk));
-    // A rollback is not hashed whole (that reads the disk it meant to spare): every chunk it
-    // wrote is read back instead.
-    let read_back = disk.areas.is_some() && disk.expect.is_none();
+    // Without an expected SHA-256 (and always for a rollback, which is not hashed whole: that
+    // would read the disk it meant to spare) every chunk written is read back instead.
+    let read_back = disk.expect.is_none();
     let opts = CopyOptions {
         verify: read_back,
         ..copy_opts.clone()

@@ -76,6 +76,17 @@ async fn prepare_in_place<'a>(
             ),
         ));
     }
+    // This restore's own temporary snapshot, left by an attempt that died before removing it:
+    // not the user's, and it must not block the retry.
+    if args.tag.is_some() {
+        let removed = vs
+            .remove_snapshots_with_prefix(&vm, &restore_snapshot_name(args))
+            .await
+            .context("removing the temporary snapshot an earlier attempt left")?;
+        if !removed.is_empty() {
+            tracing::info!(vm = %vm.name, n = removed.len(), "removed an earlier attempt's snapshot");
+        }
+    }
     let info = vs.vm_info(&vm).await.context("reading the VM's disks")?;
     if !info.snapshots.is_empty() {
         let names: Vec<&str> = info.snapshots.iter().map(|s| s.name.as_str()).collect();
@@ -153,11 +164,7 @@ async fn changed_since(
     }
     // vCenter answers QueryChangedDiskAreas for a snapshot: a temporary one, removed before
     // anything is written.
-    let name = format!(
-        "{}restore-{}",
-        args.snapshot_prefix,
-        args.tag.as_deref().unwrap_or("cli")
-    );
+    let name = restore_snapshot_name(args);
     let snapshot = vs
         .create_snapshot(
             vm,
@@ -260,4 +267,14 @@ async fn layer_areas(file: &Path) -> Result<Vec<ChangedArea>> {
             length: e.length,
         })
         .collect())
+}
+
+/// The temporary snapshot an in-place restore asks CBT against: named after the restore's tag
+/// (the RestoreJob's UID), so a retry knows its own.
+fn restore_snapshot_name(args: &RestoreVmArgs) -> String {
+    format!(
+        "{}restore-{}",
+        args.snapshot_prefix,
+        args.tag.as_deref().unwrap_or("cli")
+    )
 }
