@@ -367,6 +367,11 @@ pub struct RestoreJobStatus {
     /// The vSphere VM restored into (`target.vsphere`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<RestoredVmStatus>,
+    /// In place: the `coordination.k8s.io` Lease (in the operator's namespace) this job holds
+    /// on the VM from its start to its end, so no backup of the VM runs meanwhile (and it
+    /// waits, `VMBusy`, while a backup runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_lease: Option<String>,
     /// A KubeVirt VirtualMachine (YAML) booting from the restored claims, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_machine: Option<String>,

@@ -110,6 +110,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         recorder: recorder.clone(),
         metrics: metrics.clone(),
         images: images.clone(),
+        vcenter_timeout: VCENTER_TIMEOUT,
+        lease_namespace: settings.lease_namespace(),
     });
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),

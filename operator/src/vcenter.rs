@@ -126,9 +126,29 @@ impl Session {
         Problem::from_vsphere(err, &self.username)
     }
 
+    /// Which vCenter this is, whatever URL reaches it: its `about.instanceUuid`, or the URL's
+    /// host when it reports none. VM Leases are named by it.
+    pub fn identity(&self, sn: &SourceNode) -> String {
+        self.vsphere
+            .instance_uuid()
+            .unwrap_or_else(|| url_host(&sn.spec.vcenter.url))
+    }
+
     pub async fn logout(self) {
         self.vsphere.logout().await;
     }
+}
+
+/// The host of a vCenter URL, lowercased ("https://VC.example.com:443/sdk" -> "vc.example.com").
+pub fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    host.to_ascii_lowercase()
 }
 
 async fn credentials(sn: &SourceNode, client: &Client) -> Result<(String, String), Problem> {
@@ -235,5 +255,17 @@ mod tests {
             "u@d",
         );
         assert_eq!((p.kind.as_str(), p.kind.transient()), ("Unreachable", true));
+    }
+
+    #[test]
+    fn a_vcenter_without_an_identity_is_known_by_its_host() {
+        for (url, host) in [
+            ("https://VC.example.com:443/sdk", "vc.example.com"),
+            ("https://user@vc:8989/sdk?x", "vc"),
+            ("https://[fd00::1]:443/sdk", "fd00::1"),
+            ("vc.local", "vc.local"),
+        ] {
+            assert_eq!(url_host(url), host, "{url}");
+        }
     }
 }

@@ -1,12 +1,13 @@
-//! One backup per VM at a time, cluster-wide: before a job's plan is recorded it takes a
-//! `coordination.k8s.io` Lease named after the vCenter's identity and the VM's instance UUID,
-//! so two SourceNodes (or two namespaces) that reach the same VM through different names or
-//! URLs still meet at one Lease. The holder is the job by namespace, name and UID. A job that
-//! finds the Lease held by another job that still runs waits (`VMBusy`); a Lease whose holder
-//! has ended or is gone is taken over, with the API server's optimistic concurrency deciding
-//! between two takers. The holder releases it when it ends, after its snapshot is dealt with.
+//! One job per VM at a time, cluster-wide: before a BackupJob's plan is recorded, and before an
+//! in-place RestoreJob writes the VM's disks, the job takes a `coordination.k8s.io` Lease named
+//! after the vCenter's identity and the VM's instance UUID, so two SourceNodes (or two
+//! namespaces) that reach the same VM through different names or URLs still meet at one Lease.
+//! The holder is the job by kind, namespace, name and UID. A job that finds the Lease held by
+//! another job that still runs waits (`VMBusy`); a Lease whose holder has ended or is gone is
+//! taken over, with the API server's optimistic concurrency deciding between two takers. The
+//! holder releases it when it ends.
 //!
-//! There is no renewal and no expiry: a holder's liveness is its BackupJob, which the API
+//! There is no renewal and no expiry: a holder's liveness is its job object, which the API
 //! server keeps, not a clock, so an operator that is down for a while loses nothing and a
 //! slow job keeps its VM.
 
@@ -15,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
-use sendense_crds::BackupJob;
 use sendense_crds::backup_job::Phase;
+use sendense_crds::{BackupJob, RestoreJob};
 
 use crate::children::{ApiError, Verb, get};
 
@@ -43,7 +44,11 @@ pub fn lease_name(vcenter: &str, instance_uuid: &str) -> String {
     name.trim_end_matches(['-', '.']).to_owned()
 }
 
-/// The holder identity of a job: `<namespace>/<name>/<uid>`.
+/// Prefix of a RestoreJob's holder identity (a BackupJob's has none, as before RestoreJobs
+/// took the Lease).
+const RESTORE_PREFIX: &str = "restorejob:";
+
+/// The holder identity of a BackupJob: `<namespace>/<name>/<uid>`.
 pub fn holder(job: &BackupJob) -> String {
     format!(
         "{}/{}/{}",
@@ -53,20 +58,32 @@ pub fn holder(job: &BackupJob) -> String {
     )
 }
 
-/// Who holds the VM instead of this job: its namespace/name, for the wait's message.
+/// The holder identity of a RestoreJob: `restorejob:<namespace>/<name>/<uid>`.
+pub fn restore_holder(job: &RestoreJob) -> String {
+    format!(
+        "{RESTORE_PREFIX}{}/{}/{}",
+        job.namespace().unwrap_or_default(),
+        job.name_any(),
+        job.uid().unwrap_or_default()
+    )
+}
+
+/// Who holds the VM instead of this job: its kind and namespace/name ("BackupJob ns/x"), for
+/// the wait's message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldBy(pub String);
 
-/// Takes the VM's Lease for `job`, or says which running job holds it.
+/// Takes the VM's Lease for the job whose identity is `me` ([`holder`], [`restore_holder`]),
+/// or says which running job holds it.
 pub async fn acquire(
     client: &Client,
     namespace: &str,
     name: &str,
-    job: &BackupJob,
+    me: &str,
     vm: &str,
 ) -> Result<Result<(), HeldBy>, ApiError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let me = holder(job);
+    let me = me.to_owned();
     let fresh = || Lease {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -110,28 +127,40 @@ pub async fn acquire(
     }
 }
 
-/// The holder `<namespace>/<name>/<uid>` as `namespace/name` while that job still runs.
+/// The holder (`[restorejob:]<namespace>/<name>/<uid>`) as `BackupJob namespace/name` or
+/// `RestoreJob namespace/name` while that job still runs.
 async fn running_holder(client: &Client, holder: &str) -> Result<Option<String>, ApiError> {
-    let mut parts = holder.splitn(3, '/');
+    let (restore, id) = match holder.strip_prefix(RESTORE_PREFIX) {
+        Some(id) => (true, id),
+        None => (false, holder),
+    };
+    let mut parts = id.splitn(3, '/');
     let (Some(ns), Some(name), Some(uid)) = (parts.next(), parts.next(), parts.next()) else {
         return Ok(None);
     };
-    let Some(job) = get::<BackupJob>(client, ns, name).await? else {
-        return Ok(None);
+    let (kind, phase, job_uid) = if restore {
+        let Some(job) = get::<RestoreJob>(client, ns, name).await? else {
+            return Ok(None);
+        };
+        let phase = job.status.as_ref().and_then(|s| s.phase);
+        ("RestoreJob", phase, job.uid())
+    } else {
+        let Some(job) = get::<BackupJob>(client, ns, name).await? else {
+            return Ok(None);
+        };
+        let phase = job.status.as_ref().and_then(|s| s.phase);
+        ("BackupJob", phase, job.uid())
     };
-    let ended = matches!(
-        job.status.as_ref().and_then(|s| s.phase),
-        Some(Phase::Succeeded | Phase::Failed)
-    );
-    Ok((job.uid().as_deref() == Some(uid) && !ended).then(|| format!("{ns}/{name}")))
+    let ended = matches!(phase, Some(Phase::Succeeded | Phase::Failed));
+    Ok((job_uid.as_deref() == Some(uid) && !ended).then(|| format!("{kind} {ns}/{name}")))
 }
 
-/// Releases the Lease when `job` holds it (a Lease taken over by another job stays).
+/// Releases the Lease when the job `me` holds it (a Lease taken over by another job stays).
 pub async fn release(
     client: &Client,
     namespace: &str,
     name: &str,
-    job: &BackupJob,
+    me: &str,
 ) -> Result<(), ApiError> {
     let Some(existing) = get::<Lease>(client, namespace, name).await? else {
         return Ok(());
@@ -140,7 +169,7 @@ pub async fn release(
         .spec
         .as_ref()
         .and_then(|s| s.holder_identity.as_deref());
-    if current != Some(holder(job).as_str()) {
+    if current != Some(me) {
         return Ok(());
     }
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);

@@ -20,6 +20,7 @@ use sendense_crds::{BackupJob, Repository, RestoreJob, RestorePoint, SourceNode}
 use sendense_vsphere::{Tls, VCenterConfig, VSphere, VmSelector};
 
 mod support;
+use support::faults::{cap_bandwidth, mid_copy};
 use support::{Bed, Pv, SERIAL, events_of};
 
 const VM: &str = "cbt-vm-0";
@@ -331,6 +332,32 @@ async fn restore_ended(bed: &Bed, name: &str, want: Phase) -> Result<RestoreJob>
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until RestoreJob `name`'s Running condition has `reason`; its message.
+async fn restore_running_reason(bed: &Bed, name: &str, reason: &str) -> Result<String> {
+    let api = restore_jobs(bed).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = api.get(name).await?;
+        let running = j
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Running").cloned());
+        if let Some(c) = &running
+            && c.reason == reason
+        {
+            return Ok(c.message.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "RestoreJob {name}: Running never became {reason}: {:#?}{}",
+                j.status,
+                bed.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -721,9 +748,14 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
         now_sums,
         "nothing was written"
     );
-    // Powered off: only the blocks changed since point 1 are written back.
+    // Powered off: only the blocks changed since point 1 are written back. A backup of the
+    // VM is running (held mid-copy by a bandwidth cap): the restore waits for it, VMBusy,
+    // writing nothing, and goes on once it ends.
     let source_vm = vc.find_vm("DC0", &VmSelector::Name(VM.into())).await?;
     vc.set_power(&source_vm, false).await?;
+    cap_bandwidth(&bed, Some(8))?;
+    bed.apply("busy", &Bed::job_yaml("busy", VM, "full", ""))?;
+    mid_copy(&bed, "busy").await?;
     apply_restore(
         &bed,
         "in-place",
@@ -731,6 +763,19 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
             "  restorePointRef: {{name: {p1}}}\n  target:\n    vsphere:\n      inPlace: {{}}\n"
         ),
     )?;
+    let message = restore_running_reason(&bed, "in-place", "VMBusy").await?;
+    assert!(
+        message.contains(&format!("BackupJob {}/busy", bed.ns.name)),
+        "names the backup holding the VM: {message}"
+    );
+    assert_eq!(
+        [bed.checksum(VM, 2000), bed.checksum(VM, 2001)],
+        now_sums,
+        "nothing written while the backup runs"
+    );
+    cap_bandwidth(&bed, None)?;
+    bed.finished("busy", Phase::Succeeded, Duration::from_secs(240))
+        .await?;
     let j = restore_ended(&bed, "in-place", Phase::Succeeded).await?;
     assert_eq!(
         [bed.checksum(VM, 2000), bed.checksum(VM, 2001)],

@@ -133,7 +133,13 @@ pub async fn deleted(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         }
     }
     if let Some(lease) = job.status.as_ref().and_then(|s| s.vm_lease.as_deref()) {
-        crate::vm_lease::release(&ctx.client, &ctx.lease_namespace, lease, job).await?;
+        crate::vm_lease::release(
+            &ctx.client,
+            &ctx.lease_namespace,
+            lease,
+            &crate::vm_lease::holder(job),
+        )
+        .await?;
     }
     release(ctx, job).await?;
     Ok(Action::await_change())

@@ -149,9 +149,7 @@ async fn vm(ctx: &Context, job: &BackupJob, sn: &SourceNode) -> ControlFlow<Wait
             guest_id: hw.guest_id,
             firmware: hw.firmware,
         };
-        let vcenter = vs
-            .instance_uuid()
-            .unwrap_or_else(|| url_host(&sn.spec.vcenter.url));
+        let vcenter = session.identity(sn);
         Ok::<_, VSphereError>(VmFound {
             name: vm.name,
             instance_uuid: vm.instance_uuid,
@@ -180,18 +178,6 @@ async fn vm(ctx: &Context, job: &BackupJob, sn: &SourceNode) -> ControlFlow<Wait
     };
     session.logout().await;
     outcome
-}
-
-/// The host of a vCenter URL, lowercased ("https://VC.example.com:443/sdk" -> "vc.example.com").
-pub fn url_host(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host.split(':').next().unwrap_or_default(),
-    };
-    host.to_ascii_lowercase()
 }
 
 /// Step 1: the SourceNode, the Repository, the VM, then (under the allocation lock) the jobs.

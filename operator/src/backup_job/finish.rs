@@ -368,9 +368,14 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let st = job.status.clone().unwrap_or_default();
     // The VM is free for the next backup: its snapshot is dealt with, the pods are going.
     if let Some(lease) = st.vm_lease.as_deref() {
-        crate::vm_lease::release(&ctx.client, &ctx.lease_namespace, lease, job)
-            .await
-            .map_err(Error::Remove)?;
+        crate::vm_lease::release(
+            &ctx.client,
+            &ctx.lease_namespace,
+            lease,
+            &crate::vm_lease::holder(job),
+        )
+        .await
+        .map_err(Error::Remove)?;
     }
     let hunt = match hunt_snapshot(job, ctx).await? {
         Hunt::Attempted => return Ok(Action::requeue(Duration::from_secs(1))),

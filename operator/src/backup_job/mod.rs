@@ -150,17 +150,23 @@ async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
                 let vm = plan.vm_name.clone();
                 // One backup per VM at a time, cluster-wide.
                 let lease = vm_lease::lease_name(&refs.vcenter_identity, &refs.vm_instance_uuid);
-                let held = vm_lease::acquire(&ctx.client, &ctx.lease_namespace, &lease, job, &vm)
-                    .await
-                    .map_err(|source| Error::Lease {
-                        job: name.clone(),
-                        source,
-                    })?;
+                let held = vm_lease::acquire(
+                    &ctx.client,
+                    &ctx.lease_namespace,
+                    &lease,
+                    &vm_lease::holder(job),
+                    &vm,
+                )
+                .await
+                .map_err(|source| Error::Lease {
+                    job: name.clone(),
+                    source,
+                })?;
                 if let Err(vm_lease::HeldBy(other)) = held {
                     let wait = Wait::new(
                         WaitReason::VmBusy,
                         format!(
-                            "BackupJob {other} is backing up VM {vm} (the same VM of the same vCenter); this one starts when it ends"
+                            "{other} holds VM {vm} (the same VM of the same vCenter: a backup, or a restore in place); this one starts when it ends"
                         ),
                     );
                     status::waiting(&mut u, &wait);

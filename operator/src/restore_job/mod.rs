@@ -33,6 +33,7 @@ use crate::status::{StatusUpdate, now};
 
 mod attempt;
 mod finish;
+mod lease;
 mod outcome;
 mod pending;
 
@@ -48,6 +49,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub images: PodSettings,
+    /// Every vCenter call's deadline (an in-place restore reads the vCenter's identity).
+    pub vcenter_timeout: Duration,
+    /// Where the VM Leases live (the operator's namespace).
+    pub lease_namespace: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +168,8 @@ async fn finished(job: &RestoreJob, ctx: &Context) -> Result<Action, Error> {
     delete_if_present::<Pod>(&ctx.client, &ns, &restore_pod_name(job))
         .await
         .map_err(api_err(job))?;
+    // The VM is free for its next backup once the pod that wrote it is going.
+    lease::release(job, ctx).await?;
     Ok(Action::await_change())
 }
 

@@ -5,6 +5,7 @@ use kube::runtime::events::EventType;
 use sendense_contract::restore::Refusal;
 
 use crate::status::ConditionReason;
+use crate::vcenter::ProblemKind;
 
 /// Why a restore failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub enum FailureReason {
     VmHasSnapshots,
     /// The new VM's folder, resource pool or datastore does not exist.
     PlacementNotFound,
+    /// In place: the SourceNode's vCenter could not be used (to learn its identity, which
+    /// names the VM's Lease) within the progress deadline.
+    VCenter(ProblemKind),
     /// The attempt's pod did not start within the progress deadline.
     ProgressDeadlineExceeded,
     /// The attempt's pod was deleted or lost with its node.
@@ -68,6 +72,7 @@ impl FailureReason {
             Self::VmExists => "VmExists",
             Self::VmHasSnapshots => "VmHasSnapshots",
             Self::PlacementNotFound => "PlacementNotFound",
+            Self::VCenter(p) => p.as_str(),
             Self::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
             Self::PodLost => "PodLost",
             Self::RestoreFailed => "RestoreFailed",
@@ -113,6 +118,10 @@ pub enum Running {
     Restoring,
     /// Waiting for a claim to exist.
     ClaimNotFound,
+    /// In place: another job (a backup, another restore) holds the VM's Lease.
+    VmBusy,
+    /// In place: the SourceNode's vCenter cannot be used yet.
+    VCenter(ProblemKind),
     /// The API server refused the pod (quota, admission).
     PodRejected,
     PodUnschedulable,
@@ -133,6 +142,8 @@ impl ConditionReason for Running {
             Self::Starting => "Starting",
             Self::Restoring => "Restoring",
             Self::ClaimNotFound => "ClaimNotFound",
+            Self::VmBusy => "VMBusy",
+            Self::VCenter(p) => p.as_str(),
             Self::PodRejected => "PodRejected",
             Self::PodUnschedulable => "PodUnschedulable",
             Self::Retrying => "Retrying",
@@ -143,9 +154,12 @@ impl ConditionReason for Running {
     fn event_type(&self) -> Option<EventType> {
         match self {
             Self::Starting | Self::Restoring => Some(EventType::Normal),
-            Self::ClaimNotFound | Self::PodRejected | Self::PodUnschedulable | Self::Retrying => {
-                Some(EventType::Warning)
-            }
+            Self::ClaimNotFound
+            | Self::VmBusy
+            | Self::VCenter(_)
+            | Self::PodRejected
+            | Self::PodUnschedulable
+            | Self::Retrying => Some(EventType::Warning),
             Self::Completed | Self::Failed => None,
         }
     }

@@ -4,7 +4,6 @@
 use super::*;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use sendense_crds::backup_job::Phase;
@@ -135,11 +134,10 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
 
     if let Some(vs) = &job.spec.target.vsphere {
         let sn_name = vsphere_source_node(vs, &rp);
-        if get::<SourceNode>(&ctx.client, &ns, &sn_name)
+        let Some(sn) = get::<SourceNode>(&ctx.client, &ns, &sn_name)
             .await
             .map_err(api_err(job))?
-            .is_none()
-        {
+        else {
             let field = if vs.source_node_ref.is_some() {
                 "spec.target.vsphere.sourceNodeRef"
             } else {
@@ -149,6 +147,19 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
                 "{field}: SourceNode {sn_name} does not exist in namespace {ns}; nothing was written"
             );
             return fail(job, ctx, u, FailureReason::SourceNodeNotFound, message).await;
+        };
+        if vs.new_vm.is_none() {
+            match super::lease::take(job, ctx, &sn, &rp).await? {
+                super::lease::Taken::Yes(lease) => u.status.vm_lease = Some(lease),
+                super::lease::Taken::Wait(reason, message, again) => {
+                    u.set(&reason, message);
+                    ctx.write(u, job).await?;
+                    return Ok(requeue(again));
+                }
+                super::lease::Taken::Fail(reason, message) => {
+                    return fail(job, ctx, u, reason, message).await;
+                }
+            }
         }
         let planned: Vec<RestoredDiskStatus> = keys
             .iter()
@@ -186,12 +197,7 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
             .map_err(api_err(job))?
             .is_none()
         {
-            let waited = job
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| Timestamp::now().as_second() - t.0.as_second())
-                .unwrap_or_default();
+            let waited = super::lease::age_seconds(job);
             let message = format!(
                 "spec.target.files.claimName: PersistentVolumeClaim {claim} does not exist in namespace {ns}; create it (the files are written to it)"
             );
