@@ -784,3 +784,46 @@ fn a_backup_past_its_deadline_stops_with_reason_stopped() -> Result<()> {
     assert!(no_snapshots(&sim));
     Ok(())
 }
+
+/// `--max-bandwidth-mbps` is one cap for the whole backup, shared by its disks: two disks
+/// copied at once read, together, at the cap (within 10%), not each at the cap. The copy is
+/// long enough (about 20 s) that connecting and the read-back are noise against it.
+#[test]
+fn the_bandwidth_cap_holds_for_all_disks_together_within_ten_percent() -> Result<()> {
+    let sim = Sim::start(&["-disk-size", "32MiB,32MiB", "-page-size", "100"]);
+    for (disk, seed) in [("2000", "31"), ("2001", "32")] {
+        sim.cli(&[
+            "fill", "-disk", disk, "-pattern", "random", "-seed", seed, "-count", "20", "-size",
+            "1M", "-offset", "4M",
+        ]);
+    }
+    let mut hub = Hub::new("bandwidth-cap");
+    let targets = [
+        (2000, hub.prepare_and_serve("capped", 2000, 32 * MIB, None)?),
+        (2001, hub.prepare_and_serve("capped", 2001, 32 * MIB, None)?),
+    ];
+    const MBPS: f64 = 16.0;
+    let started = Instant::now();
+    let child = backup_command(&sim, "capped", &targets, &[])
+        .args(["--max-bandwidth-mbps", "16"])
+        .spawn()?;
+    let b = finish(child, started)?;
+    assert!(b.status.success(), "{} {}", b.result, b.stderr);
+    let bytes: u64 = [2000, 2001]
+        .iter()
+        .map(|k| disk(&b, *k)["bytes_to_copy"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(bytes >= 24 * MIB, "both disks' data is read: {}", b.result);
+    let seconds = [2000, 2001]
+        .iter()
+        .map(|k| disk(&b, *k)["seconds"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    let mbps = bytes as f64 * 8.0 / 1e6 / seconds;
+    eprintln!("{bytes} bytes in {seconds:.2} s: {mbps:.2} Mbit/s (cap {MBPS})");
+    assert!(
+        (mbps - MBPS).abs() <= MBPS * 0.10,
+        "{mbps:.2} Mbit/s against a cap of {MBPS}: {}",
+        b.result
+    );
+    Ok(())
+}

@@ -252,6 +252,9 @@ pub struct DiskStatus {
     /// Hub port the disk's qemu-nbd served on during the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
+    /// The vSphere datastore holding the disk (for `limits.maxConcurrentJobsPerDatastore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
     /// QCOW2 file of this backup's current attempt, relative to the repository volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,

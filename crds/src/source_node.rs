@@ -60,7 +60,8 @@ pub struct SourceNodeSpec {
     /// Where agent pods for this site are scheduled (near the site, with access to its network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
-    /// Limits that protect the site from Sendense.
+    /// Limits that protect the site from Sendense. Unset: at most 4 backups at once
+    /// (`maxConcurrentJobs`' default), no datastore limit, no bandwidth cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<SourceLimits>,
 }
@@ -285,15 +286,25 @@ pub struct SourceLimits {
     #[serde(default = "default_max_concurrent_jobs")]
     #[schemars(range(min = 1, max = 256))]
     pub max_concurrent_jobs: i32,
-    /// Bandwidth cap per agent pod, in megabits per second. Unset means no cap.
+    /// Backups of this site that may read from one datastore at once (snapshots and NBD
+    /// reads load the datastore); more wait in Pending. Unset means only
+    /// `maxConcurrentJobs` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_concurrent_jobs_per_datastore: Option<i32>,
+    /// Bandwidth cap per agent pod (shared by all its disks), in megabits per second. Unset
+    /// means no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 400000))]
     pub max_bandwidth_mbps: Option<i32>,
 }
 
 fn default_max_concurrent_jobs() -> i32 {
-    4
+    DEFAULT_MAX_CONCURRENT_JOBS
 }
+
+/// Backups of one SourceNode that run at once when its spec sets no limit.
+pub const DEFAULT_MAX_CONCURRENT_JOBS: i32 = 4;
 
 /// What the operator last learnt by probing the vCenter.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

@@ -30,6 +30,10 @@ pub enum WaitReason {
     /// `spec.mode: incremental`, and an incremental is not possible.
     IncrementalNotPossible,
     PortsExhausted,
+    /// The SourceNode's `limits.maxConcurrentJobs` backups run (or are queued before it).
+    SourceNodeLimit,
+    /// `limits.maxConcurrentJobsPerDatastore` backups read one of its VM's datastores.
+    DatastoreLimit,
 }
 
 impl WaitReason {
@@ -46,6 +50,8 @@ impl WaitReason {
             Self::VmBusy => "VMBusy",
             Self::IncrementalNotPossible => "IncrementalNotPossible",
             Self::PortsExhausted => "PortsExhausted",
+            Self::SourceNodeLimit => "SourceNodeLimit",
+            Self::DatastoreLimit => "DatastoreLimit",
         }
     }
 
@@ -57,6 +63,7 @@ impl WaitReason {
             Self::VmLookup(_) => 30,
             Self::VmBusy => 10,
             Self::PortsExhausted => 15,
+            Self::SourceNodeLimit | Self::DatastoreLimit => 10,
             Self::IncrementalNotPossible => 60,
             _ => 300,
         })

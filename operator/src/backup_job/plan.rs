@@ -90,6 +90,99 @@ fn busy_with<'a>(job: &BackupJob, refs: &'a Dereferenced) -> Option<&'a BackupJo
     })
 }
 
+/// The datastore of a disk's backing file (`"[ds1] vm/vm.vmdk"` -> `ds1`).
+fn datastore(d: &Disk) -> Option<String> {
+    sendense_vsphere::parse_datastore_path(&d.file_name).map(|(ds, _)| ds)
+}
+
+/// The SourceNode's concurrency limits. Jobs of the same SourceNode that run (planned, not
+/// ended) take the slots. For `maxConcurrentJobs`, first come first served: jobs waiting for
+/// a slot (their Running reason says so) and created before this one are served before it,
+/// so a steady stream of new jobs cannot starve an old one; a job waiting for another reason
+/// (its VM busy, ...) holds no place in the queue.
+fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wait> {
+    let limits = refs.source_node.spec.limits.as_ref();
+    let max_jobs = limits.map_or(
+        sendense_crds::source_node::DEFAULT_MAX_CONCURRENT_JOBS,
+        |l| l.max_concurrent_jobs,
+    );
+    let source_node = refs.source_node.name_any();
+    let me = (job.metadata.creation_timestamp.clone(), job.name_any());
+    let others = || {
+        refs.jobs.iter().filter(|j| {
+            j.metadata.name != job.metadata.name && j.spec.source_node_ref.name == source_node
+        })
+    };
+    let running: Vec<&BackupJob> = others()
+        .filter(|j| {
+            j.status
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase, Some(Phase::Running)))
+        })
+        .collect();
+    let queued_before = || {
+        others()
+            .filter(|j| {
+                j.metadata.deletion_timestamp.is_none()
+                    && (j.metadata.creation_timestamp.clone(), j.name_any()) < me
+                    && j.status.as_ref().is_some_and(|s| {
+                        matches!(s.phase, None | Some(Phase::Pending))
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Running" && c.reason == WaitReason::SourceNodeLimit.as_str())
+                    })
+            })
+            .count()
+    };
+    let limit = max_jobs.max(1) as usize;
+    let ahead = queued_before();
+    if running.len() + ahead >= limit {
+        let names: Vec<String> = running.iter().map(|j| j.name_any()).collect();
+        return Err(Wait::new(
+            WaitReason::SourceNodeLimit,
+            format!(
+                "queued: {} of at most {limit} backups of SourceNode {source_node} run ({}){}; this one starts when a slot frees (spec.limits.maxConcurrentJobs)",
+                running.len(),
+                names.join(", "),
+                if ahead > 0 {
+                    format!(", {ahead} queued before it")
+                } else {
+                    String::new()
+                }
+            ),
+        ));
+    }
+    let Some(per_ds) = limits.and_then(|l| l.max_concurrent_jobs_per_datastore) else {
+        return Ok(());
+    };
+    let per_ds = per_ds.max(1) as usize;
+    let mine: std::collections::BTreeSet<String> = disks.iter().filter_map(datastore).collect();
+    // No queue order here: the datastores a queued job waits for are not known until it is
+    // planned, and one job waiting for a busy datastore must not hold back another's.
+    for ds in &mine {
+        let on_it: Vec<String> = running
+            .iter()
+            .filter(|j| {
+                j.status.as_ref().is_some_and(|s| {
+                    s.disks.iter().any(|d| d.datastore.as_deref() == Some(ds.as_str()))
+                })
+            })
+            .map(|j| j.name_any())
+            .collect();
+        if on_it.len() >= per_ds {
+            return Err(Wait::new(
+                WaitReason::DatastoreLimit,
+                format!(
+                    "queued: {} of at most {per_ds} backups read datastore {ds} ({}); this one starts when one ends (spec.limits.maxConcurrentJobsPerDatastore of SourceNode {source_node})",
+                    on_it.len(),
+                    on_it.join(", "),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One disk's status entry as planned.
 fn disk_status(
     job: &BackupJob,
@@ -112,6 +205,7 @@ fn disk_status(
         label: Some(d.label.clone()),
         capacity_bytes: Some(d.capacity as i64),
         port,
+        datastore: datastore(d),
         file: Some(disk_file(&dir, d.key)),
         ..Default::default()
     };
@@ -148,6 +242,7 @@ pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
             ),
         ));
     }
+    limits(job, refs, &disks)?;
     let parent = chain::parent(job, &refs.vm_instance_uuid, &refs.restore_points);
     let capacities: BTreeMap<i32, u64> = disks.iter().map(|d| (d.key, d.capacity)).collect();
     let plans = chain::plan(job, parent, &capacities)

@@ -125,3 +125,112 @@ fn a_full_port_range_and_an_impossible_incremental_wait() {
         "IncrementalNotPossible"
     );
 }
+
+/// Job `name` of SourceNode `sn`, created at minute `minute`, with `status`.
+fn job_at(name: &str, sn: &str, minute: u32, status: serde_json::Value) -> BackupJob {
+    BackupJob::test()
+        .named(name)
+        .with_spec(json!({"sourceNodeRef": {"name": sn}}))
+        .edit(|v| {
+            v["metadata"]["creationTimestamp"] = json!(format!("2026-11-27T10:{minute:02}:00Z"))
+        })
+        .with_status(status)
+}
+
+fn running_on(ds: &str) -> serde_json::Value {
+    json!({"phase": "Running", "vmName": "other", "disks": [{"deviceKey": 2000, "datastore": ds}]})
+}
+
+fn queued() -> serde_json::Value {
+    json!({"phase": "Pending", "conditions": [{"type": "Running", "status": "False",
+        "reason": "SourceNodeLimit", "message": "queued", "lastTransitionTime": "2026-11-27T10:00:00Z"}]})
+}
+
+fn limited(limits: serde_json::Value, jobs: Vec<BackupJob>) -> Dereferenced {
+    let mut r = refs(jobs);
+    r.source_node = SourceNode::test().with_spec(json!({"limits": limits}));
+    r
+}
+
+#[test]
+fn a_source_node_at_its_limit_queues_the_job_first_come_first_served() {
+    let me = job_at("web-01-b2", "vc", 30, json!({}));
+    // Two run on this SourceNode; one on another does not count.
+    let r = limited(
+        json!({"maxConcurrentJobs": 2}),
+        vec![
+            job_at("a", "vc", 1, running_on("ds")),
+            job_at("b", "vc", 2, running_on("ds")),
+            job_at("c", "vc-2", 3, running_on("ds")),
+        ],
+    );
+    let w = waits(plan(&me, &r));
+    assert_eq!(
+        (w.reason.as_str(), w.reason.retry()),
+        ("SourceNodeLimit", std::time::Duration::from_secs(10))
+    );
+    assert!(
+        w.message.contains("2 of at most 2")
+            && w.message.contains("a, b")
+            && w.message.contains("maxConcurrentJobs"),
+        "{}",
+        w.message
+    );
+    // One slot free, but an older job waits for it: it goes first.
+    let r = limited(
+        json!({"maxConcurrentJobs": 2}),
+        vec![
+            job_at("a", "vc", 1, running_on("ds")),
+            job_at("older", "vc", 10, queued()),
+        ],
+    );
+    let w = waits(plan(&me, &r));
+    assert!(w.message.contains("1 queued before it"), "{}", w.message);
+    // A younger queued job, or an older one waiting for something else, holds no place.
+    let busy = json!({"phase": "Pending", "conditions": [{"type": "Running", "status": "False",
+        "reason": "VMBusy", "message": "", "lastTransitionTime": "2026-11-27T10:00:00Z"}]});
+    let r = limited(
+        json!({"maxConcurrentJobs": 2}),
+        vec![
+            job_at("a", "vc", 1, running_on("ds")),
+            job_at("younger", "vc", 50, queued()),
+            job_at("vm-busy", "vc", 5, busy),
+            job_at("done", "vc", 6, json!({"phase": "Succeeded"})),
+        ],
+    );
+    plan(&me, &r).expect("a free slot");
+}
+
+#[test]
+fn a_datastore_at_its_limit_queues_jobs_reading_it_only() {
+    let me = job_at("web-01-b2", "vc", 30, json!({}));
+    let limits = json!({"maxConcurrentJobs": 8, "maxConcurrentJobsPerDatastore": 1});
+    // The fixture's disks are on datastore `ds`.
+    let r = limited(limits.clone(), vec![job_at("a", "vc", 1, running_on("ds"))]);
+    let w = waits(plan(&me, &r));
+    assert_eq!(w.reason.as_str(), "DatastoreLimit");
+    assert!(
+        w.message.contains("datastore ds (a)") && w.message.contains("PerDatastore"),
+        "{}",
+        w.message
+    );
+    let r = limited(limits, vec![job_at("a", "vc", 1, running_on("other-ds"))]);
+    let p = plan(&me, &r).expect("its datastore is free");
+    assert!(
+        p.disks.iter().all(|d| d.datastore.as_deref() == Some("ds")),
+        "{:?}",
+        p.disks
+    );
+}
+
+#[test]
+fn a_source_node_without_limits_runs_four_backups_at_once() {
+    let me = job_at("web-01-b2", "vc", 30, json!({}));
+    let jobs: Vec<BackupJob> = (0..4)
+        .map(|i| job_at(&format!("j{i}"), "vc", i, running_on("ds")))
+        .collect();
+    let mut r = refs(jobs[..3].to_vec());
+    plan(&me, &r).expect("three run: a fourth may");
+    r.jobs = jobs;
+    assert_eq!(waits(plan(&me, &r)).reason.as_str(), "SourceNodeLimit");
+}
