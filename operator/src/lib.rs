@@ -19,6 +19,7 @@ pub mod resources;
 pub mod restore_job;
 pub mod restore_point;
 pub mod runtime;
+pub mod schedule;
 pub mod settings;
 pub mod source_node;
 pub mod source_policy;

@@ -1,0 +1,3 @@
+//! BackupSchedule: BackupJobs made at cron times for the VMs a selection names at each run.
+
+pub mod cron;
