@@ -10,6 +10,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod backup_job;
+pub mod backup_schedule;
 pub mod common;
 pub mod conditions;
 pub mod repository;
@@ -18,6 +19,7 @@ pub mod restore_point;
 pub mod source_node;
 
 pub use backup_job::{BackupJob, BackupJobSpec, BackupJobStatus};
+pub use backup_schedule::{BackupSchedule, BackupScheduleSpec, BackupScheduleStatus};
 pub use repository::{Repository, RepositorySpec, RepositoryStatus};
 pub use restore_job::{RestoreJob, RestoreJobSpec, RestoreJobStatus};
 pub use restore_point::{RestorePoint, RestorePointSpec};
@@ -39,6 +41,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         BackupJob::crd(),
         RestorePoint::crd(),
         RestoreJob::crd(),
+        BackupSchedule::crd(),
     ]
     .into_iter()
     .map(reflow_descriptions)

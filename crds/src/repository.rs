@@ -183,13 +183,43 @@ impl Default for PortRange {
     }
 }
 
-/// Retention of restore points.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+/// Retention of restore points, per VM: a point is kept when any rule keeps it; the others are
+/// pruned (merged out of their chain, so every kept point still restores as it was). The
+/// newest verified point of a VM is always kept. GFS rules keep the newest point of each of
+/// the last N days (weeks, months, years) that have one, in `timeZone`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.keepLast) || has(self.keepDaily) || has(self.keepWeekly) || has(self.keepMonthly) || has(self.keepYearly)")
+    .message("set at least one of keepLast, keepDaily, keepWeekly, keepMonthly, keepYearly (a retention that keeps nothing would prune every point but the newest)"))]
 pub struct Retention {
-    /// Restore points kept per VM; older ones are merged into the chain.
+    /// The newest N restore points of each VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
-    pub keep_last: i32,
+    pub keep_last: Option<i32>,
+    /// The newest point of each of the last N days that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep_daily: Option<i32>,
+    /// The newest point of each of the last N ISO weeks (Monday to Sunday) that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep_weekly: Option<i32>,
+    /// The newest point of each of the last N calendar months that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep_monthly: Option<i32>,
+    /// The newest point of each of the last N calendar years that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_yearly: Option<i32>,
+    /// The IANA time zone whose days, weeks, months and years the GFS rules count (`UTC`
+    /// when unset), e.g. `Europe/Berlin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+    /// Only report what would be pruned and why (in status), prune nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// What the operator knows of the repository.

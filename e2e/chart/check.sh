@@ -83,7 +83,7 @@ for crd in servicemonitors prometheusrules; do
   k apply --server-side --force-conflicts -f "$PROMETHEUS_OPERATOR_CRDS/monitoring.coreos.com_$crd.yaml" >/dev/null
   k wait --for=condition=Established --timeout=60s "crd/$crd.monitoring.coreos.com" >/dev/null
 done
-k wait --for=condition=Established --timeout=60s crd/backupjobs.sendense.io crd/repositories.sendense.io crd/sourcenodes.sendense.io crd/restorepoints.sendense.io crd/restorejobs.sendense.io >/dev/null
+k wait --for=condition=Established --timeout=60s crd/backupjobs.sendense.io crd/repositories.sendense.io crd/sourcenodes.sendense.io crd/restorepoints.sendense.io crd/restorejobs.sendense.io crd/backupschedules.sendense.io >/dev/null
 k get --raw /openapi/v2 > "$W/openapi.json"
 python3 e2e/tools/openapi-schemas.py "$W/openapi.json" "$W/schemas" 2>/dev/null
 conform() { "$KUBECONFORM" -strict -summary -schema-location "$W/schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json" "$@"; }

@@ -184,6 +184,7 @@ pub fn install_crds() -> Result<()> {
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
         "restorejobs.sendense.io",
+        "backupschedules.sendense.io",
     ] {
         // Read the condition rather than `kubectl wait`, which errors out ("accessor error")
         // on a CRD created a moment ago whose status has no conditions yet.

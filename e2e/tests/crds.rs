@@ -21,6 +21,7 @@ fn crds_install_and_are_listed() -> Result<()> {
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
         "restorejobs.sendense.io",
+        "backupschedules.sendense.io",
     ] {
         assert!(
             out.contains(&format!(

@@ -18,6 +18,7 @@ pub mod repository;
 pub mod resources;
 pub mod restore_job;
 pub mod restore_point;
+pub mod retention;
 pub mod runtime;
 pub mod schedule;
 pub mod settings;

@@ -43,6 +43,7 @@ async fn check_crds(client: &Client) -> anyhow::Result<()> {
         "backupjobs.sendense.io",
         "restorepoints.sendense.io",
         "restorejobs.sendense.io",
+        "backupschedules.sendense.io",
     ] {
         if crds.get_opt(name).await?.is_none() {
             return Err(CrdMissing(name).into());

@@ -113,18 +113,19 @@ ConfigMaps are not here (sendense.servedRules), nor Leases and the NBD CA
 config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests/chart.rs.
 */}}
 {{- define "sendense.namespacedRules" -}}
-# SourceNodes, Repositories, BackupJobs and RestoreJobs: the four controllers watch them (list +
+# SourceNodes, Repositories, BackupJobs, RestoreJobs and BackupSchedules: the five controllers watch them (list +
 # watch feed the caches) and read them by name when a job resolves its references (get). The
 # operator never changes their spec.
 - apiGroups: ["sendense.io"]
-  resources: ["sourcenodes", "repositories", "backupjobs", "restorejobs"]
+  resources: ["sourcenodes", "repositories", "backupjobs", "restorejobs", "backupschedules"]
   verbs: ["get", "list", "watch"]
 # A running BackupJob carries the finalizer sendense.io/cleanup (a JSON patch of
 # metadata.finalizers), so that deleting it mid-run stops its pods, removes its snapshot and
-# partial files, and releases the VM, before it goes.
+# partial files, and releases the VM, before it goes. A BackupSchedule creates its BackupJobs and
+# deletes them past its history limits, or unstarted when its window closes.
 - apiGroups: ["sendense.io"]
   resources: ["backupjobs"]
-  verbs: ["patch"]
+  verbs: ["create", "patch", "delete"]
 # RestorePoints: created by the operator once a job's files are committed, or from a manifest a
 # Repository probe lists (looked up by name, then server-side apply: get, create + patch); listed
 # to choose a new backup's chain parent and counted per Repository. Not watched. Never deleted by
@@ -135,7 +136,7 @@ config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests
 # Their status is the operator's output (Ready conditions, probe results, phase, per-disk
 # progress), written by server-side apply of the status subresource (PATCH).
 - apiGroups: ["sendense.io"]
-  resources: ["sourcenodes/status", "repositories/status", "backupjobs/status", "restorejobs/status"]
+  resources: ["sourcenodes/status", "repositories/status", "backupjobs/status", "restorejobs/status", "backupschedules/status"]
   verbs: ["patch"]
 # Hub, agent, repository-probe, commit, cleanup and restore pods. Created by server-side apply (PATCH, which also
 # needs create when the pod does not exist yet), watched for readiness and termination messages
@@ -237,6 +238,6 @@ The operator's rule on cluster-scoped objects: always in a ClusterRole.
 # one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's five.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io", "restorepoints.sendense.io", "restorejobs.sendense.io"]
+  resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io", "restorepoints.sendense.io", "restorejobs.sendense.io", "backupschedules.sendense.io"]
   verbs: ["get"]
 {{- end }}

@@ -77,6 +77,7 @@ const KINDS: &[&str] = &[
     "repositories.sendense.io",
     "backupjobs.sendense.io",
     "restorejobs.sendense.io",
+    "backupschedules.sendense.io",
 ];
 const CA: &str = "secrets/sendense-nbd-ca";
 
@@ -91,6 +92,7 @@ pub const ALLOWED: &[Check] = &[
             "customresourcedefinitions.apiextensions.k8s.io/backupjobs.sendense.io",
             "customresourcedefinitions.apiextensions.k8s.io/restorepoints.sendense.io",
             "customresourcedefinitions.apiextensions.k8s.io/restorejobs.sendense.io",
+            "customresourcedefinitions.apiextensions.k8s.io/backupschedules.sendense.io",
         ],
         "the CRD check at startup, by name",
     ),
@@ -102,9 +104,9 @@ pub const ALLOWED: &[Check] = &[
     ),
     allow(
         At::Watched,
-        &["patch"],
+        &["create", "patch", "delete"],
         &["backupjobs.sendense.io"],
-        "the finalizer sendense.io/cleanup of a running job",
+        "the finalizer sendense.io/cleanup of a running job; a schedule's jobs made and removed",
     ),
     allow(
         At::Watched,

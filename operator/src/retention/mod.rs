@@ -1,0 +1,4 @@
+//! Retention: which restore points of each VM a Repository (or a BackupSchedule) keeps, and the
+//! pruning of the others by merging them out of their chains.
+
+pub mod select;
