@@ -127,9 +127,10 @@ fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wa
                     && (j.metadata.creation_timestamp.clone(), j.name_any()) < me
                     && j.status.as_ref().is_some_and(|s| {
                         matches!(s.phase, None | Some(Phase::Pending))
-                            && s.conditions
-                                .iter()
-                                .any(|c| c.type_ == "Running" && c.reason == WaitReason::SourceNodeLimit.as_str())
+                            && s.conditions.iter().any(|c| {
+                                c.type_ == "Running"
+                                    && c.reason == WaitReason::SourceNodeLimit.as_str()
+                            })
                     })
             })
             .count()
@@ -164,7 +165,9 @@ fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wa
             .iter()
             .filter(|j| {
                 j.status.as_ref().is_some_and(|s| {
-                    s.disks.iter().any(|d| d.datastore.as_deref() == Some(ds.as_str()))
+                    s.disks
+                        .iter()
+                        .any(|d| d.datastore.as_deref() == Some(ds.as_str()))
                 })
             })
             .map(|j| j.name_any())
