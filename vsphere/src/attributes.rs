@@ -18,7 +18,10 @@ const VM_TYPE: &str = "VirtualMachine";
 
 /// Whether a field definition applies to VMs: made for them, or for every type.
 fn applies_to_vms(def: &CustomFieldDef) -> bool {
-    matches!(def.managed_object_type.as_deref(), None | Some("") | Some(VM_TYPE))
+    matches!(
+        def.managed_object_type.as_deref(),
+        None | Some("") | Some(VM_TYPE)
+    )
 }
 
 /// The names of the fields that apply to VMs, by key.
@@ -92,7 +95,11 @@ impl VSphere {
                     .await;
                 match added {
                     Ok(def) => {
-                        tracing::info!(field = name, key = def.key, "defined a VM custom attribute");
+                        tracing::info!(
+                            field = name,
+                            key = def.key,
+                            "defined a VM custom attribute"
+                        );
                         def.key
                     }
                     // Defined meanwhile by someone else: theirs will do.
@@ -185,14 +192,11 @@ mod tests {
             value(9, "field removed since"),
         ];
         let attributes = vm_attributes(&values, &names);
-        let expected: BTreeMap<String, String> = [
-            ("backup", "nightly"),
-            ("owner", "team-a"),
-            ("tier", "gold"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let expected: BTreeMap<String, String> =
+            [("backup", "nightly"), ("owner", "team-a"), ("tier", "gold")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
         assert_eq!(attributes, expected);
     }
 }

@@ -118,14 +118,20 @@ mod tests {
     #[track_caller]
     fn yes(pattern: &str, names: &[&str]) {
         for name in names {
-            assert!(glob_match(pattern, name), "{pattern:?} should match {name:?}");
+            assert!(
+                glob_match(pattern, name),
+                "{pattern:?} should match {name:?}"
+            );
         }
     }
 
     #[track_caller]
     fn no(pattern: &str, names: &[&str]) {
         for name in names {
-            assert!(!glob_match(pattern, name), "{pattern:?} should not match {name:?}");
+            assert!(
+                !glob_match(pattern, name),
+                "{pattern:?} should not match {name:?}"
+            );
         }
     }
 

@@ -17,9 +17,11 @@ pub struct VmListing {
     pub vm: VmRef,
     /// Inventory path of the VM's folder below the datacenter's VM folder, '/'-separated: ""
     /// for the VM folder itself, "prod/web" for folder "web" in folder "prod". Names are
-    /// escaped as in vCenter's inventory paths: '/' as "%2f", '\' as "%5c", and a '%' that
-    /// does not start such an escape as "%25" (vCenter's API returns names escaped so; they
-    /// pass unchanged). A VM in a vApp is listed with the vApp's path ("prod/shop-vapp").
+    /// escaped as in vCenter's inventory paths, so a '/' always separates folders: '/' as
+    /// "%2f", '\' as "%5c", '%' as "%25". vCenter (and the simulator) store and return names
+    /// escaped that way already ("a/b" is named "a%2fb"); they pass unchanged, and a raw '/',
+    /// '\' or lone '%' from a server that does not escape is escaped here. A VM in a vApp is
+    /// listed with the vApp's path ("prod/shop-vapp").
     pub folder: String,
     /// Custom attribute name -> this VM's value, for the fields defined for VMs (or for all
     /// types) that the VM has a value of.
@@ -188,15 +190,17 @@ fn folder_path(containers: &HashMap<String, Container>, root: &str, at: &str) ->
 
 /// An inventory name escaped as vCenter escapes names in inventory paths (and in the names its
 /// API returns): '/' -> "%2f", '\' -> "%5c", and '%' -> "%25" unless it starts an escape
-/// ('%' and two hex digits). Names vCenter returned are escaped already and come back
-/// unchanged; the simulator's are not.
+/// ('%' and two hex digits). Names vCenter or the simulator returned are escaped already and
+/// come back unchanged.
 pub(super) fn escape_name(name: &str) -> Cow<'_, str> {
     let bytes = name.as_bytes();
     let escape_at = |i: usize| match bytes[i] {
         b'/' | b'\\' => true,
-        b'%' => !(i + 2 < bytes.len()
-            && bytes[i + 1].is_ascii_hexdigit()
-            && bytes[i + 2].is_ascii_hexdigit()),
+        b'%' => {
+            !(i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit())
+        }
         _ => false,
     };
     if !(0..bytes.len()).any(escape_at) {

@@ -87,12 +87,13 @@ impl VSphere {
             )
             .await?
             .ok_or_else(|| vm_not_found(vm))?;
-        let power_state = power_state_value(props.value("runtime.powerState")).ok_or_else(|| {
-            VSphereError::Transport(format!(
-                "VM {} ({}) has no readable runtime.powerState",
-                vm.name, vm.moref
-            ))
-        })?;
+        let power_state =
+            power_state_value(props.value("runtime.powerState")).ok_or_else(|| {
+                VSphereError::Transport(format!(
+                    "VM {} ({}) has no readable runtime.powerState",
+                    vm.name, vm.moref
+                ))
+            })?;
         let num_cpus = props.integer("config.hardware.numCPU")?.unwrap_or(0);
         Ok(VmState {
             power_state,
