@@ -1,18 +1,22 @@
 //! The vSphere client: one logged-in vCenter session over SOAP (vim_rs), with the calls a
 //! backup makes: find the VM, make sure CBT is on, take and remove snapshots, read disks and
 //! their change IDs, and page through `QueryChangedDiskAreas`; and for restores, read a VM's
-//! state, create VMs with new disks, destroy them and reset CBT.
+//! state, create VMs with new disks, destroy them and reset CBT; for backup schedules, every VM
+//! of a datacenter with its folder and custom attributes.
 //!
 //! Every request has a deadline (`call_timeout`), every task wait has one (`task_timeout`), an
 //! expired session is logged in again once per call, and credentials never appear in logs,
 //! errors or `Debug` output.
 
+mod attributes;
 mod cbt;
 mod collector;
 mod config;
 mod disks;
 mod error;
+mod glob;
 mod inventory;
+mod listing;
 mod paths;
 mod props;
 mod session;
@@ -25,7 +29,9 @@ pub use cbt::{ChangedArea, DiskChangeInfo};
 pub use config::{Tls, VCenterConfig};
 pub use disks::Disk;
 pub use error::VSphereError;
+pub use glob::glob_match;
 pub use inventory::{VmInfo, VmRef, VmSelector};
+pub use listing::VmListing;
 pub use paths::{flat_extent_path, parse_datastore_path};
 pub use session::VSphere;
 pub use snapshots::{Removal, SnapshotRef};

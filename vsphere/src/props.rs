@@ -36,7 +36,7 @@ impl Props {
         }
     }
 
-    fn unexpected(&self, path: &str, got: &VimAny) -> VSphereError {
+    pub(super) fn unexpected(&self, path: &str, got: &VimAny) -> VSphereError {
         VSphereError::Transport(format!(
             "unexpected value for {} {} property {path}: {}",
             self.obj.r#type.as_str(),
@@ -169,12 +169,25 @@ impl VSphere {
         kind: MoTypesEnum,
         paths: &[&str],
     ) -> Result<Vec<Props>, VSphereError> {
-        match self.properties_in_view(container, &kind, paths).await {
+        self.sweep(container, &[(kind, paths)], &[]).await
+    }
+
+    /// In one `RetrieveProperties` call: the paths of every object of each kind in `kinds`
+    /// under `container` (recursively, through a ContainerView destroyed afterwards), and the
+    /// paths of each of `others` beside them. Paths asked for one type apply to every object
+    /// of that type read here.
+    pub(super) async fn sweep(
+        &self,
+        container: &ManagedObjectReference,
+        kinds: &[(MoTypesEnum, &[&str])],
+        others: &[(&ManagedObjectReference, &[&str])],
+    ) -> Result<Vec<Props>, VSphereError> {
+        match self.properties_in_view(container, kinds, others).await {
             // Views die with their session: after a re-login between creating the view and
             // reading it, the view is gone. That is no answer about the inventory: once more.
             Err(VSphereError::NotFound(why)) => {
                 tracing::debug!(%why, "container view vanished; retrying with a new one");
-                self.properties_in_view(container, &kind, paths)
+                self.properties_in_view(container, kinds, others)
                     .await
                     .map_err(|e| match e {
                         VSphereError::NotFound(why) => VSphereError::Transport(format!(
@@ -190,8 +203,8 @@ impl VSphere {
     async fn properties_in_view(
         &self,
         container: &ManagedObjectReference,
-        kind: &MoTypesEnum,
-        paths: &[&str],
+        kinds: &[(MoTypesEnum, &[&str])],
+        others: &[(&ManagedObjectReference, &[&str])],
     ) -> Result<Vec<Props>, VSphereError> {
         let view_manager = self
             .client
@@ -200,30 +213,56 @@ impl VSphere {
             .clone()
             .ok_or_else(|| VSphereError::Transport("the server has no ViewManager".into()))?;
         let view_manager = &view_manager;
-        let kinds = &[kind.as_str().to_string()];
+        let type_names: Vec<String> = kinds.iter().map(|(k, _)| k.as_str().to_string()).collect();
+        let type_names = &type_names;
         let view = self
             .call("CreateContainerView", || async move {
                 ViewManager::new(self.handle(), &view_manager.value)
-                    .create_container_view(container, Some(kinds), true)
+                    .create_container_view(container, Some(type_names), true)
                     .await
             })
             .await?;
         let view = &view;
+        // One PropertySpec per type, the paths of every entry of that type merged.
+        let mut prop_set: Vec<PropertySpec> = Vec::new();
+        let entries = kinds
+            .iter()
+            .map(|(kind, paths)| (kind, *paths))
+            .chain(others.iter().map(|(obj, paths)| (&obj.r#type, *paths)));
+        for (kind, paths) in entries {
+            match prop_set.iter_mut().find(|p| p.r#type == kind.as_str()) {
+                Some(spec) => {
+                    let set = spec.path_set.get_or_insert_with(Vec::new);
+                    for path in paths {
+                        if !set.iter().any(|p| p == path) {
+                            set.push(path.to_string());
+                        }
+                    }
+                }
+                None => prop_set.push(prop_spec(kind, paths)),
+            }
+        }
+        let mut object_set = vec![ObjectSpec {
+            obj: view.clone(),
+            skip: Some(true),
+            select_set: Some(vec![Box::new(TraversalSpec {
+                selection_spec_: SelectionSpec {
+                    name: Some("traverseView".to_string()),
+                },
+                r#type: view.r#type.as_str().to_string(),
+                path: "view".to_string(),
+                skip: Some(false),
+                select_set: None,
+            })]),
+        }];
+        object_set.extend(others.iter().map(|(obj, _)| ObjectSpec {
+            obj: (*obj).clone(),
+            skip: Some(false),
+            select_set: None,
+        }));
         let spec = PropertyFilterSpec {
-            prop_set: vec![prop_spec(kind, paths)],
-            object_set: vec![ObjectSpec {
-                obj: view.clone(),
-                skip: Some(true),
-                select_set: Some(vec![Box::new(TraversalSpec {
-                    selection_spec_: SelectionSpec {
-                        name: Some("traverseView".to_string()),
-                    },
-                    r#type: view.r#type.as_str().to_string(),
-                    path: "view".to_string(),
-                    skip: Some(false),
-                    select_set: None,
-                })]),
-            }],
+            prop_set,
+            object_set,
             report_missing_objects_in_results: None,
         };
         let result = self.retrieve(&spec).await;

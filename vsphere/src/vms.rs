@@ -87,19 +87,13 @@ impl VSphere {
             )
             .await?
             .ok_or_else(|| vm_not_found(vm))?;
-        let power_state = match props.value("runtime.powerState") {
-            Some(VimAny::Value(ValueElements::VirtualMachinePowerState(s))) => power_state(&s),
-            Some(VimAny::Value(ValueElements::PrimitiveString(s))) => {
-                power_state(&VirtualMachinePowerStateEnum::from_str(&s))
-            }
-            _ => None,
-        }
-        .ok_or_else(|| {
-            VSphereError::Transport(format!(
-                "VM {} ({}) has no readable runtime.powerState",
-                vm.name, vm.moref
-            ))
-        })?;
+        let power_state =
+            power_state_value(props.value("runtime.powerState")).ok_or_else(|| {
+                VSphereError::Transport(format!(
+                    "VM {} ({}) has no readable runtime.powerState",
+                    vm.name, vm.moref
+                ))
+            })?;
         let num_cpus = props.integer("config.hardware.numCPU")?.unwrap_or(0);
         Ok(VmState {
             power_state,
@@ -282,6 +276,21 @@ impl VSphere {
         )
         .await?;
         Ok(())
+    }
+
+    /// Marks a powered-off VM as a template (`MarkAsTemplate`). For tests and admin tools:
+    /// backups list templates (`VmListing::template`) and leave them out.
+    pub async fn mark_as_template(&self, vm: &VmRef) -> Result<(), VSphereError> {
+        self.call("MarkAsTemplate", || async move {
+            VirtualMachine::new(self.handle(), &vm.moref)
+                .mark_as_template()
+                .await
+        })
+        .await
+        .map_err(|e| match e {
+            VSphereError::NotFound(_) => vm_not_found(vm),
+            e => e,
+        })
     }
 
     /// Turns CBT off and on again (two `ReconfigVM_Task`s), leaving it on: every change ID
@@ -564,6 +573,17 @@ fn segments(path: &str) -> Vec<&str> {
     path.split('/').filter(|s| !s.is_empty()).collect()
 }
 
+/// A `runtime.powerState` property as read (an enum, or a string from some servers).
+pub(super) fn power_state_value(value: Option<VimAny>) -> Option<PowerState> {
+    match value? {
+        VimAny::Value(ValueElements::VirtualMachinePowerState(s)) => power_state(&s),
+        VimAny::Value(ValueElements::PrimitiveString(s)) => {
+            power_state(&VirtualMachinePowerStateEnum::from_str(&s))
+        }
+        _ => None,
+    }
+}
+
 fn power_state(s: &VirtualMachinePowerStateEnum) -> Option<PowerState> {
     match s {
         VirtualMachinePowerStateEnum::PoweredOn => Some(PowerState::PoweredOn),
@@ -581,11 +601,11 @@ fn power_state_name(s: PowerState) -> &'static str {
     }
 }
 
-fn vm_not_found(vm: &VmRef) -> VSphereError {
+pub(super) fn vm_not_found(vm: &VmRef) -> VSphereError {
     VSphereError::NotFound(format!("VM {} ({})", vm.name, vm.moref))
 }
 
-fn invalid(method: &str, message: &str) -> VSphereError {
+pub(super) fn invalid(method: &str, message: &str) -> VSphereError {
     VSphereError::Fault {
         method: method.to_string(),
         fault: "InvalidArgument".to_string(),
