@@ -180,12 +180,22 @@ fn assert_kept_points_verify(root: &Path, scratch: &Path, except: Option<&str>) 
         }
         assert!(!m.being_pruned(), "{dir} is journalled");
         for d in &m.disks {
-            assert_eq!(
-                chain_sha(scratch, &root.join(&d.file)),
-                d.sha256,
-                "disk {} of {dir} reads differently",
-                d.device_key
-            );
+            let found = chain_sha(scratch, &root.join(&d.file));
+            if found != d.sha256 {
+                let chain = run(Command::new("qemu-img")
+                    .args(["info", "-U", "--backing-chain"])
+                    .arg(root.join(&d.file)))
+                .unwrap_or_else(|e| e.to_string());
+                let journal: Vec<String> = manifests(root)
+                    .values()
+                    .filter_map(|m| m.retention.as_ref())
+                    .map(|r| format!("{r:?}"))
+                    .collect();
+                panic!(
+                    "disk {} of {dir} reads as {found}, its manifest records {}\nchain:\n{chain}\njournal: {journal:?}",
+                    d.device_key, d.sha256
+                );
+            }
         }
     }
 }

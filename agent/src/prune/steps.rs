@@ -7,9 +7,9 @@
 //!   renamed over the child's (one atomic switch between two files that read the same). Done
 //!   when the point's file is gone from its path and the child's file is layered on the
 //!   point's parent's file (or on nothing).
-//! - rebase-up: `qemu-img rebase` (safe mode) copies into the child what the point held and the
-//!   child does not hide, then rewrites its backing file. Done when the child's file is
-//!   layered on the point's parent's file (or on nothing).
+//! - rebase-up: `qemu-img rebase` (safe mode, write-through) copies into the child what the
+//!   point held and the child does not hide, then rewrites its backing file. Done when the
+//!   child's file is layered on the point's parent's file (or on nothing).
 
 use sendense_contract::manifest::{MergeStep, MergeStrategy};
 
@@ -130,7 +130,14 @@ pub async fn perform(
                 .backing_file
                 .as_ref()
                 .map(|g| vol.backing_string(&step.child_file, g));
-            let mut args = vec!["rebase", "-q", "-f", "qcow2"];
+            // Write-through: qemu-img rewrites the backing file in the header before it
+            // writes back its cached cluster tables, so with the default write-back cache a
+            // rebase killed after the header change leaves the copied data unreferenced (the
+            // child then reads the point's parent where it must read the point: seen in the
+            // kill test). Write-through flushes the tables after every write, before the header
+            // changes. (The commit needs no such care: the rename that switches comes after
+            // qemu-img exited, its tables written.)
+            let mut args = vec!["rebase", "-q", "-t", "writethrough", "-f", "qcow2"];
             match &wanted {
                 Some(b) => args.extend(["-b", b.as_str(), "-F", "qcow2"]),
                 None => args.extend(["-b", ""]),
