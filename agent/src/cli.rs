@@ -10,10 +10,11 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use sendense_contract::cli::{
     AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoCommitArgs,
-    RepoProbeArgs, RestoreArgs,
+    RepoProbeArgs, RepoPruneArgs, RestoreArgs,
 };
 use sendense_contract::manifest::CommitResult;
 use sendense_contract::probe::ProbeResult;
+use sendense_contract::prune::{PruneRefusal, PruneResult};
 use sendense_contract::restore::{FilesResult, RestoreResult};
 use sendense_contract::result::{BackupResult, TERMINATION_MESSAGE_LIMIT, compact_json};
 use sendense_contract::{AgentReason, ProbeReason};
@@ -88,6 +89,12 @@ pub enum RepoCommand {
     /// Make an attempt's directory a committed restore point: read each disk back through its
     /// chain (SHA-256), flush, write restorepoint.json atomically. Exits 1 when it cannot.
     Commit(RepoCommitArgs),
+    /// Remove a restore point from its chain (retention): its children's files are made
+    /// independent of its files (per disk the cheaper of a commit down into it or a rebase
+    /// onto its parent), read back against their SHA-256, their manifests pointed past it,
+    /// then it is deleted. Journalled in its manifest first: run again after a crash, it
+    /// finishes the job. --dry-run reports the plan. Exits 1 when it refuses or fails.
+    Prune(RepoPruneArgs),
 }
 
 /// A command line clap rejects still gets its `--result-file` (the operator reads the reason
@@ -108,6 +115,7 @@ enum Answering {
     Backup,
     RepoProbe,
     RepoCommit,
+    RepoPrune,
     Restore,
     FilesGet,
 }
@@ -134,6 +142,9 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
         Some(b"repo") if args.get(1).is_some_and(|a| a.as_bytes() == b"commit") => {
             Answering::RepoCommit
         }
+        Some(b"repo") if args.get(1).is_some_and(|a| a.as_bytes() == b"prune") => {
+            Answering::RepoPrune
+        }
         Some(b"repo") => Answering::RepoProbe,
         _ => return None,
     };
@@ -159,6 +170,12 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
         Answering::RepoCommit => {
             serde_json::to_string(&CommitResult::failed(message)).unwrap_or_default()
         }
+        Answering::RepoPrune => serde_json::to_string(&PruneResult::refused(
+            "",
+            PruneRefusal::BadArguments,
+            message,
+        ))
+        .unwrap_or_default(),
         Answering::Restore => RestoreResult {
             error: Some(format!("invalid arguments: {message}")),
             nothing_written: true,

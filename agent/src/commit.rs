@@ -80,6 +80,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Commits the restore point `manifest` (JSON, without digests) describes, under `root`.
 pub async fn commit(root: &Path, manifest: &str) -> Result<CommitResult, CommitError> {
     let mut m = Manifest::parse(manifest)?;
+    if m.retention.is_some() {
+        return Err(ManifestError::Invalid(
+            "a manifest to commit holds a retention journal: only `repo prune` writes one".into(),
+        )
+        .into());
+    }
     let dir = root.join(&m.directory);
     if !dir.is_dir() {
         return Err(CommitError::NoDirectory(dir));
@@ -167,7 +173,7 @@ fn check_parent(
 }
 
 /// SHA-256 of the whole disk as the restore point restores it.
-async fn read_back(file: &Path, key: i32) -> Result<String, CommitError> {
+pub(crate) async fn read_back(file: &Path, key: i32) -> Result<String, CommitError> {
     let server = ReadOnlyExport::start(file)
         .await
         .map_err(|source| CommitError::Export { key, source })?;

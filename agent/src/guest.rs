@@ -192,6 +192,15 @@ pub fn disk_files(
                 )
             })?;
             let m = Manifest::parse(&text).with_context(|| path.display().to_string())?;
+            if m.being_pruned() {
+                return Err(crate::cmd::refused(
+                    Refusal::SourceNotFound,
+                    format!(
+                        "{}: the restore point is being pruned (retention is merging it into its children): restore from another point",
+                        dir.display()
+                    ),
+                ));
+            }
             for k in keys {
                 if !m.disks.iter().any(|d| d.device_key == *k) {
                     let have: Vec<i32> = m.disks.iter().map(|d| d.device_key).collect();

@@ -3,7 +3,8 @@
 //!
 //! [`cli`] is the command line and [`cmd`] a module per subcommand; the rest is what they use:
 //! [`backup`] (one backup, in steps), [`copy`] (the copy engine), [`nbd`] (the NBD client),
-//! [`source`] (nbdkit exports of snapshot disks), [`hub`] and [`repo`] (the repository side),
+//! [`source`] (nbdkit exports of snapshot disks), [`hub`], [`repo`] and [`prune`] (the
+//! repository side: retention's merge of a restore point out of its chain),
 //! [`checksum`], [`qcow2`] (a QCOW2 chain read in process, for restores), [`qemu_nbd`] and
 //! [`status`] (the backup's progress endpoint); [`guest`] (a restore point's guest file
 //! systems, for file-level restore).
@@ -17,6 +18,7 @@ pub mod copy;
 pub mod guest;
 pub mod hub;
 pub mod nbd;
+pub mod prune;
 pub mod qcow2;
 pub mod qemu_nbd;
 pub mod rate;

@@ -79,7 +79,8 @@ impl ReadOnlyExport {
             Mode::ReadOnlyQcow2 => &["--read-only", "--format=qcow2"],
             Mode::WritableRaw => &["--format=raw", "--discard=unmap", "--cache=writeback"],
         };
-        let mut child = Command::new("qemu-nbd")
+        let mut child = Command::new("qemu-nbd");
+        child
             .args(mode_args)
             .args(["--persistent", "--shared=8", "--socket"])
             .arg(&socket)
@@ -95,12 +96,13 @@ impl ReadOnlyExport {
                     }
                 })?,
             )
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| QemuNbdError::Spawn {
-                file: file.to_owned(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        // A killed agent (SIGKILL: no drop runs) must not leave a persistent server behind.
+        die_with_agent(&mut child);
+        let mut child = child.spawn().map_err(|source| QemuNbdError::Spawn {
+            file: file.to_owned(),
+            source,
+        })?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -136,6 +138,26 @@ impl Drop for ReadOnlyExport {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes the process `cmd` starts die with the agent, however the agent ends (a SIGKILL runs no
+/// drop, so `kill_on_drop` alone leaves it running): no qemu process outlives the run that
+/// needed it, to hold locks against, or write beside, the run that comes next.
+pub(crate) fn die_with_agent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent died before the call above took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the agent is gone"));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -64,7 +64,8 @@ fn io_failure(what: String, source: std::io::Error) -> ProbeError {
 /// What a probe found besides its measures.
 #[derive(Debug, Default)]
 pub struct Found {
-    /// The restore point manifests (with `list`).
+    /// The restore point manifests (with `list`), those of points being pruned included
+    /// ([`Manifest::being_pruned`]: listed as such, not as restore points).
     pub manifests: Vec<Manifest>,
     /// Directories with an attempt's files and no manifest (with `list`).
     pub uncommitted: Vec<UncommittedDir>,
@@ -132,7 +133,9 @@ fn probe_inner(
         available_bytes: Some(available),
         qcow2_files: Some(files),
         qcow2_bytes: Some(bytes),
-        restore_points: list.then_some(manifests.len() as u64),
+        restore_points: list.then(|| manifests.iter().filter(|m| !m.being_pruned()).count() as u64),
+        points_being_pruned: list
+            .then(|| manifests.iter().filter(|m| m.being_pruned()).count() as u64),
         unreadable_manifests: unreadable,
         removed_orphans,
         kept_orphans,
@@ -283,19 +286,19 @@ fn statvfs(dir: &Path) -> std::io::Result<(u64, u64, u64)> {
 }
 
 /// What a walk of the volume found.
-struct Walked {
+pub(crate) struct Walked {
     /// Number and allocated bytes of `*.qcow2` files.
     files: u64,
     bytes: u64,
     /// The restore point manifests.
-    manifests: Vec<PathBuf>,
+    pub(crate) manifests: Vec<PathBuf>,
     /// Directories holding an attempt's files and no manifest.
-    uncommitted: Vec<UncommittedDir>,
+    pub(crate) uncommitted: Vec<UncommittedDir>,
 }
 
 /// Walks `dir` (symbolic links not followed). Entries that vanish while walking (a job cleaning
 /// up) are skipped.
-fn walk(dir: &Path) -> Result<Walked, ProbeError> {
+pub(crate) fn walk(dir: &Path) -> Result<Walked, ProbeError> {
     let mut out = Walked {
         files: 0,
         bytes: 0,

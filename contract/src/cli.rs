@@ -438,6 +438,55 @@ impl RepoCommitArgs {
     }
 }
 
+/// `sendense-agent repo prune`: retention's removal of one restore point from its chain. Its
+/// children's files are made independent of its files (per disk the cheaper of committing the
+/// only child's data down into the point's file, or rebasing each child onto the point's
+/// parent), read back against the SHA-256 their manifests record, their manifests pointed past
+/// it, then its files, manifest and directory removed. The decisions are journalled in its
+/// manifest before any file is touched: run again after a crash, it finishes the same job.
+/// Exits 1 when it refuses or fails (the result says why).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RepoPruneArgs {
+    /// The volume's root.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The restore point's directory, relative to the root.
+    #[arg(long)]
+    pub point: String,
+    /// Report the plan (strategies, bytes to move, bytes that would be freed); write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds each qemu-img merge may take (default: 10 minutes plus one second per 8 MiB of
+    /// the disk's size, i.e. a merge slower than 8 MiB/s of disk is stopped).
+    #[arg(long)]
+    pub timeout_seconds: Option<u64>,
+    /// Also write the JSON result here (on failure too).
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+}
+
+impl RepoPruneArgs {
+    pub fn new(root: impl Into<PathBuf>, point: impl Into<String>) -> Self {
+        Self {
+            root: root.into(),
+            point: point.into(),
+            dry_run: false,
+            timeout_seconds: None,
+            result_file: None,
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["repo", "prune"]);
+        a.path("--root", Some(&self.root));
+        a.opt("--point", &self.point);
+        a.flag("--dry-run", self.dry_run);
+        a.some("--timeout-seconds", self.timeout_seconds);
+        a.path("--result-file", self.result_file.as_ref());
+        a.0
+    }
+}
+
 /// `sendense-agent repo probe`: prove DIR writable (write, fsync, read back, delete a 4 KiB
 /// file) and measure it: capacity, used and available bytes, number and allocated bytes of
 /// its *.qcow2 files. Exits 1 when the probe fails.

@@ -6,7 +6,8 @@
 //! holding `<device key>.qcow2` per disk and, once the data is flushed and read back,
 //! `restorepoint.json` (this struct), written atomically. A directory without it is an
 //! attempt that never finished; no Sendense process writes into, or removes, a directory that
-//! has it (retention, a later feature, is the exception, through an explicit journalled step).
+//! has it, except retention (`repo prune`), through the journal it first writes into the
+//! manifest ([`Manifest::retention`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,78 @@ pub struct Manifest {
     /// When the copy completed: the data was flushed (RFC 3339). The restore point's time.
     pub completed: String,
     pub disks: Vec<ManifestDisk>,
+    /// Retention's journal: set when `repo prune` started merging this point out of its chain,
+    /// before it touched any file. From that moment the directory is no longer a restore point
+    /// anyone may read (its files are being merged into its children's, or renamed over them):
+    /// listings report it as being pruned, restores refuse it, and only `repo prune` of the
+    /// same point (which finishes the job from this journal) touches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionJournal>,
+}
+
+/// Where a prune of the point is: its decisions, recorded before any file was touched, so that
+/// a prune run again after a crash finishes the same job instead of deciding anew.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionJournal {
+    pub state: RetentionState,
+    /// When the prune started (RFC 3339).
+    pub started: String,
+    /// The committed restore points layered on this one (their directories): every one gets
+    /// a new parent, whether or not one of its disks needs a merge step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<String>,
+    /// Space the point's own files took (allocated, not apparent) when the prune started.
+    #[serde(default)]
+    pub allocated_bytes: u64,
+    /// One merge per disk and child whose file is layered on this point's file of the disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<MergeStep>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RetentionState {
+    /// The children's files are being made independent of this point's files; then their
+    /// manifests are updated and this point's files, manifest and directory removed.
+    Merging,
+}
+
+/// How one child's disk stops depending on the pruned point's file of that disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MergeStrategy {
+    /// The child's own data is committed into the point's file (`qemu-img commit -d`), which
+    /// is then renamed over the child's file: the child's layer becomes the point's file plus
+    /// the child's data. Only for the point's only child of the disk.
+    CommitDown,
+    /// The child's file is rebased onto the point's parent's file (or onto nothing), copying
+    /// into it what the point held that the child does not (`qemu-img rebase`, safe mode).
+    RebaseUp,
+}
+
+/// One disk of one child, and how it is merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MergeStep {
+    pub device_key: i32,
+    /// The child's directory.
+    pub child: String,
+    pub strategy: MergeStrategy,
+    /// The pruned point's file of the disk.
+    pub file: String,
+    /// The child's file of the disk.
+    pub child_file: String,
+    /// The pruned point's parent's file of the disk: the child's backing file once merged
+    /// (absent: the child's file stands alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    /// Data the strategy moves, measured from the layers' own allocations when planned.
+    pub bytes_to_move: u64,
+    /// Space the child's file took when the prune started (its growth is subtracted from
+    /// what the prune frees).
+    #[serde(default)]
+    pub child_allocated_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,7 +289,35 @@ impl Manifest {
                 return bad(format!("disk {}: no change ID reached", d.device_key));
             }
         }
+        if let Some(r) = &self.retention {
+            for c in &r.children {
+                if !inside(c) {
+                    return bad(format!("retention: child {c:?} is not inside the volume"));
+                }
+            }
+            for s in &r.steps {
+                let paths = [Some(&s.child), Some(&s.child_file), s.backing_file.as_ref()];
+                if let Some(p) = paths.into_iter().flatten().find(|p| !inside(p)) {
+                    return bad(format!("retention: {p:?} is not inside the volume"));
+                }
+                if !self
+                    .disks
+                    .iter()
+                    .any(|d| d.device_key == s.device_key && d.file == s.file)
+                {
+                    return bad(format!(
+                        "retention: step of disk {} names {:?}, not one of the point's files",
+                        s.device_key, s.file
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// True once `repo prune` journalled this point: it is not a restore point to read.
+    pub fn being_pruned(&self) -> bool {
+        self.retention.is_some()
     }
 
     /// The manifest's path relative to the volume root.
@@ -323,6 +424,7 @@ mod tests {
                 sha256: String::new(),
                 bytes_verified: Some(4096),
             }],
+            retention: None,
         }
     }
 
@@ -361,5 +463,39 @@ mod tests {
             Err(ManifestError::Version(MANIFEST_VERSION + 1))
         );
         assert!(matches!(Manifest::parse("{}"), Err(ManifestError::Json(_))));
+    }
+
+    #[test]
+    fn a_journalled_manifest_round_trips_and_its_steps_are_checked() {
+        let mut m = sample();
+        assert!(!m.being_pruned() && !m.to_json().contains("retention"));
+        let step = MergeStep {
+            device_key: 2000,
+            child: "backups/web/web-2-u-a1".into(),
+            strategy: MergeStrategy::CommitDown,
+            file: m.disks[0].file.clone(),
+            child_file: "backups/web/web-2-u-a1/2000.qcow2".into(),
+            backing_file: None,
+            bytes_to_move: 1 << 20,
+            child_allocated_bytes: 2 << 20,
+        };
+        m.retention = Some(RetentionJournal {
+            state: RetentionState::Merging,
+            started: "2026-11-26T10:00:00Z".into(),
+            children: vec![step.child.clone()],
+            allocated_bytes: 1 << 30,
+            steps: vec![step],
+        });
+        let json = m.to_json();
+        assert!(json.contains(r#""retention":{"state":"merging""#), "{json}");
+        assert!(json.contains(r#""strategy":"commitDown""#), "{json}");
+        assert_eq!(Manifest::parse(&json), Ok(m.clone()));
+        assert!(m.being_pruned());
+        let mut bad = m.clone();
+        bad.retention.as_mut().unwrap().steps[0].file = "backups/web/x/2000.qcow2".into();
+        assert!(bad.check().is_err());
+        let mut bad = m;
+        bad.retention.as_mut().unwrap().steps[0].child_file = "../2000.qcow2".into();
+        assert!(bad.check().is_err());
     }
 }

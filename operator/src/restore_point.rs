@@ -116,6 +116,7 @@ pub fn manifest(job: &BackupJob, vcenter: &str) -> Result<Manifest, ManifestBuil
         started: rfc3339(&st.start_time),
         completed: rfc3339(&st.completion_time),
         disks,
+        retention: None,
     })
 }
 

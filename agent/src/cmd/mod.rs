@@ -48,6 +48,9 @@ pub async fn run(command: Command) -> Result<Outcome> {
         Command::Repo {
             command: RepoCommand::Commit(args),
         } => repo::commit(args).await,
+        Command::Repo {
+            command: RepoCommand::Prune(args),
+        } => repo::prune(args).await,
         Command::Verify(args) => verify::run(args).await,
         Command::Copy(args) => copy::run(args).await,
         Command::Backup(args) => backup::run(*args).await,

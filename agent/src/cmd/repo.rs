@@ -1,8 +1,8 @@
-//! `repo probe` and `repo commit`: the result goes to stdout and, on every outcome, to
-//! `--result-file`.
+//! `repo probe`, `repo commit` and `repo prune`: the result goes to stdout and, on every
+//! outcome, to `--result-file`.
 
 use anyhow::Result;
-use sendense_contract::cli::{RepoCommitArgs, RepoProbeArgs};
+use sendense_contract::cli::{RepoCommitArgs, RepoProbeArgs, RepoPruneArgs};
 use sendense_contract::manifest::CommitResult;
 use sendense_contract::probe::{FoundManifest, FoundUncommitted};
 
@@ -16,10 +16,7 @@ pub fn probe(args: RepoProbeArgs) -> Result<Outcome> {
     };
     let (probed, found) = repo::probe(&args.dir, args.list_manifests, &orphans);
     for m in found.manifests {
-        println!(
-            "{}",
-            serde_json::to_string(&FoundManifest { restore_point: m })?
-        );
+        println!("{}", serde_json::to_string(&FoundManifest::new(m))?);
     }
     for u in found.uncommitted {
         println!(
@@ -50,6 +47,19 @@ pub async fn commit(args: RepoCommitArgs) -> Result<Outcome> {
     println!("{text}");
     if let Some(e) = &result.error {
         eprintln!("sendense-agent: commit failed: {e}");
+    }
+    Ok(Outcome::of(result.ok))
+}
+
+pub async fn prune(args: RepoPruneArgs) -> Result<Outcome> {
+    let result = crate::prune::prune(&args).await;
+    let text = serde_json::to_string(&result)?;
+    if let Some(f) = &args.result_file {
+        write_result_file(f, &text)?;
+    }
+    println!("{text}");
+    if let Some(e) = &result.error {
+        eprintln!("sendense-agent: prune of {} failed: {e}", args.point);
     }
     Ok(Outcome::of(result.ok))
 }

@@ -42,6 +42,7 @@ enum Hub {
 #[derive(clap::Subcommand, Debug)]
 enum Repo {
     Probe(RepoProbeArgs),
+    Prune(RepoPruneArgs),
 }
 
 fn parse(args: Vec<String>) -> Line {
@@ -92,6 +93,22 @@ fn hub_repo_and_ping_arguments_round_trip() {
         orphan_min_idle_seconds: 7200,
     };
     assert!(matches!(parse(probe.to_args()), Line::Repo { repo: Repo::Probe(p) } if p == probe));
+    let mut prune = RepoPruneArgs::new("/repository", "ns/vm/j-u-a1");
+    assert_eq!(
+        prune.to_args(),
+        [
+            "repo",
+            "prune",
+            "--root",
+            "/repository",
+            "--point",
+            "ns/vm/j-u-a1"
+        ]
+    );
+    prune.dry_run = true;
+    prune.timeout_seconds = Some(3600);
+    prune.result_file = Some("/dev/termination-log".into());
+    assert!(matches!(parse(prune.to_args()), Line::Repo { repo: Repo::Prune(p) } if p == prune));
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
         let ping = NbdPingArgs {
             url: "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
