@@ -13,8 +13,8 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, ResourceExt};
 use sendense_crds::conditions::{self, FALSE, TRUE};
 use sendense_crds::{
-    BackupJob, BackupJobStatus, Repository, RepositoryStatus, RestoreJob, RestoreJobStatus,
-    SourceNode, SourceNodeStatus,
+    BackupJob, BackupJobStatus, BackupSchedule, BackupScheduleStatus, Repository, RepositoryStatus,
+    RestoreJob, RestoreJobStatus, SourceNode, SourceNodeStatus,
 };
 use serde::Serialize;
 
@@ -183,3 +183,4 @@ reported!(SourceNode, SourceNodeStatus, "Probe");
 reported!(Repository, RepositoryStatus, "Probe");
 reported!(BackupJob, BackupJobStatus, "Backup");
 reported!(RestoreJob, RestoreJobStatus, "Restore");
+reported!(BackupSchedule, BackupScheduleStatus, "Schedule");

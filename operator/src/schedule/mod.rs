@@ -1,3 +1,4 @@
 //! BackupSchedule: BackupJobs made at cron times for the VMs a selection names at each run.
 
 pub mod cron;
+pub mod plan;
