@@ -55,6 +55,10 @@ pub struct Metrics {
     pub restores: IntCounterVec,
     /// Bytes restores wrote as data (holes and zeros are not written), by namespace.
     pub restore_bytes_written: IntCounterVec,
+    /// Runs a BackupSchedule made, by namespace and schedule.
+    pub schedule_runs: IntCounterVec,
+    /// The next run of each BackupSchedule (Unix seconds).
+    pub schedule_next_run: IntGaugeVec,
 }
 
 impl Metrics {
@@ -192,6 +196,22 @@ impl Metrics {
             &["namespace"],
         )?;
         registry.register(Box::new(restores.clone()))?;
+        let schedule_runs = IntCounterVec::new(
+            Opts::new(
+                "sendense_schedule_runs_total",
+                "Runs BackupSchedules made (each makes one BackupJob per selected VM)",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        registry.register(Box::new(schedule_runs.clone()))?;
+        let schedule_next_run = IntGaugeVec::new(
+            Opts::new(
+                "sendense_schedule_next_run_timestamp_seconds",
+                "When each BackupSchedule runs next (Unix seconds)",
+            ),
+            &["namespace", "schedule"],
+        )?;
+        registry.register(Box::new(schedule_next_run.clone()))?;
         registry.register(Box::new(restore_bytes_written.clone()))?;
         registry.register(Box::new(snapshots_pending_removal.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
@@ -232,6 +252,8 @@ impl Metrics {
             vcenter_up,
             snapshots_pending_removal,
             restores,
+            schedule_runs,
+            schedule_next_run,
             restore_bytes_written,
         })
     }

@@ -15,7 +15,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource};
 use sendense_crds::backup_job::Phase;
-use sendense_crds::{BackupJob, Repository, RestoreJob, SourceNode};
+use sendense_crds::{BackupJob, BackupSchedule, Repository, RestoreJob, SourceNode};
 
 use crate::children::MANAGER;
 use crate::metrics::Metrics;
@@ -114,6 +114,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         vcenter_timeout: VCENTER_TIMEOUT,
         lease_namespace: settings.lease_namespace(),
     });
+    let schedule_ctx = Arc::new(crate::schedule::controller::Context {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+        vcenter_timeout: VCENTER_TIMEOUT,
+    });
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),
         recorder,
@@ -156,6 +162,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .for_each(|_| async {});
 
+    let schedules = Controller::new(scoped::<BackupSchedule>(&client, namespace), all())
+        .owns(
+            scoped::<BackupJob>(&client, namespace),
+            all().labels(crate::schedule::plan::SCHEDULE_LABEL),
+        )
+        .shutdown_on_signal()
+        .run(
+            crate::schedule::controller::reconcile,
+            crate::schedule::controller::error_policy,
+            schedule_ctx,
+        )
+        .for_each(|_| async {});
+
     let jobs = Controller::new(scoped::<BackupJob>(&client, namespace), all());
     let job_store = jobs.store();
     let by_source = job_store.clone();
@@ -189,7 +208,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let gauges = tokio::spawn(refresh_gauges(metrics, job_store, repo_store));
     ready.store(true, Ordering::Relaxed);
-    tokio::join!(sources, repos, jobs, restores);
+    tokio::join!(sources, repos, jobs, restores, schedules);
     gauges.abort();
     tracing::info!("sendense-operator stopped");
     Ok(())

@@ -113,9 +113,9 @@ ConfigMaps are not here (sendense.servedRules), nor Leases and the NBD CA
 config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests/chart.rs.
 */}}
 {{- define "sendense.namespacedRules" -}}
-# SourceNodes, Repositories, BackupJobs, RestoreJobs and BackupSchedules: the five controllers watch them (list +
-# watch feed the caches) and read them by name when a job resolves its references (get). The
-# operator never changes their spec.
+# SourceNodes, Repositories, BackupJobs, RestoreJobs and BackupSchedules: the five controllers
+# watch them (list + watch feed the caches) and read them by name when a job resolves its
+# references (get). The operator never changes their spec.
 - apiGroups: ["sendense.io"]
   resources: ["sourcenodes", "repositories", "backupjobs", "restorejobs", "backupschedules"]
   verbs: ["get", "list", "watch"]
@@ -235,7 +235,7 @@ The operator's rule on cluster-scoped objects: always in a ClusterRole.
 */}}
 {{- define "sendense.clusterRules" -}}
 # At startup the operator reads Sendense's own CRDs by name and exits with an install hint when
-# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's five.
+# one is missing. CRDs are cluster-scoped; resourceNames limits this to Sendense's six.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   resourceNames: ["sourcenodes.sendense.io", "repositories.sendense.io", "backupjobs.sendense.io", "restorepoints.sendense.io", "restorejobs.sendense.io", "backupschedules.sendense.io"]

@@ -1,4 +1,5 @@
 //! BackupSchedule: BackupJobs made at cron times for the VMs a selection names at each run.
 
+pub mod controller;
 pub mod cron;
 pub mod plan;

@@ -25,7 +25,7 @@ pub fn selected(sel: &VmSelection, vm: &VmListing) -> bool {
         return false;
     }
     if let Some(names) = &sel.names
-        && !names.iter().any(|n| *n == vm.vm.name)
+        && !names.contains(&vm.vm.name)
     {
         return false;
     }

@@ -265,8 +265,19 @@ pub const DENIED: &[Check] = &[
     deny(
         At::Watched,
         &["create", "update", "delete"],
-        KINDS,
+        &[
+            "sourcenodes.sendense.io",
+            "repositories.sendense.io",
+            "restorejobs.sendense.io",
+            "backupschedules.sendense.io",
+        ],
         "users' objects: only status and the finalizer are written",
+    ),
+    deny(
+        At::Watched,
+        &["update", "deletecollection"],
+        &["backupjobs.sendense.io"],
+        "a schedule's jobs are created and deleted one by one, never rewritten",
     ),
     deny(
         At::Watched,
