@@ -253,4 +253,32 @@ pub struct RepositoryStatus {
     /// hour by default): the next probe, which follows at once, removes them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphaned_attempts: Vec<String>,
+    /// What the retention rules (the Repository's, or a BackupSchedule's for its VMs) keep and
+    /// would prune, re-evaluated at every reconcile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionStatus>,
+}
+
+/// The retention's verdict on the repository's restore points.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionStatus {
+    /// Restore points some rule keeps.
+    pub kept: i32,
+    /// Restore points no rule keeps, oldest first, each with its VM and time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prune: Vec<PruneCandidate>,
+    /// VMs whose rules could not be applied, and why (e.g. an unknown time zone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneCandidate {
+    pub restore_point: String,
+    pub vm: String,
+    pub time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Where the rules come from: `Repository` or `BackupSchedule <name>`.
+    pub policy: String,
 }

@@ -137,6 +137,10 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
         .await
         .map_err(Error::RestorePoints)?;
     update.status.restore_points = Some(restore_points(&points, &name));
+    let schedules = list::<sendense_crds::BackupSchedule>(&ctx.client, &ns)
+        .await
+        .map_err(Error::RestorePoints)?;
+    update.status.retention = crate::retention::preview::preview(&repo, &points, &schedules);
     if let Some(pvc) = templated_claim(&repo) {
         create_if_missing(&ctx.client, &ns, &pvc)
             .await
@@ -192,6 +196,11 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                         .await
                         .map_err(Error::RestorePoints)?;
                     update.status.restore_points = Some(restore_points(&points, &name));
+                    let schedules = list::<sendense_crds::BackupSchedule>(&ctx.client, &ns)
+                        .await
+                        .map_err(Error::RestorePoints)?;
+                    update.status.retention =
+                        crate::retention::preview::preview(&repo, &points, &schedules);
                     report_removals(&repo, &ctx, &p).await;
                     let orphaned = orphaned_attempts(&repo, &ctx, &uncommitted, &p).await?;
                     let removal_due = !orphaned.is_empty();
