@@ -48,7 +48,7 @@ pub struct Context {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("counting restore points: {0}")]
+    #[error("reading restore points and schedules: {0}")]
     RestorePoints(#[source] ApiError),
     #[error("checking the claim: {0}")]
     Claim(#[source] ApiError),
@@ -120,13 +120,6 @@ fn due(status: &RepositoryStatus, interval: Duration, generation: Option<i64>) -
     (left > 0).then(|| Duration::from_millis(left as u64))
 }
 
-fn restore_points(points: &[RestorePoint], repository: &str) -> i32 {
-    points
-        .iter()
-        .filter(|p| p.spec.repository_ref.name == repository)
-        .count() as i32
-}
-
 pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("repository");
     let ns = repo.namespace().unwrap_or_default();
@@ -136,11 +129,10 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
     let points = list::<RestorePoint>(&ctx.client, &ns)
         .await
         .map_err(Error::RestorePoints)?;
-    update.status.restore_points = Some(restore_points(&points, &name));
-    let schedules = list::<sendense_crds::BackupSchedule>(&ctx.client, &ns)
+    update.status.restore_points = Some(crate::retention::count(&points, &name));
+    update.status.retention = crate::retention::status(&ctx.client, &repo, &points)
         .await
         .map_err(Error::RestorePoints)?;
-    update.status.retention = crate::retention::preview::preview(&repo, &points, &schedules);
     if let Some(pvc) = templated_claim(&repo) {
         create_if_missing(&ctx.client, &ns, &pvc)
             .await
@@ -195,7 +187,7 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                     let points = list::<RestorePoint>(&ctx.client, &ns)
                         .await
                         .map_err(Error::RestorePoints)?;
-                    update.status.restore_points = Some(restore_points(&points, &name));
+                    update.status.restore_points = Some(crate::retention::count(&points, &name));
                     let schedules = list::<sendense_crds::BackupSchedule>(&ctx.client, &ns)
                         .await
                         .map_err(Error::RestorePoints)?;

@@ -199,6 +199,8 @@ async fn five_jobs_at_once_survive_an_operator_restart() -> Result<()> {
     let mut bed = Bed::start(5, (10400, 10420)).await?;
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
+    // Five at once: above the default limit of four backups per SourceNode.
+    support::faults::patch_source_node(&bed, r#"{"limits": {"maxConcurrentJobs": 5}}"#)?;
     let pods = record_pods(&bed.ns.name);
     let vms: Vec<String> = (0..5).map(|i| format!("cbt-vm-{i}")).collect();
     let mut manifest = String::new();
