@@ -271,6 +271,17 @@ pub struct RetentionStatus {
     /// VMs whose rules could not be applied, and why (e.g. an unknown time zone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// The restore point being merged out of its chain now (one at a time per repository).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<String>,
+    /// What the last prune did (or why it could not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prune: Option<String>,
+    /// Restore points pruned since the Repository was created, and the bytes that freed.
+    #[serde(default)]
+    pub pruned: i64,
+    #[serde(default)]
+    pub bytes_freed: i64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -281,4 +292,7 @@ pub struct PruneCandidate {
     pub time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// Where the rules come from: `Repository` or `BackupSchedule <name>`.
     pub policy: String,
+    /// The rules are `dryRun`: reported, not pruned.
+    #[serde(default)]
+    pub dry_run: bool,
 }

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub schedule_runs: IntCounterVec,
     /// The next run of each BackupSchedule (Unix seconds).
     pub schedule_next_run: IntGaugeVec,
+    /// Restore points retention merged out of their chains, by result.
+    pub prunes: IntCounterVec,
+    /// Bytes retention freed on each repository volume.
+    pub retention_bytes_freed: IntCounterVec,
 }
 
 impl Metrics {
@@ -212,6 +216,22 @@ impl Metrics {
             &["namespace", "schedule"],
         )?;
         registry.register(Box::new(schedule_next_run.clone()))?;
+        let prunes = IntCounterVec::new(
+            Opts::new(
+                "sendense_retention_prunes_total",
+                "Restore points retention merged out of their chains, by result (succeeded, refused, failed: resumed)",
+            ),
+            &["namespace", "repository", "result"],
+        )?;
+        registry.register(Box::new(prunes.clone()))?;
+        let retention_bytes_freed = IntCounterVec::new(
+            Opts::new(
+                "sendense_retention_bytes_freed_total",
+                "Bytes retention freed on each repository volume",
+            ),
+            &["namespace", "repository"],
+        )?;
+        registry.register(Box::new(retention_bytes_freed.clone()))?;
         registry.register(Box::new(restore_bytes_written.clone()))?;
         registry.register(Box::new(snapshots_pending_removal.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
@@ -254,6 +274,8 @@ impl Metrics {
             restores,
             schedule_runs,
             schedule_next_run,
+            prunes,
+            retention_bytes_freed,
             restore_bytes_written,
         })
     }

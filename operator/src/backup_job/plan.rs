@@ -245,6 +245,21 @@ pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
             ),
         ));
     }
+    if let Some(p) = refs.restore_points.iter().find(|p| {
+        p.spec
+            .vm
+            .instance_uuid
+            .eq_ignore_ascii_case(&refs.vm_instance_uuid)
+            && crate::retention::prune::being_pruned(p)
+    }) {
+        return Err(Wait::new(
+            WaitReason::VmBusy,
+            format!(
+                "retention is merging restore point {} out of VM {vm}'s chain; this backup starts when it is done",
+                p.name_any()
+            ),
+        ));
+    }
     limits(job, refs, &disks)?;
     let parent = chain::parent(job, &refs.vm_instance_uuid, &refs.restore_points);
     let capacities: BTreeMap<i32, u64> = disks.iter().map(|d| (d.key, d.capacity)).collect();

@@ -36,7 +36,7 @@ pub use layout::{
     namespace_prefix,
 };
 pub use network_policy::{OperatorPeer, agent_policy, hub_policy, restore_policy};
-pub use repository::{probe_pod, templated_claim};
+pub use repository::{PRUNE_POINT, probe_pod, prune_name, prune_pod, templated_claim};
 pub use restore::{
     DEVICES_DIR, DISK_IMAGE, DiskToRestore, FILES_TARGET, NewClaim, RESTORE_JOB_LABEL, TARGETS_DIR,
     block_claim_bytes, default_claim_name, files_directory, files_pod, filesystem_claim_bytes,

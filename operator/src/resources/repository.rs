@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use sendense_crds::Repository;
 use sendense_crds::repository::AccessMode;
 
@@ -42,6 +43,36 @@ pub fn probe_pod(repo: &Repository, images: &PodSettings, orphan_min_idle_second
             containers: vec![probe],
             active_deadline_seconds: Some(300),
             termination_grace_period_seconds: Some(5),
+            ..volume_pod_spec(&claim_name(repo), images)
+        }),
+        status: None,
+    })
+}
+
+/// The prune pod's name: one prune at a time per repository.
+pub fn prune_name(repo: &Repository) -> String {
+    format!("{}-prune", repo.name_any())
+}
+
+/// Annotation of the prune pod: the RestorePoint it merges out of its chain.
+pub const PRUNE_POINT: &str = "sendense.io/prune-point";
+
+/// The pod that merges restore point `point` (its directory `dir`) out of its chain
+/// (`repo prune`, journalled and resumable: a pod killed midway is simply run again); its result
+/// is its termination message. No deadline beyond qemu-img's own, which `repo prune` sets by
+/// disk size.
+pub fn prune_pod(repo: &Repository, point: &str, dir: &str, images: &PodSettings) -> Pod {
+    let mut args = sendense_contract::cli::RepoPruneArgs::new(REPOSITORY_MOUNT, dir);
+    args.result_file = Some(TERMINATION_LOG.into());
+    let mut c = agent_container("prune".into(), args.to_args(), images);
+    c.termination_message_policy = Some("FallbackToLogsOnError".into());
+    let mut meta = owned_meta(repo, prune_name(repo), repository_labels(repo));
+    meta.annotations = Some([(PRUNE_POINT.to_owned(), point.to_owned())].into());
+    harden(Pod {
+        metadata: meta,
+        spec: Some(PodSpec {
+            containers: vec![c],
+            termination_grace_period_seconds: Some(30),
             ..volume_pod_spec(&claim_name(repo), images)
         }),
         status: None,

@@ -99,6 +99,29 @@ pub(super) async fn start(job: &RestoreJob, ctx: &Context) -> Result<Action, Err
         return fail(job, ctx, u, FailureReason::RestorePointNotFound, message).await;
     };
     u.status.vm_name = Some(rp.spec.vm.name.clone());
+    if let Some(p) = crate::children::list::<RestorePoint>(&ctx.client, &ns)
+        .await
+        .map_err(api_err(job))?
+        .iter()
+        .find(|p| {
+            p.spec
+                .vm
+                .instance_uuid
+                .eq_ignore_ascii_case(&rp.spec.vm.instance_uuid)
+                && crate::retention::prune::being_pruned(p)
+        })
+    {
+        u.set(
+            &Running::VmBusy,
+            format!(
+                "retention is merging restore point {} out of VM {}'s chain; this restore starts when it is done",
+                p.name_any(),
+                rp.spec.vm.name
+            ),
+        );
+        ctx.write(u, job).await?;
+        return Ok(requeue(15));
+    }
     let repo_name = &rp.spec.repository_ref.name;
     u.status.repository = Some(repo_name.clone());
     if get::<Repository>(&ctx.client, &ns, repo_name)

@@ -98,6 +98,7 @@ pub fn preview(
                     vm: vm.clone(),
                     time: Some(Time(v.time)),
                     policy: policy.clone(),
+                    dry_run: rules.dry_run,
                 });
             }
         }

@@ -32,6 +32,9 @@ use crate::resources::{
 use crate::restore_point::from_manifest;
 use crate::status::{ConditionReason, StatusUpdate, now};
 
+mod removals;
+use removals::report_removals;
+
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
@@ -130,7 +133,8 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
         .await
         .map_err(Error::RestorePoints)?;
     update.status.restore_points = Some(crate::retention::count(&points, &name));
-    update.status.retention = crate::retention::status(&ctx.client, &repo, &points)
+    let previous = repo.status.as_ref().and_then(|s| s.retention.as_ref());
+    update.status.retention = crate::retention::status(&ctx.client, &repo, &points, previous)
         .await
         .map_err(Error::RestorePoints)?;
     if let Some(pvc) = templated_claim(&repo) {
@@ -149,6 +153,7 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
     let pvc_phase = pvc
         .as_ref()
         .map(|p| p.status.as_ref().and_then(|s| s.phase.clone()));
+    let mut sooner = None;
     let requeue = match pvc_phase {
         None => {
             update.set(
@@ -168,19 +173,39 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
             Duration::from_secs(15)
         }
         Some(_) => {
+            let pruning = crate::retention::step(&repo, &ctx, &points, &mut update.status)
+                .await
+                .map_err(Error::RestorePoints)?;
+            sooner = pruning.again;
             let old = update.old();
-            if let Some(left) = due(old, ctx.probe_interval, repo.metadata.generation)
+            // No probe while a prune pod changes the volume; one at once after it.
+            let skip = if pruning.running {
+                pruning.again
+            } else if !pruning.probe_now
+                && let Some(left) = due(old, ctx.probe_interval, repo.metadata.generation)
                 && conditions::find(&old.conditions, "Ready").is_some()
             {
-                // Not due: only restore points may have changed.
+                Some(pruning.again.map_or(left, |a| a.min(left)))
+            } else {
+                None
+            };
+            if let Some(wait) = skip {
+                // Not due: only restore points (and the retention) may have changed.
                 update
                     .write(&ctx.client, &ctx.recorder)
                     .await
                     .map_err(Error::Status)?;
-                return Ok(Action::requeue(left));
+                return Ok(Action::requeue(wait));
             }
             match probe(&repo, &ctx).await.map_err(Error::Probe)? {
-                Probe::Running => return Ok(Action::requeue(Duration::from_secs(2))),
+                Probe::Running => {
+                    // A prune's outcome, recorded in this reconcile, is kept.
+                    update
+                        .write(&ctx.client, &ctx.recorder)
+                        .await
+                        .map_err(Error::Status)?;
+                    return Ok(Action::requeue(Duration::from_secs(2)));
+                }
                 Probe::Measured(p, manifests, uncommitted) => {
                     record_measurement(&mut update, &p, &ctx.metrics, &claim);
                     rediscover(&repo, &ctx, &manifests).await?;
@@ -188,11 +213,11 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                         .await
                         .map_err(Error::RestorePoints)?;
                     update.status.restore_points = Some(crate::retention::count(&points, &name));
-                    let schedules = list::<sendense_crds::BackupSchedule>(&ctx.client, &ns)
-                        .await
-                        .map_err(Error::RestorePoints)?;
+                    let previous = update.status.retention.clone();
                     update.status.retention =
-                        crate::retention::preview::preview(&repo, &points, &schedules);
+                        crate::retention::status(&ctx.client, &repo, &points, previous.as_ref())
+                            .await
+                            .map_err(Error::RestorePoints)?;
                     report_removals(&repo, &ctx, &p).await;
                     let orphaned = orphaned_attempts(&repo, &ctx, &uncommitted, &p).await?;
                     let removal_due = !orphaned.is_empty();
@@ -219,7 +244,9 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
         .write(&ctx.client, &ctx.recorder)
         .await
         .map_err(Error::Status)?;
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(
+        sooner.map_or(requeue, |s: Duration| s.min(requeue)),
+    ))
 }
 
 /// Every restore point on the volume has its RestorePoint, in this Repository's namespace and
@@ -349,45 +376,6 @@ async fn probe(repo: &Repository, ctx: &Context) -> Result<Probe, ApiError> {
         ),
         Err(m) => Probe::NotWritable(m),
     })
-}
-
-/// Events for the orphaned attempt directories the probe removed, and for those it did not.
-async fn report_removals(repo: &Repository, ctx: &Context, p: &ProbeResult) {
-    let mut events = Vec::new();
-    if !p.removed_orphans.is_empty() {
-        events.push((
-            EventType::Normal,
-            "OrphanedAttemptsRemoved",
-            format!(
-                "removed {} attempt directories of BackupJobs that no longer exist (no restore point in them): {}",
-                p.removed_orphans.len(),
-                p.removed_orphans.join(", ")
-            ),
-        ));
-    }
-    if !p.kept_orphans.is_empty() {
-        events.push((
-            EventType::Warning,
-            "OrphanedAttemptsKept",
-            format!(
-                "did not remove {} attempt directories of BackupJobs that no longer exist (tried again at the next probe): {}",
-                p.kept_orphans.len(),
-                p.kept_orphans.join("; ")
-            ),
-        ));
-    }
-    for (type_, reason, note) in events {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Probe".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &repo.object_ref(&())).await {
-            tracing::warn!(repository = %repo.name_any(), "publishing event {reason}: {e}");
-        }
-    }
 }
 
 /// The attempt directories on the volume that the next probe removes: no restore point in
