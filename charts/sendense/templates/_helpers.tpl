@@ -128,11 +128,12 @@ config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests
   verbs: ["create", "patch", "delete"]
 # RestorePoints: created by the operator once a job's files are committed, or from a manifest a
 # Repository probe lists (looked up by name, then server-side apply: get, create + patch); listed
-# to choose a new backup's chain parent and counted per Repository. Not watched. Never deleted by
-# the operator: the volume is the source of truth.
+# to choose a new backup's chain parent and counted per Repository. Not watched. Retention marks
+# the one it prunes (patch) and deletes it, and its children's, once the volume no longer holds
+# it as it was (the probe makes the children's again): the volume is the source of truth.
 - apiGroups: ["sendense.io"]
   resources: ["restorepoints"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # Their status is the operator's output (Ready conditions, probe results, phase, per-disk
 # progress), written by server-side apply of the status subresource (PATCH).
 - apiGroups: ["sendense.io"]

@@ -127,6 +127,15 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
     let _timer = ctx.metrics.reconcile("repository");
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
+    // Read fresh, not from the watch cache: the status carries retention's counters and a
+    // pending probe, which a reconcile started from a copy older than the last write would undo.
+    let Some(repo) = get::<Repository>(&ctx.client, &ns, &name)
+        .await
+        .map_err(Error::RestorePoints)?
+    else {
+        return Ok(Action::await_change());
+    };
+    let repo = Arc::new(repo);
     let claim = claim_name(&repo);
     let mut update = StatusUpdate::new(repo.as_ref());
     let points = list::<RestorePoint>(&ctx.client, &ns)
@@ -177,6 +186,10 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                 .await
                 .map_err(Error::RestorePoints)?;
             sooner = pruning.again;
+            if pruning.probe_now {
+                // Until the probe is measured, it stays due.
+                update.status.last_probe_time = None;
+            }
             let old = update.old();
             // No probe while a prune pod changes the volume; one at once after it.
             let skip = if pruning.running {

@@ -103,11 +103,19 @@ pub fn zone(s: &BackupSchedule) -> Result<TimeZone, String> {
 
 pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("backupschedule");
-    let s = &*s;
+    let ns = s.namespace().unwrap_or_default();
+    // Read fresh, not from the watch cache: the status records the runs made and the failures
+    // counted, which a reconcile started from an older copy would make or count again.
+    let Some(s) = get::<BackupSchedule>(&ctx.client, &ns, &s.name_any())
+        .await
+        .map_err(err(&s))?
+    else {
+        return Ok(Action::await_change());
+    };
+    let s = &s;
     if s.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let ns = s.namespace().unwrap_or_default();
     let mut u = Update::new(s);
     let now = Timestamp::now();
     let cron: Cron = match s.spec.schedule.parse() {

@@ -110,9 +110,9 @@ pub const ALLOWED: &[Check] = &[
     ),
     allow(
         At::Watched,
-        &["get", "list", "create", "patch"],
+        &["get", "list", "create", "patch", "delete"],
         &["restorepoints.sendense.io"],
-        "made from a committed manifest (get, then apply); listed for a chain parent",
+        "made from a committed manifest (get, then apply); listed for a chain parent; retention's",
     ),
     sub(
         allow(
@@ -258,9 +258,9 @@ pub const DENIED: &[Check] = &[
     ),
     deny(
         At::Watched,
-        &["update", "delete", "deletecollection", "watch"],
+        &["update", "deletecollection", "watch"],
         &["restorepoints.sendense.io"],
-        "the volume is the source of truth: restore points never deleted",
+        "the volume is the source of truth: restore points deleted one by one, by retention only",
     ),
     deny(
         At::Watched,
