@@ -191,10 +191,16 @@ pub async fn reconcile(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Actio
                 update.status.last_probe_time = None;
             }
             let old = update.old();
-            // No probe while a prune pod changes the volume; one at once after it.
+            // No probe while a prune pod changes the volume; one at once after it. A probe pod
+            // under way is always read.
+            let probing = get::<Pod>(&ctx.client, &ns, &probe_name(&repo))
+                .await
+                .map_err(Error::Probe)?
+                .is_some();
             let skip = if pruning.running {
                 pruning.again
             } else if !pruning.probe_now
+                && !probing
                 && let Some(left) = due(old, ctx.probe_interval, repo.metadata.generation)
                 && conditions::find(&old.conditions, "Ready").is_some()
             {
