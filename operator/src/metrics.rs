@@ -61,6 +61,8 @@ pub struct Metrics {
     pub schedule_next_run: IntGaugeVec,
     /// Restore points retention merged out of their chains, by result.
     pub prunes: IntCounterVec,
+    /// BackupJobs waiting for a slot of their SourceNode's limits, by reason.
+    pub queued: IntGaugeVec,
     /// Bytes retention freed on each repository volume.
     pub retention_bytes_freed: IntCounterVec,
 }
@@ -224,6 +226,14 @@ impl Metrics {
             &["namespace", "repository", "result"],
         )?;
         registry.register(Box::new(prunes.clone()))?;
+        let queued = IntGaugeVec::new(
+            Opts::new(
+                "sendense_backupjobs_queued",
+                "BackupJobs waiting for a slot of their SourceNode's limits (SourceNodeLimit, DatastoreLimit)",
+            ),
+            &["namespace", "source_node", "reason"],
+        )?;
+        registry.register(Box::new(queued.clone()))?;
         let retention_bytes_freed = IntCounterVec::new(
             Opts::new(
                 "sendense_retention_bytes_freed_total",
@@ -275,6 +285,7 @@ impl Metrics {
             schedule_runs,
             schedule_next_run,
             prunes,
+            queued,
             retention_bytes_freed,
             restore_bytes_written,
         })

@@ -219,6 +219,7 @@ async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<R
     use std::collections::BTreeMap;
     loop {
         let mut by_phase: BTreeMap<(String, &str), i64> = BTreeMap::new();
+        let mut queued: BTreeMap<(String, String, String), i64> = BTreeMap::new();
         let mut ports: BTreeMap<(String, String), i64> = BTreeMap::new();
         let mut last_success: BTreeMap<(String, String), i64> = BTreeMap::new();
         let mut pending_snapshots: BTreeMap<(String, String), i64> = BTreeMap::new();
@@ -231,6 +232,21 @@ async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<R
                 Some(Phase::Pending) | None => "Pending",
             };
             *by_phase.entry((ns.clone(), phase)).or_default() += 1;
+            if phase == "Pending"
+                && let Some(c) = j
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Running"))
+                && matches!(c.reason.as_str(), "SourceNodeLimit" | "DatastoreLimit")
+            {
+                *queued
+                    .entry((
+                        ns.clone(),
+                        j.spec.source_node_ref.name.clone(),
+                        c.reason.clone(),
+                    ))
+                    .or_default() += 1;
+            }
             if let Some(vm) = j.status.as_ref().and_then(|s| s.vm_name.as_deref()) {
                 metrics.known_vm(&ns, vm);
             }
@@ -269,6 +285,13 @@ async fn refresh_gauges(metrics: Metrics, jobs: Store<BackupJob>, repos: Store<R
             metrics
                 .snapshots_pending_removal
                 .with_label_values(&[&ns, &vm])
+                .set(n);
+        }
+        metrics.queued.reset();
+        for ((ns, sn, reason), n) in queued {
+            metrics
+                .queued
+                .with_label_values(&[&ns, &sn, &reason])
                 .set(n);
         }
         metrics.jobs.reset();
