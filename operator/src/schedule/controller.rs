@@ -18,12 +18,11 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
-use sendense_crds::backup_job::{BackupJobSpec, BackupMode, VmSelector};
 use sendense_crds::backup_schedule::{ConcurrencyPolicy, RunReport, SkippedVm};
 use sendense_crds::{BackupJob, BackupSchedule, RestorePoint, SourceNode};
 
 use super::cron::Cron;
-use super::plan::{self, SCHEDULE_LABEL, SCHEDULED_AT, VM_LABEL};
+use super::plan::{self, SCHEDULE_LABEL, VM_LABEL};
 use crate::children::{ApiError, Verb, get, list};
 use crate::metrics::Metrics;
 use crate::status::{ConditionReason, StatusUpdate};
@@ -414,7 +413,7 @@ async fn run(
             }
         }
         let (mode, why_full) = plan::mode_for(s, &points, &uuid, now);
-        let job = new_job(s, &name, v, mode, why_full.as_deref(), at);
+        let job = plan::new_job(s, &name, v, mode, why_full.as_deref(), at);
         match api.create(&PostParams::default(), &job).await {
             Ok(_) => report.jobs_created += 1,
             // Made by an earlier try of this run.
@@ -443,56 +442,6 @@ async fn run(
         }
     }
     Ok(Ok(report))
-}
-
-/// The BackupJob of VM `v` at the run `at`, owned by the schedule.
-fn new_job(
-    s: &BackupSchedule,
-    name: &str,
-    v: &sendense_vsphere::VmListing,
-    mode: BackupMode,
-    why_full: Option<&str>,
-    at: Timestamp,
-) -> BackupJob {
-    let uuid = v.vm.instance_uuid.to_ascii_lowercase();
-    let settings = &s.spec.job;
-    let mut job = BackupJob::new(
-        name,
-        BackupJobSpec {
-            vm: VmSelector {
-                name: None,
-                instance_uuid: Some(uuid.clone()),
-            },
-            source_node_ref: s.spec.source_node_ref.clone(),
-            repository_ref: s.spec.repository_ref.clone(),
-            mode,
-            disks: None,
-            quiesce: settings.quiesce.unwrap_or(false),
-            active_deadline_seconds: settings.active_deadline_seconds,
-            progress_deadline_seconds: settings
-                .progress_deadline_seconds
-                .unwrap_or(sendense_crds::backup_job::DEFAULT_PROGRESS_DEADLINE_SECONDS),
-            verify: settings.verify.unwrap_or(true),
-            retry_limit: settings.retry_limit.unwrap_or(3),
-        },
-    );
-    job.metadata.namespace = s.namespace();
-    job.metadata.labels = Some(
-        [
-            (SCHEDULE_LABEL.to_owned(), s.name_any()),
-            (VM_LABEL.to_owned(), uuid),
-        ]
-        .into(),
-    );
-    let mut annotations: BTreeMap<String, String> =
-        [(SCHEDULED_AT.to_owned(), at.to_string())].into();
-    annotations.insert("sendense.io/vm-name".into(), v.vm.name.clone());
-    if let Some(w) = why_full {
-        annotations.insert("sendense.io/full-reason".into(), w.to_owned());
-    }
-    job.metadata.annotations = Some(annotations);
-    job.metadata.owner_references = s.controller_owner_ref(&()).map(|o| vec![o]);
-    job
 }
 
 pub fn error_policy(s: Arc<BackupSchedule>, e: &Error, ctx: Arc<Context>) -> Action {

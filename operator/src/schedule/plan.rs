@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
-use sendense_crds::backup_job::{BackupMode, CopyKind, Phase};
+use kube::{Resource, ResourceExt};
+use sendense_crds::backup_job::{BackupJobSpec, BackupMode, CopyKind, Phase, VmSelector};
 use sendense_crds::backup_schedule::{ScheduledVm, VmSelection};
 use sendense_crds::{BackupJob, BackupSchedule, RestorePoint};
 use sendense_vsphere::{VmListing, glob_match};
@@ -326,6 +326,56 @@ pub fn last_success(vms: &[ScheduledVm]) -> Option<Time> {
     vms.iter()
         .filter_map(|v| v.last_success_time.clone())
         .max_by_key(|t| t.0)
+}
+
+/// The BackupJob of VM `v` at the run `at`, owned by the schedule.
+pub fn new_job(
+    s: &BackupSchedule,
+    name: &str,
+    v: &sendense_vsphere::VmListing,
+    mode: BackupMode,
+    why_full: Option<&str>,
+    at: Timestamp,
+) -> BackupJob {
+    let uuid = v.vm.instance_uuid.to_ascii_lowercase();
+    let settings = &s.spec.job;
+    let mut job = BackupJob::new(
+        name,
+        BackupJobSpec {
+            vm: VmSelector {
+                name: None,
+                instance_uuid: Some(uuid.clone()),
+            },
+            source_node_ref: s.spec.source_node_ref.clone(),
+            repository_ref: s.spec.repository_ref.clone(),
+            mode,
+            disks: None,
+            quiesce: settings.quiesce.unwrap_or(false),
+            active_deadline_seconds: settings.active_deadline_seconds,
+            progress_deadline_seconds: settings
+                .progress_deadline_seconds
+                .unwrap_or(sendense_crds::backup_job::DEFAULT_PROGRESS_DEADLINE_SECONDS),
+            verify: settings.verify.unwrap_or(true),
+            retry_limit: settings.retry_limit.unwrap_or(3),
+        },
+    );
+    job.metadata.namespace = s.namespace();
+    job.metadata.labels = Some(
+        [
+            (SCHEDULE_LABEL.to_owned(), s.name_any()),
+            (VM_LABEL.to_owned(), uuid),
+        ]
+        .into(),
+    );
+    let mut annotations: BTreeMap<String, String> =
+        [(SCHEDULED_AT.to_owned(), at.to_string())].into();
+    annotations.insert("sendense.io/vm-name".into(), v.vm.name.clone());
+    if let Some(w) = why_full {
+        annotations.insert("sendense.io/full-reason".into(), w.to_owned());
+    }
+    job.metadata.annotations = Some(annotations);
+    job.metadata.owner_references = s.controller_owner_ref(&()).map(|o| vec![o]);
+    job
 }
 
 #[cfg(test)]
