@@ -17,7 +17,7 @@ use kube::Api;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::restore_job::VolumeMode;
 use sendense_crds::{BackupJob, Repository, RestoreJob, RestorePoint, SourceNode};
-use sendense_vsphere::{Tls, VCenterConfig, VSphere, VmSelector};
+use sendense_vsphere::VmSelector;
 
 mod support;
 use support::faults::{cap_bandwidth, mid_copy};
@@ -689,13 +689,7 @@ async fn disks_onto_claims_and_files_from_ext4_restore_as_they_were() -> Result<
             "{d:?}"
         );
     }
-    let vc = VSphere::connect(VCenterConfig::new(
-        bed.sim.s("url"),
-        bed.sim.s("username"),
-        bed.sim.s("password"),
-        Tls::Thumbprint(bed.sim.s("thumbprint")),
-    ))
-    .await?;
+    let vc = bed.vcenter().await?;
     let new_vm = vc
         .find_vm("DC0", &VmSelector::Name("restored-vm".into()))
         .await?;

@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::ListParams;
 use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupSchedule, Repository, RestorePoint, SourceNode};
-use sendense_vsphere::{Hardware, NewVm, Tls, VCenterConfig, VSphere};
+use sendense_vsphere::{Hardware, NewVm};
 
 mod support;
 use support::faults::patch_source_node;
@@ -142,13 +142,7 @@ async fn a_schedule_backs_up_the_vms_its_pattern_selects_within_the_limits() -> 
     );
 
     // A VM created now is picked up by a later run.
-    let vc = VSphere::connect(VCenterConfig::new(
-        bed.sim.s("url"),
-        bed.sim.s("username"),
-        bed.sim.s("password"),
-        Tls::Thumbprint(bed.sim.s("thumbprint")),
-    ))
-    .await?;
+    let vc = bed.vcenter().await?;
     let new_vm = vc
         .create_vm(
             "DC0",

@@ -599,6 +599,19 @@ spec:
         self.sim.cli(args);
     }
 
+    /// A session with the bed's simulator, for what a test does in vCenter itself.
+    pub async fn vcenter(&self) -> Result<sendense_vsphere::VSphere> {
+        Ok(
+            sendense_vsphere::VSphere::connect(sendense_vsphere::VCenterConfig::new(
+                self.sim.s("url"),
+                self.sim.s("username"),
+                self.sim.s("password"),
+                sendense_vsphere::Tls::Thumbprint(self.sim.s("thumbprint")),
+            ))
+            .await?,
+        )
+    }
+
     pub fn checksum(&self, vm: &str, disk: i32) -> String {
         self.sim
             .cli(&["checksum", "-vm", vm, "-disk", &disk.to_string()])["sha256"]
