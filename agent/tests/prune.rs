@@ -148,6 +148,7 @@ fn build(root: &Path, scratch: &Path, points: &[(&str, Option<&str>)], seed: u64
             directory: dir.clone(),
             started: "2026-11-25T10:00:00Z".into(),
             completed: "2026-11-25T10:05:00Z".into(),
+            scheduled: None,
             disks,
             retention: None,
         };
@@ -592,4 +593,36 @@ fn zombie(pid: u32) -> bool {
                 .and_then(|(_, r)| r.split_whitespace().next().map(|st| st == "Z"))
         })
         .unwrap_or(true)
+}
+
+/// Two prunes of one volume never merge at once: the second (a pod's replacement while the
+/// force-deleted pod's process still runs) waits for the volume's lock, then finds its work
+/// done or does it.
+#[test]
+fn a_second_prune_waits_for_the_volumes_lock() {
+    let s = Scratch::new("prune-lock");
+    let root = s.path("volume");
+    build(&root, &s.0, &CHAIN, 0x10c4);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(sendense_agent::prune::lock::LOCK_FILE))
+        .unwrap();
+    lock.lock().expect("the test holds the lock");
+    let mut waiting = prune_process(&root, &dir_of("inc2"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the prune ran while another held the volume's lock"
+    );
+    assert!(
+        manifests(&root)[&dir_of("inc2")].retention.is_none(),
+        "the waiting prune wrote its journal"
+    );
+    drop(lock);
+    let r = finish(waiting, "the prune after the lock was released");
+    assert!(!r.resumed, "{r:?}");
+    assert_pruned(&root, &dir_of("inc2"), &["full", "inc1", "inc3"]);
+    assert_kept_points_verify(&root, &s.0, None);
 }

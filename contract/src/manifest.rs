@@ -44,6 +44,11 @@ pub struct Manifest {
     pub started: String,
     /// When the copy completed: the data was flushed (RFC 3339). The restore point's time.
     pub completed: String,
+    /// The scheduled time of the BackupSchedule run that made it (RFC 3339), when a schedule
+    /// did. Retention files the point under this time, so a run that queued past midnight
+    /// still counts for its own day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<String>,
     pub disks: Vec<ManifestDisk>,
     /// Retention's journal: set when `repo prune` started merging this point out of its chain,
     /// before it touched any file. From that moment the directory is no longer a restore point
@@ -411,6 +416,7 @@ mod tests {
             directory: "backups/web/web-1-0f1e2d3c-0000-4000-8000-000000000001-a1".into(),
             started: "2026-11-25T10:00:00Z".into(),
             completed: "2026-11-25T10:05:00Z".into(),
+            scheduled: None,
             disks: vec![ManifestDisk {
                 device_key: 2000,
                 label: "Hard disk 1".into(),

@@ -50,6 +50,20 @@ pub struct RepositorySpec {
     /// What is kept when a backup job does not say otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// The longest chain of restore points of a VM (its full included): a backup in mode
+    /// `auto` that would make the chain longer is a full one (and starts a new chain), so a
+    /// restore never reads through more layers than this. Mode `incremental` is refused past
+    /// it. Retention's merges shorten chains too.
+    #[serde(default = "default_max_chain_length")]
+    #[schemars(range(min = 2, max = 1000))]
+    pub max_chain_length: i32,
+}
+
+/// Chains of at most 32 restore points (a month of daily backups).
+pub const DEFAULT_MAX_CHAIN_LENGTH: i32 = 32;
+
+fn default_max_chain_length() -> i32 {
+    DEFAULT_MAX_CHAIN_LENGTH
 }
 
 /// The repository volume: an existing claim, or a claim the operator creates.

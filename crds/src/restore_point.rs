@@ -65,6 +65,10 @@ pub struct RestorePointSpec {
     /// point's time.
     pub started: Time,
     pub completed: Time,
+    /// The scheduled time of the BackupSchedule run that made it, when a schedule did:
+    /// retention files the point under this time (see [`RestorePointSpec::filed_at`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<Time>,
     /// The vSphere snapshot the disks were read from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<RestorePointSnapshot>,
@@ -82,6 +86,14 @@ pub struct RestorePointSpec {
     /// One entry per disk.
     #[x_kube(merge_strategy = ListMerge::Map(vec!["deviceKey".into()]))]
     pub disks: Vec<RestorePointDisk>,
+}
+
+impl RestorePointSpec {
+    /// The time retention and schedules file the point under: its schedule run's time when a
+    /// BackupSchedule made it, else when its copy completed.
+    pub fn filed_at(&self) -> k8s_openapi::jiff::Timestamp {
+        self.scheduled.as_ref().unwrap_or(&self.completed).0
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -5,8 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use sendense_crds::backup_job::BackupMode;
+use sendense_crds::backup_job::{BackupMode, CopyKind};
 use sendense_crds::{BackupJob, RestorePoint};
 
 /// What one disk of a new backup will be.
@@ -34,6 +35,10 @@ pub enum ChainError {
         "spec.mode is incremental but disk {key} cannot be incremental: {reason}; use mode auto or full"
     )]
     DiskNeedsFull { key: i32, reason: String },
+    #[error(
+        "spec.mode is incremental but the chain of restore point {parent} already holds {length} restore points, the Repository's spec.maxChainLength: use mode auto or full, or raise maxChainLength"
+    )]
+    ChainFull { parent: String, length: usize },
 }
 
 /// The newest restore point of the VM (by its instance UUID, whatever its name then) in the
@@ -63,10 +68,47 @@ pub fn parent<'a>(
         })
 }
 
+/// The VM's restore points in the repository, newest first, walked from the newest down its
+/// chain: the number of points in that chain and the time of its full.
+pub fn chain_of(
+    points: &[RestorePoint],
+    repository: &str,
+    instance_uuid: &str,
+) -> (usize, Option<Timestamp>) {
+    let mine: Vec<&RestorePoint> = points
+        .iter()
+        .filter(|p| {
+            p.spec.repository_ref.name == repository
+                && p.spec.vm.instance_uuid.eq_ignore_ascii_case(instance_uuid)
+        })
+        .collect();
+    let Some(newest) = mine.iter().max_by_key(|p| p.spec.completed.0) else {
+        return (0, None);
+    };
+    let by_name: BTreeMap<String, &RestorePoint> =
+        mine.iter().map(|p| (p.name_any(), *p)).collect();
+    let mut n = 0;
+    let mut at = *newest;
+    loop {
+        n += 1;
+        if at.spec.mode == CopyKind::Full || n > 100_000 {
+            return (n, Some(at.spec.filed_at()));
+        }
+        match at.spec.parent.as_ref().and_then(|p| by_name.get(&p.name)) {
+            Some(p) => at = p,
+            // The chain's base is gone (pruned, or another repository): count what is here.
+            None => return (n, None),
+        }
+    }
+}
+
 /// Full or incremental for each disk (`disks`: device key -> capacity in bytes now).
+/// `length`: the restore points in the parent's chain (its full included); a chain already
+/// `max_length` long is not extended (the Repository's `maxChainLength`).
 pub fn plan(
     job: &BackupJob,
     parent: Option<&RestorePoint>,
+    (length, max_length): (usize, usize),
     disks: &BTreeMap<i32, u64>,
 ) -> Result<BTreeMap<i32, DiskPlan>, ChainError> {
     let full = |reason: &str| DiskPlan::Full {
@@ -95,6 +137,18 @@ pub fn plan(
             .collect());
     };
     let parent_name = parent.name_any();
+    if length >= max_length {
+        if job.spec.mode == BackupMode::Incremental {
+            return Err(ChainError::ChainFull {
+                parent: parent_name,
+                length,
+            });
+        }
+        let reason = format!(
+            "the chain of restore point {parent_name} holds {length} restore points, the Repository's maxChainLength: a new chain starts"
+        );
+        return Ok(disks.keys().map(|k| (*k, full(&reason))).collect());
+    }
     let mut out = BTreeMap::new();
     for (key, capacity) in disks {
         let plan = match parent.spec.disks.iter().find(|d| d.device_key == *key) {
@@ -200,7 +254,7 @@ mod tests {
             ]),
         );
         let disks = BTreeMap::from([(2000, 100), (2001, 80), (2002, 10)]);
-        let got = plan(&job("n", "auto"), Some(&p), &disks).expect("auto never fails");
+        let got = plan(&job("n", "auto"), Some(&p), (1, 32), &disks).expect("auto never fails");
         assert_eq!(
             got[&2000],
             DiskPlan::Incremental {
@@ -227,23 +281,46 @@ mod tests {
             serde_json::json!([disk(2000, 100, "f", "c")]),
         );
         let disks = BTreeMap::from([(2000, 100), (2001, 10)]);
-        let full = plan(&job("f", "full"), Some(&p), &disks).expect("full");
+        let full = plan(&job("f", "full"), Some(&p), (1, 32), &disks).expect("full");
         assert!(
             full.values()
                 .all(|d| matches!(d, DiskPlan::Full { reason } if reason == "spec.mode is full"))
         );
         let incr = job("i", "incremental");
         assert_eq!(
-            plan(&incr, None, &disks).expect_err("no parent"),
+            plan(&incr, None, (0, 32), &disks).expect_err("no parent"),
             ChainError::NoParent {
                 repository: "repo".into()
             }
         );
-        let err = plan(&incr, Some(&p), &disks).expect_err("disk 2001 is new");
+        let err = plan(&incr, Some(&p), (1, 32), &disks).expect_err("disk 2001 is new");
         assert!(
             matches!(err, ChainError::DiskNeedsFull { key: 2001, .. }),
             "{err}"
         );
-        assert!(plan(&incr, Some(&p), &BTreeMap::from([(2000, 100)])).is_ok());
+        assert!(plan(&incr, Some(&p), (1, 32), &BTreeMap::from([(2000, 100)])).is_ok());
+    }
+
+    #[test]
+    fn a_chain_at_its_longest_is_not_extended() {
+        let p = rp(
+            "p",
+            WEB,
+            "repo",
+            "2026-11-21T00:00:00Z",
+            serde_json::json!([disk(2000, 100, "f", "c")]),
+        );
+        let disks = BTreeMap::from([(2000, 100)]);
+        let auto = plan(&job("n", "auto"), Some(&p), (4, 4), &disks).expect("auto");
+        assert!(
+            matches!(&auto[&2000], DiskPlan::Full { reason } if reason.contains("holds 4 restore points")),
+            "{auto:?}"
+        );
+        assert!(matches!(
+            plan(&job("n", "auto"), Some(&p), (3, 4), &disks).unwrap()[&2000],
+            DiskPlan::Incremental { .. }
+        ));
+        let err = plan(&job("i", "incremental"), Some(&p), (4, 4), &disks).unwrap_err();
+        assert!(err.to_string().contains("maxChainLength"), "{err}");
     }
 }

@@ -36,6 +36,14 @@ fn rfc3339(t: &Option<Time>) -> String {
         .to_string()
 }
 
+/// The run time of a job a BackupSchedule made (its label and annotation).
+fn scheduled_time(job: &BackupJob) -> Option<String> {
+    use crate::schedule::plan::{SCHEDULE_LABEL, SCHEDULED_AT};
+    job.labels().get(SCHEDULE_LABEL)?;
+    let at: Timestamp = job.annotations().get(SCHEDULED_AT)?.parse().ok()?;
+    Some(at.to_string())
+}
+
 /// The manifest of the job's current attempt, from its status (without digests: the commit
 /// adds them). `vcenter`: the SourceNode's URL.
 pub fn manifest(job: &BackupJob, vcenter: &str) -> Result<Manifest, ManifestBuildError> {
@@ -115,6 +123,7 @@ pub fn manifest(job: &BackupJob, vcenter: &str) -> Result<Manifest, ManifestBuil
         directory,
         started: rfc3339(&st.start_time),
         completed: rfc3339(&st.completion_time),
+        scheduled: scheduled_time(job),
         disks,
         retention: None,
     })
@@ -160,6 +169,7 @@ pub fn from_manifest(m: &Manifest, namespace: &str) -> RestorePoint {
         }),
         started: time(&m.started),
         completed: time(&m.completed),
+        scheduled: m.scheduled.as_deref().map(time),
         snapshot: m.snapshot.as_ref().map(|s| RestorePointSnapshot {
             id: s.id.clone(),
             name: s.name.clone(),
@@ -246,6 +256,23 @@ mod tests {
         assert_eq!(m.disks[1].change_id_used, None, "\"*\" is no change ID");
         assert_eq!(m.copy(), DiskCopy::Full);
         assert_eq!(m.completed, "2026-11-25T10:05:00Z");
+        assert_eq!(m.scheduled, None, "not a schedule's job");
+        // A schedule's job: the point is filed under the run's time.
+        let mut scheduled = copied_job();
+        scheduled.metadata.labels =
+            Some([("sendense.io/schedule".to_owned(), "nightly".to_owned())].into());
+        scheduled.metadata.annotations = Some(
+            [(
+                "sendense.io/scheduled-time".to_owned(),
+                "2026-11-24T23:00:00Z".to_owned(),
+            )]
+            .into(),
+        );
+        let m2 = manifest(&scheduled, "https://vc/sdk").expect("manifest");
+        assert_eq!(m2.scheduled.as_deref(), Some("2026-11-24T23:00:00Z"));
+        let rp = from_manifest(&m2, "ns");
+        assert_eq!(rp.spec.filed_at().to_string(), "2026-11-24T23:00:00Z");
+        assert_eq!(rp.spec.completed.0.to_string(), "2026-11-25T10:05:00Z");
 
         let mut not_copied = copied_job();
         if let Some(st) = not_copied.status.as_mut() {

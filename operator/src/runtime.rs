@@ -119,6 +119,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         recorder: recorder.clone(),
         metrics: metrics.clone(),
         vcenter_timeout: VCENTER_TIMEOUT,
+        clock: crate::schedule::clock::Clock::from_env(),
     });
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),

@@ -20,6 +20,7 @@ pub mod chain;
 pub mod choose;
 mod finish;
 mod locate;
+pub mod lock;
 mod plan;
 pub mod steps;
 
@@ -47,6 +48,10 @@ pub enum PruneError {
         "{what} did not finish within {seconds} s (--timeout-seconds sets the limit); run the same prune again to continue"
     )]
     Timeout { what: String, seconds: u64 },
+    #[error(
+        "another repo prune still held the volume's lock {path} after {seconds} s (a prune pod deleted by force whose process still runs?); run the prune again when it has ended"
+    )]
+    Locked { path: String, seconds: u64 },
     #[error("{0} is not a QCOW2 image")]
     NotQcow2(String),
     #[error("{path}: {source}")]
@@ -114,6 +119,11 @@ async fn run(args: &RepoPruneArgs, written: &mut bool) -> Result<PruneResult, Pr
         merge_override: args.timeout_seconds.map(Duration::from_secs),
     };
     let (vol, point) = locate::volume_and_point(&args.root, &args.point)?;
+    // A dry run writes nothing (and may run on a read-only mount): no lock.
+    let _lock = match args.dry_run {
+        true => None,
+        false => Some(lock::lock_volume(&vol.root, lock::LOCK_WAIT).await?),
+    };
     let Some(mut m) = locate::manifest(&vol, &point)? else {
         locate::already_gone(&vol, &point, written)?;
         return Ok(PruneResult {

@@ -263,7 +263,13 @@ pub fn plan(job: &BackupJob, refs: &Dereferenced) -> Result<Plan, Wait> {
     limits(job, refs, &disks)?;
     let parent = chain::parent(job, &refs.vm_instance_uuid, &refs.restore_points);
     let capacities: BTreeMap<i32, u64> = disks.iter().map(|d| (d.key, d.capacity)).collect();
-    let plans = chain::plan(job, parent, &capacities)
+    let (length, _) = chain::chain_of(
+        &refs.restore_points,
+        &job.spec.repository_ref.name,
+        &refs.vm_instance_uuid,
+    );
+    let max_length = refs.repository.spec.max_chain_length.max(1) as usize;
+    let plans = chain::plan(job, parent, (length, max_length), &capacities)
         .map_err(|e| Wait::new(WaitReason::IncrementalNotPossible, e.to_string()))?;
     let keys: Vec<i32> = capacities.keys().copied().collect();
     let ns = job.namespace().unwrap_or_default();

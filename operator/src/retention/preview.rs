@@ -85,7 +85,7 @@ pub fn preview(
             .iter()
             .map(|p| Point {
                 name: p.name_any(),
-                time: p.spec.completed.0,
+                time: p.spec.filed_at(),
                 verified: p.spec.verified,
             })
             .collect();

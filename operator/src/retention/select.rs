@@ -16,7 +16,7 @@ use sendense_crds::repository::Retention;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Point {
     pub name: String,
-    /// The restore point's time (its copy completed).
+    /// The restore point's time: its schedule run's, else when its copy completed.
     pub time: Timestamp,
     pub verified: bool,
 }

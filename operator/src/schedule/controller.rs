@@ -33,6 +33,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub vcenter_timeout: Duration,
+    pub clock: super::clock::Clock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +117,13 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
         return Ok(Action::await_change());
     }
     let mut u = Update::new(s);
-    let now = Timestamp::now();
+    let now = match ctx.clock.now() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(schedule = %s.name_any(), "{e}");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+    };
     let cron: Cron = match s.spec.schedule.parse() {
         Ok(c) => c,
         Err(e) => {
@@ -293,7 +300,9 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
     } else {
         until_next
     });
-    Ok(Action::requeue(wake))
+    Ok(Action::requeue(
+        ctx.clock.longest_sleep().map_or(wake, |w| w.min(wake)),
+    ))
 }
 
 fn next_text(cron: &Cron, now: Timestamp, tz: &TimeZone) -> String {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{Resource, ResourceExt};
-use sendense_crds::backup_job::{BackupJobSpec, BackupMode, CopyKind, Phase, VmSelector};
+use sendense_crds::backup_job::{BackupJobSpec, BackupMode, Phase, VmSelector};
 use sendense_crds::backup_schedule::{ScheduledVm, VmSelection};
 use sendense_crds::{BackupJob, BackupSchedule, RestorePoint};
 use sendense_vsphere::{VmListing, glob_match};
@@ -98,40 +98,6 @@ pub fn job_name(schedule: &str, vm_name: &str, instance_uuid: &str, at: Timestam
     )
 }
 
-/// The VM's restore points in the repository, newest first, walked from the newest down its
-/// chain: the number of points in that chain and the time of its full.
-pub fn chain_of(
-    points: &[RestorePoint],
-    repository: &str,
-    instance_uuid: &str,
-) -> (usize, Option<Timestamp>) {
-    let mine: Vec<&RestorePoint> = points
-        .iter()
-        .filter(|p| {
-            p.spec.repository_ref.name == repository
-                && p.spec.vm.instance_uuid.eq_ignore_ascii_case(instance_uuid)
-        })
-        .collect();
-    let Some(newest) = mine.iter().max_by_key(|p| p.spec.completed.0) else {
-        return (0, None);
-    };
-    let by_name: BTreeMap<String, &RestorePoint> =
-        mine.iter().map(|p| (p.name_any(), *p)).collect();
-    let mut n = 0;
-    let mut at = *newest;
-    loop {
-        n += 1;
-        if at.spec.mode == CopyKind::Full || n > 100_000 {
-            return (n, Some(at.spec.completed.0));
-        }
-        match at.spec.parent.as_ref().and_then(|p| by_name.get(&p.name)) {
-            Some(p) => at = p,
-            // The chain's base is gone (pruned, or another repository): count what is here.
-            None => return (n, None),
-        }
-    }
-}
-
 /// The mode of a VM's job at this run: the schedule's, or `full` when `fullEvery` says the
 /// chain is long or old enough. The reason is given for a full.
 pub fn mode_for(
@@ -147,7 +113,7 @@ pub fn mode_for(
     if mode == BackupMode::Full {
         return (mode, None);
     }
-    let (len, full_at) = chain_of(points, &s.spec.repository_ref.name, instance_uuid);
+    let (len, full_at) = crate::chain::chain_of(points, &s.spec.repository_ref.name, instance_uuid);
     if len == 0 {
         return (mode, None);
     }

@@ -112,7 +112,7 @@ fn full_every_makes_a_long_or_old_chain_full() {
         point("p2", "Incremental", Some("p1"), "2026-11-02T01:00:00Z"),
         point("p3", "Incremental", Some("p2"), "2026-11-03T01:00:00Z"),
     ];
-    assert_eq!(chain_of(&points, "primary", uuid).0, 3);
+    assert_eq!(crate::chain::chain_of(&points, "primary", uuid).0, 3);
     let now: Timestamp = "2026-11-04T01:00:00Z".parse().unwrap();
     let s = schedule(json!({"fullEvery": {"backups": 4}}));
     assert_eq!(mode_for(&s, &points, uuid, now).0, BackupMode::Auto);
