@@ -258,6 +258,21 @@ pub struct ScheduledVm {
     /// The job whose end `consecutiveFailures` last counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted_job: Option<String>,
+    /// The scheduled time of the first run that selected it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_run: Option<Time>,
+    /// The scheduled time of the latest run that selected it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_selected_run: Option<Time>,
+    /// The scheduled time of the run whose backup of it last succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_run: Option<Time>,
+    /// By when its next successful backup is due: the first run after its last successful one
+    /// (or the first run that selected it) plus `windowMinutes`, or, without a window, the run
+    /// after that one. Past it the alert SendenseBackupMissed fires. Unset while the schedule
+    /// is suspended or when the latest run did not select the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_due: Option<Time>,
 }
 
 /// What one run did.

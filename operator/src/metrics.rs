@@ -59,6 +59,8 @@ pub struct Metrics {
     pub schedule_runs: IntCounterVec,
     /// The next run of each BackupSchedule (Unix seconds).
     pub schedule_next_run: IntGaugeVec,
+    /// Per VM a schedule selects: when its next successful backup is due (Unix seconds).
+    pub schedule_backup_due: IntGaugeVec,
     /// Restore points retention merged out of their chains, by result.
     pub prunes: IntCounterVec,
     /// BackupJobs waiting for a slot of their SourceNode's limits, by reason.
@@ -218,6 +220,14 @@ impl Metrics {
             &["namespace", "schedule"],
         )?;
         registry.register(Box::new(schedule_next_run.clone()))?;
+        let schedule_backup_due = IntGaugeVec::new(
+            Opts::new(
+                "sendense_schedule_backup_due_timestamp_seconds",
+                "Per VM a BackupSchedule selects: by when its next successful backup is due (the first run after its last successful one, plus the window, or else the run after it); absent while the schedule is suspended or no longer selects the VM",
+            ),
+            &["namespace", "schedule", "vm"],
+        )?;
+        registry.register(Box::new(schedule_backup_due.clone()))?;
         let prunes = IntCounterVec::new(
             Opts::new(
                 "sendense_retention_prunes_total",
@@ -284,6 +294,7 @@ impl Metrics {
             restores,
             schedule_runs,
             schedule_next_run,
+            schedule_backup_due,
             prunes,
             queued,
             retention_bytes_freed,

@@ -117,6 +117,13 @@ pub async fn step(
 ) -> Result<Step, ApiError> {
     let ns = repo.namespace().unwrap_or_default();
     let pod_name = prune_name(repo);
+    // The counters exist at zero from retention's first step, so an alert sees the first
+    // failure as an increase.
+    for result in ["succeeded", "refused", "failed"] {
+        ctx.metrics
+            .prunes
+            .with_label_values(&[&ns, &repo.name_any(), result]);
+    }
     if let Some(pod) = get::<Pod>(&ctx.client, &ns, &pod_name).await? {
         let point = pod
             .annotations()

@@ -282,6 +282,21 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
             }
         }
     }
+    let last_run = u.status.last_schedule_time.as_ref().map(|t| t.0);
+    for v in u.status.vms.iter_mut() {
+        v.backup_due = plan::backup_due(s, &cron, &tz, v, last_run).map(Time);
+        let labels = [ns.as_str(), &s.name_any(), v.name.as_str()];
+        match &v.backup_due {
+            Some(t) => ctx
+                .metrics
+                .schedule_backup_due
+                .with_label_values(&labels)
+                .set(t.0.as_second()),
+            None => {
+                let _ = ctx.metrics.schedule_backup_due.remove_label_values(&labels);
+            }
+        }
+    }
     let next = cron.next_after(now, &tz);
     u.status.next_schedule_time = next.map(|n| n.to_zoned(tz.clone()).to_string());
     if let Some(n) = next {
@@ -394,9 +409,23 @@ async fn run(
         .filter(|v| plan::selected(&s.spec.vms, v))
         .collect();
     u.status.selected_vms = Some(chosen.len() as i32);
+    // VMs this run does not select are no longer due for backups.
+    for known in u.status.vms.iter_mut() {
+        if !chosen.iter().any(|c| {
+            c.vm.instance_uuid
+                .eq_ignore_ascii_case(&known.instance_uuid)
+        }) {
+            known.last_selected_run = None;
+        }
+    }
     for v in chosen {
         let uuid = v.vm.instance_uuid.to_ascii_lowercase();
         let name = plan::job_name(&s.name_any(), &v.vm.name, &uuid, at);
+        let entry = plan::mark_selected(&mut u.status.vms, &uuid, &v.vm.name, at);
+        if entry.last_job.is_none() {
+            entry.last_job = Some(name.clone());
+            entry.last_result = Some("Pending".into());
+        }
         let previous = by_vm.get(&uuid).and_then(|l| {
             l.iter()
                 .find(|j| !plan::ended(j) && j.metadata.deletion_timestamp.is_none())
@@ -435,19 +464,6 @@ async fn run(
                     e,
                 )));
             }
-        }
-        if let Some(st) = u.status.vms.iter_mut().find(|x| x.instance_uuid == uuid) {
-            st.name = v.vm.name.clone();
-        } else {
-            u.status
-                .vms
-                .push(sendense_crds::backup_schedule::ScheduledVm {
-                    instance_uuid: uuid.clone(),
-                    name: v.vm.name.clone(),
-                    last_job: Some(name.clone()),
-                    last_result: Some("Pending".into()),
-                    ..Default::default()
-                });
         }
     }
     Ok(Ok(report))

@@ -243,6 +243,11 @@ pub fn vm_status(
         if let Some(n) = names.get(&uuid) {
             v.name = n.clone();
         }
+        if let Some(first) = list.iter().filter_map(|j| scheduled_at(j)).min()
+            && v.first_run.as_ref().is_none_or(|t| first < t.0)
+        {
+            v.first_run = Some(Time(first));
+        }
         // Successes: the newest succeeded job's completion and restore point.
         for j in &list {
             if phase(j) == Some(Phase::Succeeded)
@@ -252,6 +257,9 @@ pub fn vm_status(
                 if done.as_ref().map(|t| t.0) > v.last_success_time.as_ref().map(|t| t.0) {
                     v.last_success_time = done;
                     v.last_restore_point = st.restore_point.clone();
+                    if let Some(run) = scheduled_at(j) {
+                        v.last_successful_run = Some(Time(run));
+                    }
                 }
                 break;
             }
@@ -285,6 +293,55 @@ pub fn vm_status(
         }
     }
     out.into_values().collect()
+}
+
+/// Records that the run `at` selected the VM (its entry made when new); returns the entry.
+pub fn mark_selected<'a>(
+    vms: &'a mut Vec<ScheduledVm>,
+    uuid: &str,
+    name: &str,
+    at: Timestamp,
+) -> &'a mut ScheduledVm {
+    let i = match vms.iter().position(|x| x.instance_uuid == uuid) {
+        Some(i) => i,
+        None => {
+            vms.push(ScheduledVm {
+                instance_uuid: uuid.to_owned(),
+                ..Default::default()
+            });
+            vms.len() - 1
+        }
+    };
+    let v = &mut vms[i];
+    v.name = name.to_owned();
+    v.first_run.get_or_insert(Time(at));
+    v.last_selected_run = Some(Time(at));
+    v
+}
+
+/// When VM `v`'s next successful backup is due (see `ScheduledVm::backup_due`): None when
+/// the schedule is suspended, has not run (`last_run`), or the latest run that listed the VMs
+/// did not select this one.
+pub fn backup_due(
+    s: &BackupSchedule,
+    cron: &super::cron::Cron,
+    tz: &jiff::tz::TimeZone,
+    v: &ScheduledVm,
+    last_run: Option<Timestamp>,
+) -> Option<Timestamp> {
+    if s.spec.suspend || v.last_selected_run.is_none() || last_run.is_none() {
+        return None;
+    }
+    let first = match &v.last_successful_run {
+        Some(ok) => cron.next_after(ok.0, tz)?,
+        None => v.first_run.as_ref()?.0,
+    };
+    match s.spec.window_minutes {
+        Some(m) => first
+            .checked_add(jiff::SignedDuration::from_mins(i64::from(m)))
+            .ok(),
+        None => cron.next_after(first, tz),
+    }
 }
 
 /// The newest success of any VM.

@@ -209,3 +209,61 @@ fn failures_in_a_row_are_counted_once_each_and_a_success_resets_them() {
         Some("2026-11-03T01:00:00Z")
     );
 }
+
+#[test]
+fn a_vms_backup_is_due_by_the_run_after_its_last_success_or_the_window_end() {
+    let t = |s: &str| -> Timestamp { s.parse().unwrap() };
+    let cron: super::super::cron::Cron = "0 1 * * *".parse().unwrap();
+    let tz = jiff::tz::TimeZone::UTC;
+    let names = BTreeMap::from([("u1".to_string(), "web-01".to_string())]);
+    let s = schedule(json!({}));
+    let mut vms = Vec::new();
+    // Selected by the run of Nov 1: its first backup is due by the run after (Nov 2).
+    mark_selected(&mut vms, "u1", "web-01", t("2026-11-01T01:00:00Z"));
+    let last = Some(t("2026-11-01T01:00:00Z"));
+    let due = |s: &BackupSchedule, v: &ScheduledVm, last| {
+        backup_due(s, &cron, &tz, v, last).map(|t| t.to_string())
+    };
+    assert_eq!(
+        due(&s, &vms[0], last).as_deref(),
+        Some("2026-11-02T01:00:00Z")
+    );
+    assert_eq!(due(&s, &vms[0], None), None, "no run yet");
+    // Its backup of Nov 1 succeeded (at 03:00): the next is due when the Nov 3 run starts.
+    let mut ok = job("a", "2026-11-01T01:00:00Z", "Succeeded");
+    if let Some(st) = ok.status.as_mut() {
+        st.completion_time = Some(Time(t("2026-11-01T03:00:00Z")));
+    }
+    let v = vm_status(&vms, &[ok.clone()], &names);
+    assert_eq!(
+        v[0].last_successful_run.as_ref().map(|t| t.0),
+        Some(t("2026-11-01T01:00:00Z"))
+    );
+    assert_eq!(
+        v[0].first_run.as_ref().map(|t| t.0),
+        Some(t("2026-11-01T01:00:00Z"))
+    );
+    assert_eq!(
+        due(&s, &v[0], last).as_deref(),
+        Some("2026-11-03T01:00:00Z")
+    );
+    // With a 3-hour window: due when the window of the Nov 2 run closes.
+    let windowed = schedule(json!({"windowMinutes": 180}));
+    assert_eq!(
+        due(&windowed, &v[0], last).as_deref(),
+        Some("2026-11-02T04:00:00Z")
+    );
+    // Suspended, or no longer selected: nothing is due.
+    assert_eq!(due(&schedule(json!({"suspend": true})), &v[0], last), None);
+    let mut gone = v[0].clone();
+    gone.last_selected_run = None;
+    assert_eq!(due(&s, &gone, last), None);
+    // Selected again later: the first run stays the first.
+    let mut vms = v;
+    mark_selected(&mut vms, "u1", "web-01", t("2026-11-05T01:00:00Z"));
+    assert_eq!(
+        vms[0].first_run.as_ref().map(|t| t.0),
+        Some(t("2026-11-01T01:00:00Z"))
+    );
+    assert_eq!(vms.len(), 1);
+}
