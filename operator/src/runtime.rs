@@ -149,6 +149,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let ns = job.metadata.namespace.clone().unwrap_or_default();
             Some(ObjectRef::<Repository>::new(&job.spec.repository_ref.name).within(&ns))
         })
+        // A schedule's retention (or the VMs it selects) changes its repository's verdict.
+        .watches(scoped::<BackupSchedule>(&client, namespace), all(), |s| {
+            let ns = s.metadata.namespace.clone().unwrap_or_default();
+            Some(ObjectRef::<Repository>::new(&s.spec.repository_ref.name).within(&ns))
+        })
         .shutdown_on_signal()
         .run(repository::reconcile, repository::error_policy, repo_ctx)
         .for_each(|_| async {});

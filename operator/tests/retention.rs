@@ -171,12 +171,12 @@ fn next(x: &mut u64) -> u64 {
 /// Waits until retention has nothing left to prune and `pruned` points were pruned in all.
 /// When `kill_after_ms` is set, the first prune pod seen running is deleted by force that
 /// long after it was seen (its replacement must finish the merge).
-async fn pruned(bed: &Bed, want: i32, mut kill_after_ms: Option<u64>) -> Result<()> {
+async fn pruned(bed: &Bed, want: i64, mut kill_after_ms: Option<u64>) -> Result<()> {
     let pod = "primary-prune";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(420);
     loop {
         if let Some(ms) = kill_after_ms {
-            let phase = sendense_e2e::kubectl(&[
+            let phase = sendense_e2e::kubectl_ok(&[
                 "get",
                 "pod",
                 "-n",

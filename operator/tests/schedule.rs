@@ -1,11 +1,14 @@
 //! BackupSchedules end to end through `kubectl apply` on the real test bed (local control plane,
-//! real node, the vCenter simulator, real qemu-nbd): a schedule every 30 seconds selects the
-//! simulator's three VMs by a name pattern and backs them up with at most the SourceNode's
-//! `maxConcurrentJobs` at once; a VM created in the simulator afterwards is picked up by a later
-//! run; `suspend` stops new runs. Every restore point made is read back through its chain and
-//! compared with the simulator's checksum of the disk.
+//! real node, the vCenter simulator, real qemu-nbd), on a clock the test moves
+//! (`SENDENSE_TEST_CLOCK_FILE`): a nightly schedule selects the simulator's three VMs by a name
+//! pattern and backs them up with at most the SourceNode's `maxConcurrentJobs` at once; a VM
+//! created in the simulator afterwards is picked up by the next night; a night whose jobs queue
+//! behind one slow backup loses the queued ones when its window closes; `suspend` stops new
+//! runs. Every restore point made is read back through its chain and compared with the
+//! simulator's checksum of the disk.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -19,7 +22,7 @@ mod support;
 use support::faults::patch_source_node;
 use support::{Bed, SERIAL, events_of};
 
-const SCHEDULE: &str = "every-30s";
+const SCHEDULE: &str = "nightly";
 
 fn schedule_yaml(suspend: bool) -> String {
     format!(
@@ -27,8 +30,10 @@ fn schedule_yaml(suspend: bool) -> String {
 kind: BackupSchedule
 metadata: {{name: {SCHEDULE}}}
 spec:
-  schedule: "*/30 * * * * *"
+  schedule: "0 1 * * *"
   suspend: {suspend}
+  windowMinutes: 30
+  startingDeadlineSeconds: 600
   sourceNodeRef: {{name: vc}}
   repositoryRef: {{name: primary}}
   vms: {{namePattern: "cbt-vm-*"}}
@@ -37,14 +42,22 @@ spec:
     )
 }
 
-/// The schedule's jobs, sampled: (name, VM, phase).
-async fn sample(bed: &Bed) -> Result<Vec<(String, String, Option<Phase>)>> {
+/// The schedule's jobs of the run at `night` 01:00 UTC, sampled: (name, VM, phase).
+async fn sample(bed: &Bed, night: &str) -> Result<Vec<(String, String, Option<Phase>)>> {
     let jobs = bed.jobs().await?;
+    let at = format!("{night}T01:00:00Z");
     Ok(jobs
         .list(&ListParams::default().labels(&format!("sendense.io/schedule={SCHEDULE}")))
         .await?
         .items
         .into_iter()
+        .filter(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("sendense.io/scheduled-time"))
+                == Some(&at)
+        })
         .map(|j| {
             let vm = j
                 .metadata
@@ -63,13 +76,24 @@ async fn schedule(bed: &Bed) -> Result<BackupSchedule> {
     Ok(api.get(SCHEDULE).await?)
 }
 
-/// Watches the schedule's jobs until every VM in `vms` has a succeeded job; fails when more than
-/// `limit` ran at once or a job failed. Returns the names of the jobs seen.
-async fn until_backed_up(bed: &Bed, vms: &[&str], limit: usize) -> Result<BTreeSet<String>> {
+/// Moves the test clock to `night` at 01:00:05 UTC (five seconds after the run).
+fn set_clock(clock: &Path, night: &str, time: &str) -> Result<()> {
+    std::fs::write(clock, format!("{night}T{time}Z"))?;
+    Ok(())
+}
+
+/// Watches the jobs of the run at `night` until every VM in `vms` has a succeeded one; fails
+/// when more than `limit` ran at once or a job failed. Returns the names of the jobs seen.
+async fn until_backed_up(
+    bed: &Bed,
+    night: &str,
+    vms: &[&str],
+    limit: usize,
+) -> Result<BTreeSet<String>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(420);
     let mut seen = BTreeSet::new();
     loop {
-        let jobs = sample(bed).await?;
+        let jobs = sample(bed, night).await?;
         let running = jobs
             .iter()
             .filter(|(_, _, p)| *p == Some(Phase::Running))
@@ -91,7 +115,7 @@ async fn until_backed_up(bed: &Bed, vms: &[&str], limit: usize) -> Result<BTreeS
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
-                "not every VM of {vms:?} was backed up: {jobs:?}\n{:#?}{}",
+                "not every VM of {vms:?} was backed up on {night}: {jobs:?}\n{:#?}{}",
                 schedule(bed).await?.status,
                 bed.diagnostics()
             );
@@ -103,7 +127,11 @@ async fn until_backed_up(bed: &Bed, vms: &[&str], limit: usize) -> Result<BTreeS
 #[tokio::test]
 async fn a_schedule_backs_up_the_vms_its_pattern_selects_within_the_limits() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start(3, (11400, 11420)).await?;
+    let mut bed = Bed::start_without_operator(3, (11400, 11420)).await?;
+    let clock: PathBuf = bed.work.join("clock");
+    set_clock(&clock, "2027-03-01", "00:59:00")?;
+    let clock_env = clock.display().to_string();
+    bed.start_operator_with(&[("SENDENSE_TEST_CLOCK_FILE", &clock_env)])?;
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
     patch_source_node(&bed, r#"{"limits": {"maxConcurrentJobs": 2}}"#)?;
@@ -113,10 +141,18 @@ async fn a_schedule_backs_up_the_vms_its_pattern_selects_within_the_limits() -> 
             "64", "-size", "64K",
         ]);
     }
+    let mut before = std::collections::BTreeMap::new();
+    for vm in ["cbt-vm-0", "cbt-vm-1", "cbt-vm-2"] {
+        for key in [2000, 2001] {
+            before.insert((vm.to_string(), key), bed.checksum(vm, key));
+        }
+    }
     bed.apply(SCHEDULE, &schedule_yaml(false))?;
 
-    // The first run: three jobs, at most two at once; the third waits, and says so.
-    let first = until_backed_up(&bed, &["cbt-vm-0", "cbt-vm-1", "cbt-vm-2"], 2).await?;
+    // The first night: three jobs, at most two at once; the third waits, and says so.
+    set_clock(&clock, "2027-03-01", "01:00:05")?;
+    let first =
+        until_backed_up(&bed, "2027-03-01", &["cbt-vm-0", "cbt-vm-1", "cbt-vm-2"], 2).await?;
     let mut queued = false;
     for job in &first {
         let events = events_of(&bed.ns.name, job).await?;
@@ -180,7 +216,14 @@ async fn a_schedule_backs_up_the_vms_its_pattern_selects_within_the_limits() -> 
         "-size",
         "64K",
     ]);
-    until_backed_up(&bed, &["cbt-vm-new"], 2).await?;
+    set_clock(&clock, "2027-03-02", "01:00:05")?;
+    until_backed_up(
+        &bed,
+        "2027-03-02",
+        &["cbt-vm-0", "cbt-vm-1", "cbt-vm-2", "cbt-vm-new"],
+        2,
+    )
+    .await?;
     // The schedule's status follows its jobs: every VM with a success and no failure.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -204,6 +247,90 @@ async fn a_schedule_backs_up_the_vms_its_pattern_selects_within_the_limits() -> 
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    // Each VM's next backup is due when the next night's 30-minute window closes, and the
+    // metric the alert reads says the same.
+    let st = schedule(&bed).await?.status.context("status")?;
+    for v in &st.vms {
+        assert_eq!(
+            v.backup_due.as_ref().map(|t| t.0.to_string()).as_deref(),
+            Some("2027-03-03T01:30:00Z"),
+            "{v:?}"
+        );
+    }
+    let metrics = bed.metrics().await?;
+    let due: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("sendense_schedule_backup_due_timestamp_seconds{"))
+        .collect();
+    assert_eq!(due.len(), 4, "{due:?}");
+    assert!(due.iter().all(|l| l.ends_with(" 1804037400")), "{due:?}");
+
+    // The third night the VMs queue behind one slow backup (one slot, 16 Mbit/s): when the
+    // night's 30-minute window closes, the jobs still queued are removed and say why; the
+    // running one finishes.
+    patch_source_node(
+        &bed,
+        r#"{"limits": {"maxConcurrentJobs": 1, "maxBandwidthMbps": 16}}"#,
+    )?;
+    for vm in ["cbt-vm-0", "cbt-vm-1", "cbt-vm-2"] {
+        bed.guest(&[
+            "fill", "-vm", vm, "-disk", "2000", "-pattern", "random", "-seed", "7", "-count", "96",
+            "-size", "64K",
+        ]);
+    }
+    set_clock(&clock, "2027-03-03", "01:00:05")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let running = loop {
+        let jobs = sample(&bed, "2027-03-03").await?;
+        let running: Vec<_> = jobs
+            .iter()
+            .filter(|(_, _, p)| *p == Some(Phase::Running))
+            .collect();
+        let queued = jobs
+            .iter()
+            .filter(|(_, _, p)| matches!(p, None | Some(Phase::Pending)))
+            .count();
+        if jobs.len() == 4 && running.len() == 1 && queued == 3 {
+            break running[0].clone();
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the third night did not queue three jobs behind one: {jobs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    set_clock(&clock, "2027-03-03", "01:30:01")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = sample(&bed, "2027-03-03").await?;
+        let st = schedule(&bed).await?.status.context("status")?;
+        let closed: BTreeSet<&str> = st
+            .vms
+            .iter()
+            .filter(|v| v.last_result.as_deref() == Some("WindowClosed"))
+            .map(|v| v.name.as_str())
+            .collect();
+        if jobs.len() == 1 && closed.len() == 3 && !closed.contains(running.1.as_str()) {
+            assert_eq!(jobs[0].0, running.0, "the running job stays");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the window did not close on the queued jobs: {jobs:?} {st:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = events_of(&bed.ns.name, SCHEDULE).await?;
+    assert_eq!(
+        events.iter().filter(|(_, r)| r == "WindowClosed").count(),
+        3,
+        "{events:?}"
+    );
+    bed.finished(&running.0, Phase::Succeeded, Duration::from_secs(240))
+        .await?;
+    patch_source_node(
+        &bed,
+        r#"{"limits": {"maxConcurrentJobs": 2, "maxBandwidthMbps": null}}"#,
+    )?;
+
     // Suspended: no new runs. Jobs of a run already made may still end.
     let mut suspended = schedule_yaml(true);
     suspended.push('\n');
@@ -224,30 +351,35 @@ async fn a_schedule_backs_up_the_vms_its_pattern_selects_within_the_limits() -> 
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let before: BTreeSet<String> = sample(&bed).await?.into_iter().map(|j| j.0).collect();
-    // Two scheduled times pass.
-    tokio::time::sleep(Duration::from_secs(65)).await;
-    let after: BTreeSet<String> = sample(&bed).await?.into_iter().map(|j| j.0).collect();
-    assert_eq!(before, after, "no run while suspended");
+    // Two nights pass (the controller reads the test clock every second).
+    set_clock(&clock, "2027-03-05", "01:00:05")?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for night in ["2027-03-04", "2027-03-05"] {
+        let jobs = sample(&bed, night).await?;
+        assert!(jobs.is_empty(), "no run while suspended: {jobs:?}");
+    }
+    let st = schedule(&bed).await?.status.context("status")?;
+    assert!(
+        st.vms.iter().all(|v| v.backup_due.is_none()),
+        "nothing is due while suspended: {:?}",
+        st.vms
+    );
 
-    // Every restore point the schedule made reads back through its chain as committed. The
-    // first three VMs' disks have not changed since the data was written before the schedule
-    // existed, so each of their points holds the simulator's disk as it is now. (The new VM
-    // may have been backed up between its creation and its data.)
+    // Every restore point the schedule made reads back through its chain as committed and holds
+    // the disks as they were at its night: the first two nights' as written before the first
+    // night, the third night's (and the new VM's) as they are now.
     let points: Api<RestorePoint> = Api::namespaced(sendense_e2e::client().await?, &bed.ns.name);
     let points = points.list(&Default::default()).await?.items;
-    assert!(points.len() >= 4, "{} restore points", points.len());
+    assert_eq!(points.len(), 3 + 4 + 1, "three, four and one points");
     for p in &points {
+        let night = p.spec.scheduled.as_ref().context("filed")?.0.to_string();
         for d in &p.spec.disks {
-            if p.spec.vm.name != "cbt-vm-new" {
-                assert_eq!(
-                    d.sha256,
-                    bed.checksum(&p.spec.vm.name, d.device_key),
-                    "{} disk {}",
-                    p.spec.vm.name,
-                    d.device_key
-                );
-            }
+            let key = (p.spec.vm.name.clone(), d.device_key);
+            let want = match before.get(&key) {
+                Some(sum) if !night.starts_with("2027-03-03") => sum.clone(),
+                _ => bed.checksum(&p.spec.vm.name, d.device_key),
+            };
+            assert_eq!(d.sha256, want, "{} disk {} of {night}", key.0, key.1);
             bed.verify(&d.file, &d.sha256)?;
         }
     }
