@@ -166,6 +166,7 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
         let uuid = j.labels().get(VM_LABEL).cloned().unwrap_or_default();
         if let Some(v) = u.status.vms.iter_mut().find(|v| v.instance_uuid == uuid) {
             v.last_result = Some("WindowClosed".into());
+            v.last_job = Some(j.name_any());
         }
         ctx.recorder
             .publish(

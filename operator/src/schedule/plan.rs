@@ -272,6 +272,12 @@ pub fn vm_status(
                 .and_then(|s| s.vm_name.clone())
                 .unwrap_or_default();
         }
+        // A run whose job the window removed stays the VM's latest until a later run's job.
+        let closed = v.last_result.as_deref() == Some("WindowClosed")
+            && scheduled_at(newest) <= v.last_selected_run.as_ref().map(|t| t.0);
+        if closed {
+            continue;
+        }
         v.last_job = Some(newest.name_any());
         v.last_result = Some(
             match phase(newest) {

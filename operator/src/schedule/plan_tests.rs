@@ -267,3 +267,26 @@ fn a_vms_backup_is_due_by_the_run_after_its_last_success_or_the_window_end() {
     );
     assert_eq!(vms.len(), 1);
 }
+
+#[test]
+fn a_window_closed_run_stays_the_vms_latest_until_a_later_run() {
+    let names = BTreeMap::from([("u1".to_string(), "web-01".to_string())]);
+    let t = |s: &str| -> Timestamp { s.parse().unwrap() };
+    let earlier = job("a", "2026-11-01T01:00:00Z", "Succeeded");
+    let mut vms = vm_status(&[], &[earlier.clone()], &names);
+    mark_selected(&mut vms, "u1", "web-01", t("2026-11-02T01:00:00Z"));
+    // The Nov 2 job was removed unstarted when its window closed.
+    vms[0].last_result = Some("WindowClosed".into());
+    vms[0].last_job = Some("b".into());
+    let unstarted = job("b", "2026-11-02T01:00:00Z", "");
+    for jobs in [vec![unstarted, earlier.clone()], vec![earlier.clone()]] {
+        let v = vm_status(&vms, &jobs, &names);
+        assert_eq!(
+            (v[0].last_result.as_deref(), v[0].last_job.as_deref()),
+            (Some("WindowClosed"), Some("b"))
+        );
+    }
+    let later = job("c", "2026-11-03T01:00:00Z", "Succeeded");
+    let v = vm_status(&vms, &[later, earlier], &names);
+    assert_eq!(v[0].last_result.as_deref(), Some("Succeeded"));
+}
