@@ -273,7 +273,7 @@ fn a_window_closed_run_stays_the_vms_latest_until_a_later_run() {
     let names = BTreeMap::from([("u1".to_string(), "web-01".to_string())]);
     let t = |s: &str| -> Timestamp { s.parse().unwrap() };
     let earlier = job("a", "2026-11-01T01:00:00Z", "Succeeded");
-    let mut vms = vm_status(&[], &[earlier.clone()], &names);
+    let mut vms = vm_status(&[], std::slice::from_ref(&earlier), &names);
     mark_selected(&mut vms, "u1", "web-01", t("2026-11-02T01:00:00Z"));
     // The Nov 2 job was removed unstarted when its window closed.
     vms[0].last_result = Some("WindowClosed".into());
