@@ -309,4 +309,8 @@ pub struct PruneCandidate {
     /// The rules are `dryRun`: reported, not pruned.
     #[serde(default)]
     pub dry_run: bool,
+    /// Why it goes: each rule and why it passes the point over (e.g. `keepDaily 3: day
+    /// 2026-11-20 is not among the 3 newest with a point`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }

@@ -305,6 +305,24 @@ async fn ten_scheduled_nights_keep_exactly_the_gfs_points_and_each_restores() ->
         previewed.sort();
         if points.len() == 7 && previewed == PREVIEW_AFTER_SEVEN {
             assert!(r.pruning.is_none() && r.pruned == 0, "{r:#?}");
+            // Each says why it goes: the oldest, rule by rule.
+            let oldest = &r.prune[0];
+            assert_eq!(by_name[&oldest.restore_point], "2027-01-22", "{r:#?}");
+            let newest_of_january = points
+                .iter()
+                .find(|p| night_of(p) == "2027-01-31")
+                .and_then(|p| p.metadata.name.clone())
+                .context("the point of 01-31")?;
+            assert_eq!(
+                oldest.reason,
+                format!(
+                    "keepLast 2: it is number 7; \
+                     keepDaily 3: day 2027-01-22 is not among the 3 newest with a point; \
+                     keepWeekly 2: week 2027-W03 is not among the 2 newest with a point; \
+                     keepMonthly 2: {newest_of_january} is newer in month 2027-01"
+                ),
+                "{r:#?}"
+            );
             break;
         }
         if tokio::time::Instant::now() > deadline {

@@ -119,10 +119,19 @@ async fn run(args: &RepoPruneArgs, written: &mut bool) -> Result<PruneResult, Pr
         merge_override: args.timeout_seconds.map(Duration::from_secs),
     };
     let (vol, point) = locate::volume_and_point(&args.root, &args.point)?;
-    // A dry run writes nothing (and may run on a read-only mount): no lock.
+    // A dry run writes nothing (and may run on a read-only mount): no lock. Otherwise the
+    // refusals come before the lock, so a refused prune writes nothing (not even the lock
+    // file); under the lock everything is read again, as another prune may have changed it.
     let _lock = match args.dry_run {
         true => None,
-        false => Some(lock::lock_volume(&vol.root, lock::LOCK_WAIT).await?),
+        false => {
+            if let Some(m) = locate::manifest(&vol, &point)? {
+                plan::Neighbours::scan(&vol, &m, &deadlines)
+                    .await?
+                    .refusals(&m)?;
+            }
+            Some(lock::lock_volume(&vol.root, lock::LOCK_WAIT).await?)
+        }
     };
     let Some(mut m) = locate::manifest(&vol, &point)? else {
         locate::already_gone(&vol, &point, written)?;

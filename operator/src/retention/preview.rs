@@ -99,6 +99,7 @@ pub fn preview(
                     time: Some(Time(v.time)),
                     policy: policy.clone(),
                     dry_run: rules.dry_run,
+                    reason: v.passed_over.join("; "),
                 });
             }
         }

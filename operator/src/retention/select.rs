@@ -6,7 +6,7 @@
 //! The newest point, and the newest verified point, are always kept: a retention can thin a
 //! VM's history, never end it or leave it without a point known good.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -28,6 +28,8 @@ pub struct Verdict {
     pub time: Timestamp,
     /// Why it is kept (empty: it is pruned).
     pub kept_by: Vec<String>,
+    /// For a pruned point, why each rule passes it over.
+    pub passed_over: Vec<String>,
 }
 
 impl Verdict {
@@ -71,13 +73,13 @@ impl Period {
         let z = t.to_zoned(tz.clone());
         let d = z.date();
         match self {
-            Period::Day => format!("newest of day {d}"),
+            Period::Day => format!("day {d}"),
             Period::Week => {
                 let w = d.iso_week_date();
-                format!("newest of week {}-W{:02}", w.year(), w.week())
+                format!("week {}-W{:02}", w.year(), w.week())
             }
-            Period::Month => format!("newest of month {}-{:02}", d.year(), d.month()),
-            Period::Year => format!("newest of year {}", d.year()),
+            Period::Month => format!("month {}-{:02}", d.year(), d.month()),
+            Period::Year => format!("year {}", d.year()),
         }
     }
 }
@@ -92,11 +94,17 @@ pub fn select(points: &[Point], r: &Retention, tz: &TimeZone) -> Vec<Verdict> {
             name: p.name.clone(),
             time: p.time,
             kept_by: Vec::new(),
+            passed_over: Vec::new(),
         })
         .collect();
     if let Some(n) = r.keep_last {
-        for (i, v) in out.iter_mut().take(n.max(0) as usize).enumerate() {
-            v.kept_by.push(format!("keepLast {n} (number {})", i + 1));
+        for (i, v) in out.iter_mut().enumerate() {
+            if i < n.max(0) as usize {
+                v.kept_by.push(format!("keepLast {n} (number {})", i + 1));
+            } else {
+                v.passed_over
+                    .push(format!("keepLast {n}: it is number {}", i + 1));
+            }
         }
     }
     for (period, n) in [
@@ -106,17 +114,25 @@ pub fn select(points: &[Point], r: &Retention, tz: &TimeZone) -> Vec<Verdict> {
         (Period::Year, r.keep_yearly),
     ] {
         let Some(n) = n else { continue };
-        let mut seen = BTreeSet::new();
+        // The newest point of each of the n newest periods that have one.
+        let mut chosen: BTreeMap<(i16, i16, i8), String> = BTreeMap::new();
+        let mut full = false;
         for v in out.iter_mut() {
-            if seen.len() >= n.max(0) as usize {
-                break;
-            }
-            if seen.insert(period.key(v.time, tz)) {
-                v.kept_by.push(format!(
-                    "{} {n}: {}",
-                    period.rule(),
-                    period.describe(v.time, tz)
+            let key = period.key(v.time, tz);
+            let what = period.describe(v.time, tz);
+            if let Some(newer) = chosen.get(&key) {
+                v.passed_over
+                    .push(format!("{} {n}: {newer} is newer in {what}", period.rule()));
+            } else if full || chosen.len() >= n.max(0) as usize {
+                full = true;
+                v.passed_over.push(format!(
+                    "{} {n}: {what} is not among the {n} newest with a point",
+                    period.rule()
                 ));
+            } else {
+                chosen.insert(key, v.name.clone());
+                v.kept_by
+                    .push(format!("{} {n}: newest of {what}", period.rule()));
             }
         }
     }
@@ -214,6 +230,32 @@ mod tests {
                 "2026-03-08T13:00:00Z", // daily, weekly W10
                 "2026-02-28T13:00:00Z", // monthly 02
                 "2026-01-31T13:00:00Z", // monthly 01
+            ]
+        );
+        // A point that goes says why each rule passes it over.
+        let gone = v
+            .iter()
+            .find(|v| v.time.to_string() == "2026-03-08T01:00:00Z")
+            .unwrap();
+        assert!(!gone.kept());
+        assert_eq!(
+            gone.passed_over,
+            [
+                "keepDaily 3: p133 is newer in day 2026-03-08",
+                "keepWeekly 2: p133 is newer in week 2026-W10",
+                "keepMonthly 3: p137 is newer in month 2026-03",
+            ]
+        );
+        let old = v
+            .iter()
+            .find(|v| v.time.to_string() == "2026-01-10T13:00:00Z")
+            .unwrap();
+        assert_eq!(
+            old.passed_over,
+            [
+                "keepDaily 3: day 2026-01-10 is not among the 3 newest with a point",
+                "keepWeekly 2: week 2026-W02 is not among the 2 newest with a point",
+                "keepMonthly 3: p61 is newer in month 2026-01",
             ]
         );
         let first = &v[0].kept_by;
