@@ -17,6 +17,7 @@ use sendense_crds::{BackupJob, Repository, SourceNode};
 use sendense_e2e::{client, kubectl_ok, wait_until};
 
 mod support;
+use support::faults::patch_repository;
 use support::{Bed, EMPTY_DATASTORE, LAB_DATASTORE, SERIAL, disk_file, events_of, record_pods};
 
 #[tokio::test]
@@ -770,17 +771,10 @@ async fn deleting_a_restore_point_object_deletes_no_data_and_the_next_probe_list
     }
     // The next probe of the Repository (here: brought forward by a change of its spec) lists
     // it again, as it was.
-    kubectl_ok(&[
-        "patch",
-        "-n",
-        &bed.ns.name,
-        "repository",
-        "primary",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec": {"hub": {"portRange": {"low": 10900, "high": 10921}}}}"#,
-    ])?;
+    patch_repository(
+        &bed,
+        r#"{"hub": {"portRange": {"low": 10900, "high": 10921}}}"#,
+    )?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let back = loop {
         let found = bed

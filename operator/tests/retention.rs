@@ -20,6 +20,7 @@ use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 
 mod support;
+use support::faults::patch_repository;
 use support::{Bed, SERIAL};
 
 const VM: &str = "cbt-vm-0";
@@ -90,6 +91,14 @@ fn write(bed: &Bed, seed: u32) {
             "64K",
         ]);
     }
+}
+
+/// The simulator's checksums of the VM's two disks now.
+fn checksums(bed: &Bed) -> Vec<(i32, String)> {
+    vec![
+        (2000, bed.checksum(VM, 2000)),
+        (2001, bed.checksum(VM, 2001)),
+    ]
 }
 
 /// Bytes allocated under `dir` (what the files really take on the volume).
@@ -247,17 +256,7 @@ async fn ten_scheduled_nights_keep_exactly_the_gfs_points_and_each_restores() ->
     bed.start_operator_with(&[("SENDENSE_TEST_CLOCK_FILE", &clock_env)])?;
     bed.ready::<SourceNode>("vc").await?;
     bed.ready::<Repository>("primary").await?;
-    sendense_e2e::kubectl_ok(&[
-        "patch",
-        "-n",
-        &bed.ns.name,
-        "repository",
-        "primary",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec": {"maxChainLength": 4}}"#,
-    ])?;
+    patch_repository(&bed, r#"{"maxChainLength": 4}"#)?;
     bed.apply(SCHEDULE, &schedule_yaml(true))?;
 
     // Seven nights under a dry run: nothing pruned, the preview names what GFS would drop.
@@ -265,13 +264,7 @@ async fn ten_scheduled_nights_keep_exactly_the_gfs_points_and_each_restores() ->
     let mut jobs: BTreeMap<String, BackupJob> = BTreeMap::new();
     for (i, n) in NIGHTS.iter().enumerate().take(7) {
         write(&bed, i as u32 + 1);
-        sums.insert(
-            n.to_string(),
-            vec![
-                (2000, bed.checksum(VM, 2000)),
-                (2001, bed.checksum(VM, 2001)),
-            ],
-        );
+        sums.insert(n.to_string(), checksums(&bed));
         jobs.insert(n.to_string(), night(&bed, &clock, n).await?);
     }
     // The fifth night's chain held four points: a new chain started with a full.
@@ -346,13 +339,7 @@ async fn ten_scheduled_nights_keep_exactly_the_gfs_points_and_each_restores() ->
     // Three more nights with retention live: their prunes run between the backups.
     for (i, n) in NIGHTS.iter().enumerate().skip(7) {
         write(&bed, i as u32 + 1);
-        sums.insert(
-            n.to_string(),
-            vec![
-                (2000, bed.checksum(VM, 2000)),
-                (2001, bed.checksum(VM, 2001)),
-            ],
-        );
+        sums.insert(n.to_string(), checksums(&bed));
         jobs.insert(n.to_string(), night(&bed, &clock, n).await?);
     }
     pruned(&bed, 5, None).await?;

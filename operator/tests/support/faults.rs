@@ -42,12 +42,21 @@ pub fn write_data(bed: &Bed) {
 
 /// Merges `spec` (JSON) into the spec of the bed's SourceNode `vc`.
 pub fn patch_source_node(bed: &Bed, spec: &str) -> Result<()> {
+    patch_spec(bed, "sourcenode", "vc", spec)
+}
+
+/// Merges `spec` (JSON) into the spec of the bed's Repository `primary`.
+pub fn patch_repository(bed: &Bed, spec: &str) -> Result<()> {
+    patch_spec(bed, "repository", "primary", spec)
+}
+
+fn patch_spec(bed: &Bed, kind: &str, name: &str, spec: &str) -> Result<()> {
     kubectl_ok(&[
         "patch",
         "-n",
         &bed.ns.name,
-        "sourcenode",
-        "vc",
+        kind,
+        name,
         "--type",
         "merge",
         "-p",
