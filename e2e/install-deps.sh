@@ -5,11 +5,12 @@
 # (1.6, CRI v1), runc, the CNI plugins, nftables (kube-proxy's mode) and conntrack; its tests
 # make a small image from busybox-static. File-level restore's tests build populated guest file
 # systems with the real tools, without mounting (e2fsprogs, xfsprogs, ntfs-3g, gdisk, fdisk).
+# `make bench` compares the network cases with iperf3's goodput.
 set -euo pipefail
 need=()
 for tool in curl:curl openssl:openssl pgrep:procps setsid:util-linux \
     qemu-img:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit nbdcopy:libnbd-bin nbdinfo:libnbd-bin python3:python3 \
-    ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus \
+    ip:iproute2 tc:iproute2 /usr/bin/time:time promtool:prometheus iperf3:iperf3 \
     mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci readelf:binutils \
     containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
     nft:nftables conntrack:conntrack ss:iproute2 sysctl:procps /bin/busybox:busybox-static \
