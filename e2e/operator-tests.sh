@@ -7,11 +7,14 @@
 # node stalls) runs alone afterwards.
 #
 # Run by e2e/run-tests.sh with the cluster up, KUBECONFIG, KUBECTL, HELM, KUBECONFORM and
-# PROMTOOL exported. SENDENSE_TEST_LANES=1 runs the binaries one after another.
+# PROMTOOL exported. One lane by default: with SENDENSE_TEST_LANES=2 a clean run passed once in
+# 32 min, and the next failed twice under the load (backup_job.rs five_jobs_at_once...: a commit
+# pod created twice across the operator's restart; secrets.rs: the SourceNode's LoginFailed not
+# yet written when read) — timing the tests and the operator must first be made robust to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-LANES=${SENDENSE_TEST_LANES:-2}
+LANES=${SENDENSE_TEST_LANES:-1}
 # The test that takes the node away (faults.rs): never beside another.
 NODE_TEST=the_hubs_node_gone_mid_copy_its_pods_are_force_deleted_and_a_later_attempt_commits
 # Longest first, so the lanes end together (as measured on 2026-11-27: vcenter_outage 728 s,

@@ -72,7 +72,7 @@ step "agent, operator and end-to-end tests (kube-apiserver $K8S_VERSION, qemu-nb
 # The agent's, the CRDs', the test bed's and the guest file systems' tests, one binary at a time
 # (the agent's bandwidth test measures a rate: nothing else runs beside it).
 cargo test --workspace --exclude sendense-operator --test '*' --locked
-# The operator's, two binaries at a time (e2e/operator-tests.sh says why that is safe).
+# The operator's (e2e/operator-tests.sh: one binary at a time by default, the node test last).
 bash e2e/operator-tests.sh
 
 if [ "${SENDENSE_NODE:-1}" != 0 ]; then
