@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # The operator's end-to-end test binaries (operator/tests/*.rs), two at a time: each test brings
-# its own simulator, namespace, Repository and operator process, so tests of different binaries
-# do not share state (tests within a binary still run one at a time, SERIAL). Most of their time
-# is spent waiting on the system under test (deadlines, retries, a frozen vCenter), so two lanes
-# halve the wall time on two cores. The one test that stops the node's kubelet (every pod on the
-# node stalls) runs alone afterwards.
+# its own simulator, namespace, Repository and operator process (watching only that namespace),
+# so tests of different binaries do not share state (tests within a binary still run one at a
+# time, SERIAL). Most of their time is spent waiting on the system under test (deadlines,
+# retries, a frozen vCenter), so two lanes nearly halve the wall time on two cores. What reaches
+# beyond its own namespace runs alone afterwards: chart.rs (its all-namespaces install reconciles
+# every namespace's SourceNodes with its own settings: beside secrets.rs it rewrote that test's
+# SourceNodes NotAllowed) and the one test that stops the node's kubelet (every pod stalls).
 #
 # Run by e2e/run-tests.sh with the cluster up, KUBECONFIG, KUBECTL, HELM, KUBECONFORM and
-# PROMTOOL exported. One lane by default: with SENDENSE_TEST_LANES=2 a clean run passed once in
-# 32 min, and the next failed twice under the load (backup_job.rs five_jobs_at_once...: a commit
-# pod created twice across the operator's restart; secrets.rs: the SourceNode's LoginFailed not
-# yet written when read) — timing the tests and the operator must first be made robust to.
+# PROMTOOL exported. SENDENSE_TEST_LANES=1 runs them one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-LANES=${SENDENSE_TEST_LANES:-1}
+LANES=${SENDENSE_TEST_LANES:-2}
 # The test that takes the node away (faults.rs): never beside another.
 NODE_TEST=the_hubs_node_gone_mid_copy_its_pods_are_force_deleted_and_a_later_attempt_commits
 # Longest first, so the lanes end together (as measured on 2026-11-27: vcenter_outage 728 s,
 # faults 570 s without the node test, backup_job 346 s, then 170 s or less each).
-ORDER="vcenter_outage faults backup_job disk_changes random_kills retention schedule restore_job nbd_tls source_node secrets chart"
+ORDER="vcenter_outage faults backup_job disk_changes random_kills retention schedule restore_job nbd_tls source_node secrets"
+# Whole binaries that run alone, after the lanes.
+ALONE="chart"
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
@@ -41,8 +42,10 @@ done < <(grep '^ *Executable tests/' "$logs/build")
 names=()
 for n in $ORDER; do [ -n "${BIN[$n]:-}" ] && names+=("$n"); done
 for n in "${!BIN[@]}"; do
-  case " ${names[*]} " in *" $n "*) ;; *) names+=("$n") ;; esac
+  case " ${names[*]} $ALONE " in *" $n "*) ;; *) names+=("$n") ;; esac
 done
+alone=()
+for n in $ALONE; do [ -n "${BIN[$n]:-}" ] && alone+=("$n"); done
 
 # One binary, as cargo would run it (working directory and CARGO_MANIFEST_DIR the package's).
 run_one() {
@@ -78,12 +81,13 @@ for _ in $(seq "$LANES"); do
 done
 for p in "${pids[@]}"; do wait "$p" || true; done
 
-# The node-taking test, alone.
+# What reaches beyond its namespace, alone: the all-namespaces install, the node-taking test.
+for n in "${alone[@]}"; do run_one "$n"; done
 BIN[faults-node]=${BIN[faults]}
 run_one faults-node --exact "$NODE_TEST"
 
 failed=()
-for n in "${names[@]}" faults-node; do
+for n in "${names[@]}" "${alone[@]}" faults-node; do
   echo
   if [ "$n" = faults-node ]; then
     echo "=== operator/tests/faults.rs: $NODE_TEST, alone ==="
@@ -97,4 +101,4 @@ if [ "${#failed[@]}" -gt 0 ]; then
   echo "operator tests failed: ${failed[*]}" >&2
   exit 1
 fi
-echo "operator tests: all ${#names[@]} binaries passed"
+echo "operator tests: all $((${#names[@]} + ${#alone[@]})) binaries passed"

@@ -123,6 +123,24 @@ pub async fn get<K: Namespaced>(
         .map_err(|e| ApiError::new::<K>(Verb::Read, namespace, name, e))
 }
 
+/// True when the API server's copy of `object` is the version the caller holds. A controller's
+/// cache can trail the operator's own last write: a reconcile on the older copy must not create
+/// what that write made unnecessary (a job's commit pod again after the job Succeeded and its
+/// pods were deleted). Checked just before a pod is created; the newer version's watch event
+/// brings the next reconcile.
+pub async fn is_current<K: Namespaced>(client: &Client, object: &K) -> Result<bool, ApiError> {
+    let ns = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    let live = api::<K>(client, &ns)
+        .get_metadata_opt(&name)
+        .await
+        .map_err(|e| ApiError::new::<K>(Verb::Read, &ns, &name, e))?;
+    Ok(live.is_some_and(|l| {
+        l.metadata.resource_version.is_some()
+            && l.metadata.resource_version == object.meta().resource_version
+    }))
+}
+
 /// Every object of a kind in a namespace.
 pub async fn list<K: Namespaced>(client: &Client, namespace: &str) -> Result<Vec<K>, ApiError> {
     api::<K>(client, namespace)

@@ -16,7 +16,7 @@ use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 use super::context::Context;
 use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running};
-use super::run::{Error, attempt_of, for_attempt, refused};
+use super::run::{Error, attempt_of, for_attempt, refused, stale};
 use super::status::{self, JobUpdate};
 use crate::children::{
     apply, create_if_missing, delete_if_present, ensure_service_account, force_delete, get,
@@ -72,6 +72,9 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
         .await
         .map_err(Error::Pods)?;
     let Some(pod) = pod else {
+        if stale(job, ctx).await? {
+            return Ok(requeue(1));
+        }
         let repo_name = &job.spec.repository_ref.name;
         let Some(repo) = get::<Repository>(&ctx.client, &ns, repo_name)
             .await

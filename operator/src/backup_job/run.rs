@@ -19,7 +19,7 @@ use super::outcome::{Failure, FailureReason, JobPod, Running, retry_backoff};
 use super::status::{self, JobUpdate};
 use crate::children::{
     ApiError, Namespaced, applied, apply, delete_if_present, ensure_service_account, force_delete,
-    get,
+    get, is_current,
 };
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
@@ -69,6 +69,12 @@ pub(super) fn for_attempt(mut pod: Pod, attempt: i32) -> Pod {
 /// One of the attempt's pods; None when it does not exist.
 async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Option<Pod>, Error> {
     get::<Pod>(&ctx.client, ns, name).await.map_err(Error::Pods)
+}
+
+/// The job this reconcile read is older than the API server's (see `children::is_current`):
+/// no pod is created from it.
+pub(super) async fn stale(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
+    Ok(!is_current(&ctx.client, job).await.map_err(Error::Pods)?)
 }
 
 /// An object the attempt needs (its Repository, its SourceNode): missing, it fails the attempt.
@@ -193,6 +199,9 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
         return Ok(Continue(hub));
     }
     let ns = job.namespace().unwrap_or_default();
+    if stale(job, ctx).await? {
+        return Ok(Break(requeue(1)));
+    }
     let repo_name = &job.spec.repository_ref.name;
     let repo: Repository = step!(
         still_there(
@@ -292,6 +301,9 @@ async fn ensure_agent(
 ) -> Step<Pod> {
     if let Some(agent) = agent {
         return Ok(Continue(agent));
+    }
+    if stale(job, ctx).await? {
+        return Ok(Break(requeue(1)));
     }
     let ns = job.namespace().unwrap_or_default();
     let sn_name = &job.spec.source_node_ref.name;

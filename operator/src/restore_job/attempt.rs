@@ -275,6 +275,13 @@ async fn create(
     pod: Pod,
     egress: bool,
 ) -> Result<Action, Error> {
+    // A reconcile on a cached copy older than the last status write creates nothing.
+    if !crate::children::is_current(&ctx.client, job)
+        .await
+        .map_err(api_err(job))?
+    {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let ns = job.namespace().unwrap_or_default();
     let account = pod
         .spec
