@@ -338,7 +338,11 @@ scattered_case() {
       local v=$t extra=
       [ "$t" = merged ] && { v=scattered; extra="--merge-gap $MERGE_GAP"; }
       serve_target "$W/ov.qcow2" "-b $W/base.qcow2" "$W/ov.sock"
+      local spid s0; spid=$(eval "echo \$SPID_$v"); s0=$(proc_cpu "$spid")
       measure "$c" "$t" "'$AGENT' copy --kind incremental $extra --areas-file '$W/$v.areas' --source '$(unix_url "$W/$v.sock")' --target '$(unix_url "$W/ov.sock")'"
+      # Where the time goes: the source server's and the hub's CPU during this copy.
+      calc "$(proc_cpu "$spid") - $s0" >> "$R/$c.$t.src"; echo >> "$R/$c.$t.src"
+      hub_cpu "$c" "$t"
       stop "$TARGET_PID"; same "$W/$v.raw" "$W/ov.qcow2" "$c/$t"; rm -f "$W/ov.qcow2"
     done
   done
@@ -348,6 +352,11 @@ scattered_case() {
   local ratio; ratio=$(calc "$(med "$c.scattered" 1) / $(med "$c.contiguous" 1)")
   row "$NAREAS x 4KiB scattered areas" "$(wall_txt "$c.scattered")" "contiguous $(($NAREAS * 4 / 1024)) MiB $(wall_txt "$c.contiguous")" \
     "$ratio" "<= 4" "$(verdict "$ratio <= 4")"
+  local cpus=
+  for t in scattered contiguous; do
+    cpus+="${cpus:+; }$t: agent $(awk -v c="$(med "$c.$t" 2)" 'BEGIN { printf "%.2f", c }') + source nbdkit $(medf "$R/$c.$t.src") + hub qemu-nbd $(medf "$R/$c.$t.hub")"
+  done
+  row "  CPU-s per copy (the reason: every 4 KiB area is a READ and a WRITE)" "$cpus" "-" "-" "none (where the time goes)" "shown"
   local mr; mr=$(calc "$(med "$c.merged" 1) / $(med "$c.contiguous" 1)")
   local sent; sent=$(sed -n 's/^{"bytes":\([0-9]*\).*/\1/p' "$W/$c.merged.out")
   row "  same, gaps <= $MERGE_GAP B copied along (--merge-gap; $((sent >> 20)) MiB sent)" "$(wall_txt "$c.merged")" \
@@ -478,6 +487,13 @@ serve_hub() { # qcow2 size tls|plain
 
 # The hub's CPU seconds (user+sys of all its threads) since it started for this one copy:
 # appended to $R/<case>.<tool>.hub. TLS costs the hub too, not only the agent.
+# CPU seconds (user + system) a process has used so far.
+proc_cpu() { # pid
+  local f; read -ra f < <(sed 's/.*) //' "/proc/$1/stat")
+  calc "(${f[11]} + ${f[12]}) / $(getconf CLK_TCK)"
+}
+# The median of a file of numbers, one a line, with two decimals.
+medf() { sort -n "$1" | awk 'NF {a[++n]=$1} END {printf "%.2f", (n%2) ? a[(n+1)/2] : (a[n/2]+a[n/2+1])/2}'; }
 hub_cpu() { # case tool
   local f; read -ra f < <(sed 's/.*) //' "/proc/$TARGET_PID/stat")
   printf '%s\n' "$(calc "(${f[11]} + ${f[12]}) / $(getconf CLK_TCK)")" >> "$R/$1.$2.hub"
