@@ -17,6 +17,7 @@ pub mod commit;
 pub mod copy;
 pub mod guest;
 pub mod hub;
+pub mod lane;
 pub mod nbd;
 pub mod prune;
 pub mod qcow2;

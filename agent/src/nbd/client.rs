@@ -107,9 +107,16 @@ impl NbdClient {
         &self.url
     }
 
+    /// The connection with the fewest requests in flight (the most free slots), looking from
+    /// the next one in turn so that ties rotate. A TCP stream slowed by a loss keeps its
+    /// requests; new ones go to the others instead of queueing behind it a quarter of the time.
     fn conn(&self) -> &Conn {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        &self.conns[i]
+        let n = self.conns.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|k| &self.conns[(first + k) % n])
+            .min_by_key(|c| std::cmp::Reverse(c.free_slots()))
+            .unwrap_or(&self.conns[first])
     }
 
     fn check_range(

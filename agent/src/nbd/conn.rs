@@ -240,6 +240,11 @@ impl Conn {
         }
     }
 
+    /// Requests that could be sent now without waiting for a reply.
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
     fn closed_error(&self) -> NbdError {
         self.in_flight.closed_error()
     }
