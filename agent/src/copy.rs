@@ -410,10 +410,7 @@ where
         // make room.
         tokio::select! {
             biased;
-            job = jobs.next(), if next.is_none() && !jobs.is_terminated() => match job {
-                Some(job) => next = Some(job?),
-                None => {}
-            },
+            Some(job) = jobs.next(), if next.is_none() && !jobs.is_terminated() => next = Some(job?),
             Some(done) = running.next(), if !running.is_empty() => bytes -= done?,
             else => return Ok(()),
         }
