@@ -126,6 +126,15 @@ async fn a_missing_source_node_makes_the_job_wait_with_a_reason_and_an_event() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
+/// A planned job of one disk, at version 7, without pods yet.
+fn planned_job() -> BackupJob {
+    let mut j = job(json!({"phase": "Running", "attempts": 1, "disks": [
+        {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "backups/web-01/2000/web-01-b2.qcow2", "copy": "Full"}
+    ]}));
+    j.metadata.resource_version = Some("7".into());
+    j
+}
+
 async fn expect_no_pods(h: &mut Handle) {
     for pod in ["web-01-b2-hub", "web-01-b2-agent"] {
         let path = format!("/api/v1/namespaces/backups/pods/{pod}");
@@ -151,10 +160,7 @@ async fn expect_job_version(h: &mut Handle, version: &str) {
 #[tokio::test]
 async fn a_stale_copy_of_a_job_creates_no_pod() {
     let (ctx, mut h) = context();
-    let mut j = job(json!({"phase": "Running", "attempts": 1, "disks": [
-        {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "backups/web-01/2000/web-01-b2.qcow2", "copy": "Full"}
-    ]}));
-    j.metadata.resource_version = Some("7".into());
+    let j = planned_job();
     let run = tokio::spawn(reconcile(Arc::new(j), ctx));
     expect_no_pods(&mut h).await;
     expect_job_version(&mut h, "8").await;
@@ -177,10 +183,7 @@ async fn a_stale_copy_of_a_job_creates_no_pod() {
 #[tokio::test]
 async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
     let (ctx, mut h) = context();
-    let mut j = job(json!({"phase": "Running", "attempts": 1, "disks": [
-        {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "backups/web-01/2000/web-01-b2.qcow2", "copy": "Full"}
-    ]}));
-    j.metadata.resource_version = Some("7".into());
+    let j = planned_job();
     let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
     expect_no_pods(&mut h).await;
     // The job read is the API server's current one: the hub may be created from it.
