@@ -17,7 +17,6 @@ pub mod commit;
 pub mod copy;
 pub mod guest;
 pub mod hub;
-pub mod lane;
 pub mod nbd;
 pub mod prune;
 pub mod qcow2;

@@ -2,7 +2,6 @@
 //! target, the flush, and only then the change ID it reached. Every target disk is copied at
 //! once; the first failure's reason is the backup's.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use sendense_contract::AgentReason;
@@ -15,7 +14,6 @@ use super::progress::LiveProgress;
 use super::vm::Cbt;
 use crate::checksum;
 use crate::copy::{ChangedArea, CopyError, CopyKind, Progress, copy_areas, verify_written};
-use crate::lane::Lane;
 use crate::nbd::{Address, NbdClient, NbdError, NbdUrl};
 use crate::source::SourceError;
 
@@ -45,8 +43,6 @@ pub enum DiskError {
     Checksum(#[source] NbdError),
     #[error("verifying the copy: {0}")]
     Verify(#[source] CopyError),
-    #[error("starting the disk's copy thread: {0}")]
-    Thread(#[source] std::io::Error),
 }
 
 impl DiskError {
@@ -64,8 +60,7 @@ impl DiskError {
             DiskError::OpenSource(_)
             | DiskError::ConnectSource(_)
             | DiskError::Copy(_)
-            | DiskError::Checksum(_)
-            | DiskError::Thread(_) => AgentReason::CopyFailed,
+            | DiskError::Checksum(_) => AgentReason::CopyFailed,
         }
     }
 }
@@ -133,17 +128,12 @@ async fn copy_disk(
     s: &Snapshot<'_>,
     disk: &Disk,
     target_url: &NbdUrl,
-    progress: &Arc<Progress>,
+    progress: &Progress,
     r: &mut DiskReport,
 ) -> Result<(), DiskError> {
     let plan = s.plan;
     let reached = disk.change_id.clone().ok_or(DiskError::CbtNotActive)?;
-    // The disk's connections and its copy run on a lane of their own (crate::lane); vCenter's
-    // questions stay on the agent's runtime.
-    let lane = Lane::new(&format!("disk-{}", disk.key)).map_err(DiskError::Thread)?;
-    let (url, connect) = (target_url.clone(), plan.connect.clone());
-    let target = lane
-        .run(async move { NbdClient::connect(&url, &connect).await })
+    let target = NbdClient::connect(target_url, &plan.connect)
         .await
         .map_err(|source| DiskError::HubUnreachable {
             address: target_url.address.clone(),
@@ -164,45 +154,30 @@ async fn copy_disk(
         .open(s.vm, crate::source::Access::Snapshot(s.snapshot), disk)
         .await
         .map_err(DiskError::OpenSource)?;
-    let (url, connect) = (source.url(), plan.connect.clone());
-    let (opts, checksum, progress) = (plan.copy.clone(), plan.checksum, progress.clone());
-    let copied = lane
-        .run(async move {
-            let src = NbdClient::connect(&url, &connect)
-                .await
-                .map_err(DiskError::ConnectSource)?;
-            let stats = copy_areas(&src, &target, areas, kind, &opts, &progress)
-                .await
-                .map_err(DiskError::Copy)?;
-            // The target is flushed: what the hub now serves is what the image holds.
-            let verified = match opts.verify {
-                true => Some(
-                    verify_written(&target, &stats.chunks, opts.max_in_flight, &progress)
-                        .await
-                        .map_err(DiskError::Verify)?,
-                ),
-                false => None,
-            };
-            let sum = match checksum {
-                true => Some(
-                    checksum::sha256(&src, opts.request_size, opts.max_in_flight)
-                        .await
-                        .map_err(DiskError::Checksum)?,
-                ),
-                false => None,
-            };
-            src.disconnect().await;
-            target.disconnect().await;
-            Ok::<_, DiskError>((stats, verified, sum))
-        })
-        .await;
-    drop(source);
-    let (stats, verified, sum) = copied?;
+    let src = NbdClient::connect(&source.url(), &plan.connect)
+        .await
+        .map_err(DiskError::ConnectSource)?;
+    let stats = copy_areas(&src, &target, areas, kind, &plan.copy, progress)
+        .await
+        .map_err(DiskError::Copy)?;
     r.bytes_written = stats.data;
     r.bytes_zeroed = stats.zeroed;
     r.bytes_skipped = stats.skipped;
-    r.bytes_verified = verified;
-    r.sha256 = sum;
+    if plan.copy.verify {
+        // The target is flushed: what the hub now serves is what the image holds.
+        let verified = verify_written(&target, &stats.chunks, plan.copy.max_in_flight, progress)
+            .await
+            .map_err(DiskError::Verify)?;
+        r.bytes_verified = Some(verified);
+    }
+    if plan.checksum {
+        let sum = checksum::sha256(&src, plan.copy.request_size, plan.copy.max_in_flight)
+            .await
+            .map_err(DiskError::Checksum)?;
+        r.sha256 = Some(sum);
+    }
+    src.disconnect().await;
+    target.disconnect().await;
     // copy_areas flushed the target: only now is the change ID reached.
     r.change_id_reached = Some(reached);
     Ok(())

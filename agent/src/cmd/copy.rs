@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 
 use super::Outcome;
 use crate::copy::{ChangedArea, CopyKind, CopyOptions, Progress, copy_areas};
-use crate::lane::Lane;
 use crate::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
@@ -123,17 +122,7 @@ pub async fn run(args: CopyArgs) -> Result<Outcome> {
         .source
         .iter()
         .zip(&args.target)
-        .enumerate()
-        .map(|(i, (s, t))| {
-            // Each disk on a lane of its own (crate::lane): its connections and its copy.
-            let (s, t, areas) = (s.clone(), t.clone(), areas.clone());
-            let (kind, copy_opts, opts) = (args.kind, copy_opts.clone(), opts.clone());
-            async move {
-                let lane = Lane::new(&format!("copy-{i}")).context("starting a thread")?;
-                lane.run(async move { copy_one(&s, &t, &areas, kind, &copy_opts, &opts).await })
-                    .await
-            }
-        });
+        .map(|(s, t)| copy_one(s, t, &areas, args.kind, &copy_opts, &opts));
     let reports = futures::future::try_join_all(disks).await?;
     let secs = started.elapsed().as_secs_f64();
     let sum = |k: &str| reports.iter().filter_map(|r| r[k].as_u64()).sum::<u64>();
