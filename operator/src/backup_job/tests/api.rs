@@ -73,6 +73,17 @@ async fn expect(handle: &mut Handle, method: &str, path: &str, status: u16, body
     sent
 }
 
+/// The spawned reconcile's outcome; it must end within 10 s (no request left unanswered).
+async fn reconciled(
+    run: tokio::task::JoinHandle<Result<Action, crate::backup_job::Error>>,
+) -> Action {
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the reconcile ends within 10 s (no request left unanswered)")
+        .expect("joined")
+        .expect("reconciled")
+}
+
 fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }
@@ -118,11 +129,7 @@ async fn a_missing_source_node_makes_the_job_wait_with_a_reason_and_an_event() {
         (&ev["type"], &ev["reason"]),
         (&json!("Warning"), &json!("SourceNodeNotFound"))
     );
-    let action = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the reconcile ends within 10 s (no request left unanswered)")
-        .expect("joined")
-        .expect("reconciled");
+    let action = reconciled(run).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
@@ -164,11 +171,7 @@ async fn a_stale_copy_of_a_job_creates_no_pod() {
     let run = tokio::spawn(reconcile(Arc::new(j), ctx));
     expect_no_pods(&mut h).await;
     expect_job_version(&mut h, "8").await;
-    let action = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("the reconcile ended")
-        .expect("no panic")
-        .expect("no error");
+    let action = reconciled(run).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(1)));
     // The reconcile ended and dropped its client: any request it made is still queued.
     assert!(
@@ -264,11 +267,7 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
         patch["status"]["pods"],
         json!([{"name": "web-01-b2-hub", "uid": "hub-uid-1"}])
     );
-    let action = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the reconcile ends within 10 s (no request left unanswered)")
-        .expect("joined")
-        .expect("reconciled");
+    let action = reconciled(run).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(3)));
 }
 
@@ -351,11 +350,7 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
         not_found(),
     )
     .await;
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the reconcile ends within 10 s (no request left unanswered)")
-        .expect("joined")
-        .expect("reconciled");
+    reconciled(run).await;
 }
 
 #[tokio::test]
@@ -403,10 +398,6 @@ async fn a_finished_job_only_makes_sure_its_pods_and_service_are_gone() {
         not_found(),
     )
     .await;
-    let action = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the reconcile ends within 10 s (no request left unanswered)")
-        .expect("joined")
-        .expect("reconciled");
+    let action = reconciled(run).await;
     assert_eq!(action, Action::await_change());
 }
