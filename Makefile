@@ -5,7 +5,7 @@ export SENDENSE_CACHE ?= $(HOME)/.cache/sendense
 export CARGO_TARGET_DIR ?= $(SENDENSE_CACHE)/target
 CLUSTER := e2e/cluster
 
-.PHONY: bench demo test deps build images crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig vcsim
+.PHONY: bench bench-operator demo test deps build images crds crds-check lint unit e2e chart-check tools cluster-build cluster-up cluster-down cluster-status kubeconfig vcsim
 
 ## demo: the local control plane and node, the CRDs and samples, the images loaded into the node,
 ## the chart installed, a full and an incremental backup of a simulated VM, restored and verified
@@ -89,3 +89,7 @@ vcsim:
 ## bench: the copy engine against nbdcopy, incremental cost, added latency and a 100 Mbit/s link
 bench: deps
 	@bash e2e/bench/run.sh
+
+## bench-operator: N BackupJobs at once vs N batch/v1 Jobs of the same pods (operator/tests/scale.rs)
+bench-operator: deps
+	@bash e2e/bench/operator.sh

@@ -73,7 +73,16 @@ start etcd "$BIN_DIR/etcd" --name=sendense --data-dir="$STATE_DIR/etcd" \
 
 wait_for "etcd" 60 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
 
-start kube-apiserver "$BIN_DIR/kube-apiserver" \
+# SENDENSE_APISERVER_AUDIT=1: every request's metadata (who, what) in $STATE_DIR/audit.log, for
+# the operator's scale benchmark (requests by client).
+audit=()
+if [ "${SENDENSE_APISERVER_AUDIT:-0}" = 1 ]; then
+  printf '%s\n' 'apiVersion: audit.k8s.io/v1' 'kind: Policy' 'omitStages: [RequestReceived]' \
+    'rules: [{level: Metadata}]' >"$STATE_DIR/audit-policy.yaml"
+  audit=(--audit-policy-file="$STATE_DIR/audit-policy.yaml" --audit-log-path="$STATE_DIR/audit.log"
+    --audit-log-maxsize=1000 --audit-log-maxbackup=1)
+fi
+start kube-apiserver "$BIN_DIR/kube-apiserver" "${audit[@]}" \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
   --bind-address=0.0.0.0 --advertise-address="$host_ip" --secure-port="$APISERVER_PORT" \
   --cert-dir="$STATE_DIR/pki" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \

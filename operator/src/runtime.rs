@@ -12,7 +12,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource};
 use sendense_crds::backup_job::Phase;
 use sendense_crds::{BackupJob, BackupSchedule, Repository, RestoreJob, SourceNode};
@@ -121,6 +121,33 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         vcenter_timeout: VCENTER_TIMEOUT,
         clock: crate::schedule::clock::Clock::from_env(),
     });
+    tracing::info!("sendense-operator started");
+    let namespace = settings.namespace();
+    let all = watcher::Config::default;
+    let owned = all().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+
+    // The BackupJob controller's watches, cached for its reconciles (caches.rs): its pods
+    // (which also trigger it), the SourceNodes, and the jobs themselves.
+    let (pod_cache, pod_writer) = reflector::store::<Pod>();
+    let job_pods = watcher(scoped::<Pod>(&client, namespace), owned.clone())
+        .default_backoff()
+        .reflect(pod_writer)
+        .touched_objects();
+    let (sn_cache, sn_writer) = reflector::store::<SourceNode>();
+    // A SourceNode or Repository reaches its jobs when its spec or readiness changes, not at
+    // each probe's status write (which would re-run every job of a busy SourceNode).
+    let source_nodes = watcher(scoped::<SourceNode>(&client, namespace), all())
+        .default_backoff()
+        .reflect(sn_writer)
+        .touched_objects()
+        .predicate_filter(spec_or_readiness::<SourceNode>, Default::default());
+    let repositories = watcher(scoped::<Repository>(&client, namespace), all())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(spec_or_readiness::<Repository>, Default::default());
+    let jobs = Controller::new(scoped::<BackupJob>(&client, namespace), all());
+    let job_store = jobs.store();
+    let (caches, woken) = backup_job::Caches::new(pod_cache, sn_cache, job_store.clone());
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),
         recorder,
@@ -130,11 +157,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         lease_namespace: settings.lease_namespace(),
         nbd_ca_secret: settings.nbd_ca_secret.clone(),
         allocation: tokio::sync::Mutex::new(()),
+        caches,
     });
-    tracing::info!("sendense-operator started");
-    let namespace = settings.namespace();
-    let all = watcher::Config::default;
-    let owned = all().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
 
     let sources = Controller::new(scoped::<SourceNode>(&client, namespace), all())
         .shutdown_on_signal()
@@ -143,9 +167,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let repos = Controller::new(scoped::<Repository>(&client, namespace), all());
     let repo_store = repos.store();
+    // A job reaches its Repository when it ended or is being deleted (restore points, orphaned
+    // directories), not at each of its status writes.
+    let ended_jobs = watcher(scoped::<BackupJob>(&client, namespace), all())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(ended_or_deleted, Default::default());
     let repos = repos
         .owns(scoped::<Pod>(&client, namespace), owned.clone())
-        .watches(scoped::<BackupJob>(&client, namespace), all(), |job| {
+        .watches_stream(ended_jobs, |job| {
+            if ended_or_deleted(&job) == Some(0) {
+                return None;
+            }
             let ns = job.metadata.namespace.clone().unwrap_or_default();
             Some(ObjectRef::<Repository>::new(&job.spec.repository_ref.name).within(&ns))
         })
@@ -181,14 +214,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .for_each(|_| async {});
 
-    let jobs = Controller::new(scoped::<BackupJob>(&client, namespace), all());
-    let job_store = jobs.store();
     let by_source = job_store.clone();
     let by_repo = job_store.clone();
     let jobs = jobs
-        .owns(scoped::<Pod>(&client, namespace), owned.clone())
+        .owns_stream(job_pods)
         .owns(scoped::<Service>(&client, namespace), owned)
-        .watches(scoped::<SourceNode>(&client, namespace), all(), move |sn| {
+        .watches_stream(source_nodes, move |sn| {
             backup_job::jobs_referring(
                 &by_source.state(),
                 sn.metadata.namespace.as_deref(),
@@ -196,18 +227,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 None,
             )
         })
-        .watches(
-            scoped::<Repository>(&client, namespace),
-            all(),
-            move |repo| {
-                backup_job::jobs_referring(
-                    &by_repo.state(),
-                    repo.metadata.namespace.as_deref(),
-                    None,
-                    repo.metadata.name.as_deref(),
-                )
-            },
-        )
+        .watches_stream(repositories, move |repo| {
+            backup_job::jobs_referring(
+                &by_repo.state(),
+                repo.metadata.namespace.as_deref(),
+                None,
+                repo.metadata.name.as_deref(),
+            )
+        })
+        // Queued jobs whose slot freed (backup_job::wake_queue).
+        .reconcile_on(woken)
         .shutdown_on_signal()
         .run(backup_job::reconcile, backup_job::error_policy, job_ctx)
         .for_each(|_| async {});
@@ -218,6 +247,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     gauges.abort();
     tracing::info!("sendense-operator stopped");
     Ok(())
+}
+
+/// What of a SourceNode or Repository its jobs react to: its spec (generation), its Ready
+/// condition's status and reason, its deletion.
+fn spec_or_readiness<K: crate::status::Reported>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    obj.meta().generation.hash(&mut h);
+    obj.meta().deletion_timestamp.is_some().hash(&mut h);
+    let ready = obj
+        .status()
+        .and_then(|s| sendense_crds::conditions::find(K::conditions(s), "Ready"));
+    ready.map(|c| (&c.status, &c.reason)).hash(&mut h);
+    Some(h.finish())
+}
+
+/// What of a job its Repository reacts to: whether it ended, whether it is being deleted (0:
+/// neither). Each change passes the filter once.
+fn ended_or_deleted(job: &BackupJob) -> Option<u64> {
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    let ended = matches!(phase, Some(Phase::Succeeded | Phase::Failed));
+    let deleting = job.metadata.deletion_timestamp.is_some();
+    Some(u64::from(ended) | (u64::from(deleting) << 1))
 }
 
 /// Jobs by phase, last successes and ports in use, from the controllers' caches, every 10 s.

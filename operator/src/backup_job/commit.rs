@@ -16,11 +16,9 @@ use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
 use super::context::Context;
 use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running};
-use super::run::{Error, attempt_of, for_attempt, refused, stale};
+use super::run::{Error, attempt_of, for_attempt, read_pod, refused, stale};
 use super::status::{self, JobUpdate};
-use crate::children::{
-    apply, create_if_missing, delete_if_present, ensure_service_account, force_delete, get,
-};
+use crate::children::{apply, create_if_missing, delete_if_present, force_delete, get};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{agent_name, claim_name, commit_name, commit_pod, hub_name};
 use crate::restore_point::{from_manifest, manifest};
@@ -39,10 +37,15 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
     let ns = job.namespace().unwrap_or_default();
     // The attempt's hub and agent are gone: nothing writes the files any more.
     for name in [hub_name(job), agent_name(job)] {
-        if let Some(p) = get::<Pod>(&ctx.client, &ns, &name)
-            .await
-            .map_err(Error::Pods)?
-        {
+        // From the cache; its word that the pod is gone is checked once with the API server.
+        let pod = match ctx.caches.pod(&ns, &name) {
+            Some(p) => Some(p),
+            None if ctx.caches.first(job, &format!("{attempt}/{name}/gone")) => {
+                read_pod(ctx, &ns, &name).await?
+            }
+            None => None,
+        };
+        if let Some(p) = pod {
             if !pod_state::is_terminating(&p) {
                 delete_if_present::<Pod>(&ctx.client, &ns, &name)
                     .await
@@ -58,19 +61,20 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
         }
     }
     let sn_name = &job.spec.source_node_ref.name;
-    let vcenter = get::<SourceNode>(&ctx.client, &ns, sn_name)
-        .await
-        .map_err(Error::Pods)?
-        .map(|sn| sn.spec.vcenter.url)
-        .unwrap_or_default();
+    let vcenter = match super::cached_source_node(job, ctx) {
+        Some(sn) => Some(sn.spec.vcenter.url.clone()),
+        None => get::<SourceNode>(&ctx.client, &ns, sn_name)
+            .await
+            .map_err(Error::Pods)?
+            .map(|sn| sn.spec.vcenter.url),
+    }
+    .unwrap_or_default();
     let m = match manifest(job, &vcenter) {
         Ok(m) => m,
         Err(e) => return fail(job, ctx, format!("cannot describe the restore point: {e}")).await,
     };
     let name = commit_name(job);
-    let pod = get::<Pod>(&ctx.client, &ns, &name)
-        .await
-        .map_err(Error::Pods)?;
+    let pod = read_pod(ctx, &ns, &name).await?;
     let Some(pod) = pod else {
         if stale(job, ctx).await? {
             return Ok(requeue(1));
@@ -94,7 +98,7 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
         let pod = commit_pod(job, &claim_name(&repo), &m, &ctx.images);
         let account = ctx.images.hub_service_account.as_deref();
         let created = async {
-            ensure_service_account(&ctx.client, &ns, account).await?;
+            ctx.ensure_account(&ns, account).await?;
             apply(&ctx.client, &ns, &for_attempt(pod, attempt)).await
         }
         .await;

@@ -23,4 +23,23 @@ pub struct Context {
     /// the jobs' status, read fresh from the API server under this lock and written before it
     /// is released.
     pub allocation: tokio::sync::Mutex<()>,
+    /// What the controller reads from its watches, and remembers in this process.
+    pub caches: super::caches::Caches,
+}
+
+impl Context {
+    /// The pods' ServiceAccount exists (made when missing), asked once in a while, not per pod.
+    pub async fn ensure_account(
+        &self,
+        ns: &str,
+        account: Option<&str>,
+    ) -> Result<(), crate::children::ApiError> {
+        let Some(name) = account else { return Ok(()) };
+        if self.caches.account_known(ns, name) {
+            return Ok(());
+        }
+        crate::children::ensure_service_account(&self.client, ns, Some(name)).await?;
+        self.caches.account_ensured(ns, name);
+        Ok(())
+    }
 }

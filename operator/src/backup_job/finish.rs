@@ -17,7 +17,7 @@ use super::context::Context;
 use super::dereference::vm_selector;
 use super::outcome::{Failure, FailureClass, FilesRemoved, SnapshotRemoved};
 use super::status::{self, JobUpdate};
-use crate::children::{ApiError, apply, delete_if_present, ensure_service_account, get};
+use crate::children::{ApiError, apply, delete_if_present, get};
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{agent_name, claim_name, cleanup_name, cleanup_pod, commit_name, hub_name};
 use crate::status::holding;
@@ -33,17 +33,28 @@ pub enum Error {
     Status(ApiError),
 }
 
+/// Deletes the job's pods the cache holds (not those already being deleted), and once per
+/// attempt its certificates' Secret. A pod created but not yet seen by the cache is deleted
+/// when it is: its event re-runs the reconcile.
 pub(super) async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
     let ns = job.namespace().unwrap_or_default();
     for name in [agent_name(job), hub_name(job), commit_name(job)] {
-        delete_if_present::<Pod>(&ctx.client, &ns, &name)
+        let Some(pod) = ctx.caches.pod(&ns, &name) else {
+            continue;
+        };
+        if pod.metadata.deletion_timestamp.is_none() {
+            delete_if_present::<Pod>(&ctx.client, &ns, &name)
+                .await
+                .map_err(Error::Remove)?;
+        }
+    }
+    // The attempt's certificates go with its hub and agent (the next attempt gets new ones).
+    let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
+    if ctx.caches.first(job, &format!("{attempt}/secret-removed")) {
+        delete_if_present::<Secret>(&ctx.client, &ns, &crate::nbd_tls::secret_name(job))
             .await
             .map_err(Error::Remove)?;
     }
-    // The attempt's certificates go with its hub and agent (the next attempt gets new ones).
-    delete_if_present::<Secret>(&ctx.client, &ns, &crate::nbd_tls::secret_name(job))
-        .await
-        .map_err(Error::Remove)?;
     Ok(())
 }
 
@@ -361,21 +372,29 @@ async fn hunt_snapshot(job: &BackupJob, ctx: &Context) -> Result<Hunt, Error> {
 /// is done.
 pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
-    delete_job_pods(job, ctx).await?;
-    delete_if_present::<Service>(&ctx.client, &ns, &hub_name(job))
-        .await
-        .map_err(Error::Remove)?;
     let st = job.status.clone().unwrap_or_default();
-    // The VM is free for the next backup: its snapshot is dealt with, the pods are going.
-    if let Some(lease) = st.vm_lease.as_deref() {
-        crate::vm_lease::release(
-            &ctx.client,
-            &ctx.lease_namespace,
-            lease,
-            &crate::vm_lease::holder(job),
-        )
-        .await
-        .map_err(Error::Remove)?;
+    // Once per job and process (again if one of its pods shows up): the events of its pods
+    // going away re-run this reconcile, which then asks the API server nothing.
+    let pods = [agent_name(job), hub_name(job), commit_name(job)];
+    if !ctx.caches.cleaned(job, &pods) {
+        // Its slot is free: the SourceNode's queue moves now.
+        super::wake_queue(job, ctx);
+        delete_job_pods(job, ctx).await?;
+        delete_if_present::<Service>(&ctx.client, &ns, &hub_name(job))
+            .await
+            .map_err(Error::Remove)?;
+        // The VM is free for the next backup: its snapshot is dealt with, the pods are going.
+        if let Some(lease) = st.vm_lease.as_deref() {
+            crate::vm_lease::release(
+                &ctx.client,
+                &ctx.lease_namespace,
+                lease,
+                &crate::vm_lease::holder(job),
+            )
+            .await
+            .map_err(Error::Remove)?;
+        }
+        ctx.caches.mark_cleaned(job);
     }
     let hunt = match hunt_snapshot(job, ctx).await? {
         Hunt::Attempted => return Ok(Action::requeue(Duration::from_secs(1))),
@@ -452,7 +471,7 @@ pub(super) async fn start_cleanup(
     let account = ctx.images.hub_service_account.as_deref();
     let pod = cleanup_pod(job, &claim_name(&repo), files, &ctx.images);
     let created = async {
-        ensure_service_account(&ctx.client, &ns, account).await?;
+        ctx.ensure_account(&ns, account).await?;
         apply(&ctx.client, &ns, &pod).await
     }
     .await;

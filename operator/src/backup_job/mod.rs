@@ -44,6 +44,7 @@ macro_rules! proceed {
     };
 }
 
+mod caches;
 mod cancel;
 mod commit;
 mod context;
@@ -57,6 +58,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
+pub use caches::Caches;
 pub use context::Context;
 
 /// True while a finished job's snapshot is still on the VM and the operator keeps removing it.
@@ -102,6 +104,10 @@ pub enum Error {
         #[source]
         source: cancel::Error,
     },
+    #[error(
+        "BackupJob {job}: the operator's watches of pods, SourceNodes and BackupJobs have not listed them yet (see the operator's log for the watch's error, e.g. RBAC)"
+    )]
+    CachesNotReady { job: String },
     #[error("BackupJob {job}: the VM's Lease: {source}")]
     Lease {
         job: String,
@@ -119,13 +125,84 @@ impl Error {
             | Error::Finish { .. }
             | Error::Status { .. }
             | Error::Lease { .. }
-            | Error::Cancel { .. } => "kube_api",
+            | Error::Cancel { .. }
+            | Error::CachesNotReady { .. } => "kube_api",
         }
+    }
+}
+
+/// How long a reconcile waits for the controller's caches at the start of the process.
+const CACHES_READY: Duration = Duration::from_secs(30);
+
+/// How often a queued job looks at the caches by itself (a job ending wakes the first in line
+/// at once: `wake_queue`).
+const QUEUE_RECHECK: Duration = Duration::from_secs(30);
+
+/// The jobs of the SourceNode `job` names, from the controller's cache.
+fn same_source_node(job: &BackupJob, ctx: &Context) -> Vec<Arc<BackupJob>> {
+    let ns = job.namespace();
+    ctx.caches
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|j| j.namespace() == ns && j.spec.source_node_ref == job.spec.source_node_ref)
+        .collect()
+}
+
+/// The job's SourceNode, from the cache.
+fn cached_source_node(job: &BackupJob, ctx: &Context) -> Option<Arc<sendense_crds::SourceNode>> {
+    let ns = job.namespace().unwrap_or_default();
+    let key = ObjectRef::new(&job.spec.source_node_ref.name).within(&ns);
+    ctx.caches.source_nodes.get(&key)
+}
+
+/// A job already waiting in its SourceNode's queue whose slots the caches show taken: it goes
+/// on waiting without a request (no vCenter login, no list of the jobs).
+fn still_queued(job: &BackupJob, ctx: &Context) -> bool {
+    if !plan::in_queue(job) {
+        return false;
+    }
+    let Some(sn) = cached_source_node(job, ctx) else {
+        return false;
+    };
+    let jobs = same_source_node(job, ctx);
+    let jobs: Vec<&BackupJob> = jobs.iter().map(AsRef::as_ref).collect();
+    plan::slot_wait(job, &sn, &jobs).is_some()
+}
+
+/// The job ended: its slot is free, so the jobs first in its SourceNode's queue are reconciled
+/// now rather than at their next look.
+fn wake_queue(job: &BackupJob, ctx: &Context) {
+    let jobs = same_source_node(job, ctx);
+    let mut queued: Vec<&Arc<BackupJob>> = jobs.iter().filter(|j| plan::in_queue(j)).collect();
+    if queued.is_empty() {
+        return;
+    }
+    queued.sort_by_key(|j| (j.metadata.creation_timestamp.clone(), j.name_any()));
+    let running = jobs
+        .iter()
+        .filter(|j| {
+            matches!(
+                j.status.as_ref().and_then(|s| s.phase),
+                Some(Phase::Running)
+            )
+        })
+        .count();
+    let limit = cached_source_node(job, ctx).map_or(1, |sn| plan::max_jobs(&sn));
+    let free = limit.saturating_sub(running).max(1);
+    for j in queued.into_iter().take(free) {
+        let _ = ctx
+            .caches
+            .wake
+            .unbounded_send(ObjectRef::from_obj(j.as_ref()));
     }
 }
 
 /// Pending: dereference, plan, and the plan (or the reason to wait) into status.
 async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
+    if still_queued(job, ctx) {
+        return Ok(Action::requeue(QUEUE_RECHECK));
+    }
     let name = job.name_any();
     let dereferenced =
         dereference::dereference(ctx, job)
@@ -139,6 +216,16 @@ async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         ControlFlow::Break(wait) => {
             status::waiting(&mut u, &wait);
             Action::requeue(wait.reason.retry())
+        }
+        // This reconcile's copy of the job is older than the one just listed under the lock
+        // (its own plan or wait, written by an earlier reconcile, not yet in the cache): it
+        // must not plan again (other ports, the status overwritten).
+        ControlFlow::Continue((refs, _allocation))
+            if refs.jobs.iter().any(|j| {
+                j.uid() == job.uid() && j.resource_version() != job.resource_version()
+            }) =>
+        {
+            return Ok(Action::requeue(Duration::from_secs(1)));
         }
         // The allocation lock is held until the plan is written.
         ControlFlow::Continue((refs, _allocation)) => match plan::plan(job, &refs) {
@@ -210,6 +297,9 @@ fn planned(job: &BackupJob) -> bool {
 pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("backupjob");
     let name = job.name_any();
+    if !ctx.caches.ready(CACHES_READY).await {
+        return Err(Error::CachesNotReady { job: name });
+    }
     let phase = job.status.as_ref().and_then(|s| s.phase);
     let ended = matches!(phase, Some(Phase::Succeeded | Phase::Failed));
     if job.metadata.deletion_timestamp.is_some() && !ended {

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use kube::ResourceExt;
-use sendense_crds::BackupJob;
 use sendense_crds::backup_job::{CopyKind, DiskStatus, Phase};
+use sendense_crds::{BackupJob, SourceNode};
 
 use super::dereference::{Dereferenced, Disk};
 use super::outcome::{Wait, WaitReason};
@@ -101,58 +101,13 @@ fn datastore(d: &Disk) -> Option<String> {
 /// so a steady stream of new jobs cannot starve an old one; a job waiting for another reason
 /// (its VM busy, ...) holds no place in the queue.
 fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wait> {
-    let limits = refs.source_node.spec.limits.as_ref();
-    let max_jobs = limits.map_or(
-        sendense_crds::source_node::DEFAULT_MAX_CONCURRENT_JOBS,
-        |l| l.max_concurrent_jobs,
-    );
-    let source_node = refs.source_node.name_any();
-    let me = (job.metadata.creation_timestamp.clone(), job.name_any());
-    let others = || {
-        refs.jobs.iter().filter(|j| {
-            j.metadata.name != job.metadata.name && j.spec.source_node_ref.name == source_node
-        })
-    };
-    let running: Vec<&BackupJob> = others()
-        .filter(|j| {
-            j.status
-                .as_ref()
-                .is_some_and(|s| matches!(s.phase, Some(Phase::Running)))
-        })
-        .collect();
-    let queued_before = || {
-        others()
-            .filter(|j| {
-                j.metadata.deletion_timestamp.is_none()
-                    && (j.metadata.creation_timestamp.clone(), j.name_any()) < me
-                    && j.status.as_ref().is_some_and(|s| {
-                        matches!(s.phase, None | Some(Phase::Pending))
-                            && s.conditions.iter().any(|c| {
-                                c.type_ == "Running"
-                                    && c.reason == WaitReason::SourceNodeLimit.as_str()
-                            })
-                    })
-            })
-            .count()
-    };
-    let limit = max_jobs.max(1) as usize;
-    let ahead = queued_before();
-    if running.len() + ahead >= limit {
-        let names: Vec<String> = running.iter().map(|j| j.name_any()).collect();
-        return Err(Wait::new(
-            WaitReason::SourceNodeLimit,
-            format!(
-                "queued: {} of at most {limit} backups of SourceNode {source_node} run ({}){}; this one starts when a slot frees (spec.limits.maxConcurrentJobs)",
-                running.len(),
-                names.join(", "),
-                if ahead > 0 {
-                    format!(", {ahead} queued before it")
-                } else {
-                    String::new()
-                }
-            ),
-        ));
+    let jobs: Vec<&BackupJob> = refs.jobs.iter().collect();
+    if let Some(wait) = slot_wait(job, &refs.source_node, &jobs) {
+        return Err(wait);
     }
+    let limits = refs.source_node.spec.limits.as_ref();
+    let source_node = refs.source_node.name_any();
+    let running = running_on(job, &source_node, &jobs);
     let Some(per_ds) = limits.and_then(|l| l.max_concurrent_jobs_per_datastore) else {
         return Ok(());
     };
@@ -161,7 +116,7 @@ fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wa
     // No queue order here: the datastores a queued job waits for are not known until it is
     // planned, and one job waiting for a busy datastore must not hold back another's.
     for ds in &mine {
-        let on_it: Vec<String> = running
+        let on_it = running
             .iter()
             .filter(|j| {
                 j.status.as_ref().is_some_and(|s| {
@@ -170,20 +125,87 @@ fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wa
                         .any(|d| d.datastore.as_deref() == Some(ds.as_str()))
                 })
             })
-            .map(|j| j.name_any())
-            .collect();
-        if on_it.len() >= per_ds {
+            .count();
+        // A message that stays the same while the job waits (see `slot_wait`).
+        if on_it >= per_ds {
             return Err(Wait::new(
                 WaitReason::DatastoreLimit,
                 format!(
-                    "queued: {} of at most {per_ds} backups read datastore {ds} ({}); this one starts when one ends (spec.limits.maxConcurrentJobsPerDatastore of SourceNode {source_node})",
-                    on_it.len(),
-                    on_it.join(", "),
+                    "queued: at most {per_ds} backups read datastore {ds} at once and they are taken; this one starts when one ends (spec.limits.maxConcurrentJobsPerDatastore of SourceNode {source_node})"
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The other jobs of `source_node` that run (hold a slot).
+fn running_on<'a>(
+    job: &BackupJob,
+    source_node: &str,
+    jobs: &[&'a BackupJob],
+) -> Vec<&'a BackupJob> {
+    jobs.iter()
+        .copied()
+        .filter(|j| {
+            j.metadata.name != job.metadata.name && j.spec.source_node_ref.name == source_node
+        })
+        .filter(|j| {
+            j.status
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase, Some(Phase::Running)))
+        })
+        .collect()
+}
+
+/// True for a job waiting in its SourceNode's queue (`maxConcurrentJobs`).
+pub fn in_queue(j: &BackupJob) -> bool {
+    j.metadata.deletion_timestamp.is_none()
+        && j.status.as_ref().is_some_and(|s| {
+            matches!(s.phase, None | Some(Phase::Pending))
+                && s.conditions.iter().any(|c| {
+                    c.type_ == "Running" && c.reason == WaitReason::SourceNodeLimit.as_str()
+                })
+        })
+}
+
+/// The SourceNode's `maxConcurrentJobs`, at least 1.
+pub fn max_jobs(sn: &SourceNode) -> usize {
+    sn.spec
+        .limits
+        .as_ref()
+        .map_or(
+            sendense_crds::source_node::DEFAULT_MAX_CONCURRENT_JOBS,
+            |l| l.max_concurrent_jobs,
+        )
+        .max(1) as usize
+}
+
+/// `maxConcurrentJobs`: the job waits while the jobs of its SourceNode that run, and those
+/// queued before it, fill the slots. First come first served (creation time, then name). The
+/// message does not change while the job waits (no running names, no position): a status
+/// write per change would re-run every queued job's reconcile (the queue's size is in the
+/// `sendense_backupjobs_queued` metric).
+pub fn slot_wait(job: &BackupJob, sn: &SourceNode, jobs: &[&BackupJob]) -> Option<Wait> {
+    let source_node = sn.name_any();
+    let limit = max_jobs(sn);
+    let me = (job.metadata.creation_timestamp.clone(), job.name_any());
+    let running = running_on(job, &source_node, jobs).len();
+    let ahead = jobs
+        .iter()
+        .filter(|j| {
+            j.metadata.name != job.metadata.name && j.spec.source_node_ref.name == source_node
+        })
+        .filter(|j| in_queue(j) && (j.metadata.creation_timestamp.clone(), j.name_any()) < me)
+        .count();
+    (running + ahead >= limit).then(|| {
+        Wait::new(
+            WaitReason::SourceNodeLimit,
+            format!(
+                "queued: SourceNode {source_node} runs at most {limit} backups at once and they are taken; this one starts when a slot frees, first come first served (spec.limits.maxConcurrentJobs)"
+            ),
+        )
+    })
 }
 
 /// One disk's status entry as planned.

@@ -18,8 +18,7 @@ use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running, retry_backoff};
 use super::status::{self, JobUpdate};
 use crate::children::{
-    ApiError, Namespaced, applied, apply, delete_if_present, ensure_service_account, force_delete,
-    get, is_current,
+    ApiError, Namespaced, applied, apply, delete_if_present, force_delete, get, is_current,
 };
 use crate::pod_state::{self, PodPhase};
 use crate::resources::{
@@ -66,8 +65,13 @@ pub(super) fn for_attempt(mut pod: Pod, attempt: i32) -> Pod {
     pod
 }
 
-/// One of the attempt's pods; None when it does not exist.
-async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Option<Pod>, Error> {
+/// One of the attempt's pods; None when it does not exist. From the pods' cache; a pod the
+/// cache does not hold (not seen yet, or gone) is read from the API server, so nothing is
+/// created or concluded lost from a cache that trails.
+pub(super) async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Option<Pod>, Error> {
+    if let Some(pod) = ctx.caches.pod(ns, name) {
+        return Ok(Some(pod));
+    }
     get::<Pod>(&ctx.client, ns, name).await.map_err(Error::Pods)
 }
 
@@ -102,6 +106,9 @@ async fn say<T>(job: &BackupJob, ctx: &Context, running: Running, message: Strin
     status::write(u, ctx).await.map_err(Error::Status)?;
     Ok(Break(requeue(3)))
 }
+
+/// Least time between two reads of a running agent's progress (it is read every 3 s).
+const PROGRESS_POLL: Duration = Duration::from_millis(2500);
 
 /// Seconds between two tries of a pod the API server refused.
 const REFUSED_RETRY_SECONDS: u64 = 30;
@@ -195,10 +202,14 @@ fn back_off(job: &BackupJob, attempt: i32) -> ControlFlow<Action> {
 
 /// Step 3: the hub's Service and Pod exist (created now when missing).
 async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Pod>) -> Step<Pod> {
+    let ns = job.namespace().unwrap_or_default();
     if let Some(hub) = hub {
         return Ok(Continue(hub));
     }
-    let ns = job.namespace().unwrap_or_default();
+    // Not in the cache: it may exist all the same (created, not yet seen).
+    if let Some(hub) = read_pod(ctx, &ns, &hub_name(job)).await? {
+        return Ok(Continue(hub));
+    }
     if stale(job, ctx).await? {
         return Ok(Break(requeue(1)));
     }
@@ -239,7 +250,7 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     let pod = hub_pod(job, &claim_name(&repo), &disks, &tls, &ctx.images);
     let account = ctx.images.hub_service_account.as_deref();
     let created = async {
-        ensure_service_account(&ctx.client, &ns, account).await?;
+        ctx.ensure_account(&ns, account).await?;
         apply(&ctx.client, &ns, &secret).await?;
         if let Some(operator) = &ctx.images.network_policy {
             apply(&ctx.client, &ns, &hub_policy(job, &disks)).await?;
@@ -299,13 +310,16 @@ async fn ensure_agent(
     hub_ip: &str,
     agent: Option<Pod>,
 ) -> Step<Pod> {
+    let ns = job.namespace().unwrap_or_default();
     if let Some(agent) = agent {
+        return Ok(Continue(agent));
+    }
+    if let Some(agent) = read_pod(ctx, &ns, &agent_name(job)).await? {
         return Ok(Continue(agent));
     }
     if stale(job, ctx).await? {
         return Ok(Break(requeue(1)));
     }
-    let ns = job.namespace().unwrap_or_default();
     let sn_name = &job.spec.source_node_ref.name;
     let sn: SourceNode = step!(
         still_there(
@@ -333,7 +347,7 @@ async fn ensure_agent(
     };
     let account = ctx.images.agent_service_account.as_deref();
     let created = async {
-        ensure_service_account(&ctx.client, &ns, account).await?;
+        ctx.ensure_account(&ns, account).await?;
         applied(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }
     .await;
@@ -412,7 +426,9 @@ async fn observe_agent(
             Ok(finish::attempt_failed(job, ctx, failure, r.as_ref()).await?)
         }
         AgentState::Running(ip) => {
-            if let Some(ip) = ip {
+            // At the poll's pace: the status write it makes (and pod events) re-run this
+            // reconcile, which must not poll and write again at once.
+            if let Some(ip) = ip.filter(|_| ctx.caches.poll_due(job, PROGRESS_POLL)) {
                 match crate::agent_progress::fetch(&format!("{ip}:{PROGRESS_PORT}")).await {
                     Ok(p) => {
                         let mut u = JobUpdate::new(job);
@@ -464,13 +480,19 @@ pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
     if status::is_copied(job) {
         return super::commit::commit(job, ctx, attempt).await;
     }
-    let hub = read_pod(ctx, &ns, &hub_name(job)).await?;
-    let agent = read_pod(ctx, &ns, &agent_name(job)).await?;
+    // From the pods' cache; read from the API server only before a conclusion is drawn from
+    // a pod's absence (it is created, or the attempt fails as having lost it).
+    let mut hub = ctx.caches.pod(&ns, &hub_name(job));
+    let mut agent = ctx.caches.pod(&ns, &agent_name(job));
     // A pod of this attempt lost (deleted, evicted, its node gone) is never replaced within
     // the attempt: the attempt fails, and the next one starts afresh.
-    if let Some(why) = status::lost_pod(job, &[&hub, &agent]) {
-        let failure = Failure::new(FailureReason::PodLost, why);
-        return Ok(finish::attempt_failed(job, ctx, failure, None).await?);
+    if status::lost_pod(job, &[&hub, &agent]).is_some() {
+        hub = read_pod(ctx, &ns, &hub_name(job)).await?;
+        agent = read_pod(ctx, &ns, &agent_name(job)).await?;
+        if let Some(why) = status::lost_pod(job, &[&hub, &agent]) {
+            let failure = Failure::new(FailureReason::PodLost, why);
+            return Ok(finish::attempt_failed(job, ctx, failure, None).await?);
+        }
     }
     proceed!(clear_stale(ctx, &ns, attempt, [&hub, &agent]).await?);
     proceed!(back_off(job, attempt));

@@ -44,6 +44,8 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
         ("BackupJob", "web-01-nightly", Some(true))
     );
     let spec = pod.spec.expect("spec");
+    // It resolves no name: the node's resolver, not the cluster's DNS.
+    assert_eq!(spec.dns_policy.as_deref(), Some("Default"));
     let init = spec.init_containers.expect("init containers");
     assert_eq!(init.len(), 2);
     assert_eq!(

@@ -183,10 +183,13 @@ pub(super) fn job_volume_pod(
 }
 
 /// The spec every hub-side pod starts from: the claim as its only volume, run once, as the
-/// hub ServiceAccount without an API token.
+/// hub ServiceAccount without an API token, with the node's name resolution (`Default`): it
+/// looks up no name, so the cluster's DNS is not its concern (and on a cluster without it,
+/// the kubelet does not record a MissingClusterDNS Event at each of its syncs).
 pub(super) fn volume_pod_spec(claim: &str, images: &PodSettings) -> PodSpec {
     PodSpec {
         restart_policy: Some("Never".into()),
+        dns_policy: Some("Default".into()),
         service_account_name: images.hub_service_account.clone(),
         automount_service_account_token: Some(false),
         volumes: Some(vec![Volume {

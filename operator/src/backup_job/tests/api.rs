@@ -10,6 +10,20 @@ use serde_json::Value;
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 fn context() -> (Arc<Context>, Handle) {
+    context_with_pods(Vec::new())
+}
+
+/// The context with these pods in the controller's pod cache.
+fn context_with_pods(pods: Vec<Value>) -> (Arc<Context>, Handle) {
+    let pods = pods
+        .into_iter()
+        .map(|mut p| {
+            p["apiVersion"] = json!("v1");
+            p["kind"] = json!("Pod");
+            p["metadata"]["namespace"] = json!("backups");
+            serde_json::from_value(p).expect("a pod")
+        })
+        .collect();
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let ctx = Context {
@@ -30,6 +44,7 @@ fn context() -> (Arc<Context>, Handle) {
         lease_namespace: "sendense-system".into(),
         nbd_ca_secret: "sendense-nbd-ca".into(),
         allocation: tokio::sync::Mutex::new(()),
+        caches: crate::backup_job::Caches::with_pods(pods),
     };
     (Arc::new(ctx), handle)
 }
@@ -142,11 +157,10 @@ fn planned_job() -> BackupJob {
     j
 }
 
+/// No hub in the cache: the API server is asked before one is created.
 async fn expect_no_pods(h: &mut Handle) {
-    for pod in ["web-01-b2-hub", "web-01-b2-agent"] {
-        let path = format!("/api/v1/namespaces/backups/pods/{pod}");
-        expect(h, "GET", &path, 404, not_found()).await;
-    }
+    let path = "/api/v1/namespaces/backups/pods/web-01-b2-hub";
+    expect(h, "GET", path, 404, not_found()).await;
 }
 
 /// The job's metadata as the API server has it now, at `version`.
@@ -273,7 +287,6 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
 
 #[tokio::test]
 async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
-    let (ctx, mut h) = context();
     // It made progress a moment ago (an attempt idle for 10 minutes would fail instead).
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let j = job(
@@ -281,7 +294,6 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
         {"deviceKey": 2000, "port": 10100, "capacityBytes": 1048576, "file": "f.qcow2", "copy": "Full"}
     ], "conditions": [{"type": "Running", "status": "True", "reason": "Copying", "message": "50%", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
     );
-    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
     let hub = json!({"metadata": {"name": "web-01-b2-hub", "labels": {ATTEMPT_LABEL: "1"}},
         "status": {"phase": "Running", "podIP": "10.0.0.5", "conditions": [{"type": "Ready", "status": "True"}]}});
     let result = json!({"ok": true, "snapshot": {"id": "snapshot-1", "name": "sendense-web-01-b2", "removed": true},
@@ -289,22 +301,9 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
     let agent = json!({"metadata": {"name": "web-01-b2-agent", "labels": {ATTEMPT_LABEL: "1"}},
         "status": {"phase": "Succeeded", "containerStatuses": [{"name": "agent", "image": "a", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"terminated": {"exitCode": 0, "message": result.to_string()}}}]}});
-    expect(
-        &mut h,
-        "GET",
-        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
-        200,
-        hub,
-    )
-    .await;
-    expect(
-        &mut h,
-        "GET",
-        "/api/v1/namespaces/backups/pods/web-01-b2-agent",
-        200,
-        agent,
-    )
-    .await;
+    // Both pods come from the cache: no read.
+    let (ctx, mut h) = context_with_pods(vec![hub, agent]);
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
     let patch = expect_status_patch(&mut h, &j).await;
     // Copied, to be committed: Running until the restore point exists.
     assert_eq!(patch["status"]["phase"], "Running");
@@ -334,14 +333,7 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
         json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "web-01-b2-hub"}}),
     )
     .await;
-    expect(
-        &mut h,
-        "DELETE",
-        "/api/v1/namespaces/backups/pods/web-01-b2-commit",
-        404,
-        not_found(),
-    )
-    .await;
+    // No commit pod in the cache: none is deleted.
     expect(
         &mut h,
         "DELETE",
@@ -357,31 +349,8 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
 async fn a_finished_job_only_makes_sure_its_pods_and_service_are_gone() {
     let (ctx, mut h) = context();
     let j = job(json!({"phase": "Succeeded", "disks": [{"deviceKey": 2000, "port": 10100}]}));
-    let run = tokio::spawn(reconcile(Arc::new(j), ctx));
-    expect(
-        &mut h,
-        "DELETE",
-        "/api/v1/namespaces/backups/pods/web-01-b2-agent",
-        404,
-        not_found(),
-    )
-    .await;
-    expect(
-        &mut h,
-        "DELETE",
-        "/api/v1/namespaces/backups/pods/web-01-b2-hub",
-        404,
-        not_found(),
-    )
-    .await;
-    expect(
-        &mut h,
-        "DELETE",
-        "/api/v1/namespaces/backups/pods/web-01-b2-commit",
-        404,
-        not_found(),
-    )
-    .await;
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx.clone()));
+    // No pod of it in the cache: none is deleted; its Secret and Service are made sure of.
     expect(
         &mut h,
         "DELETE",
@@ -400,4 +369,14 @@ async fn a_finished_job_only_makes_sure_its_pods_and_service_are_gone() {
     .await;
     let action = reconciled(run).await;
     assert_eq!(action, Action::await_change());
+    // Reconciled again (its pods' events, a status write): it asks the API server nothing.
+    let again = tokio::spawn(reconcile(Arc::new(j), ctx));
+    assert_eq!(reconciled(again).await, Action::await_change());
+    assert!(
+        !matches!(
+            tokio::time::timeout(Duration::from_millis(100), h.next_request()).await,
+            Ok(Some(_))
+        ),
+        "a cleaned-up job makes no request"
+    );
 }

@@ -1,0 +1,154 @@
+//! What the BackupJob controller reads from its watches rather than from the API server, and
+//! what it remembers within this process, so that hundreds of jobs do not become a storm of
+//! requests (issue 16): the jobs' pods, the SourceNodes, the jobs themselves (all fed by the
+//! controller's watches), the ServiceAccounts already ensured, each job's last progress poll,
+//! and the ended jobs already cleaned up.
+//!
+//! A cache only ever saves a request: a pod the cache does not hold is read from the API server
+//! before anything is created or concluded from its absence, and the allocation of ports still
+//! reads the jobs fresh under the allocation lock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher;
+use sendense_crds::{BackupJob, SourceNode};
+
+/// How long an ensured ServiceAccount is taken to exist without asking again.
+const ACCOUNT_TTL: Duration = Duration::from_secs(300);
+
+/// The controller's caches and memory.
+pub struct Caches {
+    /// Pods the operator manages (its own watch; the controller is triggered by the same one).
+    pub pods: Store<Pod>,
+    pub source_nodes: Store<SourceNode>,
+    /// The jobs, as the controller itself sees them.
+    pub jobs: Store<BackupJob>,
+    /// Jobs to reconcile now: queued jobs whose slot freed.
+    pub wake: UnboundedSender<ObjectRef<BackupJob>>,
+    accounts: Mutex<HashMap<(String, String), Instant>>,
+    polled: Mutex<HashMap<String, Instant>>,
+    cleaned: Mutex<HashSet<String>>,
+    once: Mutex<HashSet<String>>,
+}
+
+impl Caches {
+    pub fn new(
+        pods: Store<Pod>,
+        source_nodes: Store<SourceNode>,
+        jobs: Store<BackupJob>,
+    ) -> (Self, UnboundedReceiver<ObjectRef<BackupJob>>) {
+        let (wake, woken) = unbounded();
+        let caches = Self {
+            pods,
+            source_nodes,
+            jobs,
+            wake,
+            accounts: Mutex::default(),
+            polled: Mutex::default(),
+            cleaned: Mutex::default(),
+            once: Mutex::default(),
+        };
+        (caches, woken)
+    }
+
+    /// Empty caches, ready (the unit tests' API server is scripted: every read goes to it).
+    pub fn empty() -> Self {
+        Self::with_pods(Vec::new())
+    }
+
+    /// Ready caches holding these pods and nothing else (for the unit tests).
+    pub fn with_pods(pods: Vec<Pod>) -> Self {
+        fn ready<K>(objects: Vec<K>) -> Store<K>
+        where
+            K: kube::Resource<DynamicType = ()> + Clone + 'static,
+        {
+            let (store, mut writer) = reflector::store::<K>();
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for o in objects {
+                writer.apply_watcher_event(&watcher::Event::InitApply(o));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+            store
+        }
+        Self::new(ready(pods), ready(Vec::new()), ready(Vec::new())).0
+    }
+
+    /// Waits until every watch has listed once (at the start of the process), at most
+    /// `within`: false when one has not (its watch fails: the reconcile fails and is retried,
+    /// so the reason is logged rather than waited on for ever).
+    pub async fn ready(&self, within: Duration) -> bool {
+        let all = async {
+            self.pods.wait_until_ready().await.is_ok()
+                && self.source_nodes.wait_until_ready().await.is_ok()
+                && self.jobs.wait_until_ready().await.is_ok()
+        };
+        tokio::time::timeout(within, all).await.unwrap_or(false)
+    }
+
+    /// A pod, if the cache holds it.
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Pod> {
+        self.pods
+            .get(&ObjectRef::new(name).within(ns))
+            .map(|p| p.as_ref().clone())
+    }
+
+    /// True while the ServiceAccount is known to exist: ensured by this process within the
+    /// last `ACCOUNT_TTL` (one deleted meanwhile is made again after that).
+    pub fn account_known(&self, ns: &str, name: &str) -> bool {
+        let key = (ns.to_owned(), name.to_owned());
+        let accounts = self.accounts.lock().expect("lock");
+        accounts
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < ACCOUNT_TTL)
+    }
+
+    pub fn account_ensured(&self, ns: &str, name: &str) {
+        let key = (ns.to_owned(), name.to_owned());
+        self.accounts
+            .lock()
+            .expect("lock")
+            .insert(key, Instant::now());
+    }
+
+    /// True when the job's agent was last asked for its progress at least `every` ago (and
+    /// notes the poll): a status write or a pod event re-running the reconcile does not poll.
+    pub fn poll_due(&self, job: &BackupJob, every: Duration) -> bool {
+        let key = job.uid().unwrap_or_else(|| job.name_any());
+        let mut polled = self.polled.lock().expect("lock");
+        let now = Instant::now();
+        match polled.get(&key) {
+            Some(t) if now.duration_since(*t) < every => false,
+            _ => {
+                polled.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// True when this process has already removed the ended job's pods, Service, Secret and
+    /// Lease, and no pod of it has appeared since.
+    pub fn cleaned(&self, job: &BackupJob, pod_names: &[String]) -> bool {
+        let key = job.uid().unwrap_or_else(|| job.name_any());
+        let ns = job.namespace().unwrap_or_default();
+        self.cleaned.lock().expect("lock").contains(&key)
+            && pod_names.iter().all(|p| self.pod(&ns, p).is_none())
+    }
+
+    /// True the first time it is asked about `what` of this job in this process.
+    pub fn first(&self, job: &BackupJob, what: &str) -> bool {
+        let key = format!("{}/{what}", job.uid().unwrap_or_else(|| job.name_any()));
+        self.once.lock().expect("lock").insert(key)
+    }
+
+    pub fn mark_cleaned(&self, job: &BackupJob) {
+        let key = job.uid().unwrap_or_else(|| job.name_any());
+        self.polled.lock().expect("lock").remove(&key);
+        self.cleaned.lock().expect("lock").insert(key);
+    }
+}
