@@ -154,6 +154,42 @@ fn nbd_ping_completes_a_handshake_or_fails_fast() -> Result<()> {
     assert_eq!(out.status.code(), Some(2));
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     drop(listener);
+    // A server that is not up yet (nothing listens on its socket) is waited for within the
+    // deadline: Ready at the first probe once it serves.
+    let late = s.path("late.sock");
+    let started = std::time::Instant::now();
+    let ping = agent()
+        .args([
+            "nbd-ping",
+            &format!("nbd+unix:///?socket={}", late.display()),
+            "--timeout",
+            "20",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let _late_server = qemu_nbd(&file, &late, "raw", &["--shared=8"])?;
+    let out = ping.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"size\":1048576"));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(700));
+    // Never up: it fails at its deadline, not before.
+    let never = s.path("never.sock");
+    let started = std::time::Instant::now();
+    let out = agent()
+        .args([
+            "nbd-ping",
+            &format!("nbd+unix:///?socket={}", never.display()),
+            "--timeout",
+            "1",
+        ])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(700) && took < std::time::Duration::from_secs(5),
+        "{took:?}"
+    );
     Ok(())
 }
 
