@@ -19,6 +19,9 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use sendense_crds::{BackupJob, SourceNode};
 
+/// Ended jobs remembered before what is remembered of deleted jobs is dropped.
+const FORGET_ABOVE: usize = 4096;
+
 /// How long an ensured ServiceAccount is taken to exist without asking again.
 const ACCOUNT_TTL: Duration = Duration::from_secs(300);
 
@@ -149,6 +152,65 @@ impl Caches {
     pub fn mark_cleaned(&self, job: &BackupJob) {
         let key = job.uid().unwrap_or_else(|| job.name_any());
         self.polled.lock().expect("lock").remove(&key);
-        self.cleaned.lock().expect("lock").insert(key);
+        let mut cleaned = self.cleaned.lock().expect("lock");
+        cleaned.insert(key);
+        if cleaned.len() > FORGET_ABOVE {
+            drop(cleaned);
+            self.forget_deleted_jobs();
+        }
+    }
+
+    /// What is remembered of jobs that no longer exist goes (the memory stays bounded by the
+    /// jobs that exist).
+    fn forget_deleted_jobs(&self) {
+        let live: HashSet<String> = self
+            .jobs
+            .state()
+            .iter()
+            .map(|j| j.uid().unwrap_or_else(|| j.name_any()))
+            .collect();
+        let of_live = |key: &str| live.contains(key.split('/').next().unwrap_or(key));
+        self.cleaned.lock().expect("lock").retain(|k| of_live(k));
+        self.once.lock().expect("lock").retain(|k| of_live(k));
+        self.polled.lock().expect("lock").retain(|k, _| of_live(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{Fixture, TestObject};
+    use serde_json::json;
+
+    fn pod(name: &str) -> Pod {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "backups"}}))
+        .expect("pod")
+    }
+
+    #[test]
+    fn what_is_remembered_saves_requests_only_until_something_changes() {
+        let job = BackupJob::test().with_status(json!({"phase": "Succeeded"}));
+        let c = Caches::with_pods(vec![pod("web-01-b2-hub")]);
+        assert!(c.pod("backups", "web-01-b2-hub").is_some());
+        assert!(c.pod("backups", "web-01-b2-agent").is_none());
+        // A progress poll, then none until the pace allows.
+        assert!(c.poll_due(&job, Duration::from_secs(60)));
+        assert!(!c.poll_due(&job, Duration::from_secs(60)));
+        assert!(c.poll_due(&job, Duration::ZERO));
+        // Once per job and purpose.
+        assert!(c.first(&job, "1/secret-removed"));
+        assert!(!c.first(&job, "1/secret-removed"));
+        assert!(c.first(&job, "2/secret-removed"));
+        // Cleaned, unless one of its pods is (still, again) in the cache.
+        let names = ["web-01-b2-agent".to_owned(), "web-01-b2-hub".to_owned()];
+        assert!(!c.cleaned(&job, &names[..1]));
+        c.mark_cleaned(&job);
+        assert!(c.cleaned(&job, &names[..1]));
+        assert!(!c.cleaned(&job, &names), "its hub is in the cache");
+        // A ServiceAccount is taken to exist once ensured.
+        assert!(!c.account_known("backups", "sendense-hub"));
+        c.account_ensured("backups", "sendense-hub");
+        assert!(c.account_known("backups", "sendense-hub"));
     }
 }
