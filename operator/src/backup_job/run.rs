@@ -263,8 +263,10 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     match created {
         Ok(pod) => {
             if pod.metadata.uid.is_some() {
+                // Recorded with the wait that follows, in one write.
                 let mut u = JobUpdate::new(job);
                 status::created_pod(&mut u, &pod);
+                u.set(&Running::HubStarting, hub_waiting(attempt, &pod));
                 status::write(u, ctx).await.map_err(Error::Status)?;
             }
             Ok(Break(requeue(3)))
@@ -292,14 +294,18 @@ async fn hub_ready(job: &BackupJob, ctx: &Context, attempt: i32, hub: &Pod) -> S
         );
         return say(job, ctx, Running::Unschedulable(JobPod::Hub), message).await;
     }
-    let mut message = format!(
-        "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
-        hub.name_any()
-    );
+    let mut message = hub_waiting(attempt, hub);
     if let Some(why) = pod_state::waiting_problem(hub) {
         message = format!("{message} ({why})");
     }
     say(job, ctx, Running::HubStarting, message).await
+}
+
+fn hub_waiting(attempt: i32, hub: &Pod) -> String {
+    format!(
+        "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
+        hub.name_any()
+    )
 }
 
 /// Step 5: the agent pod exists (created now when missing), aimed at the hub's exports.

@@ -281,6 +281,10 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
         patch["status"]["pods"],
         json!([{"name": "web-01-b2-hub", "uid": "hub-uid-1"}])
     );
+    // With the wait for it to serve, in the same write (and its Event).
+    assert_eq!(cond(&patch, "Running")["reason"], "HubStarting");
+    let ev = expect(&mut h, "POST", EVENTS, 201, json!({})).await;
+    assert_eq!(ev["reason"], "HubStarting");
     let action = reconciled(run).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(3)));
 }
