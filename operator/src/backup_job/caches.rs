@@ -82,16 +82,13 @@ impl Caches {
         Self::new(ready(pods), ready(Vec::new()), ready(Vec::new())).0
     }
 
-    /// Waits until every watch has listed once (at the start of the process), at most
-    /// `within`: false when one has not (its watch fails: the reconcile fails and is retried,
-    /// so the reason is logged rather than waited on for ever).
-    pub async fn ready(&self, within: Duration) -> bool {
-        let all = async {
-            self.pods.wait_until_ready().await.is_ok()
-                && self.source_nodes.wait_until_ready().await.is_ok()
-                && self.jobs.wait_until_ready().await.is_ok()
-        };
-        tokio::time::timeout(within, all).await.unwrap_or(false)
+    /// True once the pods' watch has listed them all: only then does the cache's silence
+    /// about a pod mean it does not exist. Never waited for: a reconcile must not wait on a
+    /// watch that the controller feeds only between reconciles (at a restart with jobs under
+    /// way, waiting held every job's reconcile for as long as it waited).
+    pub fn pods_listed(&self) -> bool {
+        use futures::FutureExt;
+        matches!(self.pods.wait_until_ready().now_or_never(), Some(Ok(())))
     }
 
     /// A pod, if the cache holds it.
@@ -99,6 +96,15 @@ impl Caches {
         self.pods
             .get(&ObjectRef::new(name).within(ns))
             .map(|p| p.as_ref().clone())
+    }
+
+    /// A pod the cache knows is not there (None: the cache does not know; ask the API server).
+    pub fn absent(&self, ns: &str, name: &str) -> Option<bool> {
+        match self.pod(ns, name) {
+            Some(_) => Some(false),
+            None if self.pods_listed() => Some(true),
+            None => None,
+        }
     }
 
     /// True while the ServiceAccount is known to exist: ensured by this process within the
@@ -140,7 +146,7 @@ impl Caches {
         let key = job.uid().unwrap_or_else(|| job.name_any());
         let ns = job.namespace().unwrap_or_default();
         self.cleaned.lock().expect("lock").contains(&key)
-            && pod_names.iter().all(|p| self.pod(&ns, p).is_none())
+            && pod_names.iter().all(|p| self.absent(&ns, p) == Some(true))
     }
 
     /// True the first time it is asked about `what` of this job in this process.
@@ -208,6 +214,16 @@ mod tests {
         c.mark_cleaned(&job);
         assert!(c.cleaned(&job, &names[..1]));
         assert!(!c.cleaned(&job, &names), "its hub is in the cache");
+        assert_eq!(c.absent("backups", "web-01-b2-agent"), Some(true));
+        assert_eq!(c.absent("backups", "web-01-b2-hub"), Some(false));
+        // Before the pods' watch has listed them, the cache's silence means nothing.
+        let (pods, _writer) = reflector::store::<Pod>();
+        let (sns, _w) = reflector::store::<SourceNode>();
+        let (jobs, _wj) = reflector::store::<BackupJob>();
+        let unlisted = Caches::new(pods, sns, jobs).0;
+        assert_eq!(unlisted.absent("backups", "web-01-b2-agent"), None);
+        unlisted.mark_cleaned(&job);
+        assert!(!unlisted.cleaned(&job, &names[..1]));
         // A ServiceAccount is taken to exist once ensured.
         assert!(!c.account_known("backups", "sendense-hub"));
         c.account_ensured("backups", "sendense-hub");

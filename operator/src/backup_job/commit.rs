@@ -38,12 +38,9 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
     // The attempt's hub and agent are gone: nothing writes the files any more.
     for name in [hub_name(job), agent_name(job)] {
         // From the cache; its word that the pod is gone is checked once with the API server.
-        let pod = match ctx.caches.pod(&ns, &name) {
-            Some(p) => Some(p),
-            None if ctx.caches.first(job, &format!("{attempt}/{name}/gone")) => {
-                read_pod(ctx, &ns, &name).await?
-            }
-            None => None,
+        let pod = match ctx.caches.absent(&ns, &name) {
+            Some(true) if !ctx.caches.first(job, &format!("{attempt}/{name}/gone")) => None,
+            _ => read_pod(ctx, &ns, &name).await?,
         };
         if let Some(p) = pod {
             if !pod_state::is_terminating(&p) {

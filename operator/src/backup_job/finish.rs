@@ -39,10 +39,13 @@ pub enum Error {
 pub(super) async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
     let ns = job.namespace().unwrap_or_default();
     for name in [agent_name(job), hub_name(job), commit_name(job)] {
-        let Some(pod) = ctx.caches.pod(&ns, &name) else {
-            continue;
+        // Not listed yet (the process just started): deleted whatever the cache says.
+        let being_deleted = match ctx.caches.pod(&ns, &name) {
+            Some(pod) => pod.metadata.deletion_timestamp.is_some(),
+            None if ctx.caches.pods_listed() => continue,
+            None => false,
         };
-        if pod.metadata.deletion_timestamp.is_none() {
+        if !being_deleted {
             delete_if_present::<Pod>(&ctx.client, &ns, &name)
                 .await
                 .map_err(Error::Remove)?;

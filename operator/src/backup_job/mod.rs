@@ -104,10 +104,6 @@ pub enum Error {
         #[source]
         source: cancel::Error,
     },
-    #[error(
-        "BackupJob {job}: the operator's watches of pods, SourceNodes and BackupJobs have not listed them yet (see the operator's log for the watch's error, e.g. RBAC)"
-    )]
-    CachesNotReady { job: String },
     #[error("BackupJob {job}: the VM's Lease: {source}")]
     Lease {
         job: String,
@@ -125,14 +121,10 @@ impl Error {
             | Error::Finish { .. }
             | Error::Status { .. }
             | Error::Lease { .. }
-            | Error::Cancel { .. }
-            | Error::CachesNotReady { .. } => "kube_api",
+            | Error::Cancel { .. } => "kube_api",
         }
     }
 }
-
-/// How long a reconcile waits for the controller's caches at the start of the process.
-const CACHES_READY: Duration = Duration::from_secs(30);
 
 /// How often a queued job looks at the caches by itself (a job ending wakes the first in line
 /// at once: `wake_queue`).
@@ -297,9 +289,6 @@ fn planned(job: &BackupJob) -> bool {
 pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("backupjob");
     let name = job.name_any();
-    if !ctx.caches.ready(CACHES_READY).await {
-        return Err(Error::CachesNotReady { job: name });
-    }
     let phase = job.status.as_ref().and_then(|s| s.phase);
     let ended = matches!(phase, Some(Phase::Succeeded | Phase::Failed));
     if job.metadata.deletion_timestamp.is_some() && !ended {
