@@ -44,6 +44,7 @@ macro_rules! proceed {
     };
 }
 
+mod agent_state;
 mod caches;
 mod cancel;
 mod commit;

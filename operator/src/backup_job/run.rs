@@ -13,6 +13,7 @@ use kube::runtime::controller::Action;
 use sendense_contract::result::BackupResult;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
+use super::agent_state::AgentState;
 use super::context::Context;
 use super::finish;
 use super::outcome::{Failure, FailureReason, JobPod, Running, retry_backoff};
@@ -20,7 +21,7 @@ use super::status::{self, JobUpdate};
 use crate::children::{
     ApiError, Namespaced, applied, apply, delete_if_present, force_delete, get, is_current,
 };
-use crate::pod_state::{self, PodPhase};
+use crate::pod_state;
 use crate::resources::{
     ATTEMPT_LABEL, HubTls, PROGRESS_PORT, agent_name, agent_pod, agent_policy, claim_name,
     hub_name, hub_pod, hub_policy, hub_service,
@@ -369,54 +370,6 @@ async fn ensure_agent(
     );
     status::write(u, ctx).await.map_err(Error::Status)?;
     Ok(Break(requeue(3)))
-}
-
-/// Where the agent is, read from its pod.
-#[derive(Debug)]
-pub enum AgentState {
-    /// Not running yet (or its phase is unknown).
-    Starting,
-    /// Copying; its progress is served on this address.
-    Running(Option<String>),
-    Succeeded(BackupResult),
-    Failed(Failure, Option<BackupResult>),
-}
-
-impl AgentState {
-    /// The agent's state from its pod: its phase and, once it ended, its result.
-    pub fn of(agent: &Pod) -> Self {
-        let result = || {
-            let msg = pod_state::termination_message(agent).unwrap_or_default();
-            (BackupResult::parse(&msg), msg)
-        };
-        let reported = |r: &BackupResult, default: &str| {
-            let reason = FailureReason::Agent(r.reason);
-            Failure::new(reason, r.error.clone().unwrap_or_else(|| default.into()))
-        };
-        match PodPhase::of(agent) {
-            PodPhase::Succeeded => match result() {
-                (Some(r), _) if r.ok => Self::Succeeded(r),
-                (Some(r), _) => Self::Failed(reported(&r, "the agent reported failure"), Some(r)),
-                (None, msg) => Self::Failed(
-                    Failure::new(
-                        FailureReason::ResultMissing,
-                        format!("the agent ended without a readable result: {msg:.300}"),
-                    ),
-                    None,
-                ),
-            },
-            PodPhase::Failed => match result() {
-                (Some(r), _) => Self::Failed(reported(&r, "the agent failed"), Some(r)),
-                (None, _) => {
-                    let why =
-                        pod_state::failure(agent).unwrap_or_else(|| "the agent pod failed".into());
-                    Self::Failed(Failure::new(FailureReason::Agent(None), why), None)
-                }
-            },
-            PodPhase::Running => Self::Running(pod_state::ip(agent)),
-            PodPhase::Pending | PodPhase::Unknown => Self::Starting,
-        }
-    }
 }
 
 /// Step 6: the agent's progress into status while it runs; its end to `finish`.
