@@ -37,110 +37,105 @@ pub struct Seen {
 
 pub type Shared = Arc<Mutex<Seen>>;
 
-pub fn watch_backup_jobs(api: Api<BackupJob>, seen: Shared) -> tokio::task::JoinHandle<()> {
+/// Runs `f` on every object the watch applies (listed or changed), with the time it was seen.
+fn observe<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    seen: Shared,
+    mut f: F,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    F: FnMut(K, Instant, &mut Seen) + Send + 'static,
+{
     tokio::spawn(async move {
-        let mut events = watcher::watcher(api, watcher::Config::default())
+        let mut objects = watcher::watcher(api, config)
             .default_backoff()
+            .applied_objects()
             .boxed();
-        while let Some(Ok(ev)) = events.next().await {
-            let (watcher::Event::Apply(j) | watcher::Event::InitApply(j)) = ev else {
-                continue;
-            };
+        while let Some(Ok(o)) = objects.next().await {
             let now = Instant::now();
-            let name = j.name_any();
-            let mut s = seen.lock().unwrap();
-            s.created.entry(name.clone()).or_insert(now);
-            let Some(st) = j.status.as_ref() else {
-                continue;
-            };
-            if let Some(c) = st
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Running" && c.reason == "Retrying")
-            {
-                s.retried.insert(name.clone(), c.message.clone());
+            f(o, now, &mut seen.lock().unwrap());
+        }
+    })
+}
+
+pub fn watch_backup_jobs(api: Api<BackupJob>, seen: Shared) -> tokio::task::JoinHandle<()> {
+    observe(api, watcher::Config::default(), seen, |j, now, s| {
+        let name = j.name_any();
+        s.created.entry(name.clone()).or_insert(now);
+        let Some(st) = j.status.as_ref() else {
+            return;
+        };
+        if let Some(c) = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Running" && c.reason == "Retrying")
+        {
+            s.retried.insert(name.clone(), c.message.clone());
+        }
+        match st.phase {
+            Some(Phase::Running) | Some(Phase::Pending) | None => {
+                if st.phase == Some(Phase::Running) && !s.running.contains_key(&name) {
+                    s.running.insert(name.clone(), now);
+                }
+                // A job holds the ports its status names until it ends (ports.rs).
+                s.ports.retain(|_, j| j != &name);
+                for port in st.disks.iter().filter_map(|d| d.port) {
+                    match s.ports.get(&port) {
+                        Some(other) if other != &name => {
+                            let t = format!("port {port}: {other} and {name}");
+                            s.twice.push(t);
+                        }
+                        _ => {
+                            s.ports.insert(port, name.clone());
+                        }
+                    }
+                }
             }
-            match st.phase {
-                Some(Phase::Running) | Some(Phase::Pending) | None => {
-                    if st.phase == Some(Phase::Running) && !s.running.contains_key(&name) {
-                        s.running.insert(name.clone(), now);
-                    }
-                    // A job holds the ports its status names until it ends (ports.rs).
-                    s.ports.retain(|_, j| j != &name);
-                    for port in st.disks.iter().filter_map(|d| d.port) {
-                        match s.ports.get(&port) {
-                            Some(other) if other != &name => {
-                                let t = format!("port {port}: {other} and {name}");
-                                s.twice.push(t);
-                            }
-                            _ => {
-                                s.ports.insert(port, name.clone());
-                            }
-                        }
+            Some(Phase::Succeeded | Phase::Failed) => {
+                if !s.ended.contains_key(&name) {
+                    s.ended.insert(name.clone(), now);
+                    if st.phase == Some(Phase::Failed) {
+                        let why = st
+                            .conditions
+                            .iter()
+                            .map(|c| format!("{}={} {}", c.type_, c.reason, c.message))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        s.failed.push(format!("{name}: {why}"));
                     }
                 }
-                Some(Phase::Succeeded | Phase::Failed) => {
-                    if !s.ended.contains_key(&name) {
-                        s.ended.insert(name.clone(), now);
-                        if st.phase == Some(Phase::Failed) {
-                            let why = st
-                                .conditions
-                                .iter()
-                                .map(|c| format!("{}={} {}", c.type_, c.reason, c.message))
-                                .collect::<Vec<_>>()
-                                .join("; ");
-                            s.failed.push(format!("{name}: {why}"));
-                        }
-                    }
-                    s.ports.retain(|_, j| j != &name);
-                }
+                s.ports.retain(|_, j| j != &name);
             }
         }
     })
 }
 
 pub fn watch_batch_jobs(api: Api<Job>, seen: Shared) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut events = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        while let Some(Ok(ev)) = events.next().await {
-            let (watcher::Event::Apply(j) | watcher::Event::InitApply(j)) = ev else {
-                continue;
-            };
-            let now = Instant::now();
-            let mut s = seen.lock().unwrap();
-            s.created.entry(j.name_any()).or_insert(now);
-            let st = j.status.clone().unwrap_or_default();
-            if st.succeeded.unwrap_or(0) + st.failed.unwrap_or(0) > 0 {
-                s.ended.entry(j.name_any()).or_insert(now);
-            }
+    observe(api, watcher::Config::default(), seen, |j, now, s| {
+        s.created.entry(j.name_any()).or_insert(now);
+        let st = j.status.clone().unwrap_or_default();
+        if st.succeeded.unwrap_or(0) + st.failed.unwrap_or(0) > 0 {
+            s.ended.entry(j.name_any()).or_insert(now);
         }
     })
 }
 
 /// Pods, attributed to their job by `label` (sendense.io/backupjob, or batch's job-name).
 pub fn watch_pods(api: Api<Pod>, label: &'static str, seen: Shared) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let config = watcher::Config::default().labels(label);
-        let mut events = watcher::watcher(api, config).default_backoff().boxed();
-        while let Some(Ok(ev)) = events.next().await {
-            let (watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = ev else {
-                continue;
-            };
-            let now = Instant::now();
-            let Some(job) = p.labels().get(label).cloned() else {
-                continue;
-            };
-            let mut s = seen.lock().unwrap();
-            s.first_pod.entry(job.clone()).or_insert(now);
-            s.pods.entry(job.clone()).or_default().insert(p.name_any());
-            let name = p.name_any();
-            if name == format!("{job}-hub") && s.hub.is_none() {
-                s.hub = Some(p);
-            } else if name == format!("{job}-agent") && s.agent.is_none() {
-                s.agent = Some(p);
-            }
+    let config = watcher::Config::default().labels(label);
+    observe(api, config, seen, move |p, now, s| {
+        let Some(job) = p.labels().get(label).cloned() else {
+            return;
+        };
+        s.first_pod.entry(job.clone()).or_insert(now);
+        s.pods.entry(job.clone()).or_default().insert(p.name_any());
+        let name = p.name_any();
+        if name == format!("{job}-hub") && s.hub.is_none() {
+            s.hub = Some(p);
+        } else if name == format!("{job}-agent") && s.agent.is_none() {
+            s.agent = Some(p);
         }
     })
 }
