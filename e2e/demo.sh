@@ -430,8 +430,8 @@ look_into_hub() { # job: once its first qemu-nbd container is ready; returns 1 u
   shown "kubectl exec $hub -c nbd-2000 -- id" k exec -n "$NS" "$hub" -c nbd-2000 -- id
   shown "kubectl exec $hub -c nbd-2000 -- sh -c '$pid1'   (PID 1 of the container: its qemu-nbd)" \
     k exec -n "$NS" "$hub" -c nbd-2000 -- sh -c "$pid1"
-  shown "kubectl logs $hub -c prepare-2000   (the init container that made the QCOW2)" \
-    k logs -n "$NS" "$hub" -c prepare-2000
+  shown "kubectl logs $hub -c prepare   (the init container that made the QCOW2 files)" \
+    k logs -n "$NS" "$hub" -c prepare
   if [ -n "$failed" ]; then
     # A failure is only the demo's bad timing when the backup ended (its hub removed) meanwhile.
     k get pod -n "$NS" "$hub" >/dev/null 2>&1 && job_failed "$job" "runs a hub that kubectl exec or logs cannot reach"

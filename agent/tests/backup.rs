@@ -48,11 +48,8 @@ impl Hub {
     ) -> Result<String> {
         let file = self.file(job, key);
         let mut cmd = agent();
-        cmd.args(["hub", "prepare", "--size", &size.to_string(), "--file"])
-            .arg(&file);
-        if let Some(p) = parent {
-            cmd.arg("--backing").arg(self.file(p, key));
-        }
+        let parent = parent.map(|p| self.file(p, key));
+        cmd.args(prepare_args(&file, size, parent.as_deref()));
         run(&mut cmd)?;
         let socket = self.scratch.path(&format!("{job}-{key}.sock"));
         let server = qemu_nbd(&file, &socket, "qcow2", &["--shared=8"])?;

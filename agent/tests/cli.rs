@@ -23,20 +23,14 @@ fn hub_prepare_builds_a_chain_with_relative_backing_files() -> Result<()> {
     let s = Scratch::new("prepare");
     let dir = s.path("repo/ns/web-01/2000");
     let full = dir.join("job-1.qcow2");
-    let out = run(agent()
-        .args(["hub", "prepare", "--size", "8388608", "--file"])
-        .arg(&full))?;
+    let out = run(agent().args(prepare_args(&full, 8388608, None)))?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    assert_eq!(v["backing_file"], serde_json::Value::Null);
+    assert_eq!(v[0]["backing_file"], serde_json::Value::Null);
     let incr = dir.join("job-2.qcow2");
-    let out = run(agent()
-        .args(["hub", "prepare", "--size", "8388608", "--file"])
-        .arg(&incr)
-        .arg("--backing")
-        .arg(&full))?;
+    let out = run(agent().args(prepare_args(&incr, 8388608, Some(&full))))?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(
-        v["backing_file"], "job-1.qcow2",
+        v[0]["backing_file"], "job-1.qcow2",
         "recorded relative to the overlay"
     );
     let info = run(Command::new("qemu-img")
@@ -56,10 +50,11 @@ fn hub_prepare_builds_a_chain_with_relative_backing_files() -> Result<()> {
     // A resized disk cannot layer on the old chain; a missing parent is named.
     let moved = s.path("moved/ns/web-01/2000");
     let out = agent()
-        .args(["hub", "prepare", "--size", "16777216", "--file"])
-        .arg(moved.join("job-3.qcow2"))
-        .arg("--backing")
-        .arg(moved.join("job-2.qcow2"))
+        .args(prepare_args(
+            &moved.join("job-3.qcow2"),
+            16777216,
+            Some(&moved.join("job-2.qcow2")),
+        ))
         .output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -68,18 +63,18 @@ fn hub_prepare_builds_a_chain_with_relative_backing_files() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = agent()
-        .args(["hub", "prepare", "--size", "8388608", "--file"])
-        .arg(moved.join("job-4.qcow2"))
-        .arg("--backing")
-        .arg(moved.join("nope.qcow2"))
+        .args(prepare_args(
+            &moved.join("job-4.qcow2"),
+            8388608,
+            Some(&moved.join("nope.qcow2")),
+        ))
         .output()?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("chain parent is missing"));
 
     // An existing file is never replaced: it may be a committed restore point's.
     let before = sha256sum(&moved.join("job-1.qcow2"))?;
     let out = agent()
-        .args(["hub", "prepare", "--size", "8388608", "--file"])
-        .arg(moved.join("job-1.qcow2"))
+        .args(prepare_args(&moved.join("job-1.qcow2"), 8388608, None))
         .output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -87,6 +82,39 @@ fn hub_prepare_builds_a_chain_with_relative_backing_files() -> Result<()> {
         "{out:?}"
     );
     assert_eq!(sha256sum(&moved.join("job-1.qcow2"))?, before);
+
+    // All of a job's disks in one call (the hub's one init container), in order; the first
+    // that cannot be prepared stops it, and is named.
+    use sendense_contract::cli::{HubPrepareArgs, PrepareDisk};
+    let disk = |file: &str, size: u64, backing: Option<&str>| PrepareDisk {
+        file: moved.join(file),
+        size,
+        backing: backing.map(|b| moved.join(b)),
+    };
+    let both = HubPrepareArgs {
+        disks: vec![
+            disk("job-5.qcow2", 8388608, Some("job-2.qcow2")),
+            disk("../2001/job-5.qcow2", 1048576, None),
+        ],
+    };
+    let out = run(agent().args(both.to_args()))?;
+    let v: Value = serde_json::from_str(&out)?;
+    assert_eq!(v[0]["backing_file"], "job-2.qcow2", "{v}");
+    assert_eq!(v[1]["size"], 1048576, "{v}");
+    assert!(s.path("moved/ns/web-01/2001/job-5.qcow2").exists());
+    let second_fails = HubPrepareArgs {
+        disks: vec![
+            disk("job-6.qcow2", 8388608, None),
+            disk("job-7.qcow2", 8388608, Some("gone.qcow2")),
+        ],
+    };
+    let out = agent().args(second_fails.to_args()).output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("chain parent is missing") && err.contains("gone.qcow2"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -209,9 +237,11 @@ fn repo_probe_measures_a_writable_repository() -> Result<()> {
     let repo = s.path("repo");
     // Two QCOW2 files in nested directories (one made by `hub prepare`), files that do not
     // count (another extension, a symbolic link to a QCOW2 file).
-    run(agent()
-        .args(["hub", "prepare", "--size", "8388608", "--file"])
-        .arg(repo.join("ns/web-01/2000/full.qcow2")))?;
+    run(agent().args(prepare_args(
+        &repo.join("ns/web-01/2000/full.qcow2"),
+        8388608,
+        None,
+    )))?;
     std::fs::create_dir_all(repo.join("ns/db-01/2001"))?;
     let data = s.path("repo/ns/db-01/2001/part.qcow2");
     std::fs::write(&data, pattern(1, 3 << 20))?;
@@ -652,11 +682,11 @@ fn repo_commit_reads_the_chain_back_and_writes_the_manifest_once() -> Result<()>
         .arg(root.join(full_dir).join("2000.qcow2")))?;
     let full_sum = sha256sum(&raw)?;
     // The incremental: an overlay with 64 KiB changed at 1 MiB.
-    run(agent()
-        .args(["hub", "prepare", "--size", "16777216", "--file"])
-        .arg(root.join(incr_dir).join("2000.qcow2"))
-        .arg("--backing")
-        .arg(root.join(full_dir).join("2000.qcow2")))?;
+    run(agent().args(prepare_args(
+        &root.join(incr_dir).join("2000.qcow2"),
+        16777216,
+        Some(&root.join(full_dir).join("2000.qcow2")),
+    )))?;
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 64k"])
         .arg(root.join(incr_dir).join("2000.qcow2")))?;

@@ -364,27 +364,46 @@ impl BackupArgs {
     }
 }
 
-/// `sendense-agent hub prepare`: create one disk's QCOW2 for a backup. An existing file is
-/// never replaced: each attempt of a job writes into a directory of its own.
+/// One disk `hub prepare` creates: its QCOW2 file, its virtual size in bytes (the disk's
+/// capacity) and, for an incremental, the previous backup of the disk it is layered on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareDisk {
+    pub file: PathBuf,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
+}
+
+impl std::str::FromStr for PrepareDisk {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_str(s).map_err(|e| {
+            format!(r#"expected {{"file": PATH, "size": BYTES, "backing": PATH (optional)}}: {e}"#)
+        })
+    }
+}
+
+/// `sendense-agent hub prepare`: create the QCOW2 of each of a job's disks for a backup, in
+/// order (one init container for all of them). An existing file is never replaced: each
+/// attempt of a job writes into a directory of its own.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct HubPrepareArgs {
-    /// The QCOW2 file to create.
-    #[arg(long)]
-    pub file: PathBuf,
-    /// Virtual size in bytes (the disk's capacity).
-    #[arg(long)]
-    pub size: u64,
-    /// The previous backup of this disk (makes this an incremental overlay).
-    #[arg(long)]
-    pub backing: Option<PathBuf>,
+    /// A disk as JSON, `{"file": PATH, "size": BYTES, "backing": PATH}` (`backing` only for
+    /// an incremental); repeated for each disk.
+    #[arg(long = "disk", required = true, value_parser = clap::value_parser!(PrepareDisk))]
+    pub disks: Vec<PrepareDisk>,
 }
 
 impl HubPrepareArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Argv::words(&["hub", "prepare"]);
-        a.path("--file", Some(&self.file));
-        a.opt("--size", self.size);
-        a.path("--backing", self.backing.as_ref());
+        for d in &self.disks {
+            a.opt(
+                "--disk",
+                serde_json::to_string(d).expect("a disk serialises"),
+            );
+        }
         a.0
     }
 }

@@ -25,7 +25,7 @@ pub const MAX_NAME_LENGTH: usize = 52;
     validation = Rule::new("size(self.metadata.name) <= 52")
         .message("metadata.name must be at most 52 characters: it names the job's pods and labels"),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
-        .message("metadata.name must be a DNS label: lowercase letters, digits and '-', starting with a letter, no '.', e.g. web-01-nightly; it names the job's hub Service (<name>-hub), which Kubernetes requires to be such a name"),
+        .message("metadata.name must be a DNS label: lowercase letters, digits and '-', starting with a letter, no '.', e.g. web-01-nightly; it is one label of the name the job's hub certificate carries (<name>-hub.<namespace>.svc)"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),

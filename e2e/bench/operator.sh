@@ -4,8 +4,9 @@
 # (started here with their own state directory and ports, like `make test`, and torn down).
 # Env: SENDENSE_SCALE_JOBS (300), SENDENSE_SCALE_CONCURRENCY (25), SENDENSE_SCALE_TIMEOUT_SECONDS
 # (3600). The table is printed and written to $SENDENSE_CACHE/bench/operator-scale.txt.
-# The operator runs as the test's debug build (like the end-to-end tests); SENDENSE_SCALE_RELEASE=1
-# builds the test and operator optimised instead (longer to build, closer to a deployment).
+# The operator runs optimised, as deployed (SENDENSE_SCALE_RELEASE=0: the test's debug build, like
+# the end-to-end tests; quicker to build, slower to run). The pods' images are the dev profile
+# (SENDENSE_IMAGE_PROFILE): their binaries copy two 1 MiB disks, which is not what is measured.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
@@ -33,6 +34,6 @@ mkdir -p "$SENDENSE_CACHE/bench"
 export SENDENSE_SCALE_REPORT=$SENDENSE_CACHE/bench/operator-scale.txt
 export SENDENSE_SCALE_AUDIT_LOG=$SENDENSE_CLUSTER_DIR/audit.log
 profile=()
-[ "${SENDENSE_SCALE_RELEASE:-0}" = 1 ] && profile=(--release)
+[ "${SENDENSE_SCALE_RELEASE:-1}" = 1 ] && profile=(--release)
 cargo test "${profile[@]}" -p sendense-operator --test scale --locked -- --ignored --nocapture
 echo "report: $SENDENSE_SCALE_REPORT"

@@ -180,7 +180,8 @@ pub struct AttemptCerts {
     pub client_key: String,
 }
 
-/// The name the hub's certificate carries: its Service's DNS name.
+/// The name the hub's certificate carries and the agent checks (it dials the pod's IP): the
+/// DNS name a Service `<job>-hub` of the namespace would have; none is made.
 pub fn server_name(job: &BackupJob) -> String {
     format!(
         "{}.{}.svc",

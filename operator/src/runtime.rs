@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
@@ -218,7 +218,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let by_repo = job_store.clone();
     let jobs = jobs
         .owns_stream(job_pods)
-        .owns(scoped::<Service>(&client, namespace), owned)
         .watches_stream(source_nodes, move |sn| {
             backup_job::jobs_referring(
                 &by_source.state(),

@@ -340,6 +340,7 @@ async fn backup_jobs_at_scale_against_batch_jobs() -> Result<()> {
          | create -> first pod p99 incl. queueing (s) | {:.2} | {b99:.2} | | | |\n\
          | wall time of the phase (s) | {ops_secs:.1} | {batch_secs:.1} | | | |\n\
          | pods per job | {pods_per_job:.2} | 1 | | | |\n\
+         | API requests per pod, net (shown, no target) | {:.1} | {batch_req_net:.1} | {:.2}x | | |\n\
          | operator reconciles per BackupJob | {:.1} (all controllers {:.1}) | | | | |\n\
          BackupJobs' most frequent requests:\n{}\n\
          batch Jobs' most frequent requests:\n{}\n\
@@ -349,6 +350,8 @@ async fn backup_jobs_at_scale_against_batch_jobs() -> Result<()> {
         o50 / b50,
         verdict(p99_ratio <= 2.0),
         p(&ops_raw, 99.0),
+        ops_req_net / pods_per_job,
+        req_ratio / pods_per_job,
         reconciles / fnum,
         all_reconciles / fnum,
         top(&ops, fnum, 20),

@@ -4,7 +4,7 @@
 use clap::Parser;
 use sendense_contract::cli::{
     BackupArgs, DEFAULT_NBD_PING_TIMEOUT_SECONDS, HubPrepareArgs, HubRemoveArgs, NbdPingArgs,
-    RepoCommitArgs, RepoProbeArgs, Transport, VddkMode,
+    PrepareDisk, RepoCommitArgs, RepoProbeArgs, Transport, VddkMode,
 };
 
 use super::*;
@@ -82,14 +82,25 @@ fn the_agent_parses_every_backup_command_line_the_operator_builds() {
 fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
     for prepare in [
         HubPrepareArgs {
-            file: "/repository/ns/vm/2000/b.qcow2".into(),
-            size: 8 << 30,
-            backing: Some("/repository/ns/vm/2000/a.qcow2".into()),
+            disks: vec![PrepareDisk {
+                file: "/repository/ns/vm/2000/b.qcow2".into(),
+                size: 8 << 30,
+                backing: Some("/repository/ns/vm/2000/a.qcow2".into()),
+            }],
         },
         HubPrepareArgs {
-            file: "/repository/ns/vm/2000/a.qcow2".into(),
-            size: 1 << 20,
-            backing: None,
+            disks: vec![
+                PrepareDisk {
+                    file: "/repository/ns/vm/2000/a.qcow2".into(),
+                    size: 1 << 20,
+                    backing: None,
+                },
+                PrepareDisk {
+                    file: "/repository/ns/vm/2001/a.qcow2".into(),
+                    size: 2 << 20,
+                    backing: Some("/repository/ns/vm/2001/z.qcow2".into()),
+                },
+            ],
         },
     ] {
         match parse(&prepare.to_args()) {

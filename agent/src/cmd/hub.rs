@@ -1,4 +1,4 @@
-//! `hub prepare` and `hub remove`: one disk's QCOW2 before a backup, the directories of
+//! `hub prepare` and `hub remove`: the disks' QCOW2 files before a backup, the directories of
 //! attempts that did not commit after it.
 
 use anyhow::Result;
@@ -7,8 +7,13 @@ use sendense_contract::cli::{HubPrepareArgs, HubRemoveArgs};
 use super::{Outcome, print_json};
 use crate::hub;
 
+/// Each disk in order; the first that cannot be prepared stops it (its error names the file).
 pub fn prepare(args: HubPrepareArgs) -> Result<Outcome> {
-    let prepared = hub::prepare(&args.file, args.size, args.backing.as_deref())?;
+    let prepared = args
+        .disks
+        .iter()
+        .map(|d| hub::prepare(&d.file, d.size, d.backing.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
     print_json(&prepared)?;
     Ok(Outcome::Succeeded)
 }

@@ -134,3 +134,15 @@ pub fn write_at(file: &Path, offset: u64, data: &[u8]) -> Result<()> {
     f.write_all_at(data, offset)?;
     Ok(())
 }
+
+/// `hub prepare`'s arguments for one disk, as the operator builds them.
+pub fn prepare_args(file: &Path, size: u64, backing: Option<&Path>) -> Vec<String> {
+    sendense_contract::cli::HubPrepareArgs {
+        disks: vec![sendense_contract::cli::PrepareDisk {
+            file: file.to_owned(),
+            size,
+            backing: backing.map(Path::to_owned),
+        }],
+    }
+    .to_args()
+}

@@ -151,12 +151,6 @@ config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-# The hub's Service, which gives the agent a stable address for the hub's NBD ports: applied
-# (create + patch), watched as an owned object (list + watch), deleted when the job ends. Never
-# read by name.
-- apiGroups: [""]
-  resources: ["services"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
 # Each job's two NetworkPolicies (<job>-hub: its NBD ports from its agents only; <job>-agent:
 # its progress port from the operator only), applied (create + patch) before its hub and
 # owned by the job, so the garbage collector removes them with it.

@@ -76,10 +76,26 @@ fn defaults_are_left_out_of_the_command_line() {
 #[test]
 fn hub_repo_and_ping_arguments_round_trip() {
     let prepare = HubPrepareArgs {
-        file: "/repository/ns/vm/2000/b.qcow2".into(),
-        size: 8 << 30,
-        backing: Some("/repository/ns/vm/2000/a.qcow2".into()),
+        disks: vec![
+            PrepareDisk {
+                file: "/repository/ns/vm \"x\",y/2000/b.qcow2".into(),
+                size: 8 << 30,
+                backing: Some("/repository/ns/vm \"x\",y/2000/a.qcow2".into()),
+            },
+            PrepareDisk {
+                file: "/repository/ns/vm/2001/a.qcow2".into(),
+                size: 1 << 20,
+                backing: None,
+            },
+        ],
     };
+    assert_eq!(
+        prepare.to_args()[2..4],
+        [
+            "--disk",
+            r#"{"file":"/repository/ns/vm \"x\",y/2000/b.qcow2","size":8589934592,"backing":"/repository/ns/vm \"x\",y/2000/a.qcow2"}"#
+        ]
+    );
     assert!(matches!(parse(prepare.to_args()), Line::Hub { hub: Hub::Prepare(p) } if p == prepare));
     let remove = HubRemoveArgs {
         dirs: vec!["/repository/a".into(), "/repository/b c".into()],
@@ -328,6 +344,22 @@ fn restore_vm_line_round_trips_new_and_in_place() {
         assert!(
             Line::try_parse_from(std::iter::once("sendense-agent").chain(bad.clone())).is_err(),
             "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_prepare_disk_that_is_not_the_json_expected_is_refused_naming_the_flag_and_its_form() {
+    for bad in [
+        r#"{"file":"/r/a.qcow2"}"#,
+        r#"{"file":"/r/a.qcow2","size":1,"parent":"/r/b.qcow2"}"#,
+        "/r/a.qcow2:1",
+    ] {
+        let argv = [AGENT_BINARY, "hub", "prepare", "--disk", bad];
+        let e = Line::try_parse_from(argv).expect_err(bad).to_string();
+        assert!(
+            e.contains("--disk") && e.contains(r#""size": BYTES"#),
+            "{e}"
         );
     }
 }

@@ -140,7 +140,7 @@ impl Caches {
         }
     }
 
-    /// True when this process has already removed the ended job's pods, Service, Secret and
+    /// True when this process has already removed the ended job's pods, Secret and
     /// Lease, and no pod of it has appeared since.
     pub fn cleaned(&self, job: &BackupJob, pod_names: &[String]) -> bool {
         let key = job.uid().unwrap_or_else(|| job.name_any());

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -19,7 +19,7 @@ use super::finish;
 use super::status;
 use crate::children::{ApiError, Verb, delete_if_present, get};
 use crate::pod_state::{self, PodPhase};
-use crate::resources::{cleanup_name, hub_name};
+use crate::resources::cleanup_name;
 
 /// The finalizer a running BackupJob carries.
 pub const FINALIZER: &str = "sendense.io/cleanup";
@@ -99,7 +99,6 @@ pub async fn deleted(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         }
         let (snapshot, message) = finish::confirm_snapshot_removed(job, ctx, None).await;
         tracing::info!(job = %job.name_any(), ?snapshot, "deleted while it ran: {message}");
-        delete_if_present::<Service>(&ctx.client, &ns, &hub_name(job)).await?;
         // Every attempt's directory, none of which committed (a manifest already written
         // makes `hub remove` refuse its directory: the repository probe then lists it).
         let mut gone = job.clone();

@@ -1,12 +1,12 @@
 //! The end of an attempt and of a job: a copy done (change IDs recorded, hub and agent removed,
 //! the commit next), a committed restore point (Succeeded, metrics), a failed attempt (pods
 //! removed, then a retry or the job fails), the confirmation in vCenter that no snapshot of the
-//! job is left, and, once a job has ended, its pods, Service and the directories of its attempts
+//! job is left, and, once a job has ended, its pods and the directories of its attempts
 //! that did not commit removed.
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -383,9 +383,6 @@ pub async fn finished(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         // Its slot is free: the SourceNode's queue moves now.
         super::wake_queue(job, ctx);
         delete_job_pods(job, ctx).await?;
-        delete_if_present::<Service>(&ctx.client, &ns, &hub_name(job))
-            .await
-            .map_err(Error::Remove)?;
         // The VM is free for the next backup: its snapshot is dealt with, the pods are going.
         if let Some(lease) = st.vm_lease.as_deref() {
             crate::vm_lease::release(

@@ -4,8 +4,7 @@
 //!
 //! Pending: `dereference` (SourceNode and Repository Ready, the VM and its disks from vCenter,
 //! the namespace's jobs under the allocation lock) -> `plan` (pure: chain parent, full or
-//! incremental per disk, ports, files) -> recorded in status. Running (`run`): hub Service and
-//! Pod; once the hub is Ready, the agent Pod; progress polled from the agent. `finish`: success
+//! incremental per disk, ports, files) -> recorded in status. Running (`run`): hub Pod; once the hub is Ready, the agent Pod; progress polled from the agent. `finish`: success
 //! (change IDs recorded, pods removed) or a failed attempt (pods removed, retried up to
 //! spec.retryLimit) -> Failed (snapshot removal confirmed in vCenter, partial QCOW2 files
 //! removed by a short cleanup pod). Every step either goes on or stops with a requeue.

@@ -23,7 +23,7 @@ pub fn hub_disks(job: &BackupJob) -> Vec<HubDisk> {
 }
 
 /// Targets of the agent: each disk's export on the hub pod, over TLS, the hub's certificate
-/// checked for its Service's name.
+/// checked for the name it carries (`nbd_tls::server_name`).
 pub fn targets(job: &BackupJob, hub_ip: &str) -> Vec<DiskTarget> {
     let name = crate::nbd_tls::server_name(job);
     by_key(job)

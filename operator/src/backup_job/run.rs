@@ -24,7 +24,7 @@ use crate::children::{
 use crate::pod_state;
 use crate::resources::{
     ATTEMPT_LABEL, HubTls, PROGRESS_PORT, agent_name, agent_pod, agent_policy, claim_name,
-    hub_name, hub_pod, hub_policy, hub_service,
+    hub_name, hub_pod, hub_policy,
 };
 use crate::status::holding;
 
@@ -201,7 +201,7 @@ fn back_off(job: &BackupJob, attempt: i32) -> ControlFlow<Action> {
     Continue(())
 }
 
-/// Step 3: the hub's Service and Pod exist (created now when missing).
+/// Step 3: the hub's Pod exists (created now when missing).
 async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Pod>) -> Step<Pod> {
     let ns = job.namespace().unwrap_or_default();
     if let Some(hub) = hub {
@@ -257,7 +257,6 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
             apply(&ctx.client, &ns, &hub_policy(job, &disks)).await?;
             apply(&ctx.client, &ns, &agent_policy(job, operator)).await?;
         }
-        apply(&ctx.client, &ns, &hub_service(job, &disks)).await?;
         applied(&ctx.client, &ns, &for_attempt(pod, attempt)).await
     }
     .await;

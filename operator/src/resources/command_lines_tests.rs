@@ -139,14 +139,14 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
         &images(),
     );
     let lines = command_lines(&hub);
-    // One prepare per disk, one readiness probe per qemu-nbd container.
-    assert_eq!(lines.len(), 4, "{lines:?}");
+    // One prepare for every disk, one readiness probe per qemu-nbd container.
+    assert_eq!(lines.len(), 3, "{lines:?}");
     let (mut prepared, mut pinged) = (Vec::new(), Vec::new());
     for argv in &lines {
         match parse(argv) {
             Command::Hub {
                 command: HubCommand::Prepare(p),
-            } => prepared.push(p),
+            } => prepared.extend(p.disks),
             Command::NbdPing(p) => {
                 assert_eq!(
                     p.tls_dir.as_deref(),

@@ -1,10 +1,11 @@
-//! The hub of one BackupJob: a Pod whose init containers prepare each disk's QCOW2 (layered on
+//! The hub of one BackupJob: a Pod whose init container prepares each disk's QCOW2 (layered on
 //! the parent for incrementals) and whose containers serve each file with qemu-nbd on the job's
-//! allocated port, plus a Service in front of it.
+//! allocated port. No Service: the agent dials the pod's IP (the hub lives as long as one
+//! attempt, and a Service would only add endpoint updates for every change of the pod).
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ExecAction, Pod, PodSpec, Probe, SecretVolumeSource, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, ExecAction, Pod, PodSpec, Probe, SecretVolumeSource, Volume,
+    VolumeMount,
 };
 use sendense_crds::BackupJob;
 
@@ -12,7 +13,7 @@ use crate::nbd_tls;
 
 use super::layout::{agent_container, mount, mounted, volume_pod_spec};
 use super::{PodSettings, harden, hub_name, labels, owned_meta};
-use sendense_contract::cli::{AGENT_BINARY, HubPrepareArgs, NbdPingArgs};
+use sendense_contract::cli::{AGENT_BINARY, HubPrepareArgs, NbdPingArgs, PrepareDisk};
 
 /// Clients qemu-nbd serves at once: the agent opens several connections per disk, and with
 /// qemu-nbd's default of 1 the second one waits forever.
@@ -28,13 +29,20 @@ pub struct HubDisk {
     pub backing: Option<String>,
 }
 
-fn prepare(d: &HubDisk, images: &PodSettings) -> Container {
+/// One init container prepares every disk (each container costs the kubelet its own Events,
+/// status writes and volume checks; there is nothing to run in parallel).
+fn prepare(disks: &[HubDisk], images: &PodSettings) -> Container {
     let args = HubPrepareArgs {
-        file: mounted(&d.file),
-        size: d.size,
-        backing: d.backing.as_deref().map(mounted),
+        disks: disks
+            .iter()
+            .map(|d| PrepareDisk {
+                file: mounted(&d.file),
+                size: d.size,
+                backing: d.backing.as_deref().map(mounted),
+            })
+            .collect(),
     };
-    agent_container(format!("prepare-{}", d.key), args.to_args(), images)
+    agent_container("prepare".to_owned(), args.to_args(), images)
 }
 
 /// The hub's side of the attempt's TLS: the job's Secret and the one client identity its
@@ -149,7 +157,7 @@ pub fn hub_pod(
     harden(Pod {
         metadata: owned_meta(job, hub_name(job), labels(job, "hub")),
         spec: Some(PodSpec {
-            init_containers: Some(disks.iter().map(|d| prepare(d, images)).collect()),
+            init_containers: Some(vec![prepare(disks, images)]),
             containers: disks.iter().map(|d| serve(d, tls, images)).collect(),
             // A hub container that dies fails the attempt; the operator starts a new hub.
             termination_grace_period_seconds: Some(10),
@@ -157,29 +165,6 @@ pub fn hub_pod(
         }),
         status: None,
     })
-}
-
-/// The Service in front of the hub: one port per disk.
-pub fn hub_service(job: &BackupJob, disks: &[HubDisk]) -> Service {
-    Service {
-        metadata: owned_meta(job, hub_name(job), labels(job, "hub")),
-        spec: Some(ServiceSpec {
-            selector: Some(labels(job, "hub")),
-            ports: Some(
-                disks
-                    .iter()
-                    .map(|d| ServicePort {
-                        name: Some(format!("nbd-{}", d.key)),
-                        port: d.port,
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        }),
-        status: None,
-    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub use agent::{
 pub use cleanup::cleanup_pod;
 pub use commit::commit_pod;
 pub use hardening::harden;
-pub use hub::{HubDisk, HubTls, NBD_SHARED, hub_pod, hub_service};
+pub use hub::{HubDisk, HubTls, NBD_SHARED, hub_pod};
 pub use layout::{
     REPOSITORY_MOUNT, attempt_dir, attempt_uid, claim_name, dir_of, disk_file, for_attempt,
     namespace_prefix,
@@ -193,7 +193,7 @@ pub(crate) fn owned_meta<K: Resource<DynamicType = ()>>(
     }
 }
 
-/// Deterministic name of a job's hub pod and Service.
+/// Deterministic name of a job's hub pod.
 pub fn hub_name(job: &BackupJob) -> String {
     format!("{}-hub", job.name_any())
 }

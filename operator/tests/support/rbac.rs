@@ -140,12 +140,6 @@ pub const ALLOWED: &[Check] = &[
     ),
     allow(
         At::Watched,
-        &["list", "watch", "create", "patch", "delete"],
-        &["services"],
-        "the hub's Service: applied, watched as owned, deleted",
-    ),
-    allow(
-        At::Watched,
         &["create", "patch"],
         &["networkpolicies.networking.k8s.io"],
         "each job's two NetworkPolicies (hub from its agents, agent from the operator): applied",
@@ -323,9 +317,9 @@ pub const DENIED: &[Check] = &[
     ),
     deny(
         At::Watched,
-        &["get"],
+        &["get", "list", "watch", "create", "patch", "delete"],
         &["services"],
-        "the hub's Service is applied and watched, never read",
+        "no Services: the agent dials the hub pod's IP",
     ),
     deny(
         At::Watched,

@@ -198,7 +198,7 @@ async fn a_stale_copy_of_a_job_creates_no_pod() {
 }
 
 #[tokio::test]
-async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
+async fn a_planned_job_without_pods_gets_its_hub_pod() {
     let (ctx, mut h) = context();
     let j = planned_job();
     let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
@@ -248,15 +248,6 @@ async fn a_planned_job_without_pods_gets_its_hub_service_and_pod() {
         secret["metadata"]["ownerReferences"][0]["name"],
         "web-01-b2"
     );
-    let svc = expect(
-        &mut h,
-        "PATCH",
-        "/api/v1/namespaces/backups/services/web-01-b2-hub",
-        200,
-        json!({"metadata": {"name": "web-01-b2-hub"}}),
-    )
-    .await;
-    assert_eq!(svc["spec"]["ports"][0]["port"], 10100);
     let pod = expect(
         &mut h,
         "PATCH",
@@ -350,23 +341,15 @@ async fn a_successful_agent_is_recorded_as_copied_then_the_pods_go() {
 }
 
 #[tokio::test]
-async fn a_finished_job_only_makes_sure_its_pods_and_service_are_gone() {
+async fn a_finished_job_only_makes_sure_its_pods_and_secret_are_gone() {
     let (ctx, mut h) = context();
     let j = job(json!({"phase": "Succeeded", "disks": [{"deviceKey": 2000, "port": 10100}]}));
     let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx.clone()));
-    // No pod of it in the cache: none is deleted; its Secret and Service are made sure of.
+    // No pod of it in the cache: none is deleted; its Secret is made sure of.
     expect(
         &mut h,
         "DELETE",
         "/api/v1/namespaces/backups/secrets/web-01-b2-nbd-tls",
-        404,
-        not_found(),
-    )
-    .await;
-    expect(
-        &mut h,
-        "DELETE",
-        "/api/v1/namespaces/backups/services/web-01-b2-hub",
         404,
         not_found(),
     )
