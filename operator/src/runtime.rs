@@ -160,7 +160,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         caches,
     });
 
-    let sources = Controller::new(scoped::<SourceNode>(&client, namespace), all())
+    // A SourceNode is probed when it appears, when its spec changes and every probe interval
+    // (its reconcile's requeue), not again at its own status write: each probe logs in to
+    // vCenter, and its lastProbeTime made every probe's write trigger a second one.
+    let (probed, probed_writer) = reflector::store::<SourceNode>();
+    let sn_changes = watcher(scoped::<SourceNode>(&client, namespace), all())
+        .default_backoff()
+        .reflect(probed_writer)
+        .touched_objects()
+        .predicate_filter(kube::runtime::predicates::generation, Default::default());
+    let sources = Controller::for_stream(sn_changes, probed)
         .shutdown_on_signal()
         .run(source_node::reconcile, source_node::error_policy, sn_ctx)
         .for_each(|_| async {});

@@ -165,6 +165,34 @@ pub fn create_to_pod(s: &Seen, names: &[String], slots: Option<usize>) -> Vec<f6
         .collect()
 }
 
+/// Create -> first pod of each BackupJob from the moment a slot was free for it: the k-th job
+/// to get its first pod (in the order they got them) could start once the job created, and,
+/// when `slots` jobs had started before it, once the (k - slots)-th job ended (the slot it
+/// took). So each job is charged its own hand-over only, whatever order the queue chose.
+pub fn from_free_slot(s: &Seen, names: &[String], slots: usize) -> Vec<f64> {
+    let mut started: Vec<(Instant, Instant)> = names
+        .iter()
+        .filter_map(|n| Some((*s.first_pod.get(n)?, *s.created.get(n)?)))
+        .collect();
+    started.sort();
+    let mut ends: Vec<Instant> = names
+        .iter()
+        .filter_map(|n| s.ended.get(n).copied())
+        .collect();
+    ends.sort();
+    started
+        .iter()
+        .enumerate()
+        .map(|(k, (pod, created))| {
+            let free = match k.checked_sub(slots) {
+                Some(j) => ends.get(j).map_or(*created, |e| (*e).max(*created)),
+                None => *created,
+            };
+            pod.saturating_duration_since(free).as_secs_f64()
+        })
+        .collect()
+}
+
 /// How long within [from, to] at least `slots` jobs other than `me` were running.
 pub fn busy(s: &Seen, me: &str, from: Instant, to: Instant, slots: usize) -> Duration {
     let mut edges: Vec<(Instant, i64)> = Vec::new();
