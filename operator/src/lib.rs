@@ -25,6 +25,7 @@ pub mod settings;
 pub mod source_node;
 pub mod source_policy;
 pub mod status;
+pub mod throttle;
 pub mod vcenter;
 pub mod vm_lease;
 

@@ -102,6 +102,25 @@ pub fn failure(pod: &Pod) -> Option<String> {
     None
 }
 
+/// For a pod whose containers serve until it is deleted (the hub): the first container that
+/// ended all the same, whatever its exit code (a qemu-nbd killed by its startup probe may exit
+/// 0 on the SIGTERM), with its reason.
+pub fn server_ended(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status.container_statuses.iter().flatten().find_map(|cs| {
+        let t = cs.state.as_ref()?.terminated.as_ref()?;
+        Some(format!(
+            "container {} ended (exit code {}{}) while it should serve",
+            cs.name,
+            t.exit_code,
+            t.reason
+                .as_deref()
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default()
+        ))
+    })
+}
+
 /// The termination message of a pod's first container that has one.
 pub fn termination_message(pod: &Pod) -> Option<String> {
     pod.status
@@ -163,6 +182,30 @@ pub fn message(pod: &Pod) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_serving_container_that_ended_is_named_whatever_its_code() {
+        let pod = |state: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "x-hub"},
+                "status": {"phase": "Running", "containerStatuses": [
+                    {"name": "nbd-2000", "image": "i", "imageID": "", "ready": true,
+                     "restartCount": 0, "state": {"running": {}}},
+                    {"name": "nbd-2001", "image": "i", "imageID": "", "ready": false,
+                     "restartCount": 0, "state": state}]}
+            }))
+            .unwrap()
+        };
+        assert_eq!(server_ended(&pod(serde_json::json!({"running": {}}))), None);
+        assert_eq!(
+            server_ended(&pod(
+                serde_json::json!({"terminated": {"exitCode": 0, "reason": "Completed"}})
+            ))
+            .as_deref(),
+            Some("container nbd-2001 ended (exit code 0, Completed) while it should serve")
+        );
+        assert_eq!(server_ended(&Pod::default()), None);
+    }
 
     #[test]
     fn a_pod_terminating_a_minute_past_its_deletion_time_has_lost_its_kubelet() {

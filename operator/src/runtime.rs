@@ -27,6 +27,8 @@ use crate::{backup_job, repository, restore_job, source_node};
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deadline of each vCenter call a BackupJob makes (VM lookup, snapshot confirmation).
 const VCENTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The least time between two reconciles of a Repository that its jobs ending trigger.
+const JOBS_TO_REPOSITORY: Duration = Duration::from_secs(10);
 
 /// A CRD the operator needs is missing: it says how to install it.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +129,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let owned = all().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
 
     // The BackupJob controller's watches, cached for its reconciles (caches.rs): its pods
-    // (which also trigger it), the SourceNodes, and the jobs themselves.
+    // (which also trigger it), the SourceNodes, the Repositories, and the jobs themselves.
     let (pod_cache, pod_writer) = reflector::store::<Pod>();
     let job_pods = watcher(scoped::<Pod>(&client, namespace), owned.clone())
         .default_backoff()
@@ -141,13 +143,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .reflect(sn_writer)
         .touched_objects()
         .predicate_filter(spec_or_readiness::<SourceNode>, Default::default());
+    let (repo_cache, repo_writer) = reflector::store::<Repository>();
     let repositories = watcher(scoped::<Repository>(&client, namespace), all())
         .default_backoff()
+        .reflect(repo_writer)
         .touched_objects()
         .predicate_filter(spec_or_readiness::<Repository>, Default::default());
     let jobs = Controller::new(scoped::<BackupJob>(&client, namespace), all());
     let job_store = jobs.store();
-    let (caches, woken) = backup_job::Caches::new(pod_cache, sn_cache, job_store.clone());
+    let (caches, woken) =
+        backup_job::Caches::new(pod_cache, sn_cache, repo_cache, job_store.clone());
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),
         recorder,
@@ -177,20 +182,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let repos = Controller::new(scoped::<Repository>(&client, namespace), all());
     let repo_store = repos.store();
     // A job reaches its Repository when it ended or is being deleted (restore points, orphaned
-    // directories), not at each of its status writes.
+    // directories), not at each of its status writes; and at most once per JOBS_TO_REPOSITORY
+    // (each reconcile reads the restore points, schedules and claim: with many jobs ending a
+    // few seconds apart, one reconcile counts several of them).
     let ended_jobs = watcher(scoped::<BackupJob>(&client, namespace), all())
         .default_backoff()
         .touched_objects()
-        .predicate_filter(ended_or_deleted, Default::default());
-    let repos = repos
-        .owns(scoped::<Pod>(&client, namespace), owned.clone())
-        .watches_stream(ended_jobs, |job| {
+        .predicate_filter(ended_or_deleted, Default::default())
+        .filter_map(|job| async move {
+            let job = job.ok()?;
             if ended_or_deleted(&job) == Some(0) {
                 return None;
             }
             let ns = job.metadata.namespace.clone().unwrap_or_default();
             Some(ObjectRef::<Repository>::new(&job.spec.repository_ref.name).within(&ns))
-        })
+        });
+    let repos = repos
+        .owns(scoped::<Pod>(&client, namespace), owned.clone())
+        .reconcile_on(crate::throttle::throttle(ended_jobs, JOBS_TO_REPOSITORY))
         // A schedule's retention (or the VMs it selects) changes its repository's verdict.
         .watches(scoped::<BackupSchedule>(&client, namespace), all(), |s| {
             let ns = s.metadata.namespace.clone().unwrap_or_default();

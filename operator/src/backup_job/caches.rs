@@ -1,12 +1,13 @@
 //! What the BackupJob controller reads from its watches rather than from the API server, and
 //! what it remembers within this process, so that hundreds of jobs do not become a storm of
-//! requests (issue 16): the jobs' pods, the SourceNodes, the jobs themselves (all fed by the
-//! controller's watches), the ServiceAccounts already ensured, each job's last progress poll,
+//! requests (issue 16): the jobs' pods, the SourceNodes and Repositories, the jobs themselves
+//! (all fed by the controller's watches), the ServiceAccounts already ensured, each job's last progress poll,
 //! and the ended jobs already cleaned up.
 //!
 //! A cache only ever saves a request: a pod the cache does not hold is read from the API server
-//! before anything is created or concluded from its absence, and the allocation of ports still
-//! reads the jobs fresh under the allocation lock.
+//! before anything is created or concluded from its absence, a SourceNode or Repository is
+//! taken from the cache only when it is there and Ready (a job never waits on the cache's word),
+//! and the allocation of ports still reads the jobs fresh under the allocation lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -17,7 +18,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
-use sendense_crds::{BackupJob, SourceNode};
+use sendense_crds::{BackupJob, Repository, SourceNode};
 
 /// Ended jobs remembered before what is remembered of deleted jobs is dropped.
 const FORGET_ABOVE: usize = 4096;
@@ -30,6 +31,7 @@ pub struct Caches {
     /// Pods the operator manages (its own watch; the controller is triggered by the same one).
     pub pods: Store<Pod>,
     pub source_nodes: Store<SourceNode>,
+    pub repositories: Store<Repository>,
     /// The jobs, as the controller itself sees them.
     pub jobs: Store<BackupJob>,
     /// Jobs to reconcile now: queued jobs whose slot freed.
@@ -44,12 +46,14 @@ impl Caches {
     pub fn new(
         pods: Store<Pod>,
         source_nodes: Store<SourceNode>,
+        repositories: Store<Repository>,
         jobs: Store<BackupJob>,
     ) -> (Self, UnboundedReceiver<ObjectRef<BackupJob>>) {
         let (wake, woken) = unbounded();
         let caches = Self {
             pods,
             source_nodes,
+            repositories,
             jobs,
             wake,
             accounts: Mutex::default(),
@@ -67,6 +71,15 @@ impl Caches {
 
     /// Ready caches holding these pods and nothing else (for the unit tests).
     pub fn with_pods(pods: Vec<Pod>) -> Self {
+        Self::with_objects(pods, Vec::new(), Vec::new())
+    }
+
+    /// Ready caches holding these objects and nothing else (for the unit tests).
+    pub fn with_objects(
+        pods: Vec<Pod>,
+        source_nodes: Vec<SourceNode>,
+        repositories: Vec<Repository>,
+    ) -> Self {
         fn ready<K>(objects: Vec<K>) -> Store<K>
         where
             K: kube::Resource<DynamicType = ()> + Clone + 'static,
@@ -79,7 +92,13 @@ impl Caches {
             writer.apply_watcher_event(&watcher::Event::InitDone);
             store
         }
-        Self::new(ready(pods), ready(Vec::new()), ready(Vec::new())).0
+        Self::new(
+            ready(pods),
+            ready(source_nodes),
+            ready(repositories),
+            ready(Vec::new()),
+        )
+        .0
     }
 
     /// True once the pods' watch has listed them all: only then does the cache's silence
@@ -219,8 +238,9 @@ mod tests {
         // Before the pods' watch has listed them, the cache's silence means nothing.
         let (pods, _writer) = reflector::store::<Pod>();
         let (sns, _w) = reflector::store::<SourceNode>();
+        let (repos, _wr) = reflector::store::<sendense_crds::Repository>();
         let (jobs, _wj) = reflector::store::<BackupJob>();
-        let unlisted = Caches::new(pods, sns, jobs).0;
+        let unlisted = Caches::new(pods, sns, repos, jobs).0;
         assert_eq!(unlisted.absent("backups", "web-01-b2-agent"), None);
         unlisted.mark_cleaned(&job);
         assert!(!unlisted.cleaned(&job, &names[..1]));

@@ -77,10 +77,15 @@ pub async fn commit(job: &BackupJob, ctx: &Context, attempt: i32) -> Result<Acti
             return Ok(requeue(1));
         }
         let repo_name = &job.spec.repository_ref.name;
-        let Some(repo) = get::<Repository>(&ctx.client, &ns, repo_name)
-            .await
-            .map_err(Error::Pods)?
-        else {
+        // Only its claim's name is needed: from the cache when it holds the Repository.
+        let key = kube::runtime::reflector::ObjectRef::new(repo_name).within(&ns);
+        let repo = match ctx.caches.repositories.get(&key) {
+            Some(r) => Some(r.as_ref().clone()),
+            None => get::<Repository>(&ctx.client, &ns, repo_name)
+                .await
+                .map_err(Error::Pods)?,
+        };
+        let Some(repo) = repo else {
             return Ok(finish::attempt_failed(
                 job,
                 ctx,

@@ -4,9 +4,11 @@
 //! plan is recorded in status. Anything missing stops the job here with a reason to wait.
 
 use std::ops::ControlFlow::{self, Break, Continue};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 use sendense_crds::common::VmHardware;
 use sendense_crds::conditions;
 use sendense_crds::{BackupJob, Repository, RestorePoint, SourceNode};
@@ -94,14 +96,22 @@ const REPOSITORY: Reference = Reference {
     not_ready: WaitReason::RepositoryNotReady,
 };
 
-/// A referenced SourceNode or Repository, when it exists and is Ready.
+/// A referenced SourceNode or Repository, when it exists and is Ready: the controller's cached
+/// copy when it holds one that is Ready, else read from the API server (a job waits only on
+/// the API server's word).
 async fn ready_ref<K: Reported>(
     ctx: &Context,
     ns: &str,
     name: &str,
     r: &Reference,
+    cached: Option<Arc<K>>,
 ) -> Result<ControlFlow<Wait, K>, Error> {
     let kind = K::kind(&());
+    if let Some(obj) = cached
+        && conditions::is_true(obj.status().map(K::conditions).unwrap_or_default(), "Ready")
+    {
+        return Ok(Continue(obj.as_ref().clone()));
+    }
     let Some(obj) = get::<K>(&ctx.client, ns, name).await.map_err(Error::Refs)? else {
         return Ok(Break(Wait::new(
             r.not_found,
@@ -187,9 +197,19 @@ pub async fn dereference<'a>(
 ) -> Result<ControlFlow<Wait, (Dereferenced, AllocationGuard<'a>)>, Error> {
     let ns = job.namespace().unwrap_or_default();
     let sn_name = &job.spec.source_node_ref.name;
-    let source_node = step!(ready_ref::<SourceNode>(ctx, &ns, sn_name, &SOURCE_NODE).await?);
+    let cached = ctx
+        .caches
+        .source_nodes
+        .get(&ObjectRef::new(sn_name).within(&ns));
+    let source_node =
+        step!(ready_ref::<SourceNode>(ctx, &ns, sn_name, &SOURCE_NODE, cached).await?);
     let repo_name = &job.spec.repository_ref.name;
-    let repository = step!(ready_ref::<Repository>(ctx, &ns, repo_name, &REPOSITORY).await?);
+    let cached = ctx
+        .caches
+        .repositories
+        .get(&ObjectRef::new(repo_name).within(&ns));
+    let repository =
+        step!(ready_ref::<Repository>(ctx, &ns, repo_name, &REPOSITORY, cached).await?);
     let found = step!(vm(ctx, job, &source_node).await);
     let allocation = ctx.allocation.lock().await;
     let jobs = list::<BackupJob>(&ctx.client, &ns)

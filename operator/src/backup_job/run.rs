@@ -277,7 +277,7 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
 
 /// Step 4: the hub serves its NBD exports; its IP.
 async fn hub_ready(job: &BackupJob, ctx: &Context, attempt: i32, hub: &Pod) -> Step<String> {
-    if let Some(why) = pod_state::failure(hub) {
+    if let Some(why) = pod_state::failure(hub).or_else(|| pod_state::server_ended(hub)) {
         let failure = Failure::new(
             FailureReason::HubFailed,
             format!("hub pod {}: {why}", hub.name_any()),

@@ -20,7 +20,7 @@ fn images() -> PodSettings {
     }
 }
 
-/// The full argv of a container (command then args), and of its exec readiness probe.
+/// The full argv of a container (command then args), and of its exec startup probe.
 fn command_lines(pod: &Pod) -> Vec<Vec<String>> {
     let spec = pod.spec.as_ref().expect("spec");
     let containers: Vec<&Container> = spec
@@ -34,7 +34,7 @@ fn command_lines(pod: &Pod) -> Vec<Vec<String>> {
         let mut argv = c.command.clone().unwrap_or_default();
         argv.extend(c.args.clone().unwrap_or_default());
         lines.push(argv);
-        if let Some(exec) = c.readiness_probe.as_ref().and_then(|p| p.exec.as_ref()) {
+        if let Some(exec) = c.startup_probe.as_ref().and_then(|p| p.exec.as_ref()) {
             lines.push(exec.command.clone().unwrap_or_default());
         }
     }
@@ -139,7 +139,7 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
         &images(),
     );
     let lines = command_lines(&hub);
-    // One prepare for every disk, one readiness probe per qemu-nbd container.
+    // One prepare for every disk, one startup probe per qemu-nbd container.
     assert_eq!(lines.len(), 3, "{lines:?}");
     let (mut prepared, mut pinged) = (Vec::new(), Vec::new());
     for argv in &lines {

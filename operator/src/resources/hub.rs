@@ -19,6 +19,11 @@ use sendense_contract::cli::{AGENT_BINARY, HubPrepareArgs, NbdPingArgs, PrepareD
 /// qemu-nbd's default of 1 the second one waits forever.
 pub const NBD_SHARED: u32 = 8;
 
+/// How long a hub's qemu-nbd may take to answer its first NBD handshake, and how often it is
+/// asked until then.
+const STARTUP_SECONDS: i32 = 120;
+const STARTUP_PERIOD: i32 = 2;
+
 /// One disk as the hub serves it. Paths are relative to the repository volume's root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubDisk {
@@ -111,14 +116,20 @@ fn serve(d: &HubDisk, tls: &HubTls, images: &PodSettings) -> Container {
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        // Ready only when an NBD handshake completes, not merely when the port listens.
-        readiness_probe: Some(Probe {
+        // Ready only when an NBD handshake completes, not merely when the port listens. A
+        // startup probe, not a readiness probe: it runs until the first handshake and not every
+        // 2 s for the life of the copy (each exec forks in the container; under load the late
+        // ones were Unhealthy Events, pod status writes and volume re-reads by the kubelet).
+        // Without a readiness probe the container is ready once it has started. A qemu-nbd that
+        // does not serve within STARTUP_SECONDS is killed, which fails the hub and the attempt,
+        // named; one that dies later fails it too.
+        startup_probe: Some(Probe {
             exec: Some(ExecAction {
                 command: Some(ping),
             }),
-            period_seconds: Some(2),
+            period_seconds: Some(STARTUP_PERIOD),
             timeout_seconds: Some(5),
-            failure_threshold: Some(3),
+            failure_threshold: Some(STARTUP_SECONDS / STARTUP_PERIOD),
             ..Default::default()
         }),
         // The exports are bound to the pod IP, not 0.0.0.0.

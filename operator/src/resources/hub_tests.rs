@@ -112,7 +112,7 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
         Some("web-01-nightly-nbd-tls")
     );
     let probe = nbd
-        .readiness_probe
+        .startup_probe
         .as_ref()
         .and_then(|p| p.exec.as_ref())
         .and_then(|e| e.command.clone())

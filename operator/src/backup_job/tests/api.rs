@@ -24,6 +24,10 @@ fn context_with_pods(pods: Vec<Value>) -> (Arc<Context>, Handle) {
             serde_json::from_value(p).expect("a pod")
         })
         .collect();
+    context_with(crate::backup_job::Caches::with_pods(pods))
+}
+
+fn context_with(caches: crate::backup_job::Caches) -> (Arc<Context>, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let ctx = Context {
@@ -44,7 +48,7 @@ fn context_with_pods(pods: Vec<Value>) -> (Arc<Context>, Handle) {
         lease_namespace: "sendense-system".into(),
         nbd_ca_secret: "sendense-nbd-ca".into(),
         allocation: tokio::sync::Mutex::new(()),
-        caches: crate::backup_job::Caches::with_pods(pods),
+        caches,
     };
     (Arc::new(ctx), handle)
 }
@@ -146,6 +150,40 @@ async fn a_missing_source_node_makes_the_job_wait_with_a_reason_and_an_event() {
     );
     let action = reconciled(run).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+/// A SourceNode or Repository the controller's cache holds Ready is not read again; one it
+/// holds not Ready is: a job waits only on the API server's word.
+#[tokio::test]
+async fn a_cached_ready_source_node_is_not_read_and_a_cached_unready_repository_is() {
+    use crate::fixtures::{Fixture, TestObject};
+    use sendense_crds::{Repository, SourceNode};
+    let ready = json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Connected",
+        "message": "", "lastTransitionTime": "2026-11-28T00:00:00Z"}]});
+    let sn = SourceNode::test().with_status(ready);
+    let repo = Repository::test().with_status(json!({"conditions": [{"type": "Ready",
+        "status": "False", "reason": "ClaimNotBound", "message": "",
+        "lastTransitionTime": "2026-11-28T00:00:00Z"}]}));
+    let (ctx, mut h) = context_with(crate::backup_job::Caches::with_objects(
+        Vec::new(),
+        vec![sn],
+        vec![repo],
+    ));
+    let j = job(json!({}));
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
+    expect(
+        &mut h,
+        "GET",
+        "/apis/sendense.io/v1alpha1/namespaces/backups/repositories/primary",
+        404,
+        not_found(),
+    )
+    .await;
+    let patch = expect_status_patch(&mut h, &j).await;
+    let c = cond(&patch, "Running");
+    assert_eq!(c["reason"], "RepositoryNotFound");
+    expect(&mut h, "POST", EVENTS, 201, json!({})).await;
+    reconciled(run).await;
 }
 
 /// A planned job of one disk, at version 7, without pods yet.
