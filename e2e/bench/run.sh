@@ -44,6 +44,7 @@
 #   BENCH_DELAY (nbdkit delay filter args, default "delay-read=2ms delay-extents=20ms")
 #   BENCH_MERGE_GAP (16384: the scattered case again with the agent's --merge-gap)
 #   BENCH_AGENT (an agent binary to measure instead of this checkout's, which is built anyway)
+#   BENCH_HUB_AIO (threads, as the hub runs: qemu-nbd's --aio of every QCOW2 target)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
@@ -139,7 +140,7 @@ serve_target() { # qcow2 size-or-"-b base" sock|tcp:netns:addr:port
   rm -f "$img"
   if [[ $size == -b* ]]; then qemu-img create -q -f qcow2 -o cluster_size=65536 -F qcow2 -b "${size#-b }" "$img"
   else qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" "$size"; fi
-  local opts=(-f qcow2 -t --shared=8 --cache=writeback --aio=threads)
+  local opts=(-f qcow2 -t --shared=8 --cache=writeback --aio="${BENCH_HUB_AIO:-threads}")
   if [[ $where == tcp:* ]]; then
     IFS=: read -r _ ns addr port <<< "$where"
     ip netns exec "$ns" qemu-nbd "${opts[@]}" -b "$addr" -p "$port" "$img" 2>>"$W/servers.log" &
@@ -480,7 +481,7 @@ serve_hub() { # qcow2 size tls|plain
   [ "$3" = tls ] && tls=(--object "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=$W/certs/server"
     --tls-creds=tls0 --object "authz-simple,id=authz0,identity=CN=$HUB_CLIENT" --tls-authz=authz0)
   qemu-nbd --format=qcow2 --persistent --shared=8 --bind=127.0.0.1 --port="$TLS_PORT" "${tls[@]}" \
-    --cache=writeback --aio=threads "$1" 2>>"$W/servers.log" &
+    --cache=writeback --aio="${BENCH_HUB_AIO:-threads}" "$1" 2>>"$W/servers.log" &
   TARGET_PID=$!; PIDS+=("$TARGET_PID")
   wait_port 127.0.0.1 "$TLS_PORT"
 }
