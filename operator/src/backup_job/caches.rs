@@ -40,13 +40,7 @@ pub struct Caches {
     polled: Mutex<HashMap<String, Instant>>,
     cleaned: Mutex<HashSet<String>>,
     once: Mutex<HashSet<String>>,
-    /// Per job UID, the resourceVersions this process's own status writes replaced (the last
-    /// few): a copy at one of them is stale for certain.
-    superseded: Mutex<HashMap<String, Vec<String>>>,
 }
-
-/// resourceVersions remembered per job as superseded by this process's writes.
-const SUPERSEDED_KEPT: usize = 4;
 
 impl Caches {
     pub fn new(
@@ -66,7 +60,6 @@ impl Caches {
             polled: Mutex::default(),
             cleaned: Mutex::default(),
             once: Mutex::default(),
-            superseded: Mutex::default(),
         };
         (caches, woken)
     }
@@ -106,35 +99,6 @@ impl Caches {
             ready(Vec::new()),
         )
         .0
-    }
-
-    /// The job's status was written from its copy at `version`, which the write replaced.
-    pub fn superseded(&self, uid: &str, version: String) {
-        let mut all = self.superseded.lock().expect("lock");
-        if all.len() > FORGET_ABOVE && !all.contains_key(uid) {
-            all.clear();
-        }
-        let versions = all.entry(uid.to_owned()).or_default();
-        if versions.len() >= SUPERSEDED_KEPT {
-            versions.remove(0);
-        }
-        versions.push(version);
-    }
-
-    /// True when this copy of the job is one an own status write already replaced: the watch
-    /// has not brought the newer one yet, and it will trigger a reconcile when it does.
-    pub fn is_superseded(&self, job: &BackupJob) -> bool {
-        let (Some(uid), Some(version)) = (
-            job.metadata.uid.as_deref(),
-            job.metadata.resource_version.as_deref(),
-        ) else {
-            return false;
-        };
-        self.superseded
-            .lock()
-            .expect("lock")
-            .get(uid)
-            .is_some_and(|v| v.iter().any(|s| s == version))
     }
 
     /// True once the pods' watch has listed them all: only then does the cache's silence
@@ -280,19 +244,6 @@ mod tests {
         assert_eq!(unlisted.absent("backups", "web-01-b2-agent"), None);
         unlisted.mark_cleaned(&job);
         assert!(!unlisted.cleaned(&job, &names[..1]));
-        // A copy a status write replaced is stale for certain; other versions are not.
-        let mut copy = job.clone();
-        copy.metadata.resource_version = Some("5".into());
-        assert!(!c.is_superseded(&copy));
-        c.superseded("u-2", "5".into());
-        assert!(c.is_superseded(&copy));
-        copy.metadata.resource_version = Some("6".into());
-        assert!(!c.is_superseded(&copy));
-        for v in 6..=9 {
-            c.superseded("u-2", v.to_string());
-        }
-        copy.metadata.resource_version = Some("5".into());
-        assert!(!c.is_superseded(&copy), "only the last few are kept");
         // A ServiceAccount is taken to exist once ensured.
         assert!(!c.account_known("backups", "sendense-hub"));
         c.account_ensured("backups", "sendense-hub");

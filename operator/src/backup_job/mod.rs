@@ -289,12 +289,6 @@ fn planned(job: &BackupJob) -> bool {
 pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("backupjob");
     let name = job.name_any();
-    // A copy this process's own status write replaced (the reconcile was queued by a pod's
-    // event before the watch brought the write back): the newer copy triggers a reconcile when
-    // it comes; nothing is read or written from this one.
-    if ctx.caches.is_superseded(&job) {
-        return Ok(Action::requeue(Duration::from_secs(2)));
-    }
     let phase = job.status.as_ref().and_then(|s| s.phase);
     let ended = matches!(phase, Some(Phase::Succeeded | Phase::Failed));
     if job.metadata.deletion_timestamp.is_some() && !ended {

@@ -301,13 +301,6 @@ async fn hub_ready(job: &BackupJob, ctx: &Context, attempt: i32, hub: &Pod) -> S
     say(job, ctx, Running::HubStarting, message).await
 }
 
-fn agent_waiting(attempt: i32, agent: &Pod) -> String {
-    format!(
-        "attempt {attempt}: waiting for agent pod {} to start",
-        agent.name_any()
-    )
-}
-
 fn hub_waiting(attempt: i32, hub: &Pod) -> String {
     format!(
         "attempt {attempt}: waiting for hub pod {} to serve its NBD exports",
@@ -370,8 +363,10 @@ async fn ensure_agent(
     };
     let mut u = JobUpdate::new(job);
     status::created_pod(&mut u, &pod);
-    // The words the wait that follows uses: its reconciles have nothing new to write.
-    u.set(&Running::AgentStarting, agent_waiting(attempt, &pod));
+    u.set(
+        &Running::AgentStarting,
+        format!("attempt {attempt}: hub ready at {hub_ip}; starting the agent"),
+    );
     status::write(u, ctx).await.map_err(Error::Status)?;
     Ok(Break(requeue(3)))
 }
@@ -413,7 +408,10 @@ async fn observe_agent(
                     ),
                 ),
                 None => {
-                    let mut message = agent_waiting(attempt, agent);
+                    let mut message = format!(
+                        "attempt {attempt}: waiting for agent pod {} to start",
+                        agent.name_any()
+                    );
                     if let Some(why) = pod_state::waiting_problem(agent) {
                         message = format!("{message} ({why})");
                     }

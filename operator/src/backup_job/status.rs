@@ -329,23 +329,9 @@ pub fn failed(
 
 /// Writes the update (when it changed anything) and its Events. A step reached (the Running
 /// reason changed), bytes copied or a new attempt is progress: `lastProgressTime` moves.
-/// Writes the job's status; the copy it was made from is then known to be superseded (a
-/// reconcile of that same copy, which the watch has not replaced yet, must not write again
-/// from it: its `pods` would undo the UIDs just recorded).
 pub async fn write(mut u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
     mark_progress(&mut u);
-    let job = u.object();
-    let (uid, before) = (
-        job.metadata.uid.clone(),
-        job.metadata.resource_version.clone(),
-    );
-    let after = u.write(&ctx.client, &ctx.recorder).await?;
-    if let (Some(uid), Some(before), Some(after)) = (uid, before, after)
-        && before != after
-    {
-        ctx.caches.superseded(&uid, before);
-    }
-    Ok(())
+    u.write(&ctx.client, &ctx.recorder).await
 }
 
 pub fn mark_progress(u: &mut JobUpdate) {

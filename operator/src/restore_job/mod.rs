@@ -110,7 +110,6 @@ impl Context {
     async fn write(&self, u: Update<'_>, job: &RestoreJob) -> Result<(), Error> {
         u.write(&self.client, &self.recorder)
             .await
-            .map(|_| ())
             .map_err(|source| Error {
                 job: job.name_any(),
                 source,

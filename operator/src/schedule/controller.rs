@@ -328,10 +328,7 @@ fn next_text(cron: &Cron, now: Timestamp, tz: &TimeZone) -> String {
 }
 
 async fn write(u: Update<'_>, s: &BackupSchedule, ctx: &Context) -> Result<(), Error> {
-    u.write(&ctx.client, &ctx.recorder)
-        .await
-        .map(|_| ())
-        .map_err(err(s))
+    u.write(&ctx.client, &ctx.recorder).await.map_err(err(s))
 }
 
 async fn delete_job(api: &Api<BackupJob>, j: &BackupJob) -> Result<(), ApiError> {

@@ -152,37 +152,6 @@ async fn a_missing_source_node_makes_the_job_wait_with_a_reason_and_an_event() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
-/// A reconcile of the copy of a job that this process's own status write replaced (queued by a
-/// pod event before the watch brought the write back) reads and writes nothing: written from
-/// that copy, the status would undo what the write recorded (the attempt's pod UIDs).
-#[tokio::test]
-async fn a_copy_superseded_by_an_own_status_write_is_left_alone() {
-    let (ctx, mut h) = context();
-    let mut j = job(json!({}));
-    j.metadata.resource_version = Some("5".into());
-    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx.clone()));
-    expect(
-        &mut h,
-        "GET",
-        "/apis/sendense.io/v1alpha1/namespaces/backups/sourcenodes/vc",
-        404,
-        not_found(),
-    )
-    .await;
-    let mut written = serde_json::to_value(&j).expect("json");
-    written["metadata"]["resourceVersion"] = json!("6");
-    let path = format!("{JOBS}/{}/status", j.name_any());
-    expect(&mut h, "PATCH", &path, 200, written).await;
-    expect(&mut h, "POST", EVENTS, 201, json!({})).await;
-    reconciled(run).await;
-    // The same copy again: nothing is asked (a request would go unanswered and fail the test).
-    let again = reconciled(tokio::spawn(reconcile(Arc::new(j.clone()), ctx.clone()))).await;
-    assert_eq!(again, Action::requeue(Duration::from_secs(2)));
-    // The newer copy is not left alone (caches.rs tests which versions count).
-    j.metadata.resource_version = Some("6".into());
-    assert!(!ctx.caches.is_superseded(&j));
-}
-
 /// A SourceNode or Repository the controller's cache holds Ready is not read again; one it
 /// holds not Ready is: a job waits only on the API server's word.
 #[tokio::test]
