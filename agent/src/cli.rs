@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use sendense_contract::cli::{
-    AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, NbdPingArgs, RepoCommitArgs,
-    RepoProbeArgs, RepoPruneArgs, RestoreArgs,
+    AGENT_BINARY, BackupArgs, HubPrepareArgs, HubRemoveArgs, HubServeArgs, NbdPingArgs,
+    RepoCommitArgs, RepoProbeArgs, RepoPruneArgs, RestoreArgs,
 };
 use sendense_contract::manifest::CommitResult;
 use sendense_contract::probe::ProbeResult;
@@ -51,8 +51,8 @@ pub enum Command {
     /// Credentials: SENDENSE_VCENTER_USERNAME / SENDENSE_VCENTER_PASSWORD, or --credentials-dir
     /// with files `username` and `password` (a mounted Secret); never command-line arguments.
     Backup(Box<BackupArgs>),
-    /// Complete an NBD handshake with an export and disconnect (a readiness probe for hub
-    /// containers: a listening socket alone does not prove qemu-nbd serves the export).
+    /// Complete an NBD handshake with each export and disconnect (the hub's startup probe: a
+    /// listening socket alone does not prove qemu-nbd serves the export).
     NbdPing(NbdPingArgs),
     /// Print the SHA-256 of an NBD export's whole contents.
     Checksum(ChecksumArgs),
@@ -75,6 +75,10 @@ pub enum Command {
 pub enum HubCommand {
     /// Create one disk's QCOW2 for a backup (never over an existing file).
     Prepare(HubPrepareArgs),
+    /// Serve each disk's QCOW2 with its own qemu-nbd (TLS only) until one ends (the hub fails)
+    /// or the commit request appears in --commit-request: then every qemu-nbd stops and the
+    /// attempt is committed as `repo commit` would. Exits 0 only when it is committed.
+    Serve(HubServeArgs),
     /// Remove the directories of attempts that did not commit (a missing one is fine); a
     /// committed restore point's directory, foreign files and paths with `..` are refused.
     Remove(HubRemoveArgs),
@@ -116,6 +120,7 @@ enum Answering {
     RepoProbe,
     RepoCommit,
     RepoPrune,
+    HubServe,
     Restore,
     FilesGet,
 }
@@ -146,6 +151,9 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
             Answering::RepoPrune
         }
         Some(b"repo") => Answering::RepoProbe,
+        Some(b"hub") if args.get(1).is_some_and(|a| a.as_bytes() == b"serve") => {
+            Answering::HubServe
+        }
         _ => return None,
     };
     let file = args.iter().enumerate().find_map(|(i, a)| {
@@ -170,6 +178,7 @@ pub fn usage_error_result(e: &clap::Error, args: &[OsString]) -> Option<(PathBuf
         Answering::RepoCommit => {
             serde_json::to_string(&CommitResult::failed(message)).unwrap_or_default()
         }
+        Answering::HubServe => format!("invalid arguments: {message}"),
         Answering::RepoPrune => serde_json::to_string(&PruneResult::refused(
             "",
             PruneRefusal::BadArguments,

@@ -23,5 +23,6 @@ pub mod qcow2;
 pub mod qemu_nbd;
 pub mod rate;
 pub mod repo;
+pub mod serve;
 pub mod source;
 pub mod status;

@@ -7,59 +7,11 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use sendense_agent::nbd::{ConnectOptions, NbdClient, NbdUrl, TlsClient};
 
 mod support;
+use support::tls::Ca;
 use support::*;
-
-/// A CA that signs server and client certificates into qemu's directory layout.
-struct Ca {
-    cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Result<Ca> {
-        let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(Vec::<String>::new())?;
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = p.self_signed(&key)?;
-        Ok(Ca {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        })
-    }
-
-    /// Writes `ca-cert.pem` and `{role}-cert.pem`/`{role}-key.pem` (role "server" or
-    /// "client") into `dir`: a server certificate for the DNS name `name`, or a client one
-    /// with the common name `name`.
-    fn issue(&self, dir: &Path, role: &str, name: &str) -> Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let key = KeyPair::generate()?;
-        let mut p = if role == "server" {
-            let mut p = CertificateParams::new(vec![name.to_owned()])?;
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            p
-        } else {
-            let mut p = CertificateParams::new(Vec::<String>::new())?;
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            p
-        };
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, name);
-        let cert = p.signed_by(&key, &self.issuer)?;
-        std::fs::write(dir.join("ca-cert.pem"), &self.cert_pem)?;
-        std::fs::write(dir.join(format!("{role}-cert.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{role}-key.pem")), key.serialize_pem())?;
-        Ok(())
-    }
-}
 
 fn tls_opts(dir: &Path) -> Result<ConnectOptions> {
     Ok(ConnectOptions {

@@ -408,6 +408,80 @@ impl HubPrepareArgs {
     }
 }
 
+/// One disk a hub serves: `{"key": DEVICE_KEY, "port": PORT, "file": PATH}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeDisk {
+    pub key: i32,
+    pub port: u16,
+    pub file: PathBuf,
+}
+
+impl std::str::FromStr for ServeDisk {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_str(s).map_err(|e| {
+            format!(r#"expected {{"key": DEVICE_KEY, "port": PORT, "file": PATH}}: {e}"#)
+        })
+    }
+}
+
+/// `sendense-agent hub serve`: the hub's one container. It serves each disk's QCOW2 with its
+/// own qemu-nbd (TLS only, the attempt's client identity alone) until either a qemu-nbd ends,
+/// which fails the hub (its last words go to `--result-file`), or the commit request appears in
+/// `--commit-request` (a file the kubelet fills from the pod's annotation): then every qemu-nbd
+/// is stopped, so nothing can write the files any more, and the attempt is committed in
+/// process as `repo commit` would (the result, as JSON, to `--result-file`). Exits 0 when the
+/// restore point is committed, 1 otherwise.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct HubServeArgs {
+    /// A disk as JSON, `{"key": DEVICE_KEY, "port": PORT, "file": PATH}`; repeated.
+    #[arg(long = "disk", required = true, value_parser = clap::value_parser!(ServeDisk))]
+    pub disks: Vec<ServeDisk>,
+    /// The address every export is bound to (the pod's IP).
+    #[arg(long)]
+    pub bind: String,
+    /// Clients each qemu-nbd serves at once.
+    #[arg(long)]
+    pub shared: u32,
+    /// The server's certificates (ca-cert.pem, server-cert.pem, server-key.pem).
+    #[arg(long)]
+    pub tls_dir: PathBuf,
+    /// The only client certificate identity (its distinguished name) the exports serve.
+    #[arg(long)]
+    pub client_identity: String,
+    /// The repository volume's root (the commit's manifest names files relative to it).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The file the commit request (the manifest, JSON, without digests) appears in; empty or
+    /// missing until then.
+    #[arg(long)]
+    pub commit_request: PathBuf,
+    /// Where the result goes: the commit's JSON, or the reason the hub stopped serving.
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+}
+
+impl HubServeArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Argv::words(&["hub", "serve"]);
+        for d in &self.disks {
+            a.opt(
+                "--disk",
+                serde_json::to_string(d).expect("a disk serialises"),
+            );
+        }
+        a.opt("--bind", &self.bind);
+        a.opt("--shared", self.shared);
+        a.path("--tls-dir", Some(&self.tls_dir));
+        a.opt("--client-identity", &self.client_identity);
+        a.path("--root", Some(&self.root));
+        a.path("--commit-request", Some(&self.commit_request));
+        a.path("--result-file", self.result_file.as_ref());
+        a.0
+    }
+}
+
 /// `sendense-agent hub remove`: remove the directories of attempts that did not commit (their
 /// QCOW2 files and a half-written manifest; a missing directory is fine). A directory holding a
 /// committed restore point's manifest is refused, as is anything but such files in it and a
@@ -555,8 +629,10 @@ impl RepoProbeArgs {
 /// serves the export).
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct NbdPingArgs {
-    /// nbd[s]://host:port/export or nbd[s]+unix:///export?socket=/path
-    pub url: String,
+    /// nbd[s]://host:port/export or nbd[s]+unix:///export?socket=/path; several are pinged
+    /// one after the other, within the one timeout.
+    #[arg(required = true)]
+    pub urls: Vec<String>,
     /// Seconds allowed for connecting and negotiating.
     #[arg(long, default_value_t = DEFAULT_NBD_PING_TIMEOUT_SECONDS)]
     pub timeout: u64,
@@ -571,7 +647,8 @@ pub struct NbdPingArgs {
 
 impl NbdPingArgs {
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = Argv::words(&["nbd-ping", &self.url]);
+        let mut a = Argv::words(&["nbd-ping"]);
+        a.0.extend(self.urls.iter().cloned());
         a.not_default("--timeout", self.timeout, DEFAULT_NBD_PING_TIMEOUT_SECONDS);
         a.path("--tls-dir", self.tls_dir.as_ref());
         a.some("--host-env", self.host_env.as_ref());

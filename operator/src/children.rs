@@ -45,6 +45,7 @@ pub enum Verb {
     Create,
     Delete,
     WriteStatus,
+    Annotate,
 }
 
 impl fmt::Display for Verb {
@@ -56,6 +57,7 @@ impl fmt::Display for Verb {
             Verb::Create => "creating",
             Verb::Delete => "deleting",
             Verb::WriteStatus => "writing the status of",
+            Verb::Annotate => "annotating",
         })
     }
 }
@@ -125,8 +127,8 @@ pub async fn get<K: Namespaced>(
 
 /// True when the API server's copy of `object` is the version the caller holds. A controller's
 /// cache can trail the operator's own last write: a reconcile on the older copy must not create
-/// what that write made unnecessary (a job's commit pod again after the job Succeeded and its
-/// pods were deleted). Checked just before a pod is created; the newer version's watch event
+/// what that write made unnecessary (a job's hub again after the job Succeeded and its pods
+/// were deleted). Checked just before a pod is created; the newer version's watch event
 /// brings the next reconcile.
 pub async fn is_current<K: Namespaced>(client: &Client, object: &K) -> Result<bool, ApiError> {
     let ns = object.namespace().unwrap_or_default();
@@ -207,6 +209,26 @@ pub async fn delete_if_present<K: Namespaced>(
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
         Err(e) => Err(ApiError::new::<K>(Verb::Delete, namespace, name, e)),
+    }
+}
+
+/// Sets one annotation of the object of `uid` (a merge patch; the UID is its precondition, so an
+/// object of the same name created since is left alone). False when no such object exists.
+pub async fn annotate<K: Namespaced>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    (key, value): (&str, &str),
+) -> Result<bool, ApiError> {
+    let patch = serde_json::json!({"metadata": {"uid": uid, "annotations": {key: value}}});
+    match api::<K>(client, namespace)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+        Err(e) => Err(ApiError::new::<K>(Verb::Annotate, namespace, name, e)),
     }
 }
 

@@ -283,8 +283,8 @@ async fn five_jobs_at_once_survive_an_operator_restart() -> Result<()> {
     let jobs_pods: Vec<_> = seen.iter().filter(|(n, _)| n.starts_with("job-")).collect();
     assert_eq!(
         jobs_pods.len(),
-        15,
-        "one hub, one agent and one commit pod per job: {seen:?}"
+        10,
+        "one hub (which also commits) and one agent pod per job: {seen:?}"
     );
     for (name, uids) in jobs_pods {
         assert_eq!(

@@ -422,7 +422,8 @@ async fn no_credential_or_key_shows_after_a_failed_login_a_swapped_secret_and_a_
     bed.waiting("swapped", "SourceNodeNotReady").await?;
     grep_every_surface(&bed, &collector, &needles, "a swapped-key Secret").await?;
 
-    // (c) A full backup over NBD with TLS: hub, agent, commit pods; the repository probe ran.
+    // (c) A full backup over NBD with TLS: hub (serving, then committing) and agent pods; the
+    // repository probe ran.
     bed.ready::<sendense_crds::Repository>("primary").await?;
     bed.apply("full-backup", &job_yaml("full-backup", "vc", vm))?;
     bed.finished("full-backup", Phase::Succeeded, Duration::from_secs(240))
@@ -443,12 +444,12 @@ async fn no_credential_or_key_shows_after_a_failed_login_a_swapped_secret_and_a_
     let pods = text_of(&all, "pod ");
     for (what, want) in [
         ("the agent's spec", "--credentials-dir"),
-        ("the hub's spec", "qemu-nbd"),
+        ("the hub's spec", "--commit-request"),
         ("a pod log level", "\"RUST_LOG\""),
     ] {
         assert!(pods.contains(want), "{what} ({want}) is not among the pods");
     }
-    for component in ["agent", "hub", "commit", "repository-probe"] {
+    for component in ["agent", "hub", "repository-probe"] {
         assert!(
             pods.contains(&format!("\"app.kubernetes.io/component\": \"{component}\"")),
             "no {component} pod was recorded"

@@ -151,7 +151,10 @@ fn the_agent_parses_the_hub_repo_and_ping_command_lines_the_operator_builds() {
     }
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
         let ping = NbdPingArgs {
-            url: "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
+            urls: vec![
+                "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
+                "nbds://127.0.0.1:10101/?tls-hostname=h.ns.svc".into(),
+            ],
             timeout,
             tls_dir: (timeout == 4).then(|| "/etc/sendense/nbd-tls".into()),
             host_env: (timeout == 4).then(|| "POD_IP".into()),

@@ -42,6 +42,9 @@ pub async fn run(command: Command) -> Result<Outcome> {
         Command::Hub {
             command: HubCommand::Remove(args),
         } => hub::remove(args),
+        Command::Hub {
+            command: HubCommand::Serve(args),
+        } => hub::serve(args).await,
         Command::Repo {
             command: RepoCommand::Probe(args),
         } => repo::probe(args),

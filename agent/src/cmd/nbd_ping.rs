@@ -16,15 +16,6 @@ use crate::nbd::{Address, ConnectOptions, NbdClient, NbdError, NbdUrl, TlsClient
 const RETRY_REFUSED: Duration = Duration::from_millis(200);
 
 pub async fn run(args: NbdPingArgs) -> Result<Outcome> {
-    let mut url: NbdUrl = args.url.parse()?;
-    if let Some(var) = &args.host_env {
-        let host = std::env::var(var)
-            .map_err(|_| anyhow::anyhow!("--host-env {var}: the variable is not set"))?;
-        match &mut url.address {
-            Address::Tcp { host: h, .. } => *h = host,
-            Address::Unix(_) => anyhow::bail!("--host-env applies to nbd:// and nbds:// URLs"),
-        }
-    }
     let timeout = Duration::from_secs(args.timeout);
     let tls = args
         .tls_dir
@@ -37,30 +28,42 @@ pub async fn run(args: NbdPingArgs) -> Result<Outcome> {
         tls,
         ..ConnectOptions::with_request_timeout(timeout)
     };
+    // One deadline for all of them.
     let deadline = tokio::time::Instant::now() + timeout;
-    let client = loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let opts = ConnectOptions {
-            connect_timeout: left,
-            ..opts.clone()
-        };
-        match NbdClient::connect(&url, &opts).await {
-            // Refused (TCP, or a Unix socket without its server), or a socket not made yet.
-            Err(NbdError::Connect { source, .. })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                ) && left > RETRY_REFUSED =>
-            {
-                tokio::time::sleep(RETRY_REFUSED).await;
+    for u in &args.urls {
+        let mut url: NbdUrl = u.parse()?;
+        if let Some(var) = &args.host_env {
+            let host = std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("--host-env {var}: the variable is not set"))?;
+            match &mut url.address {
+                Address::Tcp { host: h, .. } => *h = host,
+                Address::Unix(_) => anyhow::bail!("--host-env applies to nbd:// and nbds:// URLs"),
             }
-            r => break r?,
         }
-    };
-    println!(
-        "{}",
-        serde_json::json!({"size": client.size(), "multi_conn": client.can_multi_conn()})
-    );
-    client.disconnect().await;
+        let client = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let opts = ConnectOptions {
+                connect_timeout: left,
+                ..opts.clone()
+            };
+            match NbdClient::connect(&url, &opts).await {
+                // Refused (TCP, or a Unix socket without its server), or a socket not made yet.
+                Err(NbdError::Connect { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) && left > RETRY_REFUSED =>
+                {
+                    tokio::time::sleep(RETRY_REFUSED).await;
+                }
+                r => break r?,
+            }
+        };
+        println!(
+            "{}",
+            serde_json::json!({"url": u, "size": client.size(), "multi_conn": client.can_multi_conn()})
+        );
+        client.disconnect().await;
+    }
     Ok(Outcome::Succeeded)
 }

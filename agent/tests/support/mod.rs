@@ -1,6 +1,7 @@
 //! Real NBD servers for tests: qemu-nbd and nbdkit on Unix sockets in a scratch directory.
 #![allow(dead_code)]
 
+pub mod tls;
 pub mod vcsim;
 
 use std::path::{Path, PathBuf};

@@ -36,6 +36,7 @@ enum Files {
 #[derive(clap::Subcommand, Debug)]
 enum Hub {
     Prepare(HubPrepareArgs),
+    Serve(HubServeArgs),
     Remove(HubRemoveArgs),
 }
 
@@ -97,6 +98,35 @@ fn hub_repo_and_ping_arguments_round_trip() {
         ]
     );
     assert!(matches!(parse(prepare.to_args()), Line::Hub { hub: Hub::Prepare(p) } if p == prepare));
+    let serve = HubServeArgs {
+        disks: vec![
+            ServeDisk {
+                key: 2000,
+                port: 10100,
+                file: "/repository/ns/vm \"x\",y/2000/b.qcow2".into(),
+            },
+            ServeDisk {
+                key: 2001,
+                port: 10101,
+                file: "/repository/ns/vm/2001/a.qcow2".into(),
+            },
+        ],
+        bind: "$(POD_IP)".into(),
+        shared: 8,
+        tls_dir: "/etc/sendense/nbd-tls".into(),
+        client_identity: "O=Sendense,CN=agent".into(),
+        root: "/repository".into(),
+        commit_request: "/etc/sendense/commit/manifest".into(),
+        result_file: Some("/dev/termination-log".into()),
+    };
+    assert_eq!(
+        serve.to_args()[2..4],
+        [
+            "--disk",
+            r#"{"key":2000,"port":10100,"file":"/repository/ns/vm \"x\",y/2000/b.qcow2"}"#
+        ]
+    );
+    assert!(matches!(parse(serve.to_args()), Line::Hub { hub: Hub::Serve(s) } if s == serve));
     let remove = HubRemoveArgs {
         dirs: vec!["/repository/a".into(), "/repository/b c".into()],
     };
@@ -127,7 +157,10 @@ fn hub_repo_and_ping_arguments_round_trip() {
     assert!(matches!(parse(prune.to_args()), Line::Repo { repo: Repo::Prune(p) } if p == prune));
     for timeout in [4, DEFAULT_NBD_PING_TIMEOUT_SECONDS] {
         let ping = NbdPingArgs {
-            url: "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
+            urls: vec![
+                "nbds://127.0.0.1:10100/?tls-hostname=h.ns.svc".into(),
+                "nbds://127.0.0.1:10101/?tls-hostname=h.ns.svc".into(),
+            ],
             timeout,
             tls_dir: (timeout == 4).then(|| "/etc/sendense/nbd-tls".into()),
             host_env: (timeout == 4).then(|| "POD_IP".into()),

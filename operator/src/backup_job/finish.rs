@@ -37,8 +37,26 @@ pub enum Error {
 /// attempt its certificates' Secret. A pod created but not yet seen by the cache is deleted
 /// when it is: its event re-runs the reconcile.
 pub(super) async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<(), Error> {
+    delete_pods(job, ctx, [agent_name(job), hub_name(job), commit_name(job)]).await?;
+    // The attempt's certificates go with its hub and agent (the next attempt gets new ones).
     let ns = job.namespace().unwrap_or_default();
-    for name in [agent_name(job), hub_name(job), commit_name(job)] {
+    let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
+    if ctx.caches.first(job, &format!("{attempt}/secret-removed")) {
+        delete_if_present::<Secret>(&ctx.client, &ns, &crate::nbd_tls::secret_name(job))
+            .await
+            .map_err(Error::Remove)?;
+    }
+    Ok(())
+}
+
+/// Deletes those of the job's pods `names` the cache holds, not those already being deleted.
+async fn delete_pods(
+    job: &BackupJob,
+    ctx: &Context,
+    names: impl IntoIterator<Item = String>,
+) -> Result<(), Error> {
+    let ns = job.namespace().unwrap_or_default();
+    for name in names {
         // Not listed yet (the process just started): deleted whatever the cache says.
         let being_deleted = match ctx.caches.pod(&ns, &name) {
             Some(pod) => pod.metadata.deletion_timestamp.is_some(),
@@ -50,13 +68,6 @@ pub(super) async fn delete_job_pods(job: &BackupJob, ctx: &Context) -> Result<()
                 .await
                 .map_err(Error::Remove)?;
         }
-    }
-    // The attempt's certificates go with its hub and agent (the next attempt gets new ones).
-    let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
-    if ctx.caches.first(job, &format!("{attempt}/secret-removed")) {
-        delete_if_present::<Secret>(&ctx.client, &ns, &crate::nbd_tls::secret_name(job))
-            .await
-            .map_err(Error::Remove)?;
     }
     Ok(())
 }
@@ -71,8 +82,9 @@ fn metric_vm(job: &BackupJob) -> String {
         .unwrap_or_default()
 }
 
-/// The agent succeeded: the copy is recorded, then the hub and agent go (the hub's qemu-nbd
-/// closes the images) and the commit follows.
+/// The agent succeeded: the copy is recorded, the agent goes and the commit follows (the hub
+/// stops serving and commits when asked; it and the attempt's certificates go once the job is
+/// finished).
 pub async fn copied(job: &BackupJob, ctx: &Context, r: &BackupResult) -> Result<Action, Error> {
     let attempt = job.status.as_ref().and_then(|s| s.attempts).unwrap_or(1);
     let mut u = JobUpdate::new(job);
@@ -86,11 +98,11 @@ pub async fn copied(job: &BackupJob, ctx: &Context, r: &BackupResult) -> Result<
             .with_label_values(&[&ns, &vm, &d.key.to_string()])
             .inc_by(d.bytes_to_copy);
     }
-    delete_job_pods(job, ctx).await?;
-    Ok(Action::requeue(Duration::from_secs(2)))
+    delete_pods(job, ctx, [agent_name(job)]).await?;
+    Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-/// The restore point is committed: Succeeded, metrics, the commit pod goes.
+/// The restore point is committed: Succeeded, metrics; the hub goes.
 pub async fn committed(
     job: &BackupJob,
     ctx: &Context,

@@ -191,7 +191,6 @@ pub fn retry_backoff(attempt: i32) -> Duration {
 pub enum JobPod {
     Hub,
     Agent,
-    Commit,
 }
 
 /// The `Running` condition.
@@ -235,10 +234,8 @@ impl ConditionReason for Running {
             Self::Waiting(w) => w.as_str(),
             Self::Refused(JobPod::Hub) => "HubPodRejected",
             Self::Refused(JobPod::Agent) => "AgentPodRejected",
-            Self::Refused(JobPod::Commit) => "CommitPodRejected",
             Self::Unschedulable(JobPod::Hub) => "HubPodUnschedulable",
             Self::Unschedulable(JobPod::Agent) => "AgentPodUnschedulable",
-            Self::Unschedulable(JobPod::Commit) => "CommitPodUnschedulable",
             Self::Retrying => "Retrying",
             Self::Completed => "Completed",
             Self::Failed => "Failed",

@@ -38,6 +38,8 @@ pub enum Error {
     Hub(#[source] ApiError),
     #[error("starting the agent: {0}")]
     Agent(#[source] ApiError),
+    #[error("asking the hub to commit: {0}")]
+    Commit(#[source] ApiError),
     #[error("recording the restore point: {0}")]
     RestorePoint(#[source] ApiError),
     #[error(transparent)]

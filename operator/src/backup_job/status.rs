@@ -354,8 +354,8 @@ pub fn mark_progress(u: &mut JobUpdate) {
 }
 
 /// Running reasons under `spec.progressDeadlineSeconds`: the attempt is meant to move on from
-/// each (not a retry's back-off, not a wait before the plan). `Committing` is bounded by the
-/// commit pod's own start (`commit::commit`) and reads.
+/// each (not a retry's back-off, not a wait before the plan). `Committing` has its own
+/// deadline, which allows for reading every disk back (`commit::commit`).
 fn under_progress_deadline(reason: &str) -> bool {
     [
         Running::HubStarting,
@@ -363,7 +363,6 @@ fn under_progress_deadline(reason: &str) -> bool {
         Running::Copying,
         Running::Refused(JobPod::Hub),
         Running::Refused(JobPod::Agent),
-        Running::Refused(JobPod::Commit),
         Running::Unschedulable(JobPod::Hub),
         Running::Unschedulable(JobPod::Agent),
     ]

@@ -139,20 +139,24 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
         &images(),
     );
     let lines = command_lines(&hub);
-    // One prepare for every disk, one startup probe per qemu-nbd container.
+    // One prepare for every disk, one container serving them all, its startup probe pinging
+    // every export.
     assert_eq!(lines.len(), 3, "{lines:?}");
-    let (mut prepared, mut pinged) = (Vec::new(), Vec::new());
+    let (mut prepared, mut pinged, mut served) = (Vec::new(), Vec::new(), Vec::new());
     for argv in &lines {
         match parse(argv) {
             Command::Hub {
                 command: HubCommand::Prepare(p),
             } => prepared.extend(p.disks),
+            Command::Hub {
+                command: HubCommand::Serve(s),
+            } => served.extend(s.disks.into_iter().map(|d| (d.key, d.port, d.file))),
             Command::NbdPing(p) => {
                 assert_eq!(
                     p.tls_dir.as_deref(),
                     Some(std::path::Path::new("/etc/sendense/nbd-tls"))
                 );
-                pinged.push(p.url)
+                pinged.extend(p.urls)
             }
             other => panic!("{other:?}"),
         }
@@ -169,6 +173,17 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
             .as_deref()
     );
     assert_eq!(prepared[1].backing, None);
+    assert_eq!(
+        served,
+        disks
+            .iter()
+            .map(|d| (
+                d.key,
+                d.port as u16,
+                std::path::Path::new(REPOSITORY_MOUNT).join(&d.file)
+            ))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(
         pinged,
         [

@@ -1,19 +1,23 @@
 //! The hub of one BackupJob: a Pod whose init container prepares each disk's QCOW2 (layered on
-//! the parent for incrementals) and whose containers serve each file with qemu-nbd on the job's
-//! allocated port. No Service: the agent dials the pod's IP (the hub lives as long as one
+//! the parent for incrementals) and whose one container serves each file with qemu-nbd on the
+//! job's allocated port, then, asked by the operator once the agent has succeeded, stops
+//! serving and commits the files as a restore point (in place of a commit pod: one pod less
+//! per job for the kubelet and the API server). No Service: the agent dials the pod's IP (the hub lives as long as one
 //! attempt, and a Service would only add endpoint updates for every change of the pod).
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ExecAction, Pod, PodSpec, Probe, SecretVolumeSource, Volume,
-    VolumeMount,
+    Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, ExecAction,
+    ObjectFieldSelector, Pod, PodSpec, Probe, SecretVolumeSource, Volume, VolumeMount,
 };
 use sendense_crds::BackupJob;
 
 use crate::nbd_tls;
 
-use super::layout::{agent_container, mount, mounted, volume_pod_spec};
-use super::{PodSettings, harden, hub_name, labels, owned_meta};
-use sendense_contract::cli::{AGENT_BINARY, HubPrepareArgs, NbdPingArgs, PrepareDisk};
+use super::layout::{REPOSITORY_MOUNT, agent_container, mounted, volume_pod_spec};
+use super::{PodSettings, TERMINATION_LOG, harden, hub_name, labels, owned_meta};
+use sendense_contract::cli::{
+    AGENT_BINARY, HubPrepareArgs, HubServeArgs, NbdPingArgs, PrepareDisk, ServeDisk,
+};
 
 /// Clients qemu-nbd serves at once: the agent opens several connections per disk, and with
 /// qemu-nbd's default of 1 the second one waits forever.
@@ -68,83 +72,100 @@ impl HubTls {
     }
 }
 
-fn serve(d: &HubDisk, tls: &HubTls, images: &PodSettings) -> Container {
+/// The annotation the operator writes the commit request into (the attempt's manifest, JSON,
+/// without digests) once the agent has succeeded; the hub reads it from a downward API file.
+pub const COMMIT_ANNOTATION: &str = "sendense.io/commit";
+/// Where the hub's container sees the annotation.
+const COMMIT_DIR: &str = "/etc/sendense/commit";
+const COMMIT_FILE: &str = "request";
+
+/// The hub's one container: `hub serve` runs one qemu-nbd per disk on the disk's port (each
+/// container costs the kubelet its own Events, status writes and probes), and commits the
+/// attempt when the commit request appears, its result as the termination message.
+fn serve(disks: &[HubDisk], tls: &HubTls, images: &PodSettings) -> Container {
+    let args = HubServeArgs {
+        disks: disks
+            .iter()
+            .map(|d| ServeDisk {
+                key: d.key,
+                port: d.port as u16,
+                file: mounted(&d.file),
+            })
+            .collect(),
+        // The exports are bound to the pod IP, not 0.0.0.0.
+        bind: "$(POD_IP)".into(),
+        shared: NBD_SHARED,
+        tls_dir: nbd_tls::TLS_DIR.into(),
+        client_identity: tls.client_identity.clone(),
+        root: REPOSITORY_MOUNT.into(),
+        commit_request: format!("{COMMIT_DIR}/{COMMIT_FILE}").into(),
+        result_file: Some(TERMINATION_LOG.into()),
+    };
     // The probe is a TLS client like the agent: a handshake with the attempt's certificate
-    // on the pod IP proves the export is served as the agent will see it.
+    // with every export on the pod IP proves they are served as the agent will see them.
     let mut ping = vec![AGENT_BINARY.to_owned()];
     ping.extend(
         NbdPingArgs {
-            url: format!(
-                "nbds://127.0.0.1:{}/?tls-hostname={}",
-                d.port, tls.server_name
-            ),
+            urls: disks
+                .iter()
+                .map(|d| {
+                    format!(
+                        "nbds://127.0.0.1:{}/?tls-hostname={}",
+                        d.port, tls.server_name
+                    )
+                })
+                .collect(),
             timeout: 4,
             tls_dir: Some(nbd_tls::TLS_DIR.into()),
             host_env: Some("POD_IP".into()),
         }
         .to_args(),
     );
-    Container {
-        name: format!("nbd-{}", d.key),
-        image: Some(images.agent.clone()),
-        image_pull_policy: Some(images.pull_policy()),
-        resources: images.hub_resources.clone(),
-        command: Some(vec![
-            "qemu-nbd".into(),
-            "--format=qcow2".into(),
-            "--persistent".into(),
-            format!("--shared={NBD_SHARED}"),
-            "--bind=$(POD_IP)".into(),
-            format!("--port={}", d.port),
-            // TLS only, and only the attempt's agent certificate (plain NBD is refused).
-            "--object".into(),
-            format!(
-                "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir={}",
-                nbd_tls::TLS_DIR
-            ),
-            "--tls-creds=tls0".into(),
-            "--object".into(),
-            format!("authz-simple,id=authz0,identity={}", tls.client_identity),
-            "--tls-authz=authz0".into(),
-            "--cache=writeback".into(),
-            "--aio=threads".into(),
-            mounted(&d.file).display().to_string(),
-        ]),
-        ports: Some(vec![ContainerPort {
-            name: Some(format!("nbd-{}", d.key)),
-            container_port: d.port,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
-        // Ready only when an NBD handshake completes, not merely when the port listens. A
-        // startup probe, not a readiness probe: it runs until the first handshake and not every
-        // 2 s for the life of the copy (each exec forks in the container; under load the late
-        // ones were Unhealthy Events, pod status writes and volume re-reads by the kubelet).
-        // Without a readiness probe the container is ready once it has started. A qemu-nbd that
-        // does not serve within STARTUP_SECONDS is killed, which fails the hub and the attempt,
-        // named; one that dies later fails it too.
-        startup_probe: Some(Probe {
-            exec: Some(ExecAction {
-                command: Some(ping),
-            }),
-            period_seconds: Some(STARTUP_PERIOD),
-            timeout_seconds: Some(5),
-            failure_threshold: Some(STARTUP_SECONDS / STARTUP_PERIOD),
-            ..Default::default()
-        }),
-        // The exports are bound to the pod IP, not 0.0.0.0.
-        env: Some(vec![super::pod_ip_env()]),
-        volume_mounts: Some(vec![
-            mount(),
-            VolumeMount {
-                name: "nbd-tls".into(),
-                mount_path: nbd_tls::TLS_DIR.into(),
-                read_only: Some(true),
+    let mut c = agent_container("serve".into(), args.to_args(), images);
+    c.termination_message_policy = Some("FallbackToLogsOnError".into());
+    c.ports = Some(
+        disks
+            .iter()
+            .map(|d| ContainerPort {
+                name: Some(format!("nbd-{}", d.key)),
+                container_port: d.port,
+                protocol: Some("TCP".into()),
                 ..Default::default()
-            },
-        ]),
+            })
+            .collect(),
+    );
+    // Ready only when an NBD handshake completes, not merely when the port listens. A startup
+    // probe, not a readiness probe: it runs until the first handshake and not every 2 s for
+    // the life of the copy (each exec forks in the container; under load the late ones were
+    // Unhealthy Events, pod status writes and volume re-reads by the kubelet). Without a
+    // readiness probe the container is ready once it has started. Exports not served within
+    // STARTUP_SECONDS get the container killed, which fails the hub and the attempt, named;
+    // a qemu-nbd that dies later fails it too.
+    c.startup_probe = Some(Probe {
+        exec: Some(ExecAction {
+            command: Some(ping),
+        }),
+        period_seconds: Some(STARTUP_PERIOD),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(STARTUP_SECONDS / STARTUP_PERIOD),
         ..Default::default()
-    }
+    });
+    c.env.get_or_insert_with(Vec::new).push(super::pod_ip_env());
+    c.volume_mounts.get_or_insert_with(Vec::new).extend([
+        VolumeMount {
+            name: "nbd-tls".into(),
+            mount_path: nbd_tls::TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "commit".into(),
+            mount_path: COMMIT_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ]);
+    c
 }
 
 /// The hub pod: `claim` is the repository's PersistentVolumeClaim; `tls`, the attempt's.
@@ -165,12 +186,29 @@ pub fn hub_pod(
         }),
         ..Default::default()
     });
+    // The commit request: empty until the operator annotates the pod.
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: "commit".into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: COMMIT_FILE.into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{COMMIT_ANNOTATION}']"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            default_mode: Some(0o444),
+        }),
+        ..Default::default()
+    });
     harden(Pod {
         metadata: owned_meta(job, hub_name(job), labels(job, "hub")),
         spec: Some(PodSpec {
             init_containers: Some(vec![prepare(disks, images)]),
-            containers: disks.iter().map(|d| serve(d, tls, images)).collect(),
-            // A hub container that dies fails the attempt; the operator starts a new hub.
+            containers: vec![serve(disks, tls, images)],
+            // A hub that stops serving before the commit fails the attempt; the next attempt
+            // gets a new hub.
             termination_grace_period_seconds: Some(10),
             ..spec
         }),

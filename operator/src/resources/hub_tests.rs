@@ -25,7 +25,7 @@ fn disks() -> Vec<HubDisk> {
 }
 
 #[test]
-fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
+fn hub_pod_prepares_then_serves_each_disk_on_its_port_and_commits_on_request() {
     let pod = hub_pod(
         &job(),
         "backups-data",
@@ -73,32 +73,86 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
             })
         ]
     );
-    assert_eq!(spec.containers.len(), 2);
-    let nbd = &spec.containers[1];
-    let cmd = nbd.command.as_deref().expect("command");
-    assert!(cmd.contains(&"--persistent".to_string()) && cmd.contains(&"--port=10101".to_string()));
-    let shared: u32 = cmd
+    assert_eq!(spec.containers.len(), 1, "one container serves every disk");
+    let serve = &spec.containers[0];
+    let cmd = serve.command.as_deref().expect("command");
+    let parsed = match <sendense_agent::cli::Cli as clap::Parser>::try_parse_from(cmd) {
+        Ok(sendense_agent::cli::Cli {
+            command:
+                sendense_agent::cli::Command::Hub {
+                    command: sendense_agent::cli::HubCommand::Serve(a),
+                },
+            ..
+        }) => a,
+        other => panic!("{other:?}"),
+    };
+    let served: Vec<(i32, u16, String)> = parsed
+        .disks
         .iter()
-        .find_map(|a| a.strip_prefix("--shared="))
-        .and_then(|n| n.parse().ok())
-        .expect("--shared");
+        .map(|d| (d.key, d.port, d.file.display().to_string()))
+        .collect();
+    assert_eq!(
+        served,
+        [
+            (
+                2000,
+                10100,
+                "/repository/backups/web-01/2000/web-01-nightly.qcow2".into()
+            ),
+            (
+                2001,
+                10101,
+                "/repository/backups/web-01/2001/web-01-nightly.qcow2".into()
+            )
+        ]
+    );
     assert!(
-        shared > 1,
+        parsed.shared > 1,
         "--shared must exceed 1 or the agent's second connection hangs"
     );
-    assert_eq!(nbd.ports.as_ref().expect("ports")[0].container_port, 10101);
+    let ports: Vec<i32> = serve
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(ports, [10100, 10101]);
     // TLS only, on the pod IP, for the attempt's agent alone.
-    assert!(cmd.contains(&"--bind=$(POD_IP)".to_string()), "{cmd:?}");
     let uid = job().metadata.uid.clone().expect("uid");
-    for want in [
-        "--tls-creds=tls0".to_owned(),
-        "--tls-authz=authz0".to_owned(),
-        "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=/etc/sendense/nbd-tls"
-            .to_owned(),
-        format!("authz-simple,id=authz0,identity=CN=sendense-agent.{uid}.3"),
-    ] {
-        assert!(cmd.contains(&want), "{want} in {cmd:?}");
-    }
+    assert_eq!(parsed.bind, "$(POD_IP)");
+    assert_eq!(
+        parsed.tls_dir,
+        std::path::Path::new("/etc/sendense/nbd-tls")
+    );
+    assert_eq!(parsed.client_identity, format!("CN=sendense-agent.{uid}.3"));
+    // The commit: the repository's root, the request from the pod's annotation, the result as
+    // the termination message.
+    assert_eq!(parsed.root, std::path::Path::new("/repository"));
+    assert_eq!(
+        parsed.result_file.as_deref(),
+        Some(std::path::Path::new("/dev/termination-log"))
+    );
+    let request = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.downward_api.clone())
+        .and_then(|d| d.items)
+        .expect("the commit request volume");
+    assert_eq!(
+        request[0].field_ref.as_ref().map(|f| f.field_path.as_str()),
+        Some("metadata.annotations['sendense.io/commit']")
+    );
+    let mount = serve
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "commit")
+        .expect("the request mounted");
+    assert_eq!(
+        parsed.commit_request,
+        std::path::Path::new(&mount.mount_path).join(&request[0].path)
+    );
     let tls_volume = spec
         .volumes
         .as_ref()
@@ -111,17 +165,19 @@ fn hub_pod_prepares_then_serves_each_disk_on_its_port() {
         tls_volume.secret_name.as_deref(),
         Some("web-01-nightly-nbd-tls")
     );
-    let probe = nbd
+    let probe = serve
         .startup_probe
         .as_ref()
         .and_then(|p| p.exec.as_ref())
         .and_then(|e| e.command.clone())
         .expect("exec probe");
+    // Every export answers a handshake before the hub counts as started.
     assert_eq!(
-        probe[..3],
+        probe[..4],
         [
             "sendense-agent",
             "nbd-ping",
+            "nbds://127.0.0.1:10100/?tls-hostname=web-01-nightly-hub.backups.svc",
             "nbds://127.0.0.1:10101/?tls-hostname=web-01-nightly-hub.backups.svc"
         ]
     );

@@ -5,7 +5,6 @@
 
 mod agent;
 mod cleanup;
-mod commit;
 pub(crate) mod hardening;
 mod hub;
 mod layout;
@@ -28,9 +27,8 @@ pub use agent::{
     agent_pod, read_as, seconds_left, vcenter_access,
 };
 pub use cleanup::cleanup_pod;
-pub use commit::commit_pod;
 pub use hardening::harden;
-pub use hub::{HubDisk, HubTls, NBD_SHARED, hub_pod};
+pub use hub::{COMMIT_ANNOTATION, HubDisk, HubTls, NBD_SHARED, hub_pod};
 pub use layout::{
     REPOSITORY_MOUNT, attempt_dir, attempt_uid, claim_name, dir_of, disk_file, for_attempt,
     namespace_prefix,
@@ -208,7 +206,8 @@ pub fn cleanup_name(job: &BackupJob) -> String {
     format!("{}-cleanup", job.name_any())
 }
 
-/// Deterministic name of the pod committing a job's restore point.
+/// Deterministic name of the pod earlier versions committed a job's restore point with (the
+/// hub commits now); one such pod left over by an upgrade goes with the job's other pods.
 pub fn commit_name(job: &BackupJob) -> String {
     format!("{}-commit", job.name_any())
 }

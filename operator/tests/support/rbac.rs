@@ -127,7 +127,7 @@ pub const ALLOWED: &[Check] = &[
         At::Watched,
         &["get", "list", "watch", "create", "patch", "delete"],
         &["pods"],
-        "hub, agent, probe, commit and cleanup pods: applied, watched, deleted",
+        "hub, agent, probe and cleanup pods: applied, watched, deleted; the hub annotated to commit",
     ),
     sub(
         allow(

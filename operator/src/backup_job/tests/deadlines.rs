@@ -104,7 +104,7 @@ fn the_job_deadline_counts_from_the_first_attempt_and_is_not_retried() {
         "{}",
         f.message
     );
-    // The agent and commit pods get what is left of it.
+    // The agent pod gets what is left of it.
     assert_eq!(crate::resources::seconds_left(&j, at(600)), Some(3000));
     assert_eq!(crate::resources::seconds_left(&j, at(9000)), Some(1));
     assert_eq!(
