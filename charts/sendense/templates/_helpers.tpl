@@ -139,9 +139,10 @@ config/rbac/role.yaml, and with the `kubectl auth can-i` table of operator/tests
 - apiGroups: ["sendense.io"]
   resources: ["sourcenodes/status", "repositories/status", "backupjobs/status", "restorejobs/status", "backupschedules/status"]
   verbs: ["patch"]
-# Hub, agent, repository-probe, commit, cleanup and restore pods. Created by server-side apply (PATCH, which also
+# Hub, agent, repository-probe, cleanup and restore pods. Created by server-side apply (PATCH, which also
 # needs create when the pod does not exist yet), watched for readiness and termination messages
-# (the agent's and probe's results), deleted when a job ends or an attempt is retried.
+# (the agent's, probe's and commit's results), annotated (the hub's commit request), deleted when a
+# job ends or an attempt is retried.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
