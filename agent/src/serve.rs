@@ -1,5 +1,6 @@
-//! `hub serve`: the hub's one container. Each disk's QCOW2 is served by its own qemu-nbd child
-//! (TLS only, one client identity) until one of two things happens:
+//! `hub serve`: the hub's one container. Each disk's QCOW2 is created (as `hub prepare` does),
+//! then served by its own qemu-nbd child (TLS only, one client identity) until one of two
+//! things happens:
 //! - a qemu-nbd ends: the others are stopped and the hub fails, its last words in the result;
 //! - the commit request appears (a file the kubelet fills from the pod's annotation, once the
 //!   agent has ended): every qemu-nbd is stopped, so nothing can write the files any more, and
@@ -215,8 +216,16 @@ async fn stop(servers: &mut [Server]) {
     }
 }
 
-/// Serves, then commits when asked: the commit's result, or why the hub stopped serving.
+/// Prepares, serves, then commits when asked: the commit's result, or why the hub stopped
+/// serving (or could not start).
 pub async fn run(args: &HubServeArgs) -> Result<CommitResult, String> {
+    for d in &args.disks {
+        let (file, size, backing) = (d.file.clone(), d.size, d.backing.clone());
+        tokio::task::spawn_blocking(move || crate::hub::prepare(&file, size, backing.as_deref()))
+            .await
+            .map_err(|e| format!("preparing disk {}: {e}", d.key))?
+            .map_err(|e| format!("preparing disk {}: {e}", d.key))?;
+    }
     match serve(args).await {
         Ended::Failed(why) => Err(why),
         Ended::CommitRequested(request) => {
@@ -240,11 +249,15 @@ mod tests {
                 key: 2000,
                 port: 10100,
                 file: "/repository/ns/vm/j-a1/2000.qcow2".into(),
+                size: 1 << 30,
+                backing: None,
             },
             ServeDisk {
                 key: 2001,
                 port: 10101,
                 file: "/repository/ns/vm/j-a1/2001.qcow2".into(),
+                size: 1 << 30,
+                backing: None,
             },
         ]
     }

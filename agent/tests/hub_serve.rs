@@ -1,5 +1,6 @@
-//! `hub serve`, the hub's one container, with real qemu-nbd over TCP and TLS: it serves every
-//! disk to the attempt's certificate; when the commit request appears it stops serving and
+//! `hub serve`, the hub's one container, with real qemu-nbd over TCP and TLS: it creates every
+//! disk's QCOW2 (a disk that cannot be created ends it, named) and serves each to the attempt's
+//! certificate; when the commit request appears it stops serving and
 //! commits, and the digests it reports are those of the bytes the client wrote; a request for
 //! other files is refused without reading anything; a qemu-nbd that dies ends the hub, named.
 
@@ -41,8 +42,9 @@ struct Hub {
 }
 
 impl Hub {
-    /// Two prepared disks under `s`'s repo/ns/vm/j-u-1-a1, served by `hub serve`.
-    fn start(s: &Scratch, base: u16) -> Result<Hub> {
+    /// `hub serve` of two disks under `s`'s repo/ns/vm/j-u-1-a1, which it creates (disk 2001
+    /// layered on `backing` when given); not waited for.
+    fn spawn(s: &Scratch, base: u16, backing: Option<PathBuf>) -> Result<Hub> {
         let root = s.path("repo");
         let dir = root.join("ns/vm/j-u-1-a1");
         std::fs::create_dir_all(&dir)?;
@@ -50,11 +52,6 @@ impl Hub {
         let tls = s.path("tls-server");
         ca.issue(&tls, "server", SERVER)?;
         ca.issue(&s.path("tls-client"), "client", CLIENT)?;
-        for key in [2000, 2001] {
-            let file = dir.join(format!("{key}.qcow2"));
-            run(Command::new(env!("CARGO_BIN_EXE_sendense-agent"))
-                .args(prepare_args(&file, SIZE, None)))?;
-        }
         let ports = free_ports(base);
         let args = HubServeArgs {
             disks: vec![
@@ -62,11 +59,15 @@ impl Hub {
                     key: 2000,
                     port: ports.0,
                     file: dir.join("2000.qcow2"),
+                    size: SIZE,
+                    backing: None,
                 },
                 ServeDisk {
                     key: 2001,
                     port: ports.1,
                     file: dir.join("2001.qcow2"),
+                    size: SIZE,
+                    backing: backing.clone(),
                 },
             ],
             bind: "127.0.0.1".into(),
@@ -81,13 +82,19 @@ impl Hub {
             .args(args.to_args())
             .stdout(Stdio::null())
             .spawn()?;
-        let hub = Hub {
+        Ok(Hub {
             child,
             root,
             request: s.path("request"),
             result: s.path("result"),
             ports,
-        };
+        })
+    }
+
+    /// `spawn`, then served: both disks answer a TLS handshake.
+    fn start(s: &Scratch, base: u16) -> Result<Hub> {
+        let hub = Hub::spawn(s, base, None)?;
+        let ports = hub.ports;
         // Served once a TLS handshake with the client's certificate completes on each port.
         let mut ping = Command::new(env!("CARGO_BIN_EXE_sendense-agent"));
         ping.arg("nbd-ping")
@@ -231,6 +238,21 @@ async fn the_hub_serves_until_asked_then_commits_what_was_written() -> Result<()
     // Nothing serves the files any more.
     assert_eq!(pids_of_qemu_nbd_serving(&hub.root), Vec::<i32>::new());
     assert!(hub.client(&s, hub.ports.0).await.is_err());
+    Ok(())
+}
+
+#[test]
+fn a_disk_that_cannot_be_prepared_ends_the_hub_naming_it_before_anything_is_served() -> Result<()> {
+    let s = Scratch::new("hub-serve-prepare");
+    let missing = s.path("repo/ns/vm/gone/2001.qcow2");
+    let mut hub = Hub::spawn(&s, 21800, Some(missing))?;
+    let (status, result) = hub.ended()?;
+    assert!(!status.success());
+    assert!(
+        result.contains("preparing disk 2001") && result.contains("gone/2001.qcow2"),
+        "{result}"
+    );
+    assert_eq!(pids_of_qemu_nbd_serving(&hub.root), Vec::<i32>::new());
     Ok(())
 }
 

@@ -408,26 +408,33 @@ impl HubPrepareArgs {
     }
 }
 
-/// One disk a hub serves: `{"key": DEVICE_KEY, "port": PORT, "file": PATH}`.
+/// One disk a hub prepares and serves: `{"key": DEVICE_KEY, "port": PORT, "file": PATH,
+/// "size": BYTES, "backing": PATH}` (`backing` only for an incremental), the file created as
+/// `hub prepare` creates it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeDisk {
     pub key: i32,
     pub port: u16,
     pub file: PathBuf,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 impl std::str::FromStr for ServeDisk {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         serde_json::from_str(s).map_err(|e| {
-            format!(r#"expected {{"key": DEVICE_KEY, "port": PORT, "file": PATH}}: {e}"#)
+            format!(
+                r#"expected {{"key": DEVICE_KEY, "port": PORT, "file": PATH, "size": BYTES, "backing": PATH (optional)}}: {e}"#
+            )
         })
     }
 }
 
-/// `sendense-agent hub serve`: the hub's one container. It serves each disk's QCOW2 with its
-/// own qemu-nbd (TLS only, the attempt's client identity alone) until either a qemu-nbd ends,
+/// `sendense-agent hub serve`: the hub's one container. It creates each disk's QCOW2 (as `hub
+/// prepare` does; a file that exists is never replaced), then serves each with its own qemu-nbd (TLS only, the attempt's client identity alone) until either a qemu-nbd ends,
 /// which fails the hub (its last words go to `--result-file`), or the commit request appears in
 /// `--commit-request` (a file the kubelet fills from the pod's annotation): then every qemu-nbd
 /// is stopped, so nothing can write the files any more, and the attempt is committed in
@@ -435,7 +442,8 @@ impl std::str::FromStr for ServeDisk {
 /// restore point is committed, 1 otherwise.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct HubServeArgs {
-    /// A disk as JSON, `{"key": DEVICE_KEY, "port": PORT, "file": PATH}`; repeated.
+    /// A disk as JSON, `{"key": DEVICE_KEY, "port": PORT, "file": PATH, "size": BYTES,
+    /// "backing": PATH}` (`backing` only for an incremental); repeated.
     #[arg(long = "disk", required = true, value_parser = clap::value_parser!(ServeDisk))]
     pub disks: Vec<ServeDisk>,
     /// The address every export is bound to (the pod's IP).

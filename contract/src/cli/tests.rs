@@ -104,11 +104,15 @@ fn hub_repo_and_ping_arguments_round_trip() {
                 key: 2000,
                 port: 10100,
                 file: "/repository/ns/vm \"x\",y/2000/b.qcow2".into(),
+                size: 8 << 30,
+                backing: Some("/repository/ns/vm \"x\",y/2000/a.qcow2".into()),
             },
             ServeDisk {
                 key: 2001,
                 port: 10101,
                 file: "/repository/ns/vm/2001/a.qcow2".into(),
+                size: 1 << 30,
+                backing: None,
             },
         ],
         bind: "$(POD_IP)".into(),
@@ -123,7 +127,7 @@ fn hub_repo_and_ping_arguments_round_trip() {
         serve.to_args()[2..4],
         [
             "--disk",
-            r#"{"key":2000,"port":10100,"file":"/repository/ns/vm \"x\",y/2000/b.qcow2"}"#
+            r#"{"key":2000,"port":10100,"file":"/repository/ns/vm \"x\",y/2000/b.qcow2","size":8589934592,"backing":"/repository/ns/vm \"x\",y/2000/a.qcow2"}"#
         ]
     );
     assert!(matches!(parse(serve.to_args()), Line::Hub { hub: Hub::Serve(s) } if s == serve));

@@ -80,6 +80,16 @@ impl Caches {
         source_nodes: Vec<SourceNode>,
         repositories: Vec<Repository>,
     ) -> Self {
+        Self::with_jobs(pods, source_nodes, repositories, Vec::new())
+    }
+
+    /// As `with_objects`, with these jobs in the controller's own cache.
+    pub fn with_jobs(
+        pods: Vec<Pod>,
+        source_nodes: Vec<SourceNode>,
+        repositories: Vec<Repository>,
+        jobs: Vec<BackupJob>,
+    ) -> Self {
         fn ready<K>(objects: Vec<K>) -> Store<K>
         where
             K: kube::Resource<DynamicType = ()> + Clone + 'static,
@@ -96,7 +106,7 @@ impl Caches {
             ready(pods),
             ready(source_nodes),
             ready(repositories),
-            ready(Vec::new()),
+            ready(jobs),
         )
         .0
     }

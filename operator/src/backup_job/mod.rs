@@ -148,18 +148,35 @@ fn cached_source_node(job: &BackupJob, ctx: &Context) -> Option<Arc<sendense_crd
     ctx.caches.source_nodes.get(&key)
 }
 
-/// A job already waiting in its SourceNode's queue whose slots the caches show taken: it goes
-/// on waiting without a request (no vCenter login, no list of the jobs).
-fn still_queued(job: &BackupJob, ctx: &Context) -> bool {
-    if !plan::in_queue(job) {
-        return false;
+/// The wait of a job whose SourceNode's slots the caches show taken: it waits (or goes on
+/// waiting) in the queue without a request: no vCenter login, no list of the jobs or restore
+/// points. A job not queued yet is queued so only when its SourceNode and Repository are
+/// Ready in the caches (a job that cannot run for another reason says that reason first). A
+/// cache that trails can only show a slot taken that has since freed: the job ending wakes
+/// the queue, and the dereference under the allocation lock decides with fresh lists.
+fn queued(job: &BackupJob, ctx: &Context) -> Option<Wait> {
+    if job.metadata.deletion_timestamp.is_some() {
+        return None;
     }
-    let Some(sn) = cached_source_node(job, ctx) else {
-        return false;
-    };
+    let sn = cached_source_node(job, ctx)?;
+    if !plan::in_queue(job) {
+        let ns = job.namespace().unwrap_or_default();
+        let repo = ObjectRef::new(&job.spec.repository_ref.name).within(&ns);
+        let ready = |c: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>| {
+            sendense_crds::conditions::is_true(c.unwrap_or_default(), "Ready")
+        };
+        let repo_ready = ctx
+            .caches
+            .repositories
+            .get(&repo)
+            .is_some_and(|r| ready(r.status.as_ref().map(|s| s.conditions.as_slice())));
+        if !repo_ready || !ready(sn.status.as_ref().map(|s| s.conditions.as_slice())) {
+            return None;
+        }
+    }
     let jobs = same_source_node(job, ctx);
     let jobs: Vec<&BackupJob> = jobs.iter().map(AsRef::as_ref).collect();
-    plan::slot_wait(job, &sn, &jobs).is_some()
+    plan::slot_wait(job, &sn, &jobs)
 }
 
 /// The job ended: its slot is free, so the jobs first in its SourceNode's queue are reconciled
@@ -192,7 +209,17 @@ fn wake_queue(job: &BackupJob, ctx: &Context) {
 
 /// Pending: dereference, plan, and the plan (or the reason to wait) into status.
 async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
-    if still_queued(job, ctx) {
+    if let Some(wait) = queued(job, ctx) {
+        if !plan::in_queue(job) {
+            let mut u = status::JobUpdate::new(job);
+            status::waiting(&mut u, &wait);
+            status::write(u, ctx)
+                .await
+                .map_err(|source| Error::Status {
+                    job: job.name_any(),
+                    source,
+                })?;
+        }
         return Ok(Action::requeue(QUEUE_RECHECK));
     }
     let name = job.name_any();

@@ -6,7 +6,9 @@
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use sendense_agent::cli::{Cli, Command, HubCommand, RepoCommand};
-use sendense_contract::cli::{AGENT_BINARY, BackupArgs, BaseChangeId, DiskTarget, Transport};
+use sendense_contract::cli::{
+    AGENT_BINARY, BackupArgs, BaseChangeId, DiskTarget, PrepareDisk, Transport,
+};
 use sendense_crds::SourceNode;
 use serde_json::json;
 
@@ -139,18 +141,21 @@ fn hub_probe_and_cleanup_command_lines_parse_into_what_the_operator_built() {
         &images(),
     );
     let lines = command_lines(&hub);
-    // One prepare for every disk, one container serving them all, its startup probe pinging
-    // every export.
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    // One container creating and serving every disk, its startup probe pinging every export.
+    assert_eq!(lines.len(), 2, "{lines:?}");
     let (mut prepared, mut pinged, mut served) = (Vec::new(), Vec::new(), Vec::new());
     for argv in &lines {
         match parse(argv) {
             Command::Hub {
-                command: HubCommand::Prepare(p),
-            } => prepared.extend(p.disks),
-            Command::Hub {
                 command: HubCommand::Serve(s),
-            } => served.extend(s.disks.into_iter().map(|d| (d.key, d.port, d.file))),
+            } => {
+                prepared.extend(s.disks.iter().map(|d| PrepareDisk {
+                    file: d.file.clone(),
+                    size: d.size,
+                    backing: d.backing.clone(),
+                }));
+                served.extend(s.disks.into_iter().map(|d| (d.key, d.port, d.file)))
+            }
             Command::NbdPing(p) => {
                 assert_eq!(
                     p.tls_dir.as_deref(),

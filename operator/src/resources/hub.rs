@@ -1,6 +1,6 @@
-//! The hub of one BackupJob: a Pod whose init container prepares each disk's QCOW2 (layered on
-//! the parent for incrementals) and whose one container serves each file with qemu-nbd on the
-//! job's allocated port, then, asked by the operator once the agent has succeeded, stops
+//! The hub of one BackupJob: a Pod whose one container creates each disk's QCOW2 (layered on
+//! the parent for incrementals), serves each file with qemu-nbd on the job's allocated port,
+//! then, asked by the operator once the agent has succeeded, stops
 //! serving and commits the files as a restore point (in place of a commit pod: one pod less
 //! per job for the kubelet and the API server). No Service: the agent dials the pod's IP (the hub lives as long as one
 //! attempt, and a Service would only add endpoint updates for every change of the pod).
@@ -15,9 +15,7 @@ use crate::nbd_tls;
 
 use super::layout::{REPOSITORY_MOUNT, agent_container, mounted, volume_pod_spec};
 use super::{PodSettings, TERMINATION_LOG, harden, hub_name, labels, owned_meta};
-use sendense_contract::cli::{
-    AGENT_BINARY, HubPrepareArgs, HubServeArgs, NbdPingArgs, PrepareDisk, ServeDisk,
-};
+use sendense_contract::cli::{AGENT_BINARY, HubServeArgs, NbdPingArgs, ServeDisk};
 
 /// Clients qemu-nbd serves at once: the agent opens several connections per disk, and with
 /// qemu-nbd's default of 1 the second one waits forever.
@@ -36,22 +34,6 @@ pub struct HubDisk {
     pub file: String,
     pub size: u64,
     pub backing: Option<String>,
-}
-
-/// One init container prepares every disk (each container costs the kubelet its own Events,
-/// status writes and volume checks; there is nothing to run in parallel).
-fn prepare(disks: &[HubDisk], images: &PodSettings) -> Container {
-    let args = HubPrepareArgs {
-        disks: disks
-            .iter()
-            .map(|d| PrepareDisk {
-                file: mounted(&d.file),
-                size: d.size,
-                backing: d.backing.as_deref().map(mounted),
-            })
-            .collect(),
-    };
-    agent_container("prepare".to_owned(), args.to_args(), images)
 }
 
 /// The hub's side of the attempt's TLS: the job's Secret and the one client identity its
@@ -79,9 +61,10 @@ pub const COMMIT_ANNOTATION: &str = "sendense.io/commit";
 const COMMIT_DIR: &str = "/etc/sendense/commit";
 const COMMIT_FILE: &str = "request";
 
-/// The hub's one container: `hub serve` runs one qemu-nbd per disk on the disk's port (each
-/// container costs the kubelet its own Events, status writes and probes), and commits the
-/// attempt when the commit request appears, its result as the termination message.
+/// The hub's one container: `hub serve` creates the disks' files, runs one qemu-nbd per disk on
+/// the disk's port and commits the attempt when the commit request appears, its result (or why
+/// it stopped) as the termination message. One container, no init container: each costs the
+/// kubelet its own Events, status writes and probes.
 fn serve(disks: &[HubDisk], tls: &HubTls, images: &PodSettings) -> Container {
     let args = HubServeArgs {
         disks: disks
@@ -90,6 +73,8 @@ fn serve(disks: &[HubDisk], tls: &HubTls, images: &PodSettings) -> Container {
                 key: d.key,
                 port: d.port as u16,
                 file: mounted(&d.file),
+                size: d.size,
+                backing: d.backing.as_deref().map(mounted),
             })
             .collect(),
         // The exports are bound to the pod IP, not 0.0.0.0.
@@ -205,7 +190,6 @@ pub fn hub_pod(
     harden(Pod {
         metadata: owned_meta(job, hub_name(job), labels(job, "hub")),
         spec: Some(PodSpec {
-            init_containers: Some(vec![prepare(disks, images)]),
             containers: vec![serve(disks, tls, images)],
             // A hub that stops serving before the commit fails the attempt; the next attempt
             // gets a new hub.

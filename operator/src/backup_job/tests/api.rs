@@ -186,6 +186,72 @@ async fn a_cached_ready_source_node_is_not_read_and_a_cached_unready_repository_
     reconciled(run).await;
 }
 
+/// A new job whose SourceNode's slots the caches show taken (its SourceNode and Repository
+/// Ready there) is queued without a request but its status write: no vCenter login, no list of
+/// the jobs or restore points; queued, it waits without any.
+#[tokio::test]
+async fn a_new_job_finding_its_source_nodes_slots_taken_is_queued_from_the_caches() {
+    use crate::fixtures::{Fixture, TestObject};
+    use sendense_crds::{Repository, SourceNode};
+    let ready = json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Connected",
+        "message": "", "lastTransitionTime": "2026-11-28T00:00:00Z"}]});
+    let sn = SourceNode::test()
+        .edit(|v| v["spec"]["limits"] = json!({"maxConcurrentJobs": 1}))
+        .with_status(ready.clone());
+    let repo = Repository::test().with_status(ready);
+    let running = BackupJob::test()
+        .named("web-02-b1")
+        .with_status(json!({"phase": "Running"}));
+    let j = job(json!({}));
+    let caches = || {
+        crate::backup_job::Caches::with_jobs(
+            Vec::new(),
+            vec![sn.clone()],
+            vec![repo.clone()],
+            vec![running.clone()],
+        )
+    };
+    let (ctx, mut h) = context_with(caches());
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
+    let patch = expect_status_patch(&mut h, &j).await;
+    let c = cond(&patch, "Running");
+    assert_eq!(c["reason"], "SourceNodeLimit");
+    expect(&mut h, "POST", EVENTS, 201, json!({})).await;
+    let action = reconciled(run).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+
+    // Queued: its next look asks nothing.
+    let queued = job(patch["status"].clone());
+    let (ctx, mut h) = context_with(caches());
+    let run = tokio::spawn(reconcile(Arc::new(queued), ctx));
+    reconciled(run).await;
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_millis(200), h.next_request()).await,
+        Err(_) | Ok(None)
+    ));
+
+    // Its Repository not Ready in the cache: the job goes the whole way, and says why.
+    let (ctx, mut h) = context_with(crate::backup_job::Caches::with_jobs(
+        Vec::new(),
+        vec![sn.clone()],
+        vec![Repository::test()],
+        vec![running.clone()],
+    ));
+    let run = tokio::spawn(reconcile(Arc::new(j.clone()), ctx));
+    expect(
+        &mut h,
+        "GET",
+        "/apis/sendense.io/v1alpha1/namespaces/backups/repositories/primary",
+        404,
+        not_found(),
+    )
+    .await;
+    let patch = expect_status_patch(&mut h, &j).await;
+    assert_eq!(cond(&patch, "Running")["reason"], "RepositoryNotFound");
+    expect(&mut h, "POST", EVENTS, 201, json!({})).await;
+    reconciled(run).await;
+}
+
 /// A planned job of one disk, at version 7, without pods yet.
 fn planned_job() -> BackupJob {
     let mut j = job(json!({"phase": "Running", "attempts": 1, "disks": [
