@@ -40,8 +40,6 @@ pub struct Caches {
     polled: Mutex<HashMap<String, Instant>>,
     cleaned: Mutex<HashSet<String>>,
     once: Mutex<HashSet<String>>,
-    /// Per job: the resourceVersion its last status write by this process made.
-    written: Mutex<HashMap<String, String>>,
 }
 
 impl Caches {
@@ -62,7 +60,6 @@ impl Caches {
             polled: Mutex::default(),
             cleaned: Mutex::default(),
             once: Mutex::default(),
-            written: Mutex::default(),
         };
         (caches, woken)
     }
@@ -187,26 +184,9 @@ impl Caches {
         self.once.lock().expect("lock").insert(key)
     }
 
-    /// Notes the resourceVersion this process's status write of the job made.
-    pub fn wrote(&self, job: &BackupJob, version: String) {
-        let key = job.uid().unwrap_or_else(|| job.name_any());
-        self.written.lock().expect("lock").insert(key, version);
-    }
-
-    /// True when this copy of the job is the one this process's last status write of it made:
-    /// nothing this process wrote since is missing from it (what `run::stale` asks the API
-    /// server otherwise).
-    pub fn is_own_last_write(&self, job: &BackupJob) -> bool {
-        let key = job.uid().unwrap_or_else(|| job.name_any());
-        let written = self.written.lock().expect("lock");
-        job.resource_version()
-            .is_some_and(|v| written.get(&key) == Some(&v))
-    }
-
     pub fn mark_cleaned(&self, job: &BackupJob) {
         let key = job.uid().unwrap_or_else(|| job.name_any());
         self.polled.lock().expect("lock").remove(&key);
-        self.written.lock().expect("lock").remove(&key);
         let mut cleaned = self.cleaned.lock().expect("lock");
         cleaned.insert(key);
         if cleaned.len() > FORGET_ABOVE {
@@ -228,7 +208,6 @@ impl Caches {
         self.cleaned.lock().expect("lock").retain(|k| of_live(k));
         self.once.lock().expect("lock").retain(|k| of_live(k));
         self.polled.lock().expect("lock").retain(|k, _| of_live(k));
-        self.written.lock().expect("lock").retain(|k, _| of_live(k));
     }
 }
 
@@ -250,14 +229,6 @@ mod tests {
         let c = Caches::with_pods(vec![pod("web-01-b2-hub")]);
         assert!(c.pod("backups", "web-01-b2-hub").is_some());
         assert!(c.pod("backups", "web-01-b2-agent").is_none());
-        // The version this process's last status write made, and only that, is its own.
-        let mut at = job.clone();
-        at.metadata.resource_version = Some("7".into());
-        assert!(!c.is_own_last_write(&at));
-        c.wrote(&at, "7".into());
-        assert!(c.is_own_last_write(&at));
-        c.wrote(&at, "8".into());
-        assert!(!c.is_own_last_write(&at));
         // A progress poll, then none until the pace allows.
         assert!(c.poll_due(&job, Duration::from_secs(60)));
         assert!(!c.poll_due(&job, Duration::from_secs(60)));

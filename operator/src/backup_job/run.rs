@@ -81,11 +81,6 @@ pub(super) async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Opti
 /// The job this reconcile read is older than the API server's (see `children::is_current`):
 /// no pod is created from it.
 pub(super) async fn stale(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
-    // The copy this process's own last status write made needs no read: only another writer
-    // can have changed it since, and what the check guards against is this process's writes.
-    if ctx.caches.is_own_last_write(job) {
-        return Ok(false);
-    }
     Ok(!is_current(&ctx.client, job).await.map_err(Error::Pods)?)
 }
 

@@ -331,11 +331,7 @@ pub fn failed(
 /// reason changed), bytes copied or a new attempt is progress: `lastProgressTime` moves.
 pub async fn write(mut u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
     mark_progress(&mut u);
-    let job = u.object();
-    if let Some(version) = u.write_versioned(&ctx.client, &ctx.recorder).await? {
-        ctx.caches.wrote(job, version);
-    }
-    Ok(())
+    u.write(&ctx.client, &ctx.recorder).await
 }
 
 pub fn mark_progress(u: &mut JobUpdate) {
