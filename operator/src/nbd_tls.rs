@@ -269,13 +269,21 @@ fn ca_of(secret: &Secret) -> Option<Ca> {
 
 /// The CA to issue with at `now`: the one in Secret `namespace/name`, or a new one stored
 /// there when the Secret is missing, unusable or due for rotation. Two operators racing to
-/// create it meet at the API server: the loser uses the winner's.
+/// create it meet at the API server: the loser uses the winner's. `watched`: the Secret as
+/// the operator's watch of it shows it; used without a read when it holds a CA not due for
+/// rotation (anything else is decided on the API server's copy).
 pub async fn current_ca(
     client: &Client,
     namespace: &str,
     name: &str,
     now: OffsetDateTime,
+    watched: Option<&Secret>,
 ) -> Result<Ca, TlsError> {
+    if let Some(ca) = watched.and_then(ca_of)
+        && !ca.due_for_rotation(now)
+    {
+        return Ok(ca);
+    }
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let err = |source| TlsError::Secret {
         namespace: namespace.to_owned(),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
@@ -153,6 +153,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let job_store = jobs.store();
     let (caches, woken) =
         backup_job::Caches::new(pod_cache, sn_cache, repo_cache, job_store.clone());
+    // The NBD CA's Secret, watched by name (list and watch on that one name): each attempt's
+    // certificates are issued without reading it.
+    let (nbd_ca, ca_writer) = reflector::store::<Secret>();
+    let ca_watch = watcher(
+        Api::<Secret>::namespaced(client.clone(), &settings.lease_namespace()),
+        all().fields(&format!("metadata.name={}", settings.nbd_ca_secret)),
+    )
+    .default_backoff()
+    .reflect(ca_writer)
+    .for_each(|e| async move {
+        if let Err(e) = e {
+            tracing::warn!(error = %e, "watching the NBD CA Secret (it is read per attempt meanwhile)");
+        }
+    });
+    let ca_watch = tokio::spawn(ca_watch);
     let job_ctx = Arc::new(backup_job::Context {
         client: client.clone(),
         recorder,
@@ -161,6 +176,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         vcenter_timeout: VCENTER_TIMEOUT,
         lease_namespace: settings.lease_namespace(),
         nbd_ca_secret: settings.nbd_ca_secret.clone(),
+        nbd_ca: Some(nbd_ca),
         allocation: tokio::sync::Mutex::new(()),
         caches,
     });
@@ -262,6 +278,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     ready.store(true, Ordering::Relaxed);
     tokio::join!(sources, repos, jobs, restores, schedules);
     gauges.abort();
+    ca_watch.abort();
     tracing::info!("sendense-operator stopped");
     Ok(())
 }

@@ -114,8 +114,18 @@ impl<'a, K: Reported> StatusUpdate<'a, K> {
 
     /// Applies the status when it changed, then publishes the Events of changed conditions.
     pub async fn write(self, client: &Client, recorder: &Recorder) -> Result<(), ApiError> {
+        self.write_versioned(client, recorder).await.map(|_| ())
+    }
+
+    /// As `write`: the object's resourceVersion the write made (None: nothing changed, nothing
+    /// was written).
+    pub async fn write_versioned(
+        self,
+        client: &Client,
+        recorder: &Recorder,
+    ) -> Result<Option<String>, ApiError> {
         if self.is_unchanged() {
-            return Ok(());
+            return Ok(None);
         }
         let ns = self.object.namespace().unwrap_or_default();
         let name = self.object.name_any();
@@ -124,7 +134,7 @@ impl<'a, K: Reported> StatusUpdate<'a, K> {
             "kind": K::kind(&()),
             "status": self.status,
         });
-        Api::<K>::namespaced(client.clone(), &ns)
+        let written = Api::<K>::namespaced(client.clone(), &ns)
             .patch_status(
                 &name,
                 &PatchParams::apply(MANAGER).force(),
@@ -154,7 +164,7 @@ impl<'a, K: Reported> StatusUpdate<'a, K> {
                 tracing::warn!(object = %self.object.name_any(), "publishing event {}: {e}", c.reason);
             }
         }
-        Ok(())
+        Ok(written.meta().resource_version.clone())
     }
 }
 

@@ -10,6 +10,12 @@
 //! There is no renewal and no expiry: a holder's liveness is its job object, which the API
 //! server keeps, not a clock, so an operator that is down for a while loses nothing and a
 //! slow job keeps its VM.
+//!
+//! The usual case costs one request each way: the Lease is created without a read first, and
+//! the holder that created it deletes it on the version its create made.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -98,13 +104,27 @@ pub async fn acquire(
             ..Default::default()
         }),
     };
-    let Some(existing) = get::<Lease>(client, namespace, name).await? else {
-        return match api.create(&PostParams::default(), &fresh()).await {
-            Ok(_) => Ok(Ok(())),
-            // Another job took it between the read and the create: the next look says who.
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(HeldBy("another job".into()))),
-            Err(e) => Err(ApiError::new::<Lease>(Verb::Create, namespace, name, e)),
-        };
+    // Created at once when there is none (a VM's Lease goes when its job ends, so this is the
+    // usual case: one request); else read, and taken over when its holder has ended.
+    let mut tries = 0;
+    let existing = loop {
+        tries += 1;
+        match api.create(&PostParams::default(), &fresh()).await {
+            Ok(created) => {
+                remember(namespace, name, &me, created.resource_version());
+                return Ok(Ok(()));
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(ApiError::new::<Lease>(Verb::Create, namespace, name, e)),
+        }
+        if let Some(existing) = get::<Lease>(client, namespace, name).await? {
+            break existing;
+        }
+        // Released between the create and the read: created again, twice at most (other
+        // jobs taking and releasing it as fast: the next look).
+        if tries == 3 {
+            return Ok(Err(HeldBy("another job".into())));
+        }
     };
     let current = existing
         .spec
@@ -155,6 +175,22 @@ async fn running_holder(client: &Client, holder: &str) -> Result<Option<String>,
     Ok((job_uid.as_deref() == Some(uid) && !ended).then(|| format!("{kind} {ns}/{name}")))
 }
 
+/// Leases this process created, by namespace, name and holder: the resourceVersion the create
+/// made. Nothing changes a held Lease (no renewal), so a delete on that version removes the
+/// holder's own Lease without reading it first; a Lease taken over since has another version
+/// and is not removed. A restarted operator has none of this and reads the Lease.
+/// Namespace, name, holder.
+type LeaseKey = (String, String, String);
+
+static CREATED: LazyLock<Mutex<HashMap<LeaseKey, String>>> = LazyLock::new(Mutex::default);
+
+fn remember(namespace: &str, name: &str, me: &str, version: Option<String>) {
+    if let Some(v) = version {
+        let key = (namespace.to_owned(), name.to_owned(), me.to_owned());
+        CREATED.lock().expect("lock").insert(key, v);
+    }
+}
+
 /// Releases the Lease when the job `me` holds it (a Lease taken over by another job stays).
 pub async fn release(
     client: &Client,
@@ -162,6 +198,26 @@ pub async fn release(
     name: &str,
     me: &str,
 ) -> Result<(), ApiError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let key = (namespace.to_owned(), name.to_owned(), me.to_owned());
+    let created = CREATED.lock().expect("lock").remove(&key);
+    if let Some(version) = created {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(version),
+                uid: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(name, &params).await {
+            // Removed, or already gone.
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            // Changed since this process created it: read below.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(ApiError::new::<Lease>(Verb::Delete, namespace, name, e)),
+        }
+    }
     let Some(existing) = get::<Lease>(client, namespace, name).await? else {
         return Ok(());
     };
@@ -172,7 +228,6 @@ pub async fn release(
     if current != Some(me) {
         return Ok(());
     }
-    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             resource_version: existing.metadata.resource_version.clone(),

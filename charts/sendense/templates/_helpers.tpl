@@ -214,11 +214,12 @@ release namespace of an all-namespaces install (SENDENSE_LEASE_NAMESPACE), else 
   resources: ["leases"]
   verbs: ["get", "create", "update", "delete"]
 # The NBD CA (its certificate and key), read and replaced (update) when it nears its end or is
-# unusable: this Secret only.
+# unusable, and watched (list and watch with a metadata.name field selector) so each job's
+# certificates are issued without reading it: this Secret only.
 - apiGroups: [""]
   resources: ["secrets"]
   resourceNames: ["sendense-nbd-ca"]
-  verbs: ["get", "update"]
+  verbs: ["get", "update", "list", "watch"]
 # ... and created at first use: Kubernetes cannot limit create by name, so this allows creating
 # any Secret in this namespace (not reading, changing or deleting one).
 - apiGroups: [""]

@@ -7,10 +7,15 @@
 //! A cache only ever saves a request: a pod the cache does not hold is read from the API server
 //! before anything is created or concluded from its absence, a SourceNode or Repository is
 //! taken from the cache only when it is there and Ready (a job never waits on the cache's word),
-//! and the allocation of ports still reads the jobs fresh under the allocation lock.
+//! and the allocation of ports still reads the jobs fresh under the allocation lock. A
+//! Repository or SourceNode a running attempt needs is taken from the cache when it is there
+//! (its spec only); an attempt fails for its absence only on the API server's word. Jobs past
+//! the queue's cache check and not yet planned hold their slot in this process's memory
+//! (`admit`), so a burst of new jobs does not log in to vCenter and list the namespace once
+//! for every job only to be queued by the fresh lists.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
@@ -40,6 +45,46 @@ pub struct Caches {
     polled: Mutex<HashMap<String, Instant>>,
     cleaned: Mutex<HashSet<String>>,
     once: Mutex<HashSet<String>>,
+    /// Per job: the resourceVersion its last status write by this process made.
+    written: Mutex<HashMap<String, String>>,
+    /// Jobs past the queue's cache check, by UID: the job and its SourceNode (`admit`).
+    admitted: Mutex<HashMap<String, AdmittedJob>>,
+}
+
+/// An admitted job and its SourceNode.
+type AdmittedJob = (ObjectRef<BackupJob>, ObjectRef<SourceNode>);
+
+/// A job's place among the jobs admitted past the queue (`Caches::admit`): given up when
+/// dropped, unless the job's plan was written (`planned`), in which case it is held until the
+/// cache shows the plan.
+pub struct Admission<'a> {
+    caches: &'a Caches,
+    uid: String,
+    planned: bool,
+}
+
+impl Admission<'_> {
+    /// The job's plan is written: its slot is held until the cache shows the job planned.
+    pub fn planned(mut self) {
+        self.planned = true;
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.planned {
+            self.caches.admitted.lock().expect("lock").remove(&self.uid);
+        }
+    }
+}
+
+/// Not planned yet: the cache shows the job without a phase or Pending.
+fn unplanned(job: &BackupJob) -> bool {
+    use sendense_crds::backup_job::Phase;
+    matches!(
+        job.status.as_ref().and_then(|s| s.phase),
+        None | Some(Phase::Pending)
+    )
 }
 
 impl Caches {
@@ -60,6 +105,8 @@ impl Caches {
             polled: Mutex::default(),
             cleaned: Mutex::default(),
             once: Mutex::default(),
+            written: Mutex::default(),
+            admitted: Mutex::default(),
         };
         (caches, woken)
     }
@@ -118,6 +165,16 @@ impl Caches {
     pub fn pods_listed(&self) -> bool {
         use futures::FutureExt;
         matches!(self.pods.wait_until_ready().now_or_never(), Some(Ok(())))
+    }
+
+    /// A SourceNode, if the cache holds it.
+    pub fn source_node(&self, ns: &str, name: &str) -> Option<Arc<SourceNode>> {
+        self.source_nodes.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// A Repository, if the cache holds it.
+    pub fn repository(&self, ns: &str, name: &str) -> Option<Arc<Repository>> {
+        self.repositories.get(&ObjectRef::new(name).within(ns))
     }
 
     /// A pod, if the cache holds it.
@@ -184,9 +241,60 @@ impl Caches {
         self.once.lock().expect("lock").insert(key)
     }
 
+    /// Admits `job` (of SourceNode `sn`) past the queue unless the slots are taken: `wait` is
+    /// asked with the number of other jobs of `sn` this process admitted whose plan the cache
+    /// does not show yet (each of those holds a slot the cache cannot see). Checked and noted
+    /// under one lock, so concurrent reconciles of a burst of new jobs do not all pass.
+    pub fn admit<W>(
+        &self,
+        job: &BackupJob,
+        sn: &SourceNode,
+        wait: impl FnOnce(usize) -> Option<W>,
+    ) -> Result<Admission<'_>, W> {
+        let uid = job.uid().unwrap_or_else(|| job.name_any());
+        let sn_ref = ObjectRef::from_obj(sn);
+        let mut admitted = self.admitted.lock().expect("lock");
+        // Planned (the cache shows it) or gone: no longer held here.
+        admitted.retain(|u, (j, _)| {
+            self.jobs
+                .get(j)
+                .is_some_and(|j| j.uid().as_deref() == Some(u.as_str()) && unplanned(&j))
+        });
+        let others = admitted
+            .iter()
+            .filter(|(u, (_, s))| *u != &uid && *s == sn_ref)
+            .count();
+        if let Some(w) = wait(others) {
+            return Err(w);
+        }
+        admitted.insert(uid.clone(), (ObjectRef::from_obj(job), sn_ref));
+        Ok(Admission {
+            caches: self,
+            uid,
+            planned: false,
+        })
+    }
+
+    /// Notes the resourceVersion this process's status write of the job made.
+    pub fn wrote(&self, job: &BackupJob, version: String) {
+        let key = job.uid().unwrap_or_else(|| job.name_any());
+        self.written.lock().expect("lock").insert(key, version);
+    }
+
+    /// True when this copy of the job is the one this process's last status write of it made:
+    /// nothing this process wrote since is missing from it (what `run::stale` asks the API
+    /// server otherwise).
+    pub fn is_own_last_write(&self, job: &BackupJob) -> bool {
+        let key = job.uid().unwrap_or_else(|| job.name_any());
+        let written = self.written.lock().expect("lock");
+        job.resource_version()
+            .is_some_and(|v| written.get(&key) == Some(&v))
+    }
+
     pub fn mark_cleaned(&self, job: &BackupJob) {
         let key = job.uid().unwrap_or_else(|| job.name_any());
         self.polled.lock().expect("lock").remove(&key);
+        self.written.lock().expect("lock").remove(&key);
         let mut cleaned = self.cleaned.lock().expect("lock");
         cleaned.insert(key);
         if cleaned.len() > FORGET_ABOVE {
@@ -208,6 +316,7 @@ impl Caches {
         self.cleaned.lock().expect("lock").retain(|k| of_live(k));
         self.once.lock().expect("lock").retain(|k| of_live(k));
         self.polled.lock().expect("lock").retain(|k, _| of_live(k));
+        self.written.lock().expect("lock").retain(|k, _| of_live(k));
     }
 }
 
@@ -229,6 +338,14 @@ mod tests {
         let c = Caches::with_pods(vec![pod("web-01-b2-hub")]);
         assert!(c.pod("backups", "web-01-b2-hub").is_some());
         assert!(c.pod("backups", "web-01-b2-agent").is_none());
+        // The version this process's last status write made, and only that, is its own.
+        let mut at = job.clone();
+        at.metadata.resource_version = Some("7".into());
+        assert!(!c.is_own_last_write(&at));
+        c.wrote(&at, "7".into());
+        assert!(c.is_own_last_write(&at));
+        c.wrote(&at, "8".into());
+        assert!(!c.is_own_last_write(&at));
         // A progress poll, then none until the pace allows.
         assert!(c.poll_due(&job, Duration::from_secs(60)));
         assert!(!c.poll_due(&job, Duration::from_secs(60)));
@@ -258,5 +375,56 @@ mod tests {
         assert!(!c.account_known("backups", "sendense-hub"));
         c.account_ensured("backups", "sendense-hub");
         assert!(c.account_known("backups", "sendense-hub"));
+    }
+
+    /// A job of the fixture's SourceNode, with its own name and UID.
+    fn job(name: &str, status: serde_json::Value) -> BackupJob {
+        let mut j = BackupJob::test().named(name).with_status(status);
+        j.metadata.uid = Some(format!("uid-{name}"));
+        j
+    }
+
+    #[test]
+    fn admitted_jobs_hold_their_slots_until_the_cache_shows_them_planned() {
+        let sn = SourceNode::test();
+        let new = json!({});
+        let running = json!({"phase": "Running"});
+        let jobs = vec![
+            job("a", new.clone()),
+            job("b", new.clone()),
+            job("c", new.clone()),
+            job("d", running),
+        ];
+        let c = Caches::with_jobs(Vec::new(), vec![sn.clone()], Vec::new(), jobs.clone());
+        // Two slots (the closure stands for plan::slot_wait on an otherwise empty cache).
+        let two = |n: usize| (n >= 2).then_some(n);
+        let a = c.admit(&jobs[0], &sn, two).expect("a passes");
+        let b = c.admit(&jobs[1], &sn, two).expect("b passes beside a");
+        assert_eq!(
+            c.admit(&jobs[2], &sn, two).err(),
+            Some(2),
+            "a and b hold both"
+        );
+        // A job asking again does not count itself.
+        drop(
+            c.admit(&jobs[0], &sn, |n| (n >= 2).then_some(n))
+                .expect("a again"),
+        );
+        // `a` again dropped its place: b alone holds one.
+        assert_eq!(c.admit(&jobs[2], &sn, Some).err(), Some(1));
+        drop(a);
+        // b waits for something else (its place goes); c passes and its plan is written.
+        drop(b);
+        let c_adm = c.admit(&jobs[2], &sn, two).expect("c passes");
+        c_adm.planned();
+        // Its plan is not in the cache (Pending there): it still holds its slot.
+        assert_eq!(c.admit(&jobs[0], &sn, Some).err(), Some(1));
+        // A job the cache shows planned holds none here (the cache counts it).
+        let d = c.admit(&jobs[3], &sn, two).expect("d");
+        d.planned();
+        assert_eq!(c.admit(&jobs[0], &sn, Some).err(), Some(1), "c only");
+        // Another SourceNode's jobs are not counted.
+        let other = SourceNode::test().named("other");
+        assert_eq!(c.admit(&jobs[1], &other, Some).err(), Some(0));
     }
 }

@@ -97,7 +97,7 @@ pub async fn deleted(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         if finish::agent_stopping(job, ctx).await? {
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
-        let (snapshot, message) = finish::confirm_snapshot_removed(job, ctx, None).await;
+        let (snapshot, message) = super::snapshot::confirm_snapshot_removed(job, ctx, None).await;
         tracing::info!(job = %job.name_any(), ?snapshot, "deleted while it ran: {message}");
         // Every attempt's directory, none of which committed (a manifest already written
         // makes `hub remove` refuse its directory: the repository probe then lists it).

@@ -19,6 +19,9 @@ pub struct Context {
     pub lease_namespace: String,
     /// The Secret (in `lease_namespace`, the operator's own) holding the NBD CA.
     pub nbd_ca_secret: String,
+    /// That Secret as its watch (by name) last showed it: the CA is not read per attempt.
+    /// None, or not holding it: read from the API server.
+    pub nbd_ca: Option<kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Secret>>,
     /// Serializes port allocation in this process. Across processes and restarts the truth is
     /// the jobs' status, read fresh from the API server under this lock and written before it
     /// is released.

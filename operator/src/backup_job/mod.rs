@@ -54,10 +54,12 @@ mod outcome;
 mod plan;
 mod pod_inputs;
 mod run;
+mod snapshot;
 mod status;
 #[cfg(test)]
 mod tests;
 
+use caches::Admission;
 pub use caches::Caches;
 pub use context::Context;
 
@@ -153,30 +155,38 @@ fn cached_source_node(job: &BackupJob, ctx: &Context) -> Option<Arc<sendense_crd
 /// points. A job not queued yet is queued so only when its SourceNode and Repository are
 /// Ready in the caches (a job that cannot run for another reason says that reason first). A
 /// cache that trails can only show a slot taken that has since freed: the job ending wakes
-/// the queue, and the dereference under the allocation lock decides with fresh lists.
-fn queued(job: &BackupJob, ctx: &Context) -> Option<Wait> {
+/// the queue, and the dereference under the allocation lock decides with fresh lists. A job
+/// the caches let pass is admitted (`Caches::admit`): it holds its slot in this process until
+/// its plan is in the cache, so a burst of new jobs is queued here, not after a vCenter login
+/// and the lists each. A cache that trails can also hide a job running: then the fresh lists
+/// queue the job all the same (as before the admission).
+fn queued<'c>(job: &BackupJob, ctx: &'c Context) -> Result<Option<Admission<'c>>, Wait> {
     if job.metadata.deletion_timestamp.is_some() {
-        return None;
+        return Ok(None);
     }
-    let sn = cached_source_node(job, ctx)?;
+    let Some(sn) = cached_source_node(job, ctx) else {
+        return Ok(None);
+    };
     if !plan::in_queue(job) {
         let ns = job.namespace().unwrap_or_default();
-        let repo = ObjectRef::new(&job.spec.repository_ref.name).within(&ns);
         let ready = |c: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>| {
             sendense_crds::conditions::is_true(c.unwrap_or_default(), "Ready")
         };
         let repo_ready = ctx
             .caches
-            .repositories
-            .get(&repo)
+            .repository(&ns, &job.spec.repository_ref.name)
             .is_some_and(|r| ready(r.status.as_ref().map(|s| s.conditions.as_slice())));
         if !repo_ready || !ready(sn.status.as_ref().map(|s| s.conditions.as_slice())) {
-            return None;
+            return Ok(None);
         }
     }
     let jobs = same_source_node(job, ctx);
     let jobs: Vec<&BackupJob> = jobs.iter().map(AsRef::as_ref).collect();
-    plan::slot_wait(job, &sn, &jobs)
+    ctx.caches
+        .admit(job, &sn, |in_flight| {
+            plan::slot_wait(job, &sn, &jobs, in_flight)
+        })
+        .map(Some)
 }
 
 /// The job ended: its slot is free, so the jobs first in its SourceNode's queue are reconciled
@@ -209,19 +219,22 @@ fn wake_queue(job: &BackupJob, ctx: &Context) {
 
 /// Pending: dereference, plan, and the plan (or the reason to wait) into status.
 async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
-    if let Some(wait) = queued(job, ctx) {
-        if !plan::in_queue(job) {
-            let mut u = status::JobUpdate::new(job);
-            status::waiting(&mut u, &wait);
-            status::write(u, ctx)
-                .await
-                .map_err(|source| Error::Status {
-                    job: job.name_any(),
-                    source,
-                })?;
+    let admission = match queued(job, ctx) {
+        Ok(admission) => admission,
+        Err(wait) => {
+            if !plan::in_queue(job) {
+                let mut u = status::JobUpdate::new(job);
+                status::waiting(&mut u, &wait);
+                status::write(u, ctx)
+                    .await
+                    .map_err(|source| Error::Status {
+                        job: job.name_any(),
+                        source,
+                    })?;
+            }
+            return Ok(Action::requeue(QUEUE_RECHECK));
         }
-        return Ok(Action::requeue(QUEUE_RECHECK));
-    }
+    };
     let name = job.name_any();
     let dereferenced =
         dereference::dereference(ctx, job)
@@ -293,6 +306,9 @@ async fn start(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
                 status::write(u, ctx)
                     .await
                     .map_err(|source| Error::Status { job: name, source })?;
+                if let Some(a) = admission {
+                    a.planned();
+                }
                 ctx.metrics.backups_started.inc();
                 ctx.metrics
                     .known_vm(&job.namespace().unwrap_or_default(), &vm);

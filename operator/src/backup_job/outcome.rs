@@ -241,15 +241,16 @@ impl ConditionReason for Running {
             Self::Failed => "Failed",
         }
     }
+    /// A Normal Event when an attempt starts (its hub) and when it commits; the steps between
+    /// (the agent starting, the copy) are in the condition and `status.progress` only: an
+    /// Event each would be two more API writes per job for what the condition already says.
     fn event_type(&self) -> Option<EventType> {
         match self {
-            Self::HubStarting | Self::AgentStarting | Self::Copying | Self::Committing => {
-                Some(EventType::Normal)
-            }
+            Self::HubStarting | Self::Committing => Some(EventType::Normal),
             Self::Waiting(_) | Self::Refused(_) | Self::Unschedulable(_) | Self::Retrying => {
                 Some(EventType::Warning)
             }
-            Self::Completed | Self::Failed => None,
+            Self::AgentStarting | Self::Copying | Self::Completed | Self::Failed => None,
         }
     }
 }

@@ -102,7 +102,7 @@ fn datastore(d: &Disk) -> Option<String> {
 /// (its VM busy, ...) holds no place in the queue.
 fn limits(job: &BackupJob, refs: &Dereferenced, disks: &[Disk]) -> Result<(), Wait> {
     let jobs: Vec<&BackupJob> = refs.jobs.iter().collect();
-    if let Some(wait) = slot_wait(job, &refs.source_node, &jobs) {
+    if let Some(wait) = slot_wait(job, &refs.source_node, &jobs, 0) {
         return Err(wait);
     }
     let limits = refs.source_node.spec.limits.as_ref();
@@ -186,7 +186,14 @@ pub fn max_jobs(sn: &SourceNode) -> usize {
 /// message does not change while the job waits (no running names, no position): a status
 /// write per change would re-run every queued job's reconcile (the queue's size is in the
 /// `sendense_backupjobs_queued` metric).
-pub fn slot_wait(job: &BackupJob, sn: &SourceNode, jobs: &[&BackupJob]) -> Option<Wait> {
+/// `in_flight`: jobs that take a slot not yet seen in `jobs` (admitted by this process, their
+/// plan not yet in the cache: `Caches::admit`); 0 for the fresh lists.
+pub fn slot_wait(
+    job: &BackupJob,
+    sn: &SourceNode,
+    jobs: &[&BackupJob],
+    in_flight: usize,
+) -> Option<Wait> {
     let source_node = sn.name_any();
     let limit = max_jobs(sn);
     let me = (job.metadata.creation_timestamp.clone(), job.name_any());
@@ -198,7 +205,7 @@ pub fn slot_wait(job: &BackupJob, sn: &SourceNode, jobs: &[&BackupJob]) -> Optio
         })
         .filter(|j| in_queue(j) && (j.metadata.creation_timestamp.clone(), j.name_any()) < me)
         .count();
-    (running + ahead >= limit).then(|| {
+    (running + ahead + in_flight >= limit).then(|| {
         Wait::new(
             WaitReason::SourceNodeLimit,
             format!(

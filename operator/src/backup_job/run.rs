@@ -4,12 +4,14 @@
 //! status; its end is handed to `finish`).
 
 use std::ops::ControlFlow::{self, Break, Continue};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use sendense_contract::result::BackupResult;
 use sendense_crds::{BackupJob, Repository, SourceNode};
 
@@ -81,17 +83,27 @@ pub(super) async fn read_pod(ctx: &Context, ns: &str, name: &str) -> Result<Opti
 /// The job this reconcile read is older than the API server's (see `children::is_current`):
 /// no pod is created from it.
 pub(super) async fn stale(job: &BackupJob, ctx: &Context) -> Result<bool, Error> {
+    // The copy this process's own last status write made needs no read: only another writer
+    // can have changed it since, and what the check guards against is this process's writes.
+    if ctx.caches.is_own_last_write(job) {
+        return Ok(false);
+    }
     Ok(!is_current(&ctx.client, job).await.map_err(Error::Pods)?)
 }
 
-/// An object the attempt needs (its Repository, its SourceNode): missing, it fails the attempt.
-async fn still_there<K: Namespaced>(
+/// An object the attempt needs (its Repository, its SourceNode): the controller's cached copy
+/// when it holds one (only its spec is used: the claim, the vCenter); else read from the API
+/// server, and missing there, it fails the attempt (a job fails only on the API server's word).
+async fn still_there<K: Namespaced + Clone>(
     job: &BackupJob,
     ctx: &Context,
-    name: &str,
+    (name, cached): (&str, Option<Arc<K>>),
     reason: FailureReason,
     error: fn(ApiError) -> Error,
 ) -> Step<K> {
+    if let Some(obj) = cached {
+        return Ok(Continue(obj.as_ref().clone()));
+    }
     let ns = job.namespace().unwrap_or_default();
     match get::<K>(&ctx.client, &ns, name).await.map_err(error)? {
         Some(obj) => Ok(Continue(obj)),
@@ -221,7 +233,7 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
         still_there(
             job,
             ctx,
-            repo_name,
+            (repo_name, ctx.caches.repository(&ns, repo_name)),
             FailureReason::RepositoryNotFound,
             Error::Hub
         )
@@ -233,14 +245,24 @@ async fn ensure_hub(job: &BackupJob, ctx: &Context, attempt: i32, hub: Option<Po
     let tls = HubTls::of(job, attempt);
     let now = time::OffsetDateTime::now_utc();
     let issued = async {
-        crate::nbd_tls::current_ca(&ctx.client, &ctx.lease_namespace, &ctx.nbd_ca_secret, now)
-            .await?
-            .issue(
-                &tls.server_name,
-                &crate::nbd_tls::client_name(job, attempt),
-                now,
-                crate::nbd_tls::JOB_CERT_VALID_DAYS,
-            )
+        let watched = ctx
+            .nbd_ca
+            .as_ref()
+            .and_then(|s| s.get(&ObjectRef::new(&ctx.nbd_ca_secret).within(&ctx.lease_namespace)));
+        crate::nbd_tls::current_ca(
+            &ctx.client,
+            &ctx.lease_namespace,
+            &ctx.nbd_ca_secret,
+            now,
+            watched.as_deref(),
+        )
+        .await?
+        .issue(
+            &tls.server_name,
+            &crate::nbd_tls::client_name(job, attempt),
+            now,
+            crate::nbd_tls::JOB_CERT_VALID_DAYS,
+        )
     };
     let certs = match issued.await {
         Ok(c) => c,
@@ -333,7 +355,7 @@ async fn ensure_agent(
         still_there(
             job,
             ctx,
-            sn_name,
+            (sn_name, ctx.caches.source_node(&ns, sn_name)),
             FailureReason::SourceNodeNotFound,
             Error::Agent
         )
@@ -450,6 +472,11 @@ pub async fn run(job: &BackupJob, ctx: &Context) -> Result<Action, Error> {
         hub = read_pod(ctx, &ns, &hub_name(job)).await?;
         agent = read_pod(ctx, &ns, &agent_name(job)).await?;
         if let Some(why) = status::lost_pod(job, &[&hub, &agent]) {
+            // A copy older than this process's last write of the job (its copied status, after
+            // which the agent was deleted on purpose) concludes nothing: the newer one is next.
+            if stale(job, ctx).await? {
+                return Ok(requeue(1));
+            }
             let failure = Failure::new(FailureReason::PodLost, why);
             return Ok(finish::attempt_failed(job, ctx, failure, None).await?);
         }

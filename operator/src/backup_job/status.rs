@@ -331,7 +331,11 @@ pub fn failed(
 /// reason changed), bytes copied or a new attempt is progress: `lastProgressTime` moves.
 pub async fn write(mut u: JobUpdate<'_>, ctx: &super::context::Context) -> Result<(), ApiError> {
     mark_progress(&mut u);
-    u.write(&ctx.client, &ctx.recorder).await
+    let job = u.object();
+    if let Some(version) = u.write_versioned(&ctx.client, &ctx.recorder).await? {
+        ctx.caches.wrote(job, version);
+    }
+    Ok(())
 }
 
 pub fn mark_progress(u: &mut JobUpdate) {

@@ -176,6 +176,12 @@ pub const ALLOWED: &[Check] = &[
     ),
     allow(
         At::Own,
+        &["list", "watch"],
+        &[CA],
+        "the NBD CA watched by name (not read per job)",
+    ),
+    allow(
+        At::Own,
         &["create"],
         &["secrets"],
         "the NBD CA created at first use (create cannot be limited by name)",

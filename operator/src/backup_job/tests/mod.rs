@@ -208,6 +208,7 @@ fn garbage_is_not_a_result() {
 }
 
 mod api;
+mod commit;
 
 #[test]
 fn a_pod_of_the_attempt_lost_replaced_or_deleted_is_named() {
