@@ -109,6 +109,16 @@ pub struct Prepared {
     pub backing_file: Option<String>,
 }
 
+/// How every image the hub creates is laid out: 64 KiB clusters with extended L2 entries, so
+/// each cluster has 32 subclusters of 2 KiB that are allocated, zeroed and copied on write one
+/// by one. A write of a few KiB into a new cluster then costs only the subclusters it touches
+/// instead of filling (full backup) or copying from the parent (incremental) the other 60 KiB:
+/// measured with the agent on an 8 GiB VM-shaped disk on tmpfs, a full copy's qemu-nbd CPU went
+/// from 12-19 to 7.6-8.3 cpu-s and 100,000 scattered 4 KiB areas from 10.4-12.5 to 3.6-4.4.
+/// Extended L2 entries need QEMU 5.2 (the hub image's is 7.2); the agent's own QCOW2 reader
+/// reads them.
+pub const IMAGE_OPTIONS: &str = "cluster_size=65536,extended_l2=on";
+
 /// Creates `file` (a `size`-byte QCOW2), layered on `backing` when given. An existing file is
 /// never replaced: it may be a committed restore point's, and an attempt's files are its own
 /// (a retry gets a new directory, and reads a new snapshot).
@@ -155,7 +165,7 @@ pub fn prepare(file: &Path, size: u64, backing: Option<&Path>) -> Result<Prepare
     }
     let file_s = file.to_string_lossy().into_owned();
     let size_s = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"];
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", IMAGE_OPTIONS];
     if let Some(b) = &backing_rel {
         args.extend(["-b", b.as_str(), "-F", "qcow2"]);
     }

@@ -250,3 +250,96 @@ async fn verification_reads_every_chunk_back_and_catches_what_differs() -> Resul
     }
     Ok(())
 }
+
+/// The overlay's own allocated ranges (depth 0) from `qemu-img map`.
+fn top_ranges(img: &std::path::Path) -> Result<Vec<(u64, u64)>> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(img))?;
+    let map: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    Ok(map
+        .iter()
+        .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
+        .map(|e| {
+            let start = e["start"].as_u64().unwrap_or(u64::MAX);
+            (start, start + e["length"].as_u64().unwrap_or(0))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn unaligned_changes_are_written_in_whole_blocks_of_the_hubs_image() -> Result<()> {
+    // A disk whose size is not a multiple of 4 KiB: the last block is widened up to the end,
+    // not past it.
+    let size = 8 * MIB + 1536;
+    let s = Scratch::new("copy-align");
+    let disk = s.path("disk-flat.vmdk");
+    raw_file(&disk, size)?;
+    write_at(&disk, 0, &pattern(11, size as usize))?;
+    let base = s.path("base.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-o"])
+        .arg(sendense_agent::hub::IMAGE_OPTIONS)
+        .arg(&disk)
+        .arg(&base))?;
+    // The guest changes small, unaligned areas (one of them into zeros, one at the very end).
+    let changed = vec![
+        area(2560, 1000),
+        area(65536 + 4095, 2),
+        area(3 * MIB + 100, 9000),
+        area(5 * MIB + 512, 512),
+        area(size - 700, 700),
+    ];
+    for (i, a) in changed.iter().enumerate() {
+        let data = if i == 3 {
+            vec![0u8; a.length as usize].into()
+        } else {
+            pattern(100 + i as u64, a.length as usize)
+        };
+        write_at(&disk, a.start, &data)?;
+    }
+    let top = s.path("top.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-o"])
+        .arg(sendense_agent::hub::IMAGE_OPTIONS)
+        .arg("-b")
+        .arg(&base)
+        .arg(&top))?;
+    {
+        let src = nbdkit(
+            &s.path("src.sock"),
+            &["file", &format!("file={}", disk.display())],
+        )?;
+        let dst = qemu_nbd(&top, &s.path("top.sock"), "qcow2", &["--shared=8"])?;
+        let source = NbdClient::connect(&src.url(""), &opts()).await?;
+        let target = NbdClient::connect(&dst.url(""), &opts()).await?;
+        assert_eq!(
+            target.block_size().preferred,
+            4096,
+            "qemu-nbd prefers 4 KiB"
+        );
+        let stats = copy_areas(
+            &source,
+            &target,
+            changed.clone(),
+            CopyKind::Incremental,
+            &CopyOptions::default(),
+            &Progress::default(),
+        )
+        .await?;
+        // Each area widened to its 4 KiB blocks (two areas share none).
+        assert_eq!(stats.total, 4096 + 8192 + 12288 + 4096 + 1536, "{stats:?}");
+        source.disconnect().await;
+        target.disconnect().await;
+    }
+    assert!(compare(&disk, &top)?, "the overlay differs from the source");
+    let ranges = top_ranges(&top)?;
+    assert!(!ranges.is_empty(), "the overlay holds the changes");
+    for &(start, end) in &ranges {
+        assert!(
+            start % 4096 == 0 && (end % 4096 == 0 || end == size),
+            "the overlay holds {start}..{end}, not whole 4 KiB blocks: {ranges:?}"
+        );
+    }
+    Ok(())
+}

@@ -45,6 +45,7 @@
 #   BENCH_MERGE_GAP (16384: the scattered case again with the agent's --merge-gap)
 #   BENCH_AGENT (an agent binary to measure instead of this checkout's, which is built anyway)
 #   BENCH_HUB_AIO (threads, as the hub runs: qemu-nbd's --aio of every QCOW2 target)
+#   BENCH_HUB_IMG (the hub's: agent/src/hub.rs IMAGE_OPTIONS; qemu-img -o of every QCOW2 made)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export SENDENSE_CACHE=${SENDENSE_CACHE:-$HOME/.cache/sendense}
@@ -69,6 +70,9 @@ CASES=${BENCH_CASES:-full disk three sparse scattered wan link tls restore}
 TUNED=${BENCH_NBDCOPY_TUNED:---connections=4 --requests=64 --request-size=1048576}
 DELAY=${BENCH_DELAY:-delay-read=2ms delay-extents=20ms}
 MERGE_GAP=${BENCH_MERGE_GAP:-16384}
+# Every QCOW2 the bench creates is laid out like the hub's (agent/src/hub.rs IMAGE_OPTIONS).
+HUB_IMG=${BENCH_HUB_IMG:-$(sed -n 's/^pub const IMAGE_OPTIONS: &str = "\(.*\)";$/\1/p' agent/src/hub.rs)}
+[ -n "$HUB_IMG" ] || { echo "no IMAGE_OPTIONS in agent/src/hub.rs" >&2; exit 1; }
 DATA_PCT=40
 
 bash e2e/install-deps.sh
@@ -133,13 +137,14 @@ serve_source() { # raw socket [--filter=NAME [filter params...]]
 }
 
 # A fresh QCOW2 target served like the hub serves it (qemu-nbd --shared=8 --cache=writeback
-# --aio=threads, 64 KiB clusters), on a Unix socket or on TCP inside a netns.
+# --aio=threads, the hub's image layout HUB_IMG: 64 KiB clusters with extended L2 entries, as
+# agent/src/hub.rs creates them), on a Unix socket or on TCP inside a netns.
 TARGET_PID=
 serve_target() { # qcow2 size-or-"-b base" sock|tcp:netns:addr:port
   local img=$1 size=$2 where=$3
   rm -f "$img"
-  if [[ $size == -b* ]]; then qemu-img create -q -f qcow2 -o cluster_size=65536 -F qcow2 -b "${size#-b }" "$img"
-  else qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" "$size"; fi
+  if [[ $size == -b* ]]; then qemu-img create -q -f qcow2 -o "$HUB_IMG" -F qcow2 -b "${size#-b }" "$img"
+  else qemu-img create -q -f qcow2 -o "$HUB_IMG" "$img" "$size"; fi
   local opts=(-f qcow2 -t --shared=8 --cache=writeback --aio="${BENCH_HUB_AIO:-threads}")
   if [[ $where == tcp:* ]]; then
     IFS=: read -r _ ns addr port <<< "$where"
@@ -238,7 +243,7 @@ full_case() { # case dir gib
         read_null) measure "$c" "$t" "nbdcopy '$SRC' null:"; continue ;;
         qemu_img)
           rm -f "$dir/qi.qcow2"
-          measure "$c" "$t" "qemu-img convert -W -m 16 -O qcow2 -o cluster_size=65536 '$SRC' '$dir/qi.qcow2'"
+          measure "$c" "$t" "qemu-img convert -W -m 16 -O qcow2 -o '$HUB_IMG' '$SRC' '$dir/qi.qcow2'"
           same "$dir/src.raw" "$dir/qi.qcow2" "$c/$t"; rm -f "$dir/qi.qcow2"; continue ;;
       esac
       copy_to_new_target "$c" "$t" "$SRC" "$dir/t.qcow2" "$size" "$W/t.sock" "$dir/src.raw"
@@ -324,7 +329,7 @@ scattered_case() {
   local c=scattered size=$((INCR_GIB << 30))
   log "$c: $NAREAS scattered 4 KiB areas vs one contiguous area, ${INCR_GIB} GiB disk, $RUNS runs each"
   make_disk "$W/base.raw" "$size" 41
-  qemu-img convert -O qcow2 -o cluster_size=65536 "$W/base.raw" "$W/base.qcow2"
+  qemu-img convert -O qcow2 -o "$HUB_IMG" "$W/base.raw" "$W/base.qcow2"
   for v in scattered contiguous; do
     cp --sparse=always "$W/base.raw" "$W/$v.raw"
     "$VMDISK" change --path "$W/$v.raw" --areas-out "$W/$v.areas" --count "$NAREAS" --length 4096 --seed 42 \
@@ -476,7 +481,7 @@ make_certs() { # dir
 # (operator/src/resources/hub.rs), TLS and authz included or left out.
 serve_hub() { # qcow2 size tls|plain
   rm -f "$1"
-  qemu-img create -q -f qcow2 -o cluster_size=65536 "$1" "$2"
+  qemu-img create -q -f qcow2 -o "$HUB_IMG" "$1" "$2"
   local tls=()
   [ "$3" = tls ] && tls=(--object "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=$W/certs/server"
     --tls-creds=tls0 --object "authz-simple,id=authz0,identity=CN=$HUB_CLIENT" --tls-authz=authz0)
@@ -617,7 +622,7 @@ restore_case() {
   local c=restore gib=$RESTORE_GIB size=$((RESTORE_GIB << 30)) links=6 pct=3
   log "$c: a ${gib} GiB disk's ${links}-link QCOW2 chain into a raw file in $W, $RUNS runs per tool"
   make_disk "$W/rs.raw" "$size" 71
-  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$W/rs.raw" "$W/rs0.qcow2"
+  qemu-img convert -f raw -O qcow2 -o "$HUB_IMG" "$W/rs.raw" "$W/rs0.qcow2"
   serve_source "$W/rs.raw" "$W/rs.sock"
   local i count=$((size * pct / 100 / 65536))
   for i in $(seq $((links - 1))); do

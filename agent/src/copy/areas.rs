@@ -19,6 +19,32 @@ pub fn normalize(mut areas: Vec<ChangedArea>) -> Vec<ChangedArea> {
     out
 }
 
+/// Widens sorted, apart areas to multiples of `align` (a power of two), never past `limit`
+/// (the disk's end), and merges the ones that then touch.
+pub fn widen(areas: Vec<ChangedArea>, align: u64, limit: u64) -> Vec<ChangedArea> {
+    if align <= 1 {
+        return areas;
+    }
+    let mut out: Vec<ChangedArea> = Vec::with_capacity(areas.len());
+    for a in areas {
+        let start = a.start & !(align - 1);
+        let end = a
+            .end()
+            .checked_next_multiple_of(align)
+            .unwrap_or(u64::MAX)
+            .min(limit)
+            .max(a.end());
+        match out.last_mut() {
+            Some(last) if start <= last.end() => last.length = end.max(last.end()) - last.start,
+            _ => out.push(ChangedArea {
+                start,
+                length: end - start,
+            }),
+        }
+    }
+    out
+}
+
 /// Areas closer than this are copied as one by default: fewer, larger requests for scattered
 /// small changes, at the cost of sending the unchanged bytes between them.
 pub const MERGE_GAP: u64 = 0;
@@ -104,6 +130,25 @@ mod tests {
             vec![a(0, 15), a(100, 120)]
         );
         assert_eq!(normalize(vec![]), vec![]);
+    }
+
+    #[test]
+    fn widen_aligns_areas_within_the_disk_and_merges_what_then_touches() {
+        let areas = vec![a(100, 50), a(4000, 200), a(8192, 4096), a(20_000, 100)];
+        assert_eq!(widen(areas.clone(), 1, 1 << 20), areas);
+        assert_eq!(
+            widen(areas.clone(), 4096, 1 << 20),
+            vec![a(0, 12288), a(16384, 4096)]
+        );
+        // The disk's last, unaligned block is read up to the disk's end, not past it.
+        assert_eq!(
+            widen(vec![a(20_000, 100)], 4096, 20_300),
+            vec![a(16384, 3916)]
+        );
+        assert_eq!(
+            widen(vec![a(20_000, 100)], 4096, 20_200),
+            vec![a(16384, 3816)]
+        );
     }
 
     #[test]

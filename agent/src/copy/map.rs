@@ -55,13 +55,51 @@ pub(super) async fn map(
     source: &NbdClient,
     w: ChangedArea,
     request_size: u32,
+    align: u64,
 ) -> Result<Vec<Job>, CopyError> {
     let segments = if source.can_block_status() && w.length > MAP_BELOW {
-        segments(source, w).await?
+        widen_data(segments(source, w).await?, w, align)
     } else {
         vec![Segment::Data(w)]
     };
     Ok(cut(&segments, w, request_size))
+}
+
+/// Widens the data segments of a window (segments in order, covering it) to multiples of
+/// `align` within the window, the zeros between them shrinking: data is written in whole
+/// blocks of the target (the widening bytes read as zeros from the source).
+fn widen_data(segments: Vec<Segment>, w: ChangedArea, align: u64) -> Vec<Segment> {
+    if align <= 1 {
+        return segments;
+    }
+    let data = segments.iter().filter_map(|s| match s {
+        Segment::Data(a) => Some(*a),
+        Segment::Zero(_) => None,
+    });
+    let data = super::widen(data.collect(), align, w.end());
+    let mut out = Vec::with_capacity(data.len() * 2 + 1);
+    let mut at = w.start;
+    for d in data {
+        let d = ChangedArea {
+            start: d.start.max(w.start),
+            length: d.end() - d.start.max(w.start),
+        };
+        if d.start > at {
+            out.push(Segment::Zero(ChangedArea {
+                start: at,
+                length: d.start - at,
+            }));
+        }
+        at = d.end();
+        out.push(Segment::Data(d));
+    }
+    if at < w.end() {
+        out.push(Segment::Zero(ChangedArea {
+            start: at,
+            length: w.end() - at,
+        }));
+    }
+    out
 }
 
 /// Cuts a window's segments (in order, covering it) at chunk edges.
@@ -134,6 +172,35 @@ mod tests {
 
     fn a(start: u64, length: u64) -> ChangedArea {
         ChangedArea { start, length }
+    }
+
+    #[test]
+    fn data_is_widened_to_whole_blocks_inside_the_window() {
+        let w = a(4096, 32768);
+        let segs = vec![
+            Segment::Zero(a(4096, 1000)),
+            Segment::Data(a(5096, 512)),
+            Segment::Zero(a(5608, 10_000)),
+            Segment::Data(a(15_608, 3000)),
+            Segment::Zero(a(18_608, 18_256)),
+        ];
+        assert_eq!(widen_data(segs.clone(), w, 1), segs);
+        assert_eq!(
+            widen_data(segs, w, 4096),
+            vec![
+                Segment::Data(a(4096, 4096)),
+                Segment::Zero(a(8192, 4096)),
+                Segment::Data(a(12_288, 8192)),
+                Segment::Zero(a(20_480, 16_384)),
+            ]
+        );
+        // A window that ends off the block grid (the disk's end) is not left.
+        let w = a(0, 5000);
+        let segs = vec![Segment::Zero(a(0, 4500)), Segment::Data(a(4500, 500))];
+        assert_eq!(
+            widen_data(segs, w, 4096),
+            vec![Segment::Zero(a(0, 4096)), Segment::Data(a(4096, 904))]
+        );
     }
 
     #[test]
