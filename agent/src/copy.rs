@@ -54,6 +54,10 @@ pub struct CopyOptions {
     pub verify: bool,
     /// Areas at most this far apart are copied as one, gap included (`coalesce`).
     pub merge_gap: u64,
+    /// Widen writes to whole blocks of the target's preferred size (`write_alignment`), with
+    /// the neighbouring bytes read from the source. Off where the target's bytes outside the
+    /// areas must stay as they are (a rollback writes exactly the areas it is given).
+    pub widen: bool,
 }
 
 impl Default for CopyOptions {
@@ -65,6 +69,7 @@ impl Default for CopyOptions {
             rate: None,
             verify: false,
             merge_gap: MERGE_GAP,
+            widen: true,
         }
     }
 }
@@ -364,7 +369,11 @@ pub async fn copy_areas_to(
     // Every write starts and ends on the target's preferred block size where the disk allows
     // it: the unchanged bytes that widen an area are read from the same snapshot, so they are
     // what the target's chain already holds there.
-    let align = write_alignment(&target, opts.request_size);
+    let align = if opts.widen {
+        write_alignment(&target, opts.request_size)
+    } else {
+        1
+    };
     let limit = source.size().min(target.size());
     let areas = coalesce(widen(areas, align, limit), opts.merge_gap);
     let total: u64 = areas.iter().map(|a| a.length).sum();

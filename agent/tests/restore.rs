@@ -232,6 +232,34 @@ fn rollback_writes_only_the_areas_and_devices_get_every_byte() -> Result<()> {
     assert_eq!(d.bytes_total, 3 * MIB + (64 << 10) + (256 << 10), "{d:?}");
     assert_eq!(sha256_file(&disk)?, sha256_file(&mid_raw)?);
 
+    // An area off the 4 KiB grid: exactly its bytes are rolled back, its neighbours in the same
+    // 4 KiB block keep the disk's bytes (the copy does not widen a rollback's writes).
+    std::fs::copy(&top_raw, &disk)?;
+    let (at, len) = (2 * MIB as usize + 100, 1000usize);
+    let (top_b, mid_b) = (std::fs::read(&top_raw)?, std::fs::read(&mid_raw)?);
+    assert!(
+        top_b[at - 100..at] != mid_b[at - 100..at]
+            && top_b[at + len..at + len + 100] != mid_b[at + len..at + len + 100],
+        "the test needs top and mid to differ around the area"
+    );
+    std::fs::write(&areas, format!("{at}+{len}\n"))?;
+    let (code, r) = restore(&[
+        s("--source"),
+        format!("2000:{}", c.mid.display()),
+        s("--target"),
+        format!("2000:file:{}", disk.display()),
+        s("--areas-file"),
+        format!("2000:{}", areas.display()),
+    ])?;
+    assert_eq!(code, 0, "{r:?}");
+    assert_eq!(r.disks[0].bytes_total, len as u64, "{:?}", r.disks[0]);
+    let mut want = top_b.clone();
+    want[at..at + len].copy_from_slice(&mid_b[at..at + len]);
+    assert!(
+        std::fs::read(&disk)? == want,
+        "only the area's bytes changed"
+    );
+
     // A "device" (a file standing in for one) full of old bytes: zeros are written too.
     let dev = sc.path("dev.raw");
     std::fs::write(&dev, vec![0xEEu8; (DISK + MIB) as usize])?;

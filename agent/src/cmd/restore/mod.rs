@@ -338,6 +338,8 @@ async fn write(
     let read_back = disk.expect.is_none();
     let opts = CopyOptions {
         verify: read_back,
+        // A rollback writes exactly its areas: the disk's bytes around them are the VM's.
+        widen: disk.areas.is_none(),
         ..copy_opts.clone()
     };
     let stats = copy_areas(disk.nbd()?, target, areas, kind, &opts, progress)
