@@ -29,6 +29,28 @@ use crate::cmd::write_result_file;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Threads that run the agent's work. 1 (the default): one thread runs every disk's copy,
+    /// which costs the least CPU per request (no hand-off between threads for each reply;
+    /// measured in `make bench`). More: a multi-threaded runtime with this many workers, for
+    /// many disks with verification on a large node.
+    #[arg(long, global = true, env = "SENDENSE_AGENT_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+}
+
+impl Cli {
+    /// The runtime `--threads` asks for: a current-thread runtime for 1, else a multi-threaded
+    /// one with that many workers.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut b = if self.threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(self.threads));
+            b
+        };
+        b.enable_all().build()
+    }
 }
 
 #[derive(Subcommand, Debug)]

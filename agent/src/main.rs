@@ -8,8 +8,7 @@ use clap::Parser;
 use sendense_agent::cli::{Cli, report_usage_error};
 use sendense_agent::cmd::{self, Outcome};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::prelude::*;
     // RUST_LOG, but never the lines of libraries that would log a credential at any level.
@@ -33,7 +32,23 @@ async fn main() -> ExitCode {
             e.exit()
         }
     };
-    match cmd::run(cli.command).await {
+    let runtime = match cli.runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sendense-agent: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // On a multi-threaded runtime the work itself runs on the workers (spawned), so replies
+    // are not handed to the main thread one by one.
+    let result = runtime.block_on(async move {
+        match tokio::spawn(cmd::run(cli.command)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!("the agent's main task ended: {e}")),
+        }
+    });
+    match result {
         Ok(Outcome::Succeeded) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(1),
         Err(e) => {

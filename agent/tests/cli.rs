@@ -167,6 +167,20 @@ fn nbd_ping_completes_a_handshake_or_fails_fast() -> Result<()> {
     let url = format!("nbd+unix:///?socket={}", server.socket.display());
     let out = run(agent().args(["nbd-ping", &url]))?;
     assert!(out.contains("\"size\":1048576"), "{out}");
+    // The runtime's threads: any number from 1 works; 0 is refused, naming the option.
+    let out = run(agent().args(["nbd-ping", &url, "--threads", "2"]))?;
+    assert!(out.contains("\"size\":1048576"), "{out}");
+    for (args, env) in [(&["--threads", "0"][..], None), (&[][..], Some("none"))] {
+        let mut cmd = agent();
+        cmd.args(["nbd-ping", &url]).args(args);
+        if let Some(v) = env {
+            cmd.env("SENDENSE_AGENT_THREADS", v);
+        }
+        let out = cmd.output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains("--threads"), "{args:?} {env:?}: {err}");
+    }
     // A listener that never speaks NBD is not ready, and the probe says so within its deadline.
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
