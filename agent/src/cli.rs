@@ -29,24 +29,35 @@ use crate::cmd::write_result_file;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Threads that run the agent's work. 1 (the default): one thread runs every disk's copy,
-    /// which costs the least CPU per request (no hand-off between threads for each reply;
-    /// measured in `make bench`). More: a multi-threaded runtime with this many workers, for
-    /// many disks with verification on a large node.
-    #[arg(long, global = true, env = "SENDENSE_AGENT_THREADS", default_value_t = 1,
+    /// Threads that run the agent's work (default: one per disk the command copies, at most
+    /// the CPUs the process may use). One thread runs a disk's copy at the least CPU per
+    /// request (no hand-off between threads for each reply); disks copied at once go faster
+    /// with a thread each (both measured in `make bench`).
+    #[arg(long, global = true, env = "SENDENSE_AGENT_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    pub threads: Option<u16>,
 }
 
 impl Cli {
-    /// The runtime `--threads` asks for: a current-thread runtime for 1, else a multi-threaded
-    /// one with that many workers.
+    /// `--threads`, else one per disk of the command, at most the CPUs available (which
+    /// honours a container's CPU limit).
+    pub fn threads(&self) -> usize {
+        if let Some(n) = self.threads {
+            return usize::from(n);
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.command.disks().clamp(1, cpus)
+    }
+
+    /// The runtime for `threads`: a current-thread runtime for 1, else a multi-threaded one
+    /// with that many workers.
     pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut b = if self.threads <= 1 {
+        let threads = self.threads();
+        let mut b = if threads <= 1 {
             tokio::runtime::Builder::new_current_thread()
         } else {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(usize::from(self.threads));
+            b.worker_threads(threads);
             b
         };
         b.enable_all().build()
@@ -91,6 +102,19 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::cmd::files::FilesCommand,
     },
+}
+
+impl Command {
+    /// The disks the command moves data for at once (1 for the others).
+    pub fn disks(&self) -> usize {
+        match self {
+            Command::Copy(a) => a.source.len(),
+            Command::Backup(a) => a.targets.len(),
+            Command::Restore(a) => a.sources.len(),
+            Command::RestoreVm(a) => a.sources.len(),
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

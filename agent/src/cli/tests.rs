@@ -253,3 +253,26 @@ fn a_rejected_backup_or_probe_still_writes_its_result_file() {
     let (e, args) = rejected(&["backup", "--help", "--result-file", "/tmp/x"]);
     assert_eq!(usage_error_result(&e, &args), None, "help is no error");
 }
+
+#[test]
+fn threads_default_to_one_per_disk_within_the_cpus() {
+    let cli = |extra: &[&str]| {
+        let mut argv = vec![AGENT_BINARY, "copy"];
+        for i in 0..3 {
+            argv.extend(["--source", ["nbd://s/a", "nbd://s/b", "nbd://s/c"][i]]);
+            argv.extend(["--target", ["nbd://t/a", "nbd://t/b", "nbd://t/c"][i]]);
+        }
+        argv.extend(extra);
+        Cli::try_parse_from(argv).expect("parses")
+    };
+    // Only when the environment does not choose (the variable is read as the flag's default).
+    if std::env::var_os("SENDENSE_AGENT_THREADS").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(cli(&[]).threads(), 3.min(cpus));
+        let ping = Cli::try_parse_from([AGENT_BINARY, "nbd-ping", "nbd://h/"]).expect("parses");
+        assert_eq!(ping.threads(), 1);
+    }
+    assert_eq!(cli(&["--threads", "1"]).threads(), 1);
+    assert_eq!(cli(&["--threads", "5"]).threads(), 5);
+    assert!(Cli::try_parse_from([AGENT_BINARY, "nbd-ping", "nbd://h/", "--threads", "0"]).is_err());
+}
