@@ -219,14 +219,18 @@ fn rollback_writes_only_the_areas_and_devices_get_every_byte() -> Result<()> {
             256 << 10
         ),
     )?;
-    let (code, r) = restore(&[
-        s("--source"),
-        format!("2000:{}", c.mid.display()),
-        s("--target"),
-        format!("2000:file:{}", disk.display()),
-        s("--areas-file"),
-        format!("2000:{}", areas.display()),
-    ])?;
+    // Restores mid over the disk, only the areas in the file.
+    let roll_back = || {
+        restore(&[
+            s("--source"),
+            format!("2000:{}", c.mid.display()),
+            s("--target"),
+            format!("2000:file:{}", disk.display()),
+            s("--areas-file"),
+            format!("2000:{}", areas.display()),
+        ])
+    };
+    let (code, r) = roll_back()?;
     assert_eq!(code, 0, "{r:?}");
     let d = &r.disks[0];
     assert_eq!(d.bytes_total, 3 * MIB + (64 << 10) + (256 << 10), "{d:?}");
@@ -243,14 +247,7 @@ fn rollback_writes_only_the_areas_and_devices_get_every_byte() -> Result<()> {
         "the test needs top and mid to differ around the area"
     );
     std::fs::write(&areas, format!("{at}+{len}\n"))?;
-    let (code, r) = restore(&[
-        s("--source"),
-        format!("2000:{}", c.mid.display()),
-        s("--target"),
-        format!("2000:file:{}", disk.display()),
-        s("--areas-file"),
-        format!("2000:{}", areas.display()),
-    ])?;
+    let (code, r) = roll_back()?;
     assert_eq!(code, 0, "{r:?}");
     assert_eq!(r.disks[0].bytes_total, len as u64, "{:?}", r.disks[0]);
     let mut want = top_b.clone();
